@@ -1,0 +1,42 @@
+# hipseg: `make test` and `make book` work from a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.hipseg-installed
+DATA   ?= data/synthetic
+PRESET ?= auto
+
+.PHONY: setup test book data bench clean help
+
+help:
+	@echo "make setup   create .venv and install pinned dependencies + hipseg_lib (editable)"
+	@echo "make test    run the whole test suite"
+	@echo "make data    generate the default synthetic data set in $(DATA)"
+	@echo "make book    make the data, execute every chapter with papermill, build _build/html"
+	@echo "make bench   ResUNet3D vs MONAI UNet/BasicUNet benchmark (installs monai into .venv)"
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+data: setup
+	@if [ -d "$(DATA)" ]; then echo "$(DATA) exists: kept as it is"; \
+	else $(BIN)/hipseg synth --out $(DATA); fi
+
+book: setup
+	$(BIN)/hipseg book --preset $(PRESET) $(if $(HIPSEG_DATA),--data $(HIPSEG_DATA),)
+
+bench: setup
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r benchmarks/requirements.txt
+	$(BIN)/python benchmarks/bench_models.py
+
+clean:
+	rm -rf _build

@@ -1,0 +1,46 @@
+"""Atomic file writes: a temporary file in the destination folder, fsync, then rename.
+
+A process killed at any moment leaves either the old complete file or the new complete
+file at the destination, never a truncated one.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from . import HipsegError
+
+__all__ = ["atomic_path"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+    """Yield a temporary file name beside ``path``; on success it replaces ``path``.
+
+    Raises:
+        HipsegError: the folder cannot be written.
+    """
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    except OSError as exc:
+        raise HipsegError(f"{path.parent}: cannot write here ({exc.strerror})") from None
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

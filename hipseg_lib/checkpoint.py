@@ -1,0 +1,110 @@
+"""Checkpoints: atomic writes, metadata, and safe loading (``weights_only=True``).
+
+A checkpoint is a dict of plain Python values and tensors, so it loads with
+``torch.load(weights_only=True)``: opening a file cannot run code.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import CLASS_NAMES, HipsegError, __version__
+from ._atomic import atomic_path
+from .model import ModelConfig, ResUNet3D
+from .preprocess import Preprocessing
+
+__all__ = ["FORMAT", "save_checkpoint", "read_checkpoint", "load_model"]
+
+FORMAT = "hipseg-checkpoint-v1"
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, model_config: ModelConfig,
+                    preprocessing: Preprocessing, **extra: Any) -> Path:
+    """Write a checkpoint atomically: a temporary file in the same folder, fsync, rename.
+
+    A process killed at any moment leaves either the previous complete file or the new one.
+
+    Args:
+        path: destination, e.g. ``model/last.pth``.
+        model: the network (a DDP or compiled wrapper is unwrapped).
+        model_config: its architecture.
+        preprocessing: what the inputs went through.
+        **extra: epoch, metrics, optimizer state, ... (plain values and tensors only).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "library_version": __version__,
+        "class_names": list(CLASS_NAMES[: model_config.num_classes]),
+        "model_config": model_config.as_dict(),
+        "preprocessing": {**preprocessing.as_dict(),
+                          "target_shape": list(preprocessing.target_shape),
+                          "clip_percentiles": list(preprocessing.clip_percentiles)},
+        "model_state": state,
+        **extra,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)  # DistributedDataParallel
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a hipseg checkpoint dict safely, or raise :class:`HipsegError` naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise HipsegError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise HipsegError(f"{path}: is a folder, expected a checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0][:120]
+        raise HipsegError(f"{path}: refused to load (not plain weights; {first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise HipsegError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise HipsegError(f"{path}: not a hipseg checkpoint (no '{FORMAT}' format marker)")
+    for key in ("model_config", "preprocessing", "model_state"):
+        if key not in ckpt:
+            raise HipsegError(f"{path}: hipseg checkpoint lacks '{key}'")
+    return ckpt
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               expect_classes: int | None = None) -> tuple[ResUNet3D, dict]:
+    """Rebuild the network stored in a checkpoint and load its weights.
+
+    Args:
+        path: checkpoint file.
+        device: where to put the model.
+        expect_classes: if given, refuse a checkpoint with another number of classes.
+
+    Returns:
+        ``(model in eval mode, checkpoint dict)``.
+    """
+    ckpt = read_checkpoint(path)
+    try:
+        cfg = ModelConfig(**ckpt["model_config"])
+        model = ResUNet3D(cfg)
+    except (TypeError, ValueError) as exc:
+        raise HipsegError(f"{path}: unusable model configuration ({exc})") from None
+    if expect_classes is not None and cfg.num_classes != expect_classes:
+        raise HipsegError(f"{path}: checkpoint predicts {cfg.num_classes} classes, expected {expect_classes}")
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except RuntimeError as exc:
+        raise HipsegError(f"{path}: weights do not fit a ResUNet3D of its stated configuration "
+                          f"({str(exc).splitlines()[0][:120]})") from None
+    return model.to(device).eval(), ckpt

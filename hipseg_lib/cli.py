@@ -1,0 +1,226 @@
+"""The ``hipseg`` command line (also ``python -m hipseg_lib``).
+
+Verbs: ``synth``, ``check``, ``train``, ``predict``, ``evaluate``, ``book``. Errors about user
+input print one line ``hipseg: error: <file>: <problem>`` and exit with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import HipsegError, __version__
+
+__all__ = ["main", "build_parser"]
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    parts = text.replace(",", " ").replace("x", " ").split()
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected three sizes like 64x64x32, got {text!r}")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    import time
+
+    from .synth import make_dataset
+
+    t = time.perf_counter()
+    out = make_dataset(a.out, seed=a.seed, cases=a.cases, shape=tuple(a.shape), weeks=(a.min_weeks, a.max_weeks),
+                       workers=a.workers, overwrite=a.overwrite)
+    meta = json.loads((out / "synth.json").read_text())
+    print(f"wrote {meta['volumes']} image/label pairs of {a.cases} cases to {out} "
+          f"in {time.perf_counter() - t:.1f} s")
+    return 0
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    from .check import audit_folder, format_audit
+
+    audit = audit_folder(a.dir, progress=not a.quiet)
+    print(format_audit(audit, max_rows=a.rows))
+    return 1 if audit.problems else 0
+
+
+def _train_config(a: argparse.Namespace):
+    from .train import preset
+
+    overrides: dict = {}
+    if a.config:
+        path = Path(a.config)
+        if not path.is_file():
+            raise HipsegError(f"{path}: no such config file")
+        try:
+            overrides.update(json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise HipsegError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(overrides, dict):
+            raise HipsegError(f"{path}: expected a JSON object of settings")
+    for name in ("epochs", "batch_size", "lr", "target_shape", "device", "amp", "seed", "max_minutes",
+                 "num_workers", "base_channels", "depth", "cache_dir", "patience"):
+        value = getattr(a, name)
+        if value is not None:
+            overrides[name] = value
+    if a.compile:
+        overrides["compile"] = True
+    if a.channels_last:
+        overrides["channels_last"] = True
+    for item in a.set or []:
+        if "=" not in item:
+            raise HipsegError(f"--set {item}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    try:
+        return preset(a.preset, **overrides)
+    except (TypeError, ValueError) as exc:
+        raise HipsegError(f"bad training settings: {exc}") from None
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    import os
+
+    from .train import train
+
+    data = a.data or os.environ.get("HIPSEG_DATA") or "data/synthetic"
+    cfg = _train_config(a)
+    result = train(cfg, data, a.out, resume=a.resume, progress=not a.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"best checkpoint: {result.best_path}  last: {result.last_path}  ({result.stopped_because})")
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from .predict import predict_files
+
+    written = predict_files(a.checkpoint, a.inputs, a.out, device=a.device, overwrite=a.overwrite,
+                            progress=not a.quiet)
+    print(f"wrote {len(written)} label map(s) to {a.out}")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .predict import evaluate_folders, format_summary, write_json_atomic
+
+    if a.json and Path(a.json).exists() and not a.overwrite:
+        raise HipsegError(f"{a.json}: already exists (use --overwrite to replace it)")
+    doc = evaluate_folders(a.pred, a.truth, progress=not a.quiet)
+    print(f"{len(doc['cases'])} case(s) scored" + (f", {len(doc['unmatched'])} unmatched file(s)" if doc["unmatched"] else ""))
+    print(format_summary(doc["summary"]))
+    for u in doc["unmatched"]:
+        print(f"unmatched: {u}")
+    if a.json:
+        write_json_atomic(doc, a.json)
+        print(f"wrote {a.json}")
+    return 0
+
+
+def cmd_book(a: argparse.Namespace) -> int:
+    from .book import run_book
+
+    run_book(preset=a.preset, data_dir=a.data, build=not a.no_build, chapters=a.chapter)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hipseg", description="3D segmentation of pelvic MRI with a residual 3D U-Net.")
+    p.add_argument("--version", action="version", version=f"hipseg {__version__}")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    s = sub.add_parser("synth", help="write the synthetic HipMRI-like data set",
+                       description="Write a synthetic HipMRI-like data set in the CSIRO release layout.")
+    s.add_argument("--out", required=True, help="destination folder (must not exist)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--cases", type=int, default=30, help="number of patients (default 30)")
+    s.add_argument("--shape", type=int, nargs=3, default=[128, 128, 64], metavar=("X", "Y", "Z"),
+                   help="in-plane size and base depth (default 128 128 64; 256 256 128 is the real size)")
+    s.add_argument("--min-weeks", type=int, default=2)
+    s.add_argument("--max-weeks", type=int, default=5)
+    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing synthetic set")
+    s.set_defaults(func=cmd_synth)
+
+    c = sub.add_parser("check", help="audit a data folder", description=(
+        "Audit a data folder: pairs, unmatched files, shapes, spacings, dtypes, labels per class, "
+        "volumes per case. Exits 1 when there are problems."))
+    c.add_argument("dir")
+    c.add_argument("--rows", type=int, default=20, help="pairs to list in the table")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_check)
+
+    t = sub.add_parser("train", help="train a ResUNet3D", description=(
+        "Train on a data folder with a preset; run under torchrun for several processes or GPUs."))
+    t.add_argument("--preset", default="auto", help="smoke, cpu, full, or auto (full with CUDA, else cpu)")
+    t.add_argument("--data", default=None, help="data folder (default $HIPSEG_DATA or data/synthetic)")
+    t.add_argument("--out", default="model", help="checkpoint/log folder (default model/)")
+    t.add_argument("--config", default=None, help="JSON file of settings applied over the preset")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pth")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--target-shape", type=_shape)
+    t.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    t.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"])
+    t.add_argument("--seed", type=int)
+    t.add_argument("--max-minutes", type=float)
+    t.add_argument("--num-workers", type=int)
+    t.add_argument("--base-channels", type=int)
+    t.add_argument("--depth", type=int)
+    t.add_argument("--patience", type=int)
+    t.add_argument("--cache-dir")
+    t.add_argument("--compile", action="store_true", help="use torch.compile")
+    t.add_argument("--channels-last", action="store_true", help="channels-last 3D memory format")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other setting (repeatable)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("predict", help="segment NIfTI scans with a checkpoint", description=(
+        "Segment .nii/.nii.gz files (or folders of them); writes <name>_pred.nii.gz uint8 label maps "
+        "with each input's shape, affine and header."))
+    pr.add_argument("inputs", nargs="+", metavar="INPUT")
+    pr.add_argument("--checkpoint", default="model/new_model.pth")
+    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    pr.add_argument("--quiet", action="store_true")
+    pr.set_defaults(func=cmd_predict)
+
+    e = sub.add_parser("evaluate", help="score predicted label maps against truths", description=(
+        "Pair predictions with truths by name; per-class Dice, IoU, HD95 and ASD (mm) per case and overall."))
+    e.add_argument("--pred", required=True, help="folder of predicted label maps")
+    e.add_argument("--truth", required=True, help="folder of true label maps")
+    e.add_argument("--json", default=None, help="write the results here")
+    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    b = sub.add_parser("book", help="execute the chapters with papermill and build the HTML book",
+                       description="Execute every chapter in table-of-contents order, then build _build/html.")
+    b.add_argument("--preset", default="auto", help="smoke, cpu, full or auto (default)")
+    b.add_argument("--data", default=None, help="real data folder (default: $HIPSEG_DATA or the synthetic set)")
+    b.add_argument("--chapter", action="append", help="execute only this chapter (file stem; repeatable)")
+    b.add_argument("--no-build", action="store_true", help="execute only, do not build HTML")
+    b.set_defaults(func=cmd_book)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except HipsegError as exc:
+        print(f"hipseg: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hipseg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Soft multiclass Dice plus cross-entropy.
+
+Plain cross-entropy leaves the small classes (prostate, rectum) at Dice 0 because the
+background outnumbers them ~600 to 1; the Dice term weighs every class equally.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["soft_dice_per_class", "DiceCELoss"]
+
+
+def soft_dice_per_class(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft Dice of each class over the whole batch ("batch Dice").
+
+    Args:
+        logits: ``(N, C, X, Y, Z)`` raw scores.
+        target: ``(N, X, Y, Z)`` integer labels.
+
+    Returns:
+        ``(dice[C], present[C])``: the soft Dice per class and whether the class occurs in
+        ``target``.
+    """
+    num_classes = logits.shape[1]
+    probs = torch.softmax(logits.float(), dim=1)
+    onehot = F.one_hot(target.long(), num_classes).movedim(-1, 1).to(probs.dtype)
+    dims = (0,) + tuple(range(2, logits.dim()))
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    dice = (2 * inter + smooth) / (denom + smooth)
+    present = onehot.sum(dims) > 0
+    return dice, present
+
+
+class DiceCELoss(nn.Module):
+    """``dice_weight * (1 - mean soft Dice) + ce_weight * cross-entropy``.
+
+    The Dice mean runs over the classes present in the batch's target: a class absent from
+    the batch has no overlap to reward, and its false positives are already penalised by the
+    cross-entropy. A perfect prediction therefore scores ~0 whatever classes are missing.
+
+    Args:
+        num_classes: number of classes C.
+        class_weights: optional per-class weights for both terms (length C).
+        dice_weight: weight of the Dice term.
+        ce_weight: weight of the cross-entropy term.
+
+    Example:
+        >>> loss = DiceCELoss(6)
+        >>> loss(torch.randn(2, 6, 8, 8, 8), torch.randint(0, 6, (2, 8, 8, 8))).item() > 0
+        True
+    """
+
+    def __init__(self, num_classes: int, class_weights: Sequence[float] | None = None,
+                 dice_weight: float = 1.0, ce_weight: float = 1.0, smooth: float = 1e-5):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise ValueError(f"class_weights needs {num_classes} values, got {len(class_weights)}")
+        if dice_weight < 0 or ce_weight < 0 or dice_weight + ce_weight == 0:
+            raise ValueError("dice_weight and ce_weight must be >= 0 and not both 0")
+        self.num_classes = num_classes
+        self.dice_weight, self.ce_weight, self.smooth = dice_weight, ce_weight, smooth
+        w = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.register_buffer("class_weights", w, persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits have {logits.shape[1]} channels, expected {self.num_classes}")
+        if logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[1:]:
+            raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match")
+        target = target.long()
+        loss = logits.new_zeros((), dtype=torch.float32)
+        if self.ce_weight:
+            loss = loss + self.ce_weight * F.cross_entropy(logits.float(), target, weight=self.class_weights)
+        if self.dice_weight:
+            dice, present = soft_dice_per_class(logits, target, self.smooth)
+            w = present.float()
+            if self.class_weights is not None:
+                w = w * self.class_weights
+            loss = loss + self.dice_weight * (1 - (dice * w).sum() / w.sum().clamp_min(1e-8))
+        return loss

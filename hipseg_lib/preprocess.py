@@ -1,0 +1,141 @@
+"""Preprocessing: robust intensity normalisation and resizing to a fixed grid.
+
+The same :class:`Preprocessing` is stored in every checkpoint, so prediction applies
+exactly what training saw.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+import torch.nn.functional as F
+
+from . import HipsegError
+
+__all__ = ["Preprocessing", "normalise_intensity", "resize_image", "resize_label", "preprocess_pair",
+           "Reorientation", "reorient"]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Preprocessing settings.
+
+    Args:
+        target_shape: grid (x, y, z) every volume is resized to.
+        clip_percentiles: intensities are clipped to these percentiles before z-scoring.
+        orientation: voxel-axis codes every volume is turned to first (HipMRI is stored LPS),
+            so a scan stored in another orientation reaches the network the same way.
+
+    Example:
+        >>> Preprocessing(target_shape=(64, 64, 32)).as_dict()["target_shape"]
+        (64, 64, 32)
+    """
+
+    target_shape: tuple[int, int, int] = (64, 64, 32)
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    orientation: str = "LPS"
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(s) for s in self.target_shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"target_shape must be three positive sizes, got {self.target_shape}")
+        lo, hi = self.clip_percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"clip_percentiles must satisfy 0 <= low < high <= 100, got {self.clip_percentiles}")
+        object.__setattr__(self, "target_shape", shape)
+        object.__setattr__(self, "clip_percentiles", (float(lo), float(hi)))
+        try:
+            axcodes2ornt(tuple(self.orientation))
+        except Exception:
+            raise ValueError(f"orientation must be three axis codes such as 'LPS', got {self.orientation!r}") from None
+        if len(self.orientation) != 3:
+            raise ValueError(f"orientation must be three axis codes such as 'LPS', got {self.orientation!r}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(target_shape=tuple(d["target_shape"]), clip_percentiles=tuple(d["clip_percentiles"]),
+                   orientation=d.get("orientation", "LPS"))
+
+
+def normalise_intensity(image: np.ndarray, clip_percentiles: tuple[float, float] = (0.5, 99.5),
+                        name: str = "image") -> np.ndarray:
+    """Clip to robust percentiles, then z-score (zero mean, unit variance), as float32.
+
+    Robust to the bright outliers (urine, fat, vessels) and to scanner gain: two scans that
+    differ by a gain and an offset give the same result.
+
+    Raises:
+        HipsegError: the image is constant after clipping.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    lo, hi = np.percentile(img, clip_percentiles)
+    img = np.clip(img, lo, hi)
+    std = float(img.std())
+    if std == 0.0 or not np.isfinite(std):
+        raise HipsegError(f"{name}: constant image, cannot normalise intensities")
+    return ((img - img.mean()) / std).astype(np.float32)
+
+
+def resize_image(image: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Trilinear resize of a 3D float array to ``shape``."""
+    if tuple(image.shape) == tuple(shape):
+        return np.asarray(image, dtype=np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    out = F.interpolate(t, size=tuple(shape), mode="trilinear", align_corners=False)
+    return out[0, 0].numpy()
+
+
+def resize_label(label: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label map: every output value is an input value."""
+    if tuple(label.shape) == tuple(shape):
+        return np.asarray(label, dtype=np.uint8)
+    t = torch.from_numpy(np.ascontiguousarray(label, dtype=np.uint8))[None, None]
+    out = F.interpolate(t, size=tuple(shape), mode="nearest-exact")
+    return out[0, 0].numpy().astype(np.uint8)
+
+
+def preprocess_pair(image: np.ndarray, label: np.ndarray | None, cfg: Preprocessing,
+                    name: str = "image") -> tuple[np.ndarray, np.ndarray | None]:
+    """Normalise and resize an image (and its label, if given) as ``cfg`` says."""
+    img = resize_image(normalise_intensity(image, cfg.clip_percentiles, name), cfg.target_shape)
+    lab = resize_label(label, cfg.target_shape) if label is not None else None
+    return img, lab
+
+
+@dataclass(frozen=True)
+class Reorientation:
+    """A voxel-axis permutation/flip to a target orientation, and its inverse."""
+
+    forward: np.ndarray
+    backward: np.ndarray
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(apply_orientation(array, self.forward))
+
+    def undo(self, array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(apply_orientation(array, self.backward))
+
+    def spacing(self, spacing) -> tuple[float, float, float]:
+        """Voxel spacing after :meth:`apply`."""
+        out = [0.0, 0.0, 0.0]
+        for i, (axis, _) in enumerate(self.forward):
+            out[int(axis)] = float(spacing[i])
+        return tuple(out)  # type: ignore[return-value]
+
+
+def reorient(affine: np.ndarray, codes: str = "LPS") -> Reorientation:
+    """How to turn an array with ``affine`` to the voxel-axis ``codes`` (and back).
+
+    Example:
+        >>> r = reorient(np.diag([1.0, 1, 1, 1]), "LPS")   # RAS -> LPS flips x and y
+        >>> r.apply(np.arange(8).reshape(2, 2, 2))[0, 0, 0]
+        np.int64(6)
+    """
+    src = io_orientation(affine)
+    dst = axcodes2ornt(tuple(codes))
+    return Reorientation(ornt_transform(src, dst), ornt_transform(dst, src))

@@ -1,0 +1,360 @@
+"""A synthetic stand-in for the HipMRI study: axial male pelvis T2-like MR with 6 classes.
+
+Anatomy is defined in millimetres in a patient frame (x to the patient's left, y to
+posterior, z to superior) and sampled on each volume's own grid, so volumes of one data
+set differ in shape and voxel spacing just as the real ones do. Each case has its own
+anatomy; its weekly scans share it, with different bladder and rectum filling and a
+small shift. Intensities are T2-like with overlapping class distributions, a smooth
+bias field, partial-volume blur and Rician noise, so that intensity alone cannot
+segment it.
+
+Files are written in the CSIRO release layout::
+
+    OUT/semantic_MRs_anon/Case_004_Week0_LFOV.nii.gz
+    OUT/semantic_labels_anon/Case_004_Week0_SEMANTIC_LFOV.nii.gz
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from . import CLASS_NAMES, HipsegError, __version__
+
+__all__ = ["DEFAULT_SHAPE", "SynthSpec", "make_case_anatomy", "render_volume", "make_dataset"]
+
+DEFAULT_SHAPE: tuple[int, int, int] = (128, 128, 64)
+IMAGE_DIR = "semantic_MRs_anon"
+LABEL_DIR = "semantic_labels_anon"
+
+# Tissue intensities (T2-like, arbitrary units before bias, blur and noise): mean, spread.
+_T = {
+    "air": (0.0, 0.0),
+    "fat": (0.85, 0.06),
+    "muscle": (0.33, 0.05),
+    "cortex": (0.10, 0.03),
+    "marrow": (0.58, 0.07),
+    "urine": (0.97, 0.05),
+    "bladder_wall": (0.30, 0.04),
+    "rectal_wall": (0.36, 0.05),
+    "gas": (0.05, 0.03),
+    "stool": (0.55, 0.12),
+    "prostate_pz": (0.62, 0.07),
+    "prostate_tz": (0.40, 0.06),
+    "bowel": (0.55, 0.25),
+}
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    """Grid of one synthetic volume: shape and voxel spacing in mm."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+
+    @property
+    def affine(self) -> np.ndarray:
+        """LPS affine (voxel axes point to patient left, posterior, superior), centred."""
+        sx, sy, sz = self.spacing
+        aff = np.diag([-sx, -sy, sz, 1.0])
+        aff[:3, 3] = [(n - 1) / 2 * s * sign for n, s, sign in zip(self.shape, self.spacing, (1, 1, -1))]
+        return aff
+
+
+def make_case_anatomy(rng: np.random.Generator) -> dict:
+    """Sample one patient's anatomy (sizes and positions in mm)."""
+    n = rng.normal
+    body_scale = float(np.clip(n(1.0, 0.06), 0.85, 1.15))
+    return {
+        "body_a": 168.0 * body_scale * n(1.0, 0.03),
+        "body_b": 118.0 * body_scale * n(1.0, 0.04),
+        "body_y": n(6.0, 3.0),
+        "fat": float(np.clip(n(22.0, 6.0), 10.0, 38.0)),
+        "fh_x": 92.0 * body_scale * n(1.0, 0.03),
+        "fh_r": float(np.clip(n(24.0, 1.5), 20.0, 28.0)),
+        "fh_z": n(-32.0, 4.0),
+        "bone_scale": float(np.clip(n(1.0, 0.06), 0.85, 1.15)),
+        "prostate_scale": float(np.clip(n(1.0, 0.12), 0.75, 1.3)),
+        "prostate_y": n(-10.0, 3.0),
+        "prostate_z": n(-48.0, 4.0),
+        "rectum_r": float(np.clip(n(15.0, 2.0), 11.0, 20.0)),
+        "tilt": n(0.0, 0.04),
+        "bowel": [(n(0, 50), n(-50, 20), n(75, 12), abs(n(20, 6)) + 8) for _ in range(rng.integers(3, 7))],
+        "intensity_gain": float(np.clip(n(1.0, 0.08), 0.8, 1.2)),
+    }
+
+
+def _rot(axis: str, angle: float) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    if axis == "z":
+        return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+    if axis == "x":
+        return np.array([[1.0, 0, 0], [0, c, -s], [0, s, c]])
+    return np.array([[c, 0, s], [0, 1.0, 0], [-s, 0, c]])
+
+
+class _Canvas:
+    """Voxel grid with patient-frame coordinates; shapes are evaluated in bounding boxes."""
+
+    def __init__(self, spec: SynthSpec, shift_mm: np.ndarray):
+        self.shape = spec.shape
+        self.axes = [
+            (np.arange(n) - (n - 1) / 2) * s - d for n, s, d in zip(spec.shape, spec.spacing, shift_mm)
+        ]
+
+    def box(self, center, bound):
+        sl, coords = [], []
+        for ax, (c, b) in enumerate(zip(center, bound)):
+            a = self.axes[ax]
+            lo, hi = np.searchsorted(a, c - b), np.searchsorted(a, c + b)
+            sl.append(slice(int(lo), int(hi)))
+            shp = [1, 1, 1]
+            shp[ax] = -1
+            coords.append((a[lo:hi] - c).reshape(shp))
+        return tuple(sl), coords
+
+    def ellipsoid(self, center, semi, rot: np.ndarray | None = None, shell: float = 0.0):
+        """Return (slices, mask) of an ellipsoid; with ``shell`` > 0 also the inner mask."""
+        bound = [max(semi)] * 3 if rot is not None else list(semi)
+        sl, (dx, dy, dz) = self.box(center, bound)
+        if rot is not None:
+            r = rot
+            lx = r[0, 0] * dx + r[1, 0] * dy + r[2, 0] * dz
+            ly = r[0, 1] * dx + r[1, 1] * dy + r[2, 1] * dz
+            lz = r[0, 2] * dx + r[1, 2] * dy + r[2, 2] * dz
+        else:
+            lx, ly, lz = dx, dy, dz
+        q = (lx / semi[0]) ** 2 + (ly / semi[1]) ** 2 + (lz / semi[2]) ** 2
+        q = np.broadcast_to(q, tuple(s.stop - s.start for s in sl))
+        if shell <= 0:
+            return sl, q <= 1.0
+        inner = [max(s - shell, 1e-3) for s in semi]
+        qi = (lx / inner[0]) ** 2 + (ly / inner[1]) ** 2 + (lz / inner[2]) ** 2
+        return sl, q <= 1.0, np.broadcast_to(qi, q.shape) <= 1.0
+
+
+def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Render one weekly scan of a case: returns (image int16, label uint8).
+
+    Args:
+        anat: the case's anatomy from :func:`make_case_anatomy`.
+        spec: grid shape and spacing.
+        week_rng: randomness of this week (filling, shift, noise).
+    """
+    n = week_rng.normal
+    shift = np.array([n(0, 2.0), n(0, 2.0), n(0, 3.0)])
+    cv = _Canvas(spec, shift)
+    X, Y, Z = spec.shape
+    label = np.zeros(spec.shape, np.uint8)
+    tissue = np.zeros(spec.shape, np.float32)
+    tex_rng = np.random.default_rng(week_rng.integers(2**32))
+
+    def paint(sl, mask, cls, name, texture=1.0):
+        mean, sd = _T[name]
+        label[sl][mask] = cls
+        val = mean + sd * texture * tex_rng.standard_normal()
+        tissue[sl][mask] = val
+
+    # Body: fat outline around muscle, a slightly boxy elliptic cylinder.
+    x, y, z = cv.axes[0][:, None, None], cv.axes[1][None, :, None], cv.axes[2][None, None, :]
+    taper = 1.0 + 0.0008 * z + anat["tilt"] * z / 100.0
+    a, b = anat["body_a"] * taper, anat["body_b"] * taper
+    p = 2.4
+    r_body = (np.abs(x / a) ** p + np.abs((y - anat["body_y"]) / b) ** p)
+    body = np.broadcast_to(r_body <= 1.0, spec.shape)
+    f = anat["fat"]
+    r_musc = (np.abs(x / (a - f)) ** p + np.abs((y - anat["body_y"]) / (b - f * 0.8)) ** p)
+    muscle = np.broadcast_to(r_musc <= 1.0, spec.shape)
+    label[body] = 1
+    tissue[body] = _T["fat"][0]
+    tissue[muscle] = _T["muscle"][0]
+    full = (slice(None),) * 3
+    # Fat planes and bowel loops inside the body (class body; intensities overlap organs).
+    for cx, cy, cz, r in anat["bowel"]:
+        sl, m = cv.ellipsoid((cx, cy, cz), (r, r * 0.8, r * 0.9))
+        paint(sl, m, 1, "bowel", texture=1.0)
+    for sign in (-1, 1):  # ischiorectal fat either side of the rectum
+        sl, m = cv.ellipsoid((sign * 38, 40, -60), (18, 28, 30))
+        paint(sl, m, 1, "fat")
+
+    bs = anat["bone_scale"]
+
+    def bone(center, semi, rot=None):
+        semi = [s * bs for s in semi]
+        sl, outer, inner = cv.ellipsoid(center, semi, rot, shell=3.0)
+        label[sl][outer] = 2
+        tissue[sl][outer] = _T["cortex"][0]
+        tissue[sl][inner] = _T["marrow"][0] + _T["marrow"][1] * tex_rng.standard_normal()
+
+    for sign in (-1, 1):
+        fx, fz, fr = sign * anat["fh_x"], anat["fh_z"], anat["fh_r"]
+        bone((fx, 4, fz), (fr, fr, fr))  # femoral head
+        bone((sign * (anat["fh_x"] + 22), 8, fz - 22), (34, 15, 15), _rot("y", sign * 0.7))  # neck
+        bone((sign * (anat["fh_x"] + 40), 12, fz - 80), (16, 16, 60))  # shaft
+        bone((sign * (anat["fh_x"] - 6), 14, fz + 22), (30, 24, 20))  # acetabular roof
+        bone((sign * (anat["fh_x"] - 4), 40, fz + 75), (10, 62, 58), _rot("z", -sign * 0.55))  # ilium
+        bone((sign * 42, -52, fz - 10), (42, 10, 13), _rot("z", sign * 0.35))  # pubic ramus
+        bone((sign * 58, 38, fz - 28), (13, 22, 26))  # ischium
+    bone((0, 88, 48), (44, 18, 58), _rot("x", 0.5))  # sacrum
+    bone((0, 96, -8), (10, 9, 16))  # coccyx
+
+    # Rectum: a tube curving posteriorly upwards, with wall and gas or stool content.
+    fill_r = float(np.clip(n(1.0, 0.18), 0.7, 1.4))
+    rr = anat["rectum_r"] * fill_r
+    content = "gas" if week_rng.random() < 0.4 else "stool"
+    for zc in np.arange(-85.0, 30.0, 3.0):
+        yc = 26 + 0.22 * max(zc + 35, 0) + 0.004 * max(zc + 35, 0) ** 2
+        sl, outer, inner = cv.ellipsoid((0.0, yc, zc), (rr * 1.15, rr, 4.0), shell=3.5)
+        label[sl][outer] = 4
+        t = tissue[sl]
+        t[outer] = _T["rectal_wall"][0]
+        t[inner] = _T[content][0] + _T[content][1] * tex_rng.standard_normal()
+
+    # Bladder: filling changes weekly; urine very bright, dark wall.
+    fill = float(np.clip(n(1.0, 0.22), 0.5, 1.5))
+    ps = anat["prostate_scale"]
+    pz = anat["prostate_z"]
+    semi_b = np.array([46.0, 34.0, 34.0]) * fill ** (1 / 3)
+    zb = pz + 16 * ps + semi_b[2] - 6
+    sl, outer, inner = cv.ellipsoid((0.0, -38.0 + 4 * (1 - fill), zb), semi_b, shell=3.0)
+    label[sl][outer] = 3
+    tissue[sl][outer] = _T["bladder_wall"][0]
+    tissue[sl][inner] = _T["urine"][0]
+
+    # Prostate: small ellipsoid below the bladder, in front of the rectum; bright peripheral zone.
+    semi_p = np.array([22.0, 16.0, 18.0]) * ps
+    sl, outer, inner = cv.ellipsoid((0.0, anat["prostate_y"], pz), semi_p, shell=5.0)
+    label[sl][outer] = 5
+    tissue[sl][outer] = _T["prostate_pz"][0]
+    tissue[sl][inner] = _T["prostate_tz"][0]
+
+    label[~body] = 0
+    tissue[~body] = 0.0
+
+    # Texture, partial-volume blur, bias field, Rician noise.
+    vox = np.array(spec.spacing)
+    texture = ndimage.gaussian_filter(tex_rng.standard_normal(spec.shape).astype(np.float32), 1.2)
+    tissue *= 1.0 + 0.25 * texture / (texture.std() + 1e-6) * 0.3
+    img = ndimage.gaussian_filter(tissue, sigma=0.6 * 1.8 / vox)
+    cx, cy, cz = (ax / 150.0 for ax in cv.axes)
+    k = tex_rng.normal(0, 0.25, size=6)
+    bias = np.exp(k[0] * cx[:, None, None] + k[1] * cy[None, :, None] + k[2] * cz[None, None, :]
+                  + k[3] * (cx[:, None, None] ** 2) + k[4] * (cy[None, :, None] ** 2)
+                  + k[5] * cx[:, None, None] * cy[None, :, None])
+    img = img * bias * anat["intensity_gain"]
+    sigma = 0.045
+    img = np.sqrt((img + sigma * tex_rng.standard_normal(spec.shape)) ** 2
+                  + (sigma * tex_rng.standard_normal(spec.shape)) ** 2)
+    image = np.clip(img * 1000.0, 0, 32767).astype(np.int16)
+    return image, label
+
+
+def _case_specs(n_cases: int, weeks_range: tuple[int, int], shape, rng) -> list[dict]:
+    X, Y, Z = shape
+    deep = int(round(Z * 144 / 128))
+    cases = []
+    for i in range(n_cases):
+        depth = deep if rng.random() < 0.2 else Z
+        sxy = float(rng.uniform(1.7, 1.9)) * 256 / X
+        sz = float(rng.uniform(1.5, 2.5)) * 128 / Z
+        if depth != Z:
+            sz = sz * Z / depth * 1.05
+        n_weeks = int(rng.integers(weeks_range[0], weeks_range[1] + 1))
+        weeks = sorted(rng.choice(np.arange(8), size=n_weeks, replace=False).tolist())
+        cases.append({"case": f"{4 + i * 3:03d}", "shape": (X, Y, depth), "spacing": (sxy, sxy, sz),
+                      "weeks": weeks, "seed": int(rng.integers(2**31))})
+    return cases
+
+
+def _write_case(job: dict) -> list[str]:
+    rng = np.random.default_rng(job["seed"])
+    anat = make_case_anatomy(rng)
+    spec = SynthSpec(tuple(job["shape"]), tuple(job["spacing"]))
+    written = []
+    for week in job["weeks"]:
+        image, label = render_volume(anat, spec, np.random.default_rng([job["seed"], week]))
+        stem = f"Case_{job['case']}_Week{week}"
+        img_nii = nib.Nifti1Image(image, spec.affine)
+        lab_nii = nib.Nifti1Image(label, spec.affine)
+        for nii in (img_nii, lab_nii):
+            nii.header.set_xyzt_units("mm", "sec")
+            nii.header.set_qform(spec.affine, code=1)
+            nii.header.set_sform(spec.affine, code=1)
+        nib.save(img_nii, os.path.join(job["out"], IMAGE_DIR, f"{stem}_LFOV.nii.gz"))
+        nib.save(lab_nii, os.path.join(job["out"], LABEL_DIR, f"{stem}_SEMANTIC_LFOV.nii.gz"))
+        written.append(stem)
+    return written
+
+
+def make_dataset(out: str | os.PathLike, seed: int = 0, cases: int = 30,
+                 shape: tuple[int, int, int] = DEFAULT_SHAPE, weeks: tuple[int, int] = (2, 5),
+                 workers: int | None = None, overwrite: bool = False) -> Path:
+    """Write a synthetic HipMRI-like data set in the CSIRO release layout.
+
+    The set is built in a temporary folder beside ``out`` and renamed into place, so an
+    interrupted run leaves nothing half-written at ``out``.
+
+    Args:
+        out: destination folder (must not exist unless ``overwrite``).
+        seed: everything is determined by it.
+        cases: number of patients.
+        shape: in-plane size and base depth; about a fifth of the cases get
+            depth ``round(Z * 144 / 128)``, as some real volumes have 144 slices, not 128.
+        weeks: min and max number of weekly scans per case (weeks drawn from 0..7).
+        workers: processes (default: CPU count).
+        overwrite: replace an existing folder written by this function.
+
+    Returns:
+        The folder.
+
+    Example:
+        >>> make_dataset("data/synthetic", seed=0, cases=30)  # doctest: +SKIP
+    """
+    out = Path(out)
+    if cases < 1:
+        raise ValueError(f"cases must be >= 1, got {cases}")
+    if len(shape) != 3 or min(shape) < 16:
+        raise ValueError(f"shape must be three sizes >= 16, got {tuple(shape)}")
+    if not 1 <= weeks[0] <= weeks[1] <= 8:
+        raise ValueError(f"weeks must satisfy 1 <= min <= max <= 8, got {weeks}")
+    if out.exists():
+        if not overwrite:
+            raise HipsegError(f"{out}: already exists (use --overwrite to replace it)")
+        if not (out / "synth.json").exists():
+            raise HipsegError(f"{out}: not a synthetic set made by hipseg; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        (tmp / IMAGE_DIR).mkdir()
+        (tmp / LABEL_DIR).mkdir()
+        rng = np.random.default_rng(seed)
+        jobs = _case_specs(cases, weeks, tuple(int(s) for s in shape), rng)
+        for j in jobs:
+            j["out"] = str(tmp)
+        workers = workers or min(os.cpu_count() or 1, len(jobs))
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                list(pool.map(_write_case, jobs))
+        else:
+            for j in jobs:
+                _write_case(j)
+        meta = {"generator": "hipseg synth", "version": __version__, "seed": seed, "cases": cases,
+                "shape": list(shape), "weeks": list(weeks), "classes": list(CLASS_NAMES),
+                "volumes": sum(len(j["weeks"]) for j in jobs)}
+        (tmp / "synth.json").write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,510 @@
+"""Training: presets, the loop, validation, early stopping, checkpoints and resume.
+
+One code path serves the training chapter, ``hipseg train`` and
+``torchrun -m hipseg_lib train`` (DistributedDataParallel: NCCL on GPUs, gloo on CPUs).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from . import CLASS_NAMES, NUM_CLASSES, HipsegError, __version__
+from .augment import default_augmentation
+from .checkpoint import read_checkpoint, save_checkpoint
+from .data import SegmentationDataset, cache_pairs, split_by_case
+from .io import find_pairs
+from .loss import DiceCELoss
+from .metrics import dice_per_class
+from .model import ModelConfig, ResUNet3D
+from .preprocess import Preprocessing
+
+__all__ = ["TrainConfig", "PRESETS", "preset", "resolve_device", "seed_everything", "train",
+           "TrainResult", "BEST_NAME", "LAST_NAME", "LOG_NAME", "load_split_volumes", "autocast_for"]
+
+BEST_NAME = "new_model.pth"  # the seed's file name
+LAST_NAME = "last.pth"
+LOG_NAME = "train_log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in the checkpoints).
+
+    Use :func:`preset` for the named settings, then override fields.
+
+    Args:
+        preset: name of the preset these settings started from.
+        target_shape: grid every volume is resized to.
+        base_channels, depth, dropout, deep_supervision: the network (:class:`ModelConfig`).
+        batch_size: volumes per step (per process under torchrun).
+        epochs: planned epochs (the learning-rate schedule decays over them).
+        lr: peak learning rate of Adam; decays polynomially (power 0.9) to 0, after a short warm-up.
+        weight_decay: Adam weight decay.
+        grad_clip: gradient-norm clipping threshold (0 = off).
+        amp: mixed precision: "auto" (bf16 on a CUDA device that supports it, fp16 on other CUDA
+            devices, off on CPU), "bf16", "fp16" or "off".
+        channels_last: use the channels-last 3D memory format.
+        compile: wrap the model in ``torch.compile`` (falls back to eager if compilation fails).
+        device: "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+        seed: seeds Python, numpy and torch, the split and the augmentation.
+        split_seed: seed of the case-level split (kept apart so that seeds of repeat runs can vary).
+        augment: use the default augmentation.
+        early_stop_dice: stop once every class reaches this validation Dice (the seed's rule); 0 = off.
+        patience: stop after this many validations without a better mean Dice; 0 = off.
+        max_minutes: stop after this much training time; 0 = no limit.
+        val_every: validate every N epochs.
+        num_workers: data-loader worker processes.
+        cache_dir: preprocessing cache (default ``~/.cache/hipseg``).
+    """
+
+    preset: str = "cpu"
+    target_shape: tuple[int, int, int] = (64, 64, 32)
+    base_channels: int = 16
+    depth: int = 4
+    dropout: float = 0.0
+    deep_supervision: bool = False
+    batch_size: int = 2
+    epochs: int = 40
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    grad_clip: float = 5.0
+    amp: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 0
+    split_seed: int = 0
+    augment: bool = True
+    early_stop_dice: float = 0.7
+    patience: int = 10
+    max_minutes: float = 0.0
+    val_every: int = 1
+    num_workers: int = 0
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.target_shape = tuple(int(s) for s in self.target_shape)  # type: ignore[assignment]
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
+        for name in ("batch_size", "epochs", "val_every", "base_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        div = 2 ** (self.depth - 1)
+        if any(s % div for s in self.target_shape):
+            raise ValueError(f"target_shape {self.target_shape} must be divisible by {div} for depth {self.depth}")
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(base_channels=self.base_channels, depth=self.depth, dropout=self.dropout,
+                           deep_supervision=self.deep_supervision, num_classes=NUM_CLASSES)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(target_shape=self.target_shape)
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["target_shape"] = list(self.target_shape)
+        return d
+
+    def replace(self, **overrides) -> "TrainConfig":
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **overrides)
+
+
+PRESETS: dict[str, dict] = {
+    # Seconds: for tests and a first look.
+    "smoke": dict(target_shape=(32, 32, 16), base_channels=4, depth=3, batch_size=2, epochs=2,
+                  lr=2e-3, patience=0, early_stop_dice=0.0, augment=True),
+    # 2 CPU cores, within 10 minutes of training on the default synthetic set.
+    "cpu": dict(target_shape=(64, 64, 32), base_channels=16, depth=4, batch_size=2, epochs=14,
+                lr=3e-3, patience=6, early_stop_dice=0.0, max_minutes=9.0),
+    # One GPU at the seed's scale: full in-plane resolution, batch 2, mixed precision.
+    "full": dict(target_shape=(256, 256, 128), base_channels=16, depth=5, batch_size=2, epochs=16,
+                 lr=1e-3, patience=8, early_stop_dice=0.7, amp="auto", num_workers=4,
+                 channels_last=False, deep_supervision=True, dropout=0.1),
+}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    """Settings of a named preset (``smoke``, ``cpu``, ``full``) with ``overrides`` applied.
+
+    ``"auto"`` picks ``full`` when a CUDA device is present and ``cpu`` otherwise.
+
+    Example:
+        >>> preset("cpu", epochs=5).epochs
+        5
+    """
+    if name == "auto":
+        name = "full" if torch.cuda.is_available() else "cpu"
+    if name not in PRESETS:
+        raise HipsegError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)} or auto")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return TrainConfig(preset=name, **PRESETS[name]).replace(**overrides)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` -> the local CUDA device when present, else CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HipsegError(f"device {device!r} requested but no CUDA device is available")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_for(device: torch.device, amp: str):
+    """The autocast context and dtype for ``amp`` on ``device`` (``nullcontext`` when off)."""
+    if amp == "auto":
+        if device.type != "cuda":
+            return contextlib.nullcontext(), None
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "off":
+        return contextlib.nullcontext(), None
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype), dtype
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (rank 0 holds the full picture)."""
+
+    history: list[dict] = field(default_factory=list)
+    best_path: Path | None = None
+    last_path: Path | None = None
+    stopped_because: str = ""
+    best_val_dice: list[float] | None = None
+    seconds: float = 0.0
+
+
+def load_split_volumes(data_dir: str | os.PathLike, cfg: TrainConfig, progress: bool = False):
+    """Find pairs, split by case and preprocess (cached): ``{"train": [...], "val": [...], "test": [...]}``."""
+    search = find_pairs(data_dir)
+    if not search.pairs:
+        raise HipsegError(f"{data_dir}: no image/label pairs found")
+    split = split_by_case(search.pairs, seed=cfg.split_seed)
+    return {name: cache_pairs(pairs, cfg.preprocessing, cfg.cache_dir, progress=progress)
+            for name, pairs in split.items()}
+
+
+class _Dist:
+    """Process-group helpers; a no-op in a single process."""
+
+    def __init__(self, device_pref: str):
+        self.enabled = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.enabled and not dist.is_initialized():
+            cuda = torch.cuda.is_available() and device_pref != "cpu"
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
+            self.owns_group = True
+        else:
+            self.owns_group = False
+        self.rank = dist.get_rank() if self.enabled else 0
+        self.world = dist.get_world_size() if self.enabled else 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def any(self, flag: bool, device) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return bool(self.sum(t).item() > 0)
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _lr_lambda(total_steps: int, warmup: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, 1 - (step - warmup) / max(1, total_steps - warmup)) ** 0.9
+    return f
+
+
+@torch.no_grad()
+def _validate(model, loader, device, amp: str, channels_last: bool, dist_: _Dist):
+    """Mean per-class Dice over the validation volumes (NaN-aware), reduced over ranks."""
+    model.eval()
+    sums = torch.zeros(NUM_CLASSES, dtype=torch.float64)
+    counts = torch.zeros(NUM_CLASSES, dtype=torch.float64)
+    for image, label in loader:
+        image = image.to(device)
+        if channels_last:
+            image = image.to(memory_format=torch.channels_last_3d)
+        with autocast_for(device, amp)[0]:
+            pred = model(image).argmax(1).cpu().numpy()
+        for p, t in zip(pred, label.numpy()):
+            d = dice_per_class(p, t, NUM_CLASSES)
+            ok = ~np.isnan(d)
+            sums[ok] += torch.from_numpy(d[ok])
+            counts[ok] += 1
+    stats = dist_.sum(torch.stack([sums, counts]).to(device if device.type == "cuda" else "cpu")).cpu()
+    model.train()
+    with np.errstate(invalid="ignore"):
+        return (stats[0] / stats[1]).numpy()
+
+
+def train(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike = "model",
+          resume: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+    """Train a :class:`ResUNet3D` on the pairs found in ``data_dir``.
+
+    Writes to ``out_dir``: ``new_model.pth`` (best validation mean Dice), ``last.pth``
+    (every epoch; what ``resume`` continues from) and ``train_log.jsonl`` (one line per epoch).
+    Under ``torchrun`` only rank 0 writes.
+
+    Args:
+        cfg: settings, e.g. ``preset("cpu")``.
+        data_dir: folder of image/label pairs (either HipMRI layout).
+        out_dir: where checkpoints and the log go.
+        resume: continue from ``out_dir/last.pth``.
+        progress: show tqdm progress bars.
+        log: where one-line messages go.
+
+    Raises:
+        HipsegError: bad data, an existing run in ``out_dir`` without ``resume``, ...
+    """
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    dist_ = _Dist(cfg.device)
+    try:
+        return _train(cfg, data_dir, out, resume, progress, log, dist_, t_start)
+    finally:
+        dist_.close()
+
+
+def _train(cfg, data_dir, out, resume, progress, log, dist_: _Dist, t_start) -> TrainResult:
+    device = resolve_device(cfg.device)
+    if dist_.enabled and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    last_path, best_path, log_path = out / LAST_NAME, out / BEST_NAME, out / LOG_NAME
+    if dist_.main:
+        if not resume and (last_path.exists() or best_path.exists()):
+            raise HipsegError(f"{out}: holds checkpoints of an earlier run; resume it (--resume) "
+                              "or choose another output folder")
+        if resume and not last_path.exists():
+            raise HipsegError(f"{last_path}: nothing to resume (no such checkpoint)")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HipsegError(f"{out}: cannot create the output folder ({exc.strerror})") from None
+        if not os.access(out, os.W_OK):
+            raise HipsegError(f"{out}: output folder is not writable")
+    seed_everything(cfg.seed + dist_.rank)
+
+    # Data: only rank 0 preprocesses into the cache first, then the others read it.
+    if dist_.enabled and not dist_.main:
+        dist.barrier()
+    vols = load_split_volumes(data_dir, cfg, progress=progress and dist_.main)
+    if dist_.enabled and dist_.main:
+        dist.barrier()
+    aug = default_augmentation() if cfg.augment else None
+    train_ds = SegmentationDataset(vols["train"], aug, seed=cfg.seed)
+    val_ds = SegmentationDataset(vols["val"])
+    if dist_.enabled:
+        sampler = DistributedSampler(train_ds, num_replicas=dist_.world, rank=dist_.rank,
+                                     shuffle=True, seed=cfg.seed, drop_last=True)
+        val_sampler = DistributedSampler(val_ds, num_replicas=dist_.world, rank=dist_.rank, shuffle=False)
+    else:
+        sampler, val_sampler = None, None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    pin = device.type == "cuda"
+    loader_kw = dict(num_workers=cfg.num_workers, pin_memory=pin,
+                     persistent_workers=cfg.num_workers > 0)
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None,
+                              sampler=sampler, generator=gen, drop_last=len(train_ds) >= cfg.batch_size * 2,
+                              **loader_kw)
+    val_loader = DataLoader(val_ds, batch_size=1, sampler=val_sampler, num_workers=0)
+    if len(train_loader) == 0:
+        raise HipsegError(f"{data_dir}: too few training volumes ({len(train_ds)}) for batch size "
+                          f"{cfg.batch_size} x {dist_.world} process(es)")
+
+    mcfg = cfg.model_config
+    model = ResUNet3D(mcfg).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total_steps, min(50, total_steps // 10 + 1)))
+    _, amp_dtype = autocast_for(device, cfg.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loss_fn = DiceCELoss(NUM_CLASSES).to(device)
+
+    start_epoch, history, best_score, since_best = 0, [], -math.inf, 0
+    best_dice = None
+    if resume:
+        ck = read_checkpoint(last_path)
+        saved = ck.get("train_config", {})
+        for key in ("target_shape", "base_channels", "depth", "deep_supervision"):
+            mine = list(cfg.target_shape) if key == "target_shape" else getattr(cfg, key)
+            if key in saved and saved[key] != mine:
+                raise HipsegError(f"{last_path}: was trained with {key}={saved[key]}, not {mine}; "
+                                  "resume with the same settings")
+        model.load_state_dict(ck["model_state"])
+        opt.load_state_dict(ck["optimizer_state"])
+        sched.load_state_dict(ck["scheduler_state"])
+        if "scaler_state" in ck and ck["scaler_state"]:
+            scaler.load_state_dict(ck["scaler_state"])
+        start_epoch = int(ck["epoch"]) + 1
+        history = list(ck.get("history", []))
+        best_score = float(ck.get("best_score", -math.inf))
+        since_best = int(ck.get("since_best", 0))
+        best_dice = ck.get("best_val_dice")
+        if "torch_rng" in ck:
+            torch.set_rng_state(ck["torch_rng"])
+        if dist_.main:
+            log(f"resumed from {last_path} at epoch {start_epoch + 1}")
+
+    net = model
+    if dist_.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        try:
+            net = torch.compile(net)
+        except Exception as exc:  # pragma: no cover - depends on the platform's compiler
+            warnings.warn(f"torch.compile unavailable ({exc}); running eager")
+
+    result = TrainResult(best_path=best_path, last_path=last_path)
+    if start_epoch >= cfg.epochs:
+        result.history, result.stopped_because = history, "already complete"
+        return result
+    n_params = sum(p.numel() for p in model.parameters())
+    if dist_.main:
+        log(f"training {n_params / 1e6:.2f} M parameters on {device} x {dist_.world}, "
+            f"{len(train_ds)} train / {len(val_ds)} val volumes at {cfg.target_shape}, "
+            f"batch {cfg.batch_size}, amp {amp_dtype or 'off'}")
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    stop = ""
+    for epoch in range(start_epoch, cfg.epochs):
+        train_ds.set_epoch(epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        gen.manual_seed(cfg.seed * 1000 + epoch)
+        t_epoch = time.perf_counter()
+        data_s = 0.0
+        losses = []
+        it = iter(train_loader)
+        bar = None
+        if progress and dist_.main:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
+        for step in range(steps_per_epoch):
+            t0 = time.perf_counter()
+            image, label = next(it)
+            image = image.to(device, non_blocking=pin)
+            label = label.to(device, non_blocking=pin)
+            if cfg.channels_last:
+                image = image.to(memory_format=torch.channels_last_3d)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            data_s += time.perf_counter() - t0
+            with autocast_for(device, cfg.amp)[0]:
+                logits = net(image)
+            loss = loss_fn(logits, label)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            losses.append(loss.item())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+        if bar is not None:
+            bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_s = time.perf_counter() - t_epoch
+        loss_sum = dist_.sum(torch.tensor([float(np.sum(losses)), float(len(losses))],
+                                          device=device if device.type == "cuda" else "cpu")).cpu()
+        record = {"epoch": epoch + 1, "loss": float(loss_sum[0] / loss_sum[1]),
+                  "lr": opt.param_groups[0]["lr"], "epoch_seconds": epoch_s,
+                  "step_seconds": epoch_s / steps_per_epoch, "data_fraction": data_s / epoch_s,
+                  "steps": steps_per_epoch}
+        if device.type == "cuda":
+            record["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        improved = False
+        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+            val = _validate(net, val_loader, device, cfg.amp, cfg.channels_last, dist_)
+            record["val_dice"] = [None if np.isnan(v) else float(v) for v in val]
+            score = float(np.nanmean(val[1:])) if np.any(~np.isnan(val[1:])) else -1.0
+            record["val_mean_fg_dice"] = score
+            if score > best_score:
+                best_score, since_best, best_dice, improved = score, 0, record["val_dice"], True
+            else:
+                since_best += 1
+            if cfg.early_stop_dice > 0 and np.all(np.nan_to_num(val, nan=1.0) >= cfg.early_stop_dice):
+                stop = f"every class reached validation Dice >= {cfg.early_stop_dice}"
+            elif cfg.patience > 0 and since_best >= cfg.patience:
+                stop = f"no better validation Dice for {cfg.patience} validations"
+        history.append(record)
+        spent = sum(h["epoch_seconds"] for h in history)  # across resumes too
+        if not stop and spent >= budget_s and epoch + 1 < cfg.epochs:
+            stop = f"time budget of {cfg.max_minutes:g} minutes reached"
+        if dist_.main:
+            extra = dict(train_config=cfg.as_dict(), epoch=epoch, history=history,
+                         best_score=best_score, since_best=since_best, best_val_dice=best_dice,
+                         optimizer_state=opt.state_dict(), scheduler_state=sched.state_dict(),
+                         scaler_state=scaler.state_dict() if scaler.is_enabled() else {},
+                         torch_rng=torch.get_rng_state(), metrics=record)
+            save_checkpoint(last_path, model, mcfg, cfg.preprocessing, **extra)
+            if improved:
+                save_checkpoint(best_path, model, mcfg, cfg.preprocessing, **extra)
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            dice_txt = " ".join(f"{v:.3f}" if v is not None else "nan" for v in record.get("val_dice", []))
+            log(f"epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} "
+                f"{record['step_seconds']:.2f} s/step data {100 * record['data_fraction']:.1f}%"
+                + (f" val Dice [{dice_txt}]" if dice_txt else ""))
+        if stop:
+            break
+    if not stop:
+        stop = f"planned {cfg.epochs} epochs done"
+    if dist_.main:
+        log(f"stopped: {stop}")
+    result.history, result.stopped_because = history, stop
+    result.best_val_dice = best_dice
+    result.seconds = time.perf_counter() - t_start
+    return result

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny volumes and data sets made on the fly (nothing is downloaded)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+LPS = np.diag([-2.0, -2.0, 3.0, 1.0])
+
+
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray = LPS, dtype=None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(array) if dtype is None else np.asarray(array).astype(dtype), affine)
+    nib.save(img, str(path))
+    return path
+
+
+def make_pair_arrays(shape=(16, 16, 8), seed=0):
+    """A small image whose label has every class."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros(shape, np.uint8)
+    x, y, z = shape
+    label[2:x - 2, 2:y - 2, :] = 1
+    label[3:6, 3:6, 1:4] = 2
+    label[8:12, 4:8, 2:6] = 3
+    label[8:11, 10:13, 1:5] = 4
+    label[5:7, 9:11, 3:5] = 5
+    image = (label * 40 + rng.normal(0, 5, shape) + 10).astype(np.float32)
+    return image, label
+
+
+def write_csiro_pair(root: Path, case: str, week: int, shape=(16, 16, 8), seed=0, label_dtype=np.uint8):
+    image, label = make_pair_arrays(shape, seed)
+    img = write_nifti(root / "semantic_MRs_anon" / f"Case_{case}_Week{week}_LFOV.nii.gz", image)
+    lab = write_nifti(root / "semantic_labels_anon" / f"Case_{case}_Week{week}_SEMANTIC_LFOV.nii.gz",
+                      label, dtype=label_dtype)
+    return img, lab
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory) -> Path:
+    """A small synthetic data set (6 cases at 32x32x16) shared by the slower tests."""
+    from hipseg_lib.synth import make_dataset
+
+    out = tmp_path_factory.mktemp("synth") / "tiny"
+    make_dataset(out, seed=1, cases=6, shape=(32, 32, 16), weeks=(2, 3), workers=1)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Keep the preprocessing cache out of the user's home during tests."""
+    monkeypatch.setenv("HIPSEG_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

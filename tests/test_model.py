@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hipseg_lib.loss import DiceCELoss
+from hipseg_lib.model import ModelConfig, ResidualBlock, ResUNet3D, count_parameters, layer_table
+
+
+@pytest.mark.parametrize("depth, shape", [(2, (8, 8, 4)), (3, (16, 16, 8)), (4, (32, 16, 8))])
+@pytest.mark.parametrize("deep_supervision", [False, True])
+def test_output_shape(depth, shape, deep_supervision):
+    net = ResUNet3D(ModelConfig(base_channels=4, depth=depth, deep_supervision=deep_supervision))
+    out = net(torch.randn(2, 1, *shape))
+    assert out.shape == (2, 6, *shape)
+
+
+def test_residual_block_shortcut_and_dropout():
+    blk = ResidualBlock(4, 8, dropout=0.5)
+    assert isinstance(blk.shortcut, torch.nn.Conv3d)
+    assert ResidualBlock(4, 4).shortcut.__class__.__name__ == "Identity"
+    blk2d = ResidualBlock(3, 5, conv=torch.nn.Conv2d, norm=lambda c: torch.nn.InstanceNorm2d(c, affine=True))
+    assert blk2d(torch.zeros(1, 3, 8, 8)).shape == (1, 5, 8, 8)
+
+
+def test_indivisible_input_is_a_clear_error():
+    net = ResUNet3D(ModelConfig(base_channels=4, depth=3))
+    with pytest.raises(ValueError, match=r"spatial size \(16, 16, 6\) is not divisible by 4"):
+        net(torch.zeros(1, 1, 16, 16, 6))
+    with pytest.raises(ValueError, match="expected input"):
+        net(torch.zeros(1, 2, 16, 16, 8))
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="depth"):
+        ResUNet3D(depth=1)
+    with pytest.raises(ValueError, match="dropout"):
+        ResUNet3D(dropout=1.5)
+    with pytest.raises(ValueError, match="either"):
+        ResUNet3D(ModelConfig(), depth=3)
+
+
+def test_width_and_depth_change_parameters_and_table():
+    small = ResUNet3D(ModelConfig(base_channels=4, depth=3))
+    wide = ResUNet3D(ModelConfig(base_channels=8, depth=3))
+    deep = ResUNet3D(ModelConfig(base_channels=4, depth=4))
+    assert count_parameters(small) < count_parameters(wide)
+    assert count_parameters(small) < count_parameters(deep)
+    rows = layer_table(small, (16, 16, 8))
+    assert [r["layer"] for r in rows][:2] == ["stem", "encoder.0"]
+    assert rows[-1]["output shape"] == (6, 16, 16, 8)
+    assert rows[[r["layer"] for r in rows].index("bottleneck")]["output shape"] == (16, 4, 4, 2)
+    # All parameters are accounted for by the stages listed.
+    assert sum(r["parameters"] for r in rows) + count_parameters(small.final_norm) == count_parameters(small)
+
+
+def test_overfits_one_small_volume():
+    """The network drives the loss well down on one volume (CPU, seconds)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 16, 16, 8)
+    y = torch.zeros(1, 16, 16, 8, dtype=torch.long)
+    y[:, 2:14, 2:14, :] = 1
+    y[:, 4:8, 4:8, 2:6] = 2
+    y[:, 9:13, 5:9, 1:5] = 3
+    y[:, 8:11, 10:13, 2:5] = 4
+    y[:, 5:7, 10:12, 3:5] = 5
+    x = x * 0.3 + y.float()[:, None] * 0.5  # learnable but noisy
+    net = ResUNet3D(ModelConfig(base_channels=8, depth=3))
+    loss_fn = DiceCELoss(6)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    first = None
+    for _ in range(120):
+        loss = loss_fn(net(x), y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * first
+    assert (net(x).argmax(1) == y).float().mean() > 0.97

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hipseg_lib import HipsegError
+from hipseg_lib.preprocess import Preprocessing, normalise_intensity, preprocess_pair, reorient, resize_image, resize_label
+
+
+def test_normalise_is_robust_and_gain_invariant():
+    rng = np.random.default_rng(0)
+    img = rng.normal(100, 20, (16, 16, 8)).astype(np.float32)
+    img[0, 0, 0] = 1e6  # a hot voxel must not squash the rest
+    a = normalise_intensity(img)
+    b = normalise_intensity(img * 3.0 + 50.0)
+    assert a.dtype == np.float32
+    assert abs(a.mean()) < 1e-4 and abs(a.std() - 1) < 1e-3
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    assert a.max() < 4
+
+
+def test_normalise_constant_image_is_an_error():
+    with pytest.raises(HipsegError, match="scan.nii.gz: constant image"):
+        normalise_intensity(np.ones((4, 4, 4)), name="scan.nii.gz")
+
+
+@pytest.mark.parametrize("depth", [128 // 8, 144 // 8])
+def test_resize_keeps_labels_intact(depth):
+    label = np.zeros((32, 32, depth), np.uint8)
+    label[4:28, 4:28, :] = 1
+    label[10:14, 10:14, 3:9] = 5
+    out = resize_label(label, (16, 16, 8))
+    assert out.shape == (16, 16, 8) and out.dtype == np.uint8
+    assert set(np.unique(out)) == {0, 1, 5}
+    img = resize_image(label.astype(np.float32), (16, 16, 8))
+    assert img.shape == (16, 16, 8) and img.dtype == np.float32
+    assert 0 <= img.min() and img.max() <= 5
+
+
+def test_preprocess_pair_and_config():
+    cfg = Preprocessing(target_shape=(8, 8, 4))
+    img, lab = preprocess_pair(np.random.default_rng(0).random((16, 16, 9)), np.ones((16, 16, 9), np.uint8), cfg)
+    assert img.shape == lab.shape == (8, 8, 4)
+    assert Preprocessing.from_dict(cfg.as_dict()) == cfg
+    with pytest.raises(ValueError, match="target_shape"):
+        Preprocessing(target_shape=(8, 8))
+    with pytest.raises(ValueError, match="clip_percentiles"):
+        Preprocessing(clip_percentiles=(50, 10))
+    with pytest.raises(ValueError, match="orientation"):
+        Preprocessing(orientation="XYZ")
+
+
+def test_reorient_round_trip_and_spacing():
+    arr = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    ras = np.diag([2.0, 3.0, 4.0, 1.0])
+    turn = reorient(ras, "LPS")
+    out = turn.apply(arr)
+    np.testing.assert_array_equal(out, arr[::-1, ::-1, :])
+    np.testing.assert_array_equal(turn.undo(out), arr)
+    # A transposed scan (axes S, P, L): axes are permuted, and so is the spacing.
+    spl = np.array([[0, 0, -4.0, 0], [0, -3.0, 0, 0], [2.0, 0, 0, 0], [0, 0, 0, 1]])
+    turn2 = reorient(spl, "LPS")
+    assert turn2.apply(arr).shape == (4, 3, 2)
+    assert turn2.spacing((2.0, 3.0, 4.0)) == (4.0, 3.0, 2.0)
+    np.testing.assert_array_equal(turn2.undo(turn2.apply(arr)), arr)

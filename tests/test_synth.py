@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hipseg_lib import HipsegError
+from hipseg_lib.check import audit_folder
+from hipseg_lib.data import split_by_case
+from hipseg_lib.io import find_pairs, load_volume
+from hipseg_lib.metrics import dice_per_class
+from hipseg_lib.synth import SynthSpec, make_case_anatomy, make_dataset, render_volume
+
+
+def test_layout_and_validity(tiny_synth):
+    audit = audit_folder(tiny_synth)
+    assert audit.problems == []
+    assert (tiny_synth / "semantic_MRs_anon").is_dir() and (tiny_synth / "semantic_labels_anon").is_dir()
+    assert len(audit.volumes_per_case) == 6
+    assert all(2 <= n <= 3 for n in audit.volumes_per_case.values())
+    assert {r.orientation for r in audit.rows} == {"LPS"}
+    assert {r.shape[:2] for r in audit.rows} == {(32, 32)}
+    # Most volumes have the base depth, and only depths 16 and round(16*144/128)=18 occur.
+    assert {r.shape[2] for r in audit.rows} <= {16, 18}
+    # anisotropic spacing
+    assert all(r.spacing[2] != r.spacing[0] for r in audit.rows)
+
+
+def test_deterministic_from_seed(tmp_path):
+    a = make_dataset(tmp_path / "a", seed=3, cases=2, shape=(24, 24, 16), weeks=(1, 1), workers=1)
+    b = make_dataset(tmp_path / "b", seed=3, cases=2, shape=(24, 24, 16), weeks=(1, 1), workers=2)
+    pa, pb = find_pairs(a).pairs, find_pairs(b).pairs
+    assert [p.id for p in pa] == [p.id for p in pb]
+    for x, y in zip(pa, pb):
+        np.testing.assert_array_equal(load_volume(x.image).array, load_volume(y.image).array)
+        np.testing.assert_array_equal(load_volume(x.label, "label").array, load_volume(y.label, "label").array)
+
+
+def test_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "user_data"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    with pytest.raises(HipsegError, match="already exists"):
+        make_dataset(out, cases=1, shape=(16, 16, 16))
+    with pytest.raises(HipsegError, match="not a synthetic set"):
+        make_dataset(out, cases=1, shape=(16, 16, 16), overwrite=True)
+    assert (out / "precious.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["user_data"]  # no temp folder left
+
+
+def test_anatomy_proportions_and_weeks_differ():
+    rng = np.random.default_rng(0)
+    anat = make_case_anatomy(rng)
+    spec = SynthSpec((128, 128, 64), (3.6, 3.6, 4.0))
+    img0, lab0 = render_volume(anat, spec, np.random.default_rng([0, 0]))
+    img1, lab1 = render_volume(anat, spec, np.random.default_rng([0, 1]))
+    frac = np.bincount(lab0.ravel(), minlength=6) / lab0.size
+    assert np.all(frac > 0), "every class is present"
+    assert frac[5] < 0.01, "prostate well under 1% of voxels"
+    assert frac[0] / frac[5] > 300, "background outnumbers the prostate by hundreds"
+    assert frac[1] > frac[2] > frac[5] and frac[3] > frac[5]
+    # Same anatomy, different week: bones almost identical, bladder differs.
+    d = dice_per_class(lab1, lab0)
+    assert d[2] > 0.6 and d[3] < 0.99
+    other = render_volume(make_case_anatomy(np.random.default_rng(5)), spec, np.random.default_rng([5, 0]))[1]
+    assert dice_per_class(other, lab0)[5] < d[5] + 0.2
+
+
+def test_class_intensities_overlap():
+    anat = make_case_anatomy(np.random.default_rng(2))
+    img, lab = render_volume(anat, SynthSpec((96, 96, 48), (4.8, 4.8, 5.3)), np.random.default_rng(1))
+    ranges = {c: np.percentile(img[lab == c], [10, 90]) for c in range(1, 6)}
+    # Prostate intensities fall inside the body's range; rectum inside the body's too.
+    for c in (4, 5):
+        assert ranges[1][0] < np.median(img[lab == c]) < ranges[1][1]
+
+
+def test_needs_spatial_context(tiny_synth):
+    """A per-voxel intensity classifier (histogram MAP, fitted on training cases) scores
+    mean foreground Dice below 0.5 on the test cases: intensity alone cannot segment it."""
+    from hipseg_lib.baseline import fit_intensity_classifier
+    from hipseg_lib.data import cache_pairs
+    from hipseg_lib.preprocess import Preprocessing
+
+    split = split_by_case(find_pairs(tiny_synth).pairs, seed=0)
+    prep = Preprocessing(target_shape=(32, 32, 16))
+    train = cache_pairs(split["train"], prep)
+    test = cache_pairs(split["test"] + split["val"], prep)
+    clf = fit_intensity_classifier([v.load() for v in train])
+    dice = np.nanmean([dice_per_class(clf.predict(i), l) for i, l in (v.load() for v in test)], axis=0)
+    assert np.nanmean(dice[1:]) < 0.5
+    assert dice[1] > 0.5, "the classifier is a fair one: it gets the dominant body class"
