@@ -52,7 +52,7 @@ def audit_folder(root: str | os.PathLike, progress: bool = False) -> Audit:
         audit.problems.append(f"{root}: no image/label pairs found")
     pairs = search.pairs
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress as tqdm
         pairs = tqdm(pairs, desc="check", unit="pair", leave=False)
     for pair in pairs:
         try:

@@ -123,7 +123,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_book(a: argparse.Namespace) -> int:
     from .book import run_book
 
-    run_book(preset=a.preset, data_dir=a.data, build=not a.no_build, chapters=a.chapter)
+    run_book(preset=a.preset, data_dir=a.data, build=not a.no_build, chapters_only=a.chapter)
     return 0
 
 

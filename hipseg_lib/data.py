@@ -87,13 +87,14 @@ def default_cache_dir() -> Path:
 @dataclass(frozen=True)
 class CachedVolume:
     """A preprocessed pair on disk; ``spacing`` and ``original_shape`` are those of the volume
-    turned to the preprocessing orientation, before resizing."""
+    turned to the preprocessing orientation, ``box`` the body crop, before resizing."""
 
     id: VolumeId
     image: Path
     label: Path
     spacing: tuple[float, float, float]
     original_shape: tuple[int, int, int]
+    box: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
     pair: Pair
 
     def load(self, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -102,9 +103,9 @@ class CachedVolume:
 
     @property
     def target_spacing(self) -> tuple[float, float, float]:
-        """Voxel spacing (mm) on the resized grid."""
+        """Voxel spacing (mm) on the cropped and resized grid."""
         shape = np.load(self.label, mmap_mode="r").shape
-        return tuple(float(s * o / n) for s, o, n in zip(self.spacing, self.original_shape, shape))  # type: ignore[return-value]
+        return tuple(float(s * (b - a) / n) for s, (a, b), n in zip(self.spacing, self.box, shape))  # type: ignore[return-value]
 
 
 def _key(pair: Pair, cfg: Preprocessing) -> str:
@@ -136,7 +137,7 @@ def cache_pairs(pairs: Sequence[Pair], cfg: Preprocessing, cache_dir: str | os.P
         raise HipsegError(f"{cache}: cannot create the cache folder ({exc.strerror})") from None
     it: Iterable[Pair] = pairs
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress as tqdm
         it = tqdm(pairs, desc="preprocess", unit="vol", leave=False)
     out = []
     for pair in it:
@@ -149,14 +150,15 @@ def cache_pairs(pairs: Sequence[Pair], cfg: Preprocessing, cache_dir: str | os.P
             image, label = load_pair(pair)
             turn = reorient(image.affine, cfg.orientation)
             img_arr, lab_arr = turn.apply(image.array), turn.apply(label.array)
-            img, lab = preprocess_pair(img_arr, lab_arr, cfg, name=str(pair.image))
+            img, lab, box = preprocess_pair(img_arr, lab_arr, cfg, name=str(pair.image))
             _save_npy_atomic(img_path, img)
             _save_npy_atomic(lab_path, lab)
-            meta = {"spacing": list(turn.spacing(image.spacing)), "original_shape": list(img_arr.shape)}
+            meta = {"spacing": list(turn.spacing(image.spacing)), "original_shape": list(img_arr.shape),
+                    "box": [list(b) for b in box]}
             with atomic_path(meta_path) as tmp:
                 Path(tmp).write_text(json.dumps(meta))
         out.append(CachedVolume(pair.id, img_path, lab_path, tuple(meta["spacing"]),
-                                tuple(meta["original_shape"]), pair))
+                                tuple(meta["original_shape"]), tuple(tuple(b) for b in meta["box"]), pair))
     return out
 
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from . import NUM_CLASSES
 
-__all__ = ["ModelConfig", "ResidualBlock", "UpBlock", "ResUNet3D", "count_parameters", "layer_table"]
+__all__ = ["ModelConfig", "ResidualBlock", "UpBlock", "ResUNet3D", "count_parameters", "layer_table",
+           "activation_bytes"]
 
 
 class ResidualBlock(nn.Module):
@@ -206,3 +207,26 @@ def layer_table(model: ResUNet3D, input_shape: tuple[int, int, int]) -> list[dic
         for h in hooks:
             h.remove()
     return rows
+
+
+def activation_bytes(config: ModelConfig, input_shape: tuple[int, int, int], batch_size: int = 1,
+                     bytes_per_value: int = 4) -> int:
+    """Bytes of every layer output of one forward pass: roughly what autograd keeps for the
+    backward pass, the bulk of training memory. Computed on the ``meta`` device, so it costs
+    no memory and works for full-resolution inputs on any machine.
+    """
+    model = ResUNet3D(config).to("meta")
+    total = 0
+
+    def hook(mod, inp, out):
+        nonlocal total
+        if isinstance(out, torch.Tensor):
+            total += out.numel() * bytes_per_value
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        model(torch.zeros(batch_size, config.in_channels, *input_shape, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return total

@@ -24,7 +24,7 @@ from .checkpoint import load_model
 from .io import Pair, is_nifti, load_volume, pair_problems, save_nifti_atomic
 from .metrics import evaluate_case, summarise
 from .model import ResUNet3D
-from .preprocess import Preprocessing, normalise_intensity, reorient, resize_image
+from .preprocess import Preprocessing, preprocess_image, reorient
 
 __all__ = ["predict_array", "sliding_window_logits", "collect_inputs", "prediction_name", "predict_files",
            "evaluate_pairs", "evaluate_folders", "write_json_atomic", "format_summary"]
@@ -87,7 +87,7 @@ def predict_array(model: ResUNet3D, image: np.ndarray, affine: np.ndarray, prepr
     device = torch.device(device)
     turn = reorient(affine, preprocessing.orientation)
     arr = turn.apply(np.asarray(image, dtype=np.float32))
-    x = resize_image(normalise_intensity(arr, preprocessing.clip_percentiles), preprocessing.target_shape)
+    x, box = preprocess_image(arr, preprocessing)
     xt = torch.from_numpy(x)[None, None].to(device)
     budget = memory_bytes if memory_bytes is not None else _available_bytes(device) // 2
     if _inference_bytes(model, xt.shape[2:]) <= budget:
@@ -96,11 +96,16 @@ def predict_array(model: ResUNet3D, image: np.ndarray, affine: np.ndarray, prepr
         div = model.divisor
         patch = [max(div, (s // 2) // div * div) for s in xt.shape[2:]]
         logits = sliding_window_logits(model, xt, patch)
-    logits = F.interpolate(logits, size=arr.shape, mode="trilinear", align_corners=False)
-    label = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+    crop_shape = tuple(b - a for a, b in box)
+    logits = F.interpolate(logits, size=crop_shape, mode="trilinear", align_corners=False)
+    probs = torch.softmax(logits, 1)[0].cpu()
+    full = torch.zeros((probs.shape[0], *arr.shape), dtype=probs.dtype)
+    full[0] = 1.0  # outside the body crop: background
+    full[(slice(None), *(slice(a, b) for a, b in box))] = probs
+    label = full.argmax(0).to(torch.uint8).numpy()
     out = turn.undo(label)
     if return_scores:
-        return out, torch.softmax(logits, 1)[0].cpu().numpy()
+        return out, full.numpy()
     return out
 
 
@@ -167,7 +172,7 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
                 raise HipsegError(f"{t}: already exists (use --overwrite to replace it)")
     it = zip(files, targets)
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress as tqdm
         it = tqdm(list(it), desc="predict", unit="vol")
     written = []
     for f, target in it:
@@ -194,7 +199,7 @@ def evaluate_pairs(model: ResUNet3D, preprocessing: Preprocessing, pairs: Sequen
     """
     it = pairs
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress as tqdm
         it = tqdm(pairs, desc="evaluate", unit="vol", leave=False)
     results = []
     for pair in it:
@@ -241,7 +246,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike, 
         raise HipsegError(f"{pred_dir}: no prediction matches a file in {truth_dir} by name")
     it = matched
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress as tqdm
         it = tqdm(matched, desc="evaluate", unit="vol")
     used = set()
     for p, t in it:

@@ -1,4 +1,4 @@
-"""Preprocessing: robust intensity normalisation and resizing to a fixed grid.
+"""Preprocessing: orientation, cropping to the body, robust intensity normalisation, resizing.
 
 The same :class:`Preprocessing` is stored in every checkpoint, so prediction applies
 exactly what training saw.
@@ -11,10 +11,12 @@ import numpy as np
 import torch
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 import torch.nn.functional as F
+from scipy import ndimage
 
 from . import HipsegError
 
-__all__ = ["Preprocessing", "normalise_intensity", "resize_image", "resize_label", "preprocess_pair",
+__all__ = ["Preprocessing", "normalise_intensity", "resize_image", "resize_label", "foreground_box", "crop",
+           "preprocess_image", "preprocess_pair",
            "Reorientation", "reorient"]
 
 
@@ -25,6 +27,8 @@ class Preprocessing:
     Args:
         target_shape: grid (x, y, z) every volume is resized to.
         clip_percentiles: intensities are clipped to these percentiles before z-scoring.
+        crop_foreground: crop each volume to the body's bounding box (found from the image
+            alone) before resizing, so the target grid is spent on the patient, not on air.
         orientation: voxel-axis codes every volume is turned to first (HipMRI is stored LPS),
             so a scan stored in another orientation reaches the network the same way.
 
@@ -35,6 +39,7 @@ class Preprocessing:
 
     target_shape: tuple[int, int, int] = (64, 64, 32)
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    crop_foreground: bool = True
     orientation: str = "LPS"
 
     def __post_init__(self) -> None:
@@ -59,7 +64,7 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
         return cls(target_shape=tuple(d["target_shape"]), clip_percentiles=tuple(d["clip_percentiles"]),
-                   orientation=d.get("orientation", "LPS"))
+                   crop_foreground=bool(d.get("crop_foreground", False)), orientation=d.get("orientation", "LPS"))
 
 
 def normalise_intensity(image: np.ndarray, clip_percentiles: tuple[float, float] = (0.5, 99.5),
@@ -99,12 +104,51 @@ def resize_label(label: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return out[0, 0].numpy().astype(np.uint8)
 
 
+Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+def foreground_box(image: np.ndarray, margin: int = 2) -> Box:
+    """Bounding box ``((x0, x1), (y0, y1), (z0, z1))`` of the body, found from the image alone.
+
+    The image is smoothed, thresholded halfway between the background level (the 5th
+    percentile) and the 90th percentile of the brighter voxels, and the box of what is above
+    the threshold is grown by ``margin`` voxels. A volume where nothing stands out keeps its
+    full extent. Because it needs no label, prediction crops new scans the same way.
+    """
+    small = ndimage.gaussian_filter(np.asarray(image, np.float32), 1.0)
+    lo = float(np.percentile(small, 5))
+    hi = float(np.percentile(small, 90))
+    mask = small > lo + 0.3 * (hi - lo)
+    if hi <= lo or mask.sum() < 0.01 * mask.size:
+        return tuple((0, n) for n in image.shape)  # type: ignore[return-value]
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        profile = mask.sum(axis=other)
+        idx = np.nonzero(profile >= max(1, 0.002 * profile.max()))[0]
+        a, b = int(idx[0]) - margin, int(idx[-1]) + 1 + margin
+        box.append((max(a, 0), min(b, image.shape[axis])))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def crop(array: np.ndarray, box: Box) -> np.ndarray:
+    """``array`` inside ``box``."""
+    return array[tuple(slice(a, b) for a, b in box)]
+
+
+def preprocess_image(image: np.ndarray, cfg: Preprocessing, name: str = "image") -> tuple[np.ndarray, Box]:
+    """Crop to the body (if ``cfg.crop_foreground``), normalise and resize; returns the array and its box."""
+    box = foreground_box(image) if cfg.crop_foreground else tuple((0, n) for n in image.shape)
+    img = resize_image(normalise_intensity(crop(image, box), cfg.clip_percentiles, name), cfg.target_shape)
+    return img, box  # type: ignore[return-value]
+
+
 def preprocess_pair(image: np.ndarray, label: np.ndarray | None, cfg: Preprocessing,
-                    name: str = "image") -> tuple[np.ndarray, np.ndarray | None]:
-    """Normalise and resize an image (and its label, if given) as ``cfg`` says."""
-    img = resize_image(normalise_intensity(image, cfg.clip_percentiles, name), cfg.target_shape)
-    lab = resize_label(label, cfg.target_shape) if label is not None else None
-    return img, lab
+                    name: str = "image") -> tuple[np.ndarray, np.ndarray | None, Box]:
+    """Crop, normalise and resize an image, and crop and resize its label (if given) the same way."""
+    img, box = preprocess_image(image, cfg, name)
+    lab = resize_label(crop(label, box), cfg.target_shape) if label is not None else None
+    return img, lab, box
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from .metrics import dice_per_class
 from .model import ModelConfig, ResUNet3D
 from .preprocess import Preprocessing
 
-__all__ = ["TrainConfig", "PRESETS", "preset", "resolve_device", "seed_everything", "train",
+__all__ = ["archive_previous_run", "TrainConfig", "PRESETS", "preset", "resolve_device", "seed_everything", "train",
            "TrainResult", "BEST_NAME", "LAST_NAME", "LOG_NAME", "load_split_volumes", "autocast_for"]
 
 BEST_NAME = "new_model.pth"  # the seed's file name
@@ -56,7 +56,7 @@ class TrainConfig:
         weight_decay: Adam weight decay.
         grad_clip: gradient-norm clipping threshold (0 = off).
         amp: mixed precision: "auto" (bf16 on a CUDA device that supports it, fp16 on other CUDA
-            devices, off on CPU), "bf16", "fp16" or "off".
+            devices; bf16 on a CPU with native bf16, else off), "bf16", "fp16" or "off".
         channels_last: use the channels-last 3D memory format.
         compile: wrap the model in ``torch.compile`` (falls back to eager if compilation fails).
         device: "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
@@ -183,13 +183,45 @@ def seed_everything(seed: int) -> None:
 def autocast_for(device: torch.device, amp: str):
     """The autocast context and dtype for ``amp`` on ``device`` (``nullcontext`` when off)."""
     if amp == "auto":
-        if device.type != "cuda":
+        if device.type == "cuda":
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif device.type == "cpu" and _cpu_bf16():
+            amp = "bf16"
+        else:
             return contextlib.nullcontext(), None
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if amp == "off":
         return contextlib.nullcontext(), None
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype), dtype
+
+
+def archive_previous_run(out_dir: str | os.PathLike) -> Path | None:
+    """Move an earlier run's checkpoints and log into ``out_dir/previous/<time>/`` (nothing is deleted).
+
+    Returns:
+        The archive folder, or None when ``out_dir`` held no earlier run.
+    """
+    out = Path(out_dir)
+    files = [out / n for n in (BEST_NAME, LAST_NAME, LOG_NAME) if (out / n).exists()]
+    if not files:
+        return None
+    dest = out / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while dest.exists():
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+        n += 1
+    dest.mkdir(parents=True)
+    for f in files:
+        os.replace(f, dest / f.name)
+    return dest
+
+
+def _cpu_bf16() -> bool:
+    """Whether this CPU has native bf16 (AVX512-BF16/AMX), where bf16 autocast speeds training up."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @dataclass
@@ -425,7 +457,7 @@ def _train(cfg, data_dir, out, resume, progress, log, dist_: _Dist, t_start) -> 
         it = iter(train_loader)
         bar = None
         if progress and dist_.main:
-            from tqdm.auto import tqdm
+            from .progress import progress as tqdm
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
         for step in range(steps_per_epoch):
             t0 = time.perf_counter()

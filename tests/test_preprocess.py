@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from hipseg_lib import HipsegError
-from hipseg_lib.preprocess import Preprocessing, normalise_intensity, preprocess_pair, reorient, resize_image, resize_label
+from hipseg_lib.preprocess import (Preprocessing, crop, foreground_box, normalise_intensity, preprocess_pair, reorient,
+                                   resize_image, resize_label)
 
 
 def test_normalise_is_robust_and_gain_invariant():
@@ -39,8 +40,9 @@ def test_resize_keeps_labels_intact(depth):
 
 def test_preprocess_pair_and_config():
     cfg = Preprocessing(target_shape=(8, 8, 4))
-    img, lab = preprocess_pair(np.random.default_rng(0).random((16, 16, 9)), np.ones((16, 16, 9), np.uint8), cfg)
+    img, lab, box = preprocess_pair(np.random.default_rng(0).random((16, 16, 9)), np.ones((16, 16, 9), np.uint8), cfg)
     assert img.shape == lab.shape == (8, 8, 4)
+    assert box == ((0, 16), (0, 16), (0, 9)), "nothing stands out of uniform noise: full extent kept"
     assert Preprocessing.from_dict(cfg.as_dict()) == cfg
     with pytest.raises(ValueError, match="target_shape"):
         Preprocessing(target_shape=(8, 8))
@@ -63,3 +65,21 @@ def test_reorient_round_trip_and_spacing():
     assert turn2.apply(arr).shape == (4, 3, 2)
     assert turn2.spacing((2.0, 3.0, 4.0)) == (4.0, 3.0, 2.0)
     np.testing.assert_array_equal(turn2.undo(turn2.apply(arr)), arr)
+
+
+def test_foreground_box_finds_the_body_and_keeps_labels():
+    rng = np.random.default_rng(0)
+    img = np.abs(rng.normal(0, 0.05, (40, 40, 12))).astype(np.float32)
+    img[10:30, 14:26, :] += 0.8  # the body
+    label = np.zeros(img.shape, np.uint8)
+    label[10:30, 14:26, :] = 1
+    label[18:21, 18:21, 4:7] = 5
+    box = foreground_box(img, margin=2)
+    # body [10, 30) x [14, 26) plus the 2-voxel margin (and at most 1 voxel of smoothing blur)
+    assert 7 <= box[0][0] <= 8 and 32 <= box[0][1] <= 33
+    assert 11 <= box[1][0] <= 12 and 28 <= box[1][1] <= 29 and box[2] == (0, 12)
+    assert (crop(label, box) == 5).sum() == (label == 5).sum(), "no labelled voxel is cut off"
+    cfg = Preprocessing(target_shape=(16, 8, 8))
+    x, y, b = preprocess_pair(img, label, cfg)
+    assert b == box and x.shape == y.shape == (16, 8, 8) and (y == 5).any()
+    assert preprocess_pair(img, label, Preprocessing(target_shape=(16, 8, 8), crop_foreground=False))[2] == ((0, 40), (0, 40), (0, 12))

@@ -1,0 +1,196 @@
+"""Running the tutorial book: locate data, execute chapters with papermill, build the HTML.
+
+``make book`` calls :func:`run_book` through ``hipseg book``. Chapters are executed in
+table-of-contents order into ``_build/executed/`` (the committed notebooks stay free of
+outputs), then ``jupyter-book build`` publishes those executed copies with execution off.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import HipsegError
+
+__all__ = ["project_root", "resolve_data_dir", "resolve_output_dir", "chapters", "run_book",
+           "execute_chapter", "build_html"]
+
+
+def project_root() -> Path:
+    """The folder holding ``_config.yml``: ``$HIPSEG_ROOT``, else the nearest one above the
+    working directory, else the one above this package (an editable install)."""
+    if os.environ.get("HIPSEG_ROOT"):
+        return Path(os.environ["HIPSEG_ROOT"]).resolve()
+    for d in [Path.cwd(), *Path.cwd().parents]:
+        if (d / "_config.yml").exists() and (d / "book").is_dir():
+            return d
+    return Path(__file__).resolve().parents[1]
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None, make_default: bool = True) -> Path:
+    """The data folder a chapter should read.
+
+    Order: the ``data_dir`` argument (a chapter parameter), ``$HIPSEG_DATA``, else the default
+    synthetic set ``<project>/data/synthetic``, generated on first use when ``make_default``.
+    """
+    if data_dir:
+        path = Path(data_dir).expanduser()
+        if not path.exists():
+            raise HipsegError(f"{path}: data folder not found")
+        return path.resolve()
+    if os.environ.get("HIPSEG_DATA"):
+        return resolve_data_dir(os.environ["HIPSEG_DATA"])
+    default = project_root() / "data" / "synthetic"
+    if not default.exists():
+        if not make_default:
+            raise HipsegError(f"{default}: no data; run `hipseg synth --out {default}`")
+        from .synth import make_dataset
+
+        print(f"making the default synthetic data set in {default} ...")
+        make_dataset(default)
+    return default
+
+
+def resolve_output_dir(path: str | os.PathLike | None, default: str) -> Path:
+    """``path`` if given, else ``<project>/<default>``."""
+    return Path(path).expanduser().resolve() if path else project_root() / default
+
+
+def chapters(root: Path | None = None) -> list[Path]:
+    """Notebooks listed in ``_toc.yml``, in order."""
+    root = root or project_root()
+    toc = root / "_toc.yml"
+    if not toc.exists():
+        raise HipsegError(f"{toc}: no table of contents")
+    files = re.findall(r"^\s*-?\s*(?:file|root):\s*(\S+)", toc.read_text(), re.M)
+    out = []
+    for f in files:
+        nb = root / (f if f.endswith(".ipynb") else f + ".ipynb")
+        if nb.exists():
+            out.append(nb)
+    return out
+
+
+def execute_chapter(notebook: Path, output: Path, parameters: dict, timeout: int = 3600) -> float:
+    """Execute one chapter with papermill (only the parameters it declares); returns seconds."""
+    import papermill as pm
+
+    declared = pm.inspect_notebook(str(notebook))
+    assigned = _parameter_names(notebook)
+    unparsed = sorted(assigned - set(declared))
+    if unparsed:
+        raise HipsegError(f"{notebook}: papermill cannot parse parameter(s) {', '.join(unparsed)} "
+                          "(keep each on one line; no quotes in its comment)")
+    params = {k: v for k, v in parameters.items() if k in declared}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    env_before = os.environ.get("HIPSEG_PLAIN_PROGRESS")
+    os.environ["HIPSEG_PLAIN_PROGRESS"] = "1"
+    try:
+        pm.execute_notebook(str(notebook), str(output), parameters=params, cwd=str(notebook.parent),
+                            kernel_name="python3", progress_bar=False, execution_timeout=timeout)
+    except pm.PapermillExecutionError as exc:
+        raise HipsegError(f"{notebook.name}: cell {exc.exec_count} raised {exc.ename}: "
+                          f"{str(exc.evalue).splitlines()[0] if exc.evalue else ''} (see {output})") from None
+    finally:
+        if env_before is None:
+            os.environ.pop("HIPSEG_PLAIN_PROGRESS", None)
+        else:
+            os.environ["HIPSEG_PLAIN_PROGRESS"] = env_before
+    return time.perf_counter() - t
+
+
+def _parameter_names(notebook: Path) -> set[str]:
+    import nbformat
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    names: set[str] = set()
+    for cell in nb.cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            names |= set(re.findall(r"^([A-Za-z_]\w*)\s*=", cell.source, re.M))
+    return names
+
+
+def _stage(root: Path, stage: Path) -> None:
+    """Copy the book's non-notebook sources (config, toc, markdown, images) beside the executed copies."""
+    stage.mkdir(parents=True, exist_ok=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy2(root / name, stage / name)
+    for src in (root / "book").rglob("*"):
+        if src.is_file() and src.suffix != ".ipynb" and ".ipynb_checkpoints" not in src.parts:
+            dst = stage / src.relative_to(root)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+
+
+def build_html(source: Path, output: Path, strict: bool = True) -> Path:
+    """``jupyter-book build`` of ``source`` into ``output/_build/html`` (warnings are errors when strict)."""
+    exe = Path(sys.executable).with_name("jupyter-book")
+    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(source), "--path-output", str(output)]
+    if strict:
+        cmd += ["-W", "-n", "--keep-going"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise HipsegError(f"jupyter-book build failed (exit {proc.returncode}):\n{tail}")
+    return output / "_build" / "html"
+
+
+def run_book(preset: str = "auto", data_dir: str | None = None, build: bool = True,
+             chapters_only: Sequence[str] | None = None, root: Path | None = None,
+             build_dir: Path | None = None, model_dir: str | None = None, results_dir: str | None = None,
+             log=print) -> Path:
+    """Execute every chapter in order with papermill, then build the HTML book.
+
+    Args:
+        preset: ``smoke``, ``cpu``, ``full`` or ``auto`` (``full`` with CUDA, else ``cpu``).
+        data_dir: real data folder; default ``$HIPSEG_DATA`` or the synthetic set (made if missing).
+        build: run ``jupyter-book build`` after executing.
+        chapters_only: execute only these chapter stems (e.g. ``["01_data_exploration"]``).
+        root: the project folder (default :func:`project_root`).
+        build_dir: where ``executed/`` and ``html/`` go (default ``<root>/_build``).
+        model_dir, results_dir: where chapter 4 saves checkpoints and chapter 5 its metrics.
+
+    Returns:
+        The HTML folder (or the executed-notebook folder when ``build`` is false).
+    """
+    import torch
+
+    root = (root or project_root()).resolve()
+    build_dir = (build_dir or root / "_build").resolve()
+    if preset == "auto":
+        preset = "full" if torch.cuda.is_available() else "cpu"
+    data = resolve_data_dir(data_dir)
+    params = {"preset": preset, "data_dir": str(data), "live_widgets": False,
+              "model_dir": str(Path(model_dir).resolve()) if model_dir else str(root / "model"),
+              "results_dir": str(Path(results_dir).resolve()) if results_dir else str(root / "results")}
+    stage = build_dir / "executed"
+    nbs = chapters(root)
+    if chapters_only:
+        wanted = set(chapters_only)
+        unknown = wanted - {nb.stem for nb in nbs}
+        if unknown:
+            raise HipsegError(f"unknown chapter(s): {', '.join(sorted(unknown))}; "
+                              f"choose from {', '.join(nb.stem for nb in nbs)}")
+        nbs = [nb for nb in nbs if nb.stem in wanted]
+    log(f"book: preset {preset}, data {data}, {len(nbs)} chapter(s)")
+    total = time.perf_counter()
+    for nb in nbs:
+        out = stage / nb.relative_to(root)
+        log(f"  executing {nb.relative_to(root)} ...")
+        secs = execute_chapter(nb, out, params)
+        log(f"  {nb.stem}: {secs:.0f} s")
+    _stage(root, stage)
+    if not build:
+        return stage
+    missing = [nb for nb in chapters(root) if not (stage / nb.relative_to(root)).exists()]
+    if missing:
+        raise HipsegError(f"cannot build: not executed yet: {', '.join(m.stem for m in missing)}")
+    html = build_html(stage, build_dir.parent if build_dir.name == "_build" else build_dir)
+    log(f"book built in {time.perf_counter() - total:.0f} s: {html / 'index.html'}")
+    return html
