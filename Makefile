@@ -32,7 +32,7 @@ data: setup
 	else $(BIN)/hipseg synth --out $(DATA); fi
 
 book: setup
-	$(BIN)/hipseg book --preset $(PRESET) $(if $(HIPSEG_DATA),--data $(HIPSEG_DATA),)
+	$(BIN)/hipseg book --preset $(PRESET)
 
 bench: setup
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r benchmarks/requirements.txt

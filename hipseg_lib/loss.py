@@ -14,21 +14,22 @@ import torch.nn.functional as F
 __all__ = ["soft_dice_per_class", "DiceCELoss"]
 
 
-def soft_dice_per_class(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Soft Dice of each class over the whole batch ("batch Dice").
+def soft_dice_per_class(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5,
+                        per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft Dice of each class, over the whole batch or per sample.
 
     Args:
         logits: ``(N, C, X, Y, Z)`` raw scores.
         target: ``(N, X, Y, Z)`` integer labels.
+        per_sample: compute one Dice per sample and class (``(N, C)``) instead of pooling the batch (``(C,)``).
 
     Returns:
-        ``(dice[C], present[C])``: the soft Dice per class and whether the class occurs in
-        ``target``.
+        ``(dice, present)``: the soft Dice and whether the class occurs in ``target``.
     """
     num_classes = logits.shape[1]
     probs = torch.softmax(logits.float(), dim=1)
     onehot = F.one_hot(target.long(), num_classes).movedim(-1, 1).to(probs.dtype)
-    dims = (0,) + tuple(range(2, logits.dim()))
+    dims = tuple(range(2, logits.dim())) if per_sample else (0,) + tuple(range(2, logits.dim()))
     inter = (probs * onehot).sum(dims)
     denom = probs.sum(dims) + onehot.sum(dims)
     dice = (2 * inter + smooth) / (denom + smooth)
@@ -39,9 +40,11 @@ def soft_dice_per_class(logits: torch.Tensor, target: torch.Tensor, smooth: floa
 class DiceCELoss(nn.Module):
     """``dice_weight * (1 - mean soft Dice) + ce_weight * cross-entropy``.
 
-    The Dice mean runs over the classes present in the batch's target: a class absent from
-    the batch has no overlap to reward, and its false positives are already penalised by the
-    cross-entropy. A perfect prediction therefore scores ~0 whatever classes are missing.
+    The Dice is computed per sample and averaged over the classes present in that sample's
+    target, then over the samples: a class absent from a sample has no overlap to reward, and its
+    false positives are already penalised by the cross-entropy, so a perfect prediction scores ~0
+    whatever classes are missing. Averaging per sample also makes the loss of a batch split over
+    several processes (DistributedDataParallel) equal to the loss of the whole batch.
 
     Args:
         num_classes: number of classes C.
@@ -79,9 +82,10 @@ class DiceCELoss(nn.Module):
         if self.ce_weight:
             loss = loss + self.ce_weight * F.cross_entropy(logits.float(), target, weight=self.class_weights)
         if self.dice_weight:
-            dice, present = soft_dice_per_class(logits, target, self.smooth)
+            dice, present = soft_dice_per_class(logits, target, self.smooth, per_sample=True)
             w = present.float()
             if self.class_weights is not None:
                 w = w * self.class_weights
-            loss = loss + self.dice_weight * (1 - (dice * w).sum() / w.sum().clamp_min(1e-8))
+            per_sample = (dice * w).sum(1) / w.sum(1).clamp_min(1e-8)
+            loss = loss + self.dice_weight * (1 - per_sample.mean())
         return loss

@@ -75,18 +75,18 @@ def make_case_anatomy(rng: np.random.Generator) -> dict:
     n = rng.normal
     body_scale = float(np.clip(n(1.0, 0.06), 0.85, 1.15))
     return {
-        "body_a": 168.0 * body_scale * n(1.0, 0.03),
-        "body_b": 118.0 * body_scale * n(1.0, 0.04),
+        "body_a": 178.0 * body_scale * n(1.0, 0.03),
+        "body_b": 126.0 * body_scale * n(1.0, 0.04),
         "body_y": n(6.0, 3.0),
         "fat": float(np.clip(n(22.0, 6.0), 10.0, 38.0)),
         "fh_x": 92.0 * body_scale * n(1.0, 0.03),
         "fh_r": float(np.clip(n(24.0, 1.5), 20.0, 28.0)),
         "fh_z": n(-32.0, 4.0),
         "bone_scale": float(np.clip(n(1.0, 0.06), 0.85, 1.15)),
-        "prostate_scale": float(np.clip(n(1.0, 0.12), 0.75, 1.3)),
-        "prostate_y": n(-10.0, 3.0),
+        "prostate_scale": float(np.clip(n(1.1, 0.12), 0.8, 1.4)),
+        "prostate_y": n(-14.0, 3.0),
         "prostate_z": n(-48.0, 4.0),
-        "rectum_r": float(np.clip(n(15.0, 2.0), 11.0, 20.0)),
+        "rectum_r": float(np.clip(n(17.0, 2.0), 13.0, 22.0)),
         "tilt": n(0.0, 0.04),
         "bowel": [(n(0, 50), n(-50, 20), n(75, 12), abs(n(20, 6)) + 8) for _ in range(rng.integers(3, 7))],
         "intensity_gain": float(np.clip(n(1.0, 0.08), 0.8, 1.2)),
@@ -166,7 +166,7 @@ def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator) ->
 
     # Body: fat outline around muscle, a slightly boxy elliptic cylinder.
     x, y, z = cv.axes[0][:, None, None], cv.axes[1][None, :, None], cv.axes[2][None, None, :]
-    taper = 1.0 + 0.0008 * z + anat["tilt"] * z / 100.0
+    taper = 1.0 + 0.0005 * z + anat["tilt"] * z / 100.0
     a, b = anat["body_a"] * taper, anat["body_b"] * taper
     p = 2.4
     r_body = (np.abs(x / a) ** p + np.abs((y - anat["body_y"]) / b) ** p)
@@ -177,8 +177,7 @@ def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator) ->
     label[body] = 1
     tissue[body] = _T["fat"][0]
     tissue[muscle] = _T["muscle"][0]
-    full = (slice(None),) * 3
-    # Fat planes and bowel loops inside the body (class body; intensities overlap organs).
+        # Fat planes and bowel loops inside the body (class body; intensities overlap organs).
     for cx, cy, cz, r in anat["bowel"]:
         sl, m = cv.ellipsoid((cx, cy, cz), (r, r * 0.8, r * 0.9))
         paint(sl, m, 1, "bowel", texture=1.0)
@@ -224,14 +223,14 @@ def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator) ->
     ps = anat["prostate_scale"]
     pz = anat["prostate_z"]
     semi_b = np.array([46.0, 34.0, 34.0]) * fill ** (1 / 3)
-    zb = pz + 16 * ps + semi_b[2] - 6
+    zb = pz + 20 * ps + semi_b[2] - 6
     sl, outer, inner = cv.ellipsoid((0.0, -38.0 + 4 * (1 - fill), zb), semi_b, shell=3.0)
     label[sl][outer] = 3
     tissue[sl][outer] = _T["bladder_wall"][0]
     tissue[sl][inner] = _T["urine"][0]
 
     # Prostate: small ellipsoid below the bladder, in front of the rectum; bright peripheral zone.
-    semi_p = np.array([22.0, 16.0, 18.0]) * ps
+    semi_p = np.array([26.0, 20.0, 22.0]) * ps
     sl, outer, inner = cv.ellipsoid((0.0, anat["prostate_y"], pz), semi_p, shell=5.0)
     label[sl][outer] = 5
     tissue[sl][outer] = _T["prostate_pz"][0]

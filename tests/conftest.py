@@ -56,3 +56,15 @@ def tiny_synth(tmp_path_factory) -> Path:
 def _cache_in_tmp(tmp_path_factory, monkeypatch):
     """Keep the preprocessing cache out of the user's home during tests."""
     monkeypatch.setenv("HIPSEG_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_synth, tmp_path_factory) -> Path:
+    """A checkpoint trained for 2 smoke epochs on the tiny synthetic set."""
+    from hipseg_lib.train import preset, train
+
+    out = tmp_path_factory.mktemp("model")
+    cfg = preset("smoke", target_shape=(16, 16, 8), base_channels=4, depth=3, epochs=2, amp="off",
+                 cache_dir=str(tmp_path_factory.getbasetemp() / "cache"))
+    train(cfg, tiny_synth, out, progress=False, log=lambda s: None)
+    return out / "new_model.pth"

@@ -1,0 +1,188 @@
+"""The command line: every verb has --help; bad input gives one line, exit 1, no traceback, no output file."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hipseg_lib.cli import main
+
+from conftest import LPS, make_pair_arrays, write_csiro_pair, write_nifti
+
+VERBS = ["synth", "check", "train", "predict", "evaluate", "book"]
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "hipseg_lib", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "HIPSEG_PLAIN_PROGRESS": "1"})
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_help(verb, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--help"])
+    assert e.value.code == 0
+    assert verb in capsys.readouterr().out
+
+
+def test_console_script_installed():
+    exe = Path(sys.executable).with_name("hipseg")
+    assert exe.exists()
+    r = subprocess.run([str(exe), "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("hipseg ")
+
+
+def _one_line_error(r, *needles):
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hipseg: error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_synth_and_check_round_trip(tmp_path):
+    out = tmp_path / "s"
+    r = run_cli("synth", "--out", out, "--cases", 3, "--shape", 24, 24, 16, "--max-weeks", 2, "--workers", 1)
+    assert r.returncode == 0 and "image/label pairs of 3 cases" in r.stdout
+    r = run_cli("check", out, "--quiet")
+    assert r.returncode == 0 and "no problems found" in r.stdout and "LPS" in r.stdout
+    r = run_cli("synth", "--out", out, "--cases", 3)
+    _one_line_error(r, str(out), "already exists")
+
+
+def test_check_reports_every_problem_and_exits_nonzero(tmp_path):
+    root = tmp_path / "d"
+    write_csiro_pair(root, "001", 0)
+    img, lab = write_csiro_pair(root, "002", 0)
+    write_nifti(lab, make_pair_arrays()[1][:, :, :5])  # shape mismatch
+    _, lab3 = write_csiro_pair(root, "003", 0)
+    bad = make_pair_arrays()[1].astype(np.int16)
+    bad[0, 0, 0] = 9
+    write_nifti(lab3, bad)
+    write_nifti(root / "semantic_MRs_anon" / "Case_004_Week0_LFOV.nii.gz", np.ones((4, 4, 4)))
+    r = run_cli("check", root, "--quiet")
+    assert r.returncode == 1
+    assert "Case_002_Week0_SEMANTIC_LFOV.nii.gz: shape (16, 16, 5) differs from its image (16, 16, 8)" in r.stdout
+    assert "label values 9 outside 0..5" in r.stdout
+    assert "Case_004_Week0_LFOV.nii.gz: no matching label file" in r.stdout
+    assert "3 problem(s)" in r.stdout
+
+
+def _data(tmp_path, n_cases=3):
+    root = tmp_path / "data"
+    for c in range(n_cases):
+        write_csiro_pair(root, f"{c:03d}", 0, seed=c)
+    return root
+
+
+@pytest.mark.parametrize("setup, needles", [
+    (lambda d: d / "missing", ["missing", "no such folder"]),
+    (lambda d: (d / "empty").mkdir() or d / "empty", ["no .nii or .nii.gz files"]),
+    (lambda d: _data(d, 2), ["too few cases to split: 2 found"]),
+])
+def test_train_bad_data(tmp_path, setup, needles):
+    data = setup(tmp_path)
+    r = run_cli("train", "--preset", "smoke", "--data", data, "--out", tmp_path / "m", "--quiet")
+    _one_line_error(r, *needles)
+    assert not (tmp_path / "m" / "new_model.pth").exists()
+
+
+def test_train_bad_volume_named(tmp_path):
+    data = _data(tmp_path)
+    img = data / "semantic_MRs_anon" / "Case_001_Week0_LFOV.nii.gz"
+    write_nifti(img, np.full((16, 16, 8), np.nan, np.float32))
+    r = run_cli("train", "--preset", "smoke", "--data", data, "--out", tmp_path / "m", "--quiet")
+    _one_line_error(r, "Case_001_Week0_LFOV.nii.gz", "NaN or infinite")
+
+
+def test_train_cli_config_and_overrides(tmp_path, tiny_synth):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"epochs": 1, "base_channels": 4, "depth": 3}))
+    r = run_cli("train", "--preset", "smoke", "--data", tiny_synth, "--out", tmp_path / "m", "--config", cfg,
+                "--target-shape", "16x16x8", "--set", "amp=\"off\"", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m" / "new_model.pth").exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    _one_line_error(run_cli("train", "--data", tiny_synth, "--config", bad), "bad.json", "not valid JSON")
+    _one_line_error(run_cli("train", "--data", tiny_synth, "--set", "colour=1"), "unknown training settings")
+
+
+@pytest.mark.parametrize("make, needles", [
+    (lambda d: d / "nope.nii.gz", ["nope.nii.gz", "no such file"]),
+    (lambda d: _write(d / "notes.txt", b"hello"), ["notes.txt", "not a NIfTI file"]),
+    (lambda d: _truncated(d), ["trunc.nii.gz", "truncated or corrupt"]),
+    (lambda d: write_nifti(d / "flat.nii.gz", np.ones((16, 16))), ["flat.nii.gz", "expected a 3D volume"]),
+    (lambda d: write_nifti(d / "four.nii.gz", np.ones((16, 16, 8, 3))), ["four.nii.gz", "expected a 3D volume"]),
+    (lambda d: write_nifti(d / "inf.nii.gz", np.full((16, 16, 8), np.inf, np.float32)), ["inf.nii.gz", "NaN or infinite"]),
+    (lambda d: write_nifti(d / "const.nii.gz", np.full((16, 16, 8), 7, np.float32)), ["const.nii.gz", "constant image"]),
+    (lambda d: (d / "emptydir").mkdir() or d / "emptydir", ["emptydir", "holds no .nii"]),
+])
+def test_predict_bad_inputs(tiny_model, tmp_path, make, needles):
+    inp = make(tmp_path)
+    out = tmp_path / "out"
+    r = run_cli("predict", "--checkpoint", tiny_model, inp, "--out", out, "--device", "cpu")
+    _one_line_error(r, *needles)
+    assert not out.exists() or not any(out.iterdir()), "no partial output"
+
+
+def _write(p, data):
+    p.write_bytes(data)
+    return p
+
+
+def _truncated(d):
+    image, _ = make_pair_arrays((32, 32, 16))
+    p = write_nifti(d / "trunc.nii.gz", image)
+    p.write_bytes(p.read_bytes()[:2000])
+    return p
+
+
+def test_predict_bad_checkpoints_and_outputs(tiny_model, tiny_synth, tmp_path):
+    img = next((tiny_synth / "semantic_MRs_anon").iterdir())
+    plain = tmp_path / "plain.pth"
+    import torch
+    torch.save({"state": torch.zeros(2)}, plain)
+    _one_line_error(run_cli("predict", "--checkpoint", plain, img, "--out", tmp_path / "o"), "plain.pth",
+                    "not a hipseg checkpoint")
+    _one_line_error(run_cli("predict", "--checkpoint", tmp_path / "none.pth", img, "--out", tmp_path / "o"),
+                    "no such checkpoint")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.geteuid() != 0:  # root can write anywhere; use a path under a file instead
+            _one_line_error(run_cli("predict", "--checkpoint", tiny_model, img, "--out", locked), "not writable")
+    finally:
+        locked.chmod(0o700)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _one_line_error(run_cli("predict", "--checkpoint", tiny_model, img, "--out", afile / "sub"), "cannot create")
+    out = tmp_path / "o2"
+    assert run_cli("predict", "--checkpoint", tiny_model, img, "--out", out, "--device", "cpu").returncode == 0
+    target = next(out.iterdir())
+    stamp = target.stat().st_mtime_ns
+    _one_line_error(run_cli("predict", "--checkpoint", tiny_model, img, "--out", out), "already exists", "--overwrite")
+    assert target.stat().st_mtime_ns == stamp, "existing output untouched"
+
+
+def test_evaluate_cli(tiny_model, tiny_synth, tmp_path):
+    pair_imgs = sorted((tiny_synth / "semantic_MRs_anon").iterdir())[:2]
+    assert run_cli("predict", "--checkpoint", tiny_model, *pair_imgs, "--out", tmp_path / "p", "--device", "cpu").returncode == 0
+    js = tmp_path / "m.json"
+    r = run_cli("evaluate", "--pred", tmp_path / "p", "--truth", tiny_synth / "semantic_labels_anon", "--json", js)
+    assert r.returncode == 0, r.stderr
+    assert "dice" in r.stdout and "hd95 mm" in r.stdout
+    doc = json.loads(js.read_text())
+    assert len(doc["cases"]) == 2 and len(doc["unmatched"]) > 0
+    _one_line_error(run_cli("evaluate", "--pred", tmp_path / "p", "--truth", tiny_synth / "semantic_labels_anon",
+                            "--json", js), "already exists")
+    empty = tmp_path / "e"
+    empty.mkdir()
+    _one_line_error(run_cli("evaluate", "--pred", empty, "--truth", tiny_synth / "semantic_labels_anon"), "holds no .nii")

@@ -1,0 +1,51 @@
+"""torchrun with 2 CPU processes (gloo) trains like one process with the same global batch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from hipseg_lib.checkpoint import read_checkpoint
+from hipseg_lib.train import preset, train
+
+
+def test_two_gloo_processes_match_single_process(tiny_synth, tmp_path):
+    common = dict(epochs=2, target_shape=(16, 16, 8), base_channels=4, depth=3, amp="off", device="cpu")
+    out2 = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "hipseg_lib", "train", "--preset", "smoke", "--data", str(tiny_synth), "--out", str(out2),
+           "--batch-size", "1", "--epochs", "2", "--target-shape", "16x16x8", "--base-channels", "4",
+           "--depth", "3", "--amp", "off", "--device", "cpu", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("best checkpoint:") == 1, "only rank 0 reports"
+    # One set of files, written once by rank 0.
+    assert sorted(p.name for p in out2.iterdir()) == ["last.pth", "new_model.pth", "train_log.jsonl"]
+    log = [json.loads(line) for line in (out2 / "train_log.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in log] == [1, 2]
+    assert all(l["world_size"] == 2 and l["steps_all_ranks"] == 2 * l["steps"] for l in log), "both ranks stepped"
+
+    single = train(preset("smoke", batch_size=2, **common), tiny_synth, tmp_path / "one", progress=False,
+                   log=lambda s: None)
+    np.testing.assert_allclose([l["loss"] for l in log], [h["loss"] for h in single.history], rtol=2e-3)
+    np.testing.assert_allclose([v for v in log[-1]["val_dice"] if v is not None],
+                               [v for v in single.history[-1]["val_dice"] if v is not None], atol=0.02)
+    a = read_checkpoint(out2 / "last.pth")["model_state"]
+    b = read_checkpoint(tmp_path / "one" / "last.pth")["model_state"]
+    diffs = [float((a[k].float() - b[k].float()).abs().max()) for k in a]
+    assert max(diffs) < 1e-2
+
+
+def test_error_in_one_rank_shuts_down_cleanly(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "hipseg_lib", "train", "--preset", "smoke", "--data", str(tmp_path / "missing"),
+           "--out", str(tmp_path / "m"), "--device", "cpu", "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    assert "no such folder" in r.stderr
+    assert not (tmp_path / "m" / "last.pth").exists()

@@ -1,0 +1,58 @@
+"""Training killed with SIGKILL at any moment leaves a loadable checkpoint; resume finishes the run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from hipseg_lib.checkpoint import read_checkpoint
+
+
+def _train_cmd(data, out, resume=False):
+    cmd = [sys.executable, "-m", "hipseg_lib", "train", "--preset", "smoke", "--data", str(data), "--out", str(out),
+           "--epochs", "12", "--target-shape", "16x16x8", "--base-channels", "4", "--depth", "3", "--amp", "off",
+           "--device", "cpu", "--quiet"]
+    return cmd + (["--resume"] if resume else [])
+
+
+def _wait_for_new_checkpoint(path, after_ns, proc, timeout=120):
+    t = time.time()
+    while time.time() - t < timeout:
+        if path.exists() and path.stat().st_mtime_ns > after_ns:
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+def test_sigkill_at_several_points_then_resume(tiny_synth, tmp_path):
+    out = tmp_path / "run"
+    last = out / "last.pth"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    epochs_seen = []
+    # Kill right after a checkpoint appears, and at delays that land inside later epochs and writes.
+    for i, delay in enumerate([0.0, 0.05, 0.2, 0.45]):
+        proc = subprocess.Popen(_train_cmd(tiny_synth, out, resume=last.exists()), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, env=env)
+        before = last.stat().st_mtime_ns if last.exists() else 0
+        assert _wait_for_new_checkpoint(last, before, proc), proc.stderr.read().decode()[-2000:]
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ck = read_checkpoint(last)  # never truncated
+        epochs_seen.append(ck["epoch"])
+        assert ck["history"][-1]["epoch"] == ck["epoch"] + 1
+    assert epochs_seen == sorted(epochs_seen) and epochs_seen[-1] < 11, "killed before the end each time"
+    done = subprocess.run(_train_cmd(tiny_synth, out, resume=True), capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ck = read_checkpoint(last)
+    assert ck["epoch"] == 11
+    assert [h["epoch"] for h in ck["history"]] == list(range(1, 13))
+    log = [json.loads(line)["epoch"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log == list(range(1, 13))
+    assert not list(out.glob(".*.tmp")), "no temporary files left"
+    read_checkpoint(out / "new_model.pth")

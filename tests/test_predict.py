@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from hipseg_lib import HipsegError
+from hipseg_lib.checkpoint import load_model, read_checkpoint, save_checkpoint
+from hipseg_lib.io import find_pairs, load_volume
+from hipseg_lib.model import ModelConfig, ResUNet3D
+from hipseg_lib.predict import (evaluate_folders, predict_array, predict_files, prediction_name,
+                                sliding_window_logits)
+from hipseg_lib.preprocess import Preprocessing
+
+from conftest import write_nifti
+
+
+def test_predict_array_shape_and_orientation_round_trip(tiny_model, tiny_synth):
+    model, ckpt = load_model(tiny_model)
+    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
+    pred = predict_array(model, vol.array, vol.affine, prep)
+    assert pred.shape == vol.shape and pred.dtype == np.uint8 and pred.max() <= 5
+    # The same scan stored in RAS order (x and y flipped) gets the same labels, flipped back.
+    ras = vol.affine.copy()
+    ras[:, 0] *= -1
+    ras[:, 1] *= -1
+    pred_ras = predict_array(model, vol.array[::-1, ::-1].copy(), ras, prep)
+    np.testing.assert_array_equal(pred_ras, pred[::-1, ::-1])
+
+
+def test_sliding_window_matches_whole_volume_shape(tiny_model, tiny_synth):
+    model, ckpt = load_model(tiny_model)
+    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
+    whole = predict_array(model, vol.array, vol.affine, prep)
+    windows = predict_array(model, vol.array, vol.affine, prep, memory_bytes=1)
+    assert windows.shape == whole.shape
+    assert (windows == whole).mean() > 0.8
+    x = torch.randn(1, 1, 16, 16, 8)
+    with torch.no_grad():
+        out = sliding_window_logits(model, x, (8, 8, 8))
+    assert out.shape == (1, 6, 16, 16, 8)
+
+
+def test_predict_files_writes_uint8_with_input_geometry(tiny_model, tiny_synth, tmp_path):
+    pair = find_pairs(tiny_synth).pairs[0]
+    out = tmp_path / "pred"
+    written = predict_files(tiny_model, [pair.image], out, device="cpu", progress=False)
+    assert [w.name for w in written] == [prediction_name(pair.image)]
+    src, res = nib.load(pair.image), nib.load(written[0])
+    assert res.shape == src.shape and np.allclose(res.affine, src.affine)
+    assert res.get_data_dtype() == np.uint8
+    with pytest.raises(HipsegError, match="already exists"):
+        predict_files(tiny_model, [pair.image], out, device="cpu", progress=False)
+    predict_files(tiny_model, [pair.image], out, device="cpu", overwrite=True, progress=False)
+
+
+def test_predict_any_dtype_and_big_endian(tiny_model, tiny_synth, tmp_path):
+    vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
+    p = tmp_path / "be.nii"
+    nib.save(nib.Nifti1Image(vol.array.astype(">i2"), vol.affine, header=nib.Nifti1Header(endianness=">")), p)
+    written = predict_files(tiny_model, [p], tmp_path / "o", device="cpu", progress=False)
+    assert nib.load(written[0]).shape == vol.shape
+
+
+def test_checkpoint_refusals(tiny_model, tmp_path):
+    with pytest.raises(HipsegError, match="no such checkpoint"):
+        read_checkpoint(tmp_path / "none.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(HipsegError, match="not a readable PyTorch checkpoint"):
+        read_checkpoint(junk)
+    plain = tmp_path / "plain.pth"
+    torch.save({"weights": torch.zeros(3)}, plain)
+    with pytest.raises(HipsegError, match="not a hipseg checkpoint"):
+        read_checkpoint(plain)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    evil = tmp_path / "evil.pth"
+    torch.save({"format": "hipseg-checkpoint-v1", "x": Evil()}, evil)
+    with pytest.raises(HipsegError, match="refused to load"):
+        read_checkpoint(evil)
+    # Another architecture, and another number of classes.
+    ck = read_checkpoint(tiny_model)
+    other = tmp_path / "other.pth"
+    state = ResUNet3D(ModelConfig(base_channels=8, depth=3)).state_dict()
+    torch.save({**ck, "model_state": state}, other)
+    with pytest.raises(HipsegError, match="weights do not fit"):
+        load_model(other)
+    seven = tmp_path / "seven.pth"
+    save_checkpoint(seven, ResUNet3D(ModelConfig(base_channels=4, depth=3, num_classes=7)),
+                    ModelConfig(base_channels=4, depth=3, num_classes=7), Preprocessing((16, 16, 8)))
+    with pytest.raises(HipsegError, match="predicts 7 classes, expected 6"):
+        load_model(seven, expect_classes=6)
+
+
+def test_evaluate_folders_pairs_by_name(tiny_model, tiny_synth, tmp_path):
+    pairs = find_pairs(tiny_synth).pairs[:2]
+    predict_files(tiny_model, [p.image for p in pairs], tmp_path / "pred", device="cpu", progress=False)
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    for p in pairs:
+        (truth / p.label.name).write_bytes(p.label.read_bytes())
+    doc = evaluate_folders(tmp_path / "pred", truth)
+    assert len(doc["cases"]) == 2 and doc["unmatched"] == []
+    assert set(doc["cases"][0]["metrics"]) == {"dice", "iou", "hd95", "asd"}
+    assert doc["summary"]["dice"]["background"]["n"] == 2
+    # A perfect prediction scores 1.0 and 0 mm.
+    perfect = tmp_path / "perfect"
+    perfect.mkdir()
+    for p in pairs:
+        (perfect / p.label.name.replace("_SEMANTIC", "")).write_bytes(p.label.read_bytes())
+    doc = evaluate_folders(perfect, truth)
+    assert doc["summary"]["dice"]["body"]["mean"] == 1.0 and doc["summary"]["hd95"]["body"]["mean"] == 0.0

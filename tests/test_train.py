@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hipseg_lib import HipsegError
+from hipseg_lib.checkpoint import read_checkpoint
+from hipseg_lib.train import (BEST_NAME, LAST_NAME, LOG_NAME, PRESETS, archive_previous_run, autocast_for, preset,
+                              resolve_device, train)
+
+
+def _smoke(**kw):
+    base = dict(epochs=2, batch_size=2, target_shape=(16, 16, 8), base_channels=4, depth=3, amp="off")
+    base.update(kw)
+    return preset("smoke", **base)
+
+
+def test_presets_are_valid_and_overridable():
+    for name in PRESETS:
+        cfg = preset(name)
+        assert cfg.preset == name
+    assert preset("cpu", epochs=3).epochs == 3
+    assert preset("auto").preset == ("full" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(HipsegError, match="unknown preset"):
+        preset("huge")
+    with pytest.raises(ValueError, match="unknown training settings: colour"):
+        preset("cpu").replace(colour="red")
+    with pytest.raises(ValueError, match="divisible"):
+        preset("cpu", target_shape=(30, 30, 30))
+    # The full preset fits the seed's GPU budget (24 GB) for a batch of 2 in bf16.
+    from hipseg_lib.model import activation_bytes
+    full = preset("full")
+    assert activation_bytes(full.model_config, full.target_shape, full.batch_size) / 2 / 2**30 < 20
+
+
+def test_autocast_choices_on_cpu():
+    ctx, dtype = autocast_for(torch.device("cpu"), "off")
+    assert dtype is None
+    ctx, dtype = autocast_for(torch.device("cpu"), "bf16")
+    assert dtype == torch.bfloat16
+    with ctx:
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(HipsegError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_train_writes_checkpoints_log_and_is_deterministic(tiny_synth, tmp_path):
+    r1 = train(_smoke(), tiny_synth, tmp_path / "a", progress=False, log=lambda s: None)
+    r2 = train(_smoke(), tiny_synth, tmp_path / "b", progress=False, log=lambda s: None)
+    assert [h["loss"] for h in r1.history] == [h["loss"] for h in r2.history], "same seed, same losses"
+    r3 = train(_smoke(seed=5), tiny_synth, tmp_path / "c", progress=False, log=lambda s: None)
+    assert [h["loss"] for h in r3.history] != [h["loss"] for h in r1.history]
+    out = tmp_path / "a"
+    assert {p.name for p in out.iterdir()} == {BEST_NAME, LAST_NAME, LOG_NAME}
+    lines = [json.loads(l) for l in (out / LOG_NAME).read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2]
+    assert all(0 <= l["data_fraction"] < 1 and len(l["val_dice"]) == 6 for l in lines)
+    ck = read_checkpoint(out / LAST_NAME)
+    assert ck["epoch"] == 1 and ck["class_names"][5] == "prostate"
+    assert ck["model_config"]["base_channels"] == 4 and ck["preprocessing"]["target_shape"] == [16, 16, 8]
+    assert ck["library_version"] and "val_dice" in ck["metrics"]
+
+
+def test_refuses_to_overwrite_and_resume_continues(tiny_synth, tmp_path):
+    out = tmp_path / "run"
+    # Stop after epoch 1 of 2 (time budget), as an interrupted run would.
+    first = train(_smoke(epochs=2, max_minutes=1e-6), tiny_synth, out, progress=False, log=lambda s: None)
+    assert len(first.history) == 1
+    with pytest.raises(HipsegError, match="holds checkpoints of an earlier run"):
+        train(_smoke(epochs=2), tiny_synth, out, progress=False, log=lambda s: None)
+    r = train(_smoke(epochs=2), tiny_synth, out, resume=True, progress=False, log=lambda s: None)
+    assert [h["epoch"] for h in r.history] == [1, 2]
+    full = train(_smoke(epochs=2), tiny_synth, tmp_path / "straight", progress=False, log=lambda s: None)
+    np.testing.assert_allclose([h["loss"] for h in r.history], [h["loss"] for h in full.history], rtol=1e-5)
+    with pytest.raises(HipsegError, match="was trained with base_channels=4"):
+        train(_smoke(epochs=3, base_channels=8), tiny_synth, out, resume=True, progress=False, log=lambda s: None)
+    with pytest.raises(HipsegError, match="nothing to resume"):
+        train(_smoke(), tiny_synth, tmp_path / "empty", resume=True, progress=False, log=lambda s: None)
+
+
+def test_archive_previous_run_keeps_files(tiny_synth, tmp_path):
+    out = tmp_path / "run"
+    assert archive_previous_run(out) is None
+    train(_smoke(epochs=1), tiny_synth, out, progress=False, log=lambda s: None)
+    before = (out / BEST_NAME).read_bytes()
+    moved = archive_previous_run(out)
+    assert moved is not None and (moved / BEST_NAME).read_bytes() == before
+    assert not (out / BEST_NAME).exists()
+
+
+def test_gpu_path_features_run_on_cpu(tiny_synth, tmp_path, monkeypatch):
+    """bf16 autocast, channels-last 3D, deep supervision and the torch.compile fallback train on the CPU."""
+    calls = []
+
+    def broken_compile(model, *a, **k):  # as when no compiler toolchain works: fails at the first call
+        def run(*args, **kwargs):
+            calls.append(1)
+            raise RuntimeError("backend compiler failed")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    cfg = _smoke(epochs=1, amp="bf16", channels_last=True, compile=True, deep_supervision=True)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        r = train(cfg, tiny_synth, tmp_path / "g", progress=False, log=lambda s: None)
+    assert calls == [1], "tried once, then fell back to eager"
+    assert np.isfinite(r.history[0]["loss"])
+    fp16 = train(_smoke(epochs=1, amp="fp16"), tiny_synth, tmp_path / "h", progress=False, log=lambda s: None)
+    assert np.isfinite(fp16.history[0]["loss"])
+
+
+def test_early_stop_and_time_budget(tiny_synth, tmp_path):
+    r = train(_smoke(epochs=5, early_stop_dice=0.0001), tiny_synth, tmp_path / "e", progress=False, log=lambda s: None)
+    assert "reached validation Dice" in r.stopped_because and len(r.history) == 1
+    r = train(_smoke(epochs=5, max_minutes=1e-6), tiny_synth, tmp_path / "t", progress=False, log=lambda s: None)
+    assert "time budget" in r.stopped_because and len(r.history) == 1
