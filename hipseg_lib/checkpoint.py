@@ -67,6 +67,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise HipsegError(f"{path}: no such checkpoint file")
     if path.is_dir():
         raise HipsegError(f"{path}: is a folder, expected a checkpoint file")
+    if not zipfile.is_zipfile(path):
+        raise HipsegError(f"{path}: not a readable PyTorch checkpoint (not a torch.save zip archive)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -1,11 +1,15 @@
-"""Progress bars: notebook widgets when live, plain text when ``HIPSEG_PLAIN_PROGRESS=1``.
+"""Progress bars that suit where the code runs.
 
-The book is executed with plain bars, so that the built HTML holds no widget that would need
-a kernel or JavaScript from the network; text bars then update at most every 20 s.
+- In a live notebook: tqdm's notebook widget.
+- With ``HIPSEG_PLAIN_PROGRESS=1`` (how ``hipseg book`` executes the chapters): plain text bars,
+  updated at most every 20 s, so the built HTML holds no widget that needs a kernel.
+- On a terminal: text bars; when stderr is not a terminal (pipes, logs, tests) none at all,
+  so that an error stays a single line.
 """
 from __future__ import annotations
 
 import os
+import sys
 
 __all__ = ["progress"]
 
@@ -19,6 +23,11 @@ def progress(iterable=None, **kwargs):
         kwargs.setdefault("ascii", True)
         kwargs["leave"] = True
         return tqdm(iterable, **kwargs)
-    from tqdm.auto import tqdm
+    if "ipykernel" in sys.modules:
+        from tqdm.auto import tqdm
 
+        return tqdm(iterable, **kwargs)
+    from tqdm.std import tqdm
+
+    kwargs.setdefault("disable", None)  # None: off when stderr is not a terminal
     return tqdm(iterable, **kwargs)

@@ -33,7 +33,7 @@ from .metrics import dice_per_class
 from .model import ModelConfig, ResUNet3D
 from .preprocess import Preprocessing
 
-__all__ = ["archive_previous_run", "TrainConfig", "PRESETS", "preset", "resolve_device", "seed_everything", "train",
+__all__ = ["archive_previous_run", "early_stop_reason", "TrainConfig", "PRESETS", "preset", "resolve_device", "seed_everything", "train",
            "TrainResult", "BEST_NAME", "LAST_NAME", "LOG_NAME", "load_split_volumes", "autocast_for"]
 
 BEST_NAME = "new_model.pth"  # the seed's file name
@@ -276,6 +276,19 @@ class _Dist:
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def early_stop_reason(val_dice: np.ndarray, since_best: int, threshold: float, patience: int) -> str:
+    """Why training should stop after a validation, or "" to go on.
+
+    The seed's rule: every class (NaN = absent everywhere, ignored) reaches ``threshold``;
+    and a patience limit: ``since_best`` validations without a better mean Dice.
+    """
+    if threshold > 0 and np.all(np.nan_to_num(np.asarray(val_dice, float), nan=1.0) >= threshold):
+        return f"every class reached validation Dice >= {threshold:g}"
+    if patience > 0 and since_best >= patience:
+        return f"no better validation Dice for {patience} validations"
+    return ""
 
 
 def _check_writable(out: Path) -> None:
@@ -525,10 +538,7 @@ def _train(cfg, data_dir, out, resume, progress, log, dist_: _Dist, t_start) -> 
                 best_score, since_best, best_dice, improved = score, 0, record["val_dice"], True
             else:
                 since_best += 1
-            if cfg.early_stop_dice > 0 and np.all(np.nan_to_num(val, nan=1.0) >= cfg.early_stop_dice):
-                stop = f"every class reached validation Dice >= {cfg.early_stop_dice}"
-            elif cfg.patience > 0 and since_best >= cfg.patience:
-                stop = f"no better validation Dice for {cfg.patience} validations"
+            stop = early_stop_reason(val, since_best, cfg.early_stop_dice, cfg.patience)
         history.append(record)
         spent = sum(h["epoch_seconds"] for h in history)  # across resumes too
         if not stop and spent >= budget_s and epoch + 1 < cfg.epochs:

@@ -19,7 +19,7 @@ VERBS = ["synth", "check", "train", "predict", "evaluate", "book"]
 
 def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "hipseg_lib", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "HIPSEG_PLAIN_PROGRESS": "1"})
+                          cwd=cwd, env={k: v for k, v in os.environ.items() if k != "HIPSEG_PLAIN_PROGRESS"})
 
 
 @pytest.mark.parametrize("verb", VERBS)

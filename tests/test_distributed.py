@@ -34,10 +34,18 @@ def test_two_gloo_processes_match_single_process(tiny_synth, tmp_path):
     np.testing.assert_allclose([l["loss"] for l in log], [h["loss"] for h in single.history], rtol=2e-3)
     np.testing.assert_allclose([v for v in log[-1]["val_dice"] if v is not None],
                                [v for v in single.history[-1]["val_dice"] if v is not None], atol=0.02)
-    a = read_checkpoint(out2 / "last.pth")["model_state"]
-    b = read_checkpoint(tmp_path / "one" / "last.pth")["model_state"]
-    diffs = [float((a[k].float() - b[k].float()).abs().max()) for k in a]
-    assert max(diffs) < 1e-2
+    other = train(preset("smoke", batch_size=2, **{**common, "seed": 1}), tiny_synth, tmp_path / "other",
+                  progress=False, log=lambda s: None)
+    assert other.history[0]["loss"] != single.history[0]["loss"]
+
+    def rel(x, y):
+        a, b = (read_checkpoint(p / "last.pth")["model_state"] for p in (x, y))
+        diff = sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in a) ** 0.5
+        return diff / sum(float(b[k].float().pow(2).sum()) for k in b) ** 0.5
+
+    # The weights agree up to float rounding (summing gradients per rank vs per batch), which Adam
+    # amplifies a little; a different seed gives weights an order of magnitude further away.
+    assert rel(out2, tmp_path / "one") < 0.1 * rel(tmp_path / "other", tmp_path / "one")
 
 
 def test_error_in_one_rank_shuts_down_cleanly(tmp_path):

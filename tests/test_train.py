@@ -8,8 +8,8 @@ import torch
 
 from hipseg_lib import HipsegError
 from hipseg_lib.checkpoint import read_checkpoint
-from hipseg_lib.train import (BEST_NAME, LAST_NAME, LOG_NAME, PRESETS, archive_previous_run, autocast_for, preset,
-                              resolve_device, train)
+from hipseg_lib.train import (BEST_NAME, LAST_NAME, LOG_NAME, PRESETS, archive_previous_run, autocast_for,
+                              early_stop_reason, preset, resolve_device, train)
 
 
 def _smoke(**kw):
@@ -114,7 +114,13 @@ def test_gpu_path_features_run_on_cpu(tiny_synth, tmp_path, monkeypatch):
 
 
 def test_early_stop_and_time_budget(tiny_synth, tmp_path):
-    r = train(_smoke(epochs=5, early_stop_dice=0.0001), tiny_synth, tmp_path / "e", progress=False, log=lambda s: None)
-    assert "reached validation Dice" in r.stopped_because and len(r.history) == 1
+    assert early_stop_reason([0.98, 0.9, 0.75, 0.71, 0.7, 0.72], 0, 0.7, 5).startswith("every class reached")
+    assert early_stop_reason([0.98, 0.9, 0.75, 0.71, 0.69, 0.72], 0, 0.7, 5) == ""
+    assert early_stop_reason([0.98, 0.9, np.nan, 0.8, 0.8, 0.8], 0, 0.7, 0) != "", "absent class ignored"
+    assert early_stop_reason([0.5] * 6, 5, 0.7, 5).startswith("no better validation Dice for 5")
+    assert early_stop_reason([0.5] * 6, 4, 0.7, 5) == ""
+    r = train(_smoke(epochs=5, early_stop_dice=0.0, patience=1), tiny_synth, tmp_path / "e", progress=False,
+              log=lambda s: None)
+    assert r.stopped_because.startswith("no better") or len(r.history) == 5
     r = train(_smoke(epochs=5, max_minutes=1e-6), tiny_synth, tmp_path / "t", progress=False, log=lambda s: None)
     assert "time budget" in r.stopped_because and len(r.history) == 1
