@@ -99,12 +99,22 @@ def _frames(n: int, max_frames: int) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, max_frames).round().astype(int).tolist()))
 
 
+def _interesting_range(labels: Sequence[np.ndarray | None], depth: int, pad: int = 2) -> tuple[int, int]:
+    """Slices holding organs or bones (labels >= 2) in any label map, padded; all slices otherwise."""
+    hits = [np.nonzero((lab >= 2).any(axis=(0, 1)))[0] for lab in labels if lab is not None]
+    hits = [h for h in hits if h.size]
+    if not hits:
+        return 0, depth
+    return max(0, min(int(h[0]) for h in hits) - pad), min(depth, max(int(h[-1]) for h in hits) + 1 + pad)
+
+
 def static_slider(image: np.ndarray, labels: Sequence[np.ndarray | None] = (None,), titles: Sequence[str] = ("",),
                   spacing: Sequence[float] | None = None, max_frames: int = 24, size: float = 3.2, dpi: int = 72):
     """A JavaScript slider over axial slices that works in static HTML (no kernel, no network).
 
     One panel per entry of ``labels`` (``None`` shows the bare image). At most
-    ``max_frames`` evenly spaced slices are embedded to keep the page small.
+    ``max_frames`` evenly spaced slices are embedded to keep the page small, taken from the
+    slices that hold organs or bones when labels are given.
 
     Returns:
         ``IPython.display.HTML``.
@@ -112,7 +122,8 @@ def static_slider(image: np.ndarray, labels: Sequence[np.ndarray | None] = (None
     from IPython.display import HTML
     from matplotlib import animation
 
-    frames = _frames(image.shape[2], max_frames)
+    lo, hi = _interesting_range(labels, image.shape[2])
+    frames = [lo + k for k in _frames(hi - lo, max_frames)]
     fig, axes = plt.subplots(1, len(labels), figsize=(size * len(labels), size), dpi=dpi, squeeze=False)
     artists = [show_slice(ax, image, lab, index=frames[0], spacing=spacing, title=t)
                for ax, lab, t in zip(axes[0], labels, titles)]
