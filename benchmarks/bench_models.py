@@ -39,22 +39,28 @@ from hipseg_lib.train import autocast_for, load_split_volumes, preset, resolve_d
 MODELS = ("hipseg-ResUNet3D", "monai-UNet", "monai-BasicUNet")
 
 
-def build(name: str, cfg) -> torch.nn.Module:
-    if name == "hipseg-ResUNet3D":
-        return ResUNet3D(cfg.model_config)
+def _monai(name: str, width: int, depth: int) -> torch.nn.Module:
     from monai.networks.nets import BasicUNet, UNet
 
-    b = cfg.base_channels
     if name == "monai-UNet":
-        chans = tuple(b * 2 ** i for i in range(cfg.depth))
-        return UNet(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES, channels=chans,
-                    strides=(2,) * (cfg.depth - 1), num_res_units=2, norm="instance")
-    if name == "monai-BasicUNet":
-        # Five levels are fixed in BasicUNet; widths chosen for a parameter count near the others.
-        f = max(4, int(round(b * 0.75)))
-        return BasicUNet(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES,
-                         features=(f, f, 2 * f, 4 * f, 8 * f, f), norm=("instance", {"affine": True}))
-    raise ValueError(name)
+        return UNet(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES,
+                    channels=tuple(width * 2 ** i for i in range(depth)), strides=(2,) * (depth - 1),
+                    num_res_units=2, norm="instance")
+    # BasicUNet always has five levels (four poolings).
+    return BasicUNet(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES,
+                     features=(width, width, 2 * width, 4 * width, 8 * width, width),
+                     norm=("instance", {"affine": True}))
+
+
+def build(name: str, cfg) -> torch.nn.Module:
+    """The network; MONAI's get the base width that brings their parameter count nearest ours."""
+    if name == "hipseg-ResUNet3D":
+        return ResUNet3D(cfg.model_config)
+    if name not in MODELS:
+        raise ValueError(name)
+    target = count_parameters(ResUNet3D(cfg.model_config))
+    width = min(range(4, 65, 2), key=lambda w: abs(count_parameters(_monai(name, w, cfg.depth)) - target))
+    return _monai(name, width, cfg.depth)
 
 
 def peak_memory_gb(device: torch.device) -> float:

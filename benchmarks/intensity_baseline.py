@@ -27,13 +27,15 @@ def main() -> int:
     a = p.parse_args()
     cfg = preset(a.preset)
     vols = load_split_volumes(resolve_data_dir(a.data), cfg)
-    clf = fit_intensity_classifier(v.load() for v in vols["train"])
-    dice = np.nanmean([dice_per_class(clf.predict(np.asarray(i)), np.asarray(l))
-                       for i, l in (v.load() for v in vols["test"])], axis=0)
-    print(f"intensity-only classifier, {len(vols['train'])} training / {len(vols['test'])} test volumes, "
+    print(f"intensity-only classifiers, {len(vols['train'])} training / {len(vols['test'])} test volumes, "
           f"grid {cfg.target_shape}")
-    print("test Dice: " + ", ".join(f"{n} {d:.3f}" for n, d in zip(CLASS_NAMES, dice)))
-    print(f"mean foreground Dice: {np.nanmean(dice[1:]):.3f}")
+    for balanced in (False, True):
+        clf = fit_intensity_classifier((v.load() for v in vols["train"]), balanced=balanced)
+        dice = np.nanmean([dice_per_class(clf.predict(np.asarray(i)), np.asarray(l))
+                           for i, l in (v.load() for v in vols["test"])], axis=0)
+        name = "maximum likelihood (class-balanced)" if balanced else "maximum a posteriori"
+        print(f"{name}: test Dice " + ", ".join(f"{n} {d:.3f}" for n, d in zip(CLASS_NAMES, dice))
+              + f"; mean foreground {np.nanmean(dice[1:]):.3f}")
     return 0
 
 

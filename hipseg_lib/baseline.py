@@ -24,10 +24,14 @@ class IntensityClassifier:
 
 
 def fit_intensity_classifier(pairs: Iterable[tuple[np.ndarray, np.ndarray]], bins: int = 128,
-                             num_classes: int = NUM_CLASSES) -> IntensityClassifier:
-    """Fit on (normalised image, label) pairs: for each intensity bin, the most frequent class.
+                             num_classes: int = NUM_CLASSES, balanced: bool = False) -> IntensityClassifier:
+    """Fit on (normalised image, label) pairs a classifier that sees one voxel's intensity only.
 
-    This is the Bayes-optimal classifier that sees one voxel's intensity and nothing else.
+    Args:
+        balanced: False: each bin takes its most frequent class (maximum a posteriori: the most
+            accurate such classifier, which never picks a rare class). True: each bin takes the
+            class whose own intensity histogram is highest there (maximum likelihood, as if all
+            classes were equally common), which gives the small classes their best chance.
     """
     pairs = list(pairs)
     lo = min(float(np.min(i)) for i, _ in pairs)
@@ -37,4 +41,6 @@ def fit_intensity_classifier(pairs: Iterable[tuple[np.ndarray, np.ndarray]], bin
     for image, label in pairs:
         b = np.clip(np.digitize(np.asarray(image), edges) - 1, 0, bins - 1)
         np.add.at(counts, (b.ravel(), np.asarray(label).ravel().astype(int)), 1)
+    if balanced:
+        counts = counts / np.maximum(counts.sum(0, keepdims=True), 1)
     return IntensityClassifier(edges, counts.argmax(1))
