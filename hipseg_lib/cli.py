@@ -110,10 +110,13 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if a.json and Path(a.json).exists() and not a.overwrite:
         raise HipsegError(f"{a.json}: already exists (use --overwrite to replace it)")
     doc = evaluate_folders(a.pred, a.truth, progress=not a.quiet)
-    print(f"{len(doc['cases'])} case(s) scored" + (f", {len(doc['unmatched'])} unmatched file(s)" if doc["unmatched"] else ""))
+    print(f"{len(doc['cases'])} case(s) scored; {len(doc['truths_without_prediction'])} truth file(s) "
+          "have no prediction")
     print(format_summary(doc["summary"]))
-    for u in doc["unmatched"]:
-        print(f"unmatched: {u}")
+    for u in doc["unmatched"][:10]:
+        print(f"prediction with no truth: {u}")
+    if len(doc["unmatched"]) > 10:
+        print(f"... and {len(doc['unmatched']) - 10} more predictions with no truth")
     if a.json:
         write_json_atomic(doc, a.json)
         print(f"wrote {a.json}")
@@ -220,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hipseg: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -233,14 +233,15 @@ def _match_key(path: Path) -> str:
 def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike, progress: bool = False) -> dict:
     """Pair predictions with truths by name (case and week when the names carry them) and score them.
 
-    Returns ``{"cases": [{"id", "metrics": {metric: {class: value}}}], "summary": ..., "unmatched": [...]}``.
+    Returns ``{"cases": [{"id", "metrics": {metric: {class: value}}}], "summary": ...,
+    "unmatched": [predictions with no truth], "truths_without_prediction": [...]}``.
     """
     preds = collect_inputs([pred_dir])
     truths = collect_inputs([truth_dir])
     by_key = {}
     for t in truths:
         by_key.setdefault(_match_key(t), t)
-    cases, unmatched, per_case = [], [], []
+    cases, unmatched, per_case = [], [], []  # unmatched: predictions with no truth
     matched = [(p, by_key.get(_match_key(p))) for p in preds]
     if not any(t for _, t in matched):
         raise HipsegError(f"{pred_dir}: no prediction matches a file in {truth_dir} by name")
@@ -262,8 +263,8 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike, 
         per_case.append(m)
         cases.append({"id": _match_key(p), "prediction": str(p), "truth": str(t),
                       "metrics": _named(m)})
-    unmatched += [str(t) for t in truths if t not in used]
     return {"cases": cases, "summary": summarise(per_case), "unmatched": unmatched,
+            "truths_without_prediction": [str(t) for t in truths if t not in used],
             "classes": list(CLASS_NAMES)}
 
 

@@ -172,7 +172,8 @@ def test_evaluate_cli(tiny_model, tiny_synth, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "dice" in r.stdout and "hd95 mm" in r.stdout
     doc = json.loads(js.read_text())
-    assert len(doc["cases"]) == 2 and len(doc["unmatched"]) > 0
+    assert len(doc["cases"]) == 2 and doc["unmatched"] == [] and len(doc["truths_without_prediction"]) > 0
+    assert "truth file(s) have no prediction" in r.stdout
     _one_line_error(run_cli("evaluate", "--pred", tmp_path / "p", "--truth", tiny_synth / "semantic_labels_anon",
                             "--json", js), "already exists")
     empty = tmp_path / "e"

@@ -106,7 +106,11 @@ def test_evaluate_folders_pairs_by_name(tiny_model, tiny_synth, tmp_path):
     for p in pairs:
         (truth / p.label.name).write_bytes(p.label.read_bytes())
     doc = evaluate_folders(tmp_path / "pred", truth)
-    assert len(doc["cases"]) == 2 and doc["unmatched"] == []
+    assert len(doc["cases"]) == 2 and doc["unmatched"] == [] and doc["truths_without_prediction"] == []
+    stray = tmp_path / "pred" / "Case_999_Week0_LFOV_pred.nii.gz"
+    stray.write_bytes(next((tmp_path / "pred").iterdir()).read_bytes())
+    assert evaluate_folders(tmp_path / "pred", truth)["unmatched"] == [str(stray)]
+    stray.unlink()
     assert set(doc["cases"][0]["metrics"]) == {"dice", "iou", "hd95", "asd"}
     assert doc["summary"]["dice"]["background"]["n"] == 2
     # A perfect prediction scores 1.0 and 0 mm.
