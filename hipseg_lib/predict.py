@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from . import CLASS_NAMES, NUM_CLASSES, HipsegError
 from ._atomic import atomic_path
 from .checkpoint import load_model
-from .io import Pair, is_nifti, load_volume, pair_problems, save_nifti_atomic
+from .io import Pair, is_nifti, load_pair, load_volume, save_nifti_atomic
 from .metrics import evaluate_case, summarise
 from .model import ResUNet3D
 from .preprocess import Preprocessing, preprocess_image, reorient
 
 __all__ = ["predict_array", "sliding_window_logits", "collect_inputs", "prediction_name", "predict_files",
-           "evaluate_pairs", "evaluate_folders", "write_json_atomic", "format_summary"]
+           "evaluate_pairs", "evaluate_folders", "results_document", "write_json_atomic", "format_summary"]
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -203,11 +203,7 @@ def evaluate_pairs(model: ResUNet3D, preprocessing: Preprocessing, pairs: Sequen
         it = tqdm(pairs, desc="evaluate", unit="vol", leave=False)
     results = []
     for pair in it:
-        image = load_volume(pair.image, "image")
-        truth = load_volume(pair.label, "label")
-        problems = pair_problems(image, truth)
-        if problems:
-            raise HipsegError(problems[0])
+        image, truth = load_pair(pair)
         pred = predict_array(model, image.array, image.affine, preprocessing, device)
         row = {"id": str(pair.id), "case": pair.id.case,
                "metrics": evaluate_case(pred, truth.array, image.spacing)}
