@@ -33,7 +33,7 @@ from hipseg_lib.data import SegmentationDataset
 from hipseg_lib.augment import default_augmentation
 from hipseg_lib.loss import DiceCELoss
 from hipseg_lib.metrics import dice_per_class
-from hipseg_lib.model import ModelConfig, ResUNet3D, count_parameters
+from hipseg_lib.model import ResUNet3D, count_parameters
 from hipseg_lib.train import autocast_for, load_split_volumes, preset, resolve_device, seed_everything
 
 MODELS = ("hipseg-ResUNet3D", "monai-UNet", "monai-BasicUNet")

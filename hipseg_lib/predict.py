@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F

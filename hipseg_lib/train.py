@@ -15,14 +15,14 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from . import CLASS_NAMES, NUM_CLASSES, HipsegError, __version__
+from . import NUM_CLASSES, HipsegError
 from ._atomic import atomic_path
 from .augment import default_augmentation
 from .checkpoint import read_checkpoint, save_checkpoint

@@ -12,7 +12,7 @@ import pytest
 
 from hipseg_lib.cli import main
 
-from conftest import LPS, make_pair_arrays, write_csiro_pair, write_nifti
+from conftest import make_pair_arrays, write_csiro_pair, write_nifti
 
 VERBS = ["synth", "check", "train", "predict", "evaluate", "book"]
 

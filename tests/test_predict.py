@@ -13,7 +13,6 @@ from hipseg_lib.predict import (evaluate_folders, predict_array, predict_files, 
                                 sliding_window_logits)
 from hipseg_lib.preprocess import Preprocessing
 
-from conftest import write_nifti
 
 
 def test_predict_array_shape_and_orientation_round_trip(tiny_model, tiny_synth):
