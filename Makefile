@@ -15,11 +15,12 @@ help:
 	@echo "make book    make the data, execute every chapter with papermill, build _build/html"
 	@echo "make bench   ResUNet3D vs MONAI UNet/BasicUNet benchmark (installs monai into .venv)"
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(BIN)/python -m ipykernel install --sys-prefix --name hipseg --display-name "Python (hipseg)" >/dev/null
 	touch $(STAMP)
 
 setup: $(STAMP)

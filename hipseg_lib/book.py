@@ -93,7 +93,7 @@ def execute_chapter(notebook: Path, output: Path, parameters: dict, timeout: int
     os.environ["HIPSEG_PLAIN_PROGRESS"] = "1"
     try:
         pm.execute_notebook(str(notebook), str(output), parameters=params, cwd=str(notebook.parent),
-                            kernel_name="python3", progress_bar=False, execution_timeout=timeout)
+                            kernel_name=_kernel_name(), progress_bar=False, execution_timeout=timeout)
     except pm.PapermillExecutionError as exc:
         raise HipsegError(f"{notebook.name}: cell {exc.exec_count} raised {exc.ename}: "
                           f"{str(exc.evalue).splitlines()[0] if exc.evalue else ''} (see {output})") from None
@@ -103,6 +103,18 @@ def execute_chapter(notebook: Path, output: Path, parameters: dict, timeout: int
         else:
             os.environ["HIPSEG_PLAIN_PROGRESS"] = env_before
     return time.perf_counter() - t
+
+
+def _kernel_name() -> str:
+    """The project's own kernel (``make setup`` registers ``hipseg`` in .venv), else ``python3``.
+
+    A dedicated name keeps a ``python3`` kernel registered elsewhere (e.g. in ~/.local) from
+    running the chapters with an interpreter that lacks hipseg_lib.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    specs = KernelSpecManager().find_kernel_specs()
+    return "hipseg" if "hipseg" in specs else "python3"
 
 
 def _parameter_names(notebook: Path) -> set[str]:
