@@ -35,6 +35,7 @@ __all__ = [
     "load_volume",
     "load_pair",
     "pair_problems",
+    "constant_image_problem",
     "save_nifti_atomic",
 ]
 
@@ -272,9 +273,17 @@ def pair_problems(image: Volume, label: Volume) -> list[str]:
         problems.append(f"{label.path}: shape {label.shape} differs from its image {image.shape}")
     elif not np.allclose(image.affine, label.affine, atol=1e-3):
         problems.append(f"{label.path}: affine differs from its image {image.path.name}")
-    if float(image.array.max()) == float(image.array.min()):
-        problems.append(f"{image.path}: constant image (every voxel is {float(image.array.min()):g})")
+    constant = constant_image_problem(image)
+    if constant:
+        problems.append(constant)
     return problems
+
+
+def constant_image_problem(image: Volume) -> str | None:
+    """A one-line problem when every voxel of ``image`` has the same value, else None."""
+    if float(image.array.max()) == float(image.array.min()):
+        return f"{image.path}: constant image (every voxel is {float(image.array.min()):g})"
+    return None
 
 
 def load_pair(pair: Pair) -> tuple[Volume, Volume]:

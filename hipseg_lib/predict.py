@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from . import CLASS_NAMES, NUM_CLASSES, HipsegError
 from ._atomic import atomic_path
 from .checkpoint import load_model
-from .io import Pair, is_nifti, load_pair, load_volume, save_nifti_atomic
+from .io import Pair, constant_image_problem, is_nifti, load_pair, load_volume, save_nifti_atomic
 from .metrics import evaluate_case, summarise
 from .model import ResUNet3D
 from .preprocess import Preprocessing, preprocess_image, reorient
@@ -176,8 +176,9 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
     written = []
     for f, target in it:
         vol = load_volume(f, "image")
-        if float(vol.array.max()) == float(vol.array.min()):
-            raise HipsegError(f"{f}: constant image (every voxel is {float(vol.array.min()):g})")
+        constant = constant_image_problem(vol)
+        if constant:
+            raise HipsegError(constant)
         label = predict_array(model, vol.array, vol.affine, prep, dev)
         header = vol.header.copy() if vol.header is not None else None
         if header is not None:

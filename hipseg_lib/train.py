@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -218,6 +219,7 @@ def archive_previous_run(out_dir: str | os.PathLike) -> Path | None:
     return dest
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_bf16() -> bool:
     """Whether this CPU has native bf16 (AVX512-BF16/AMX), where bf16 autocast speeds training up."""
     try:

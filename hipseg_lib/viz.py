@@ -14,7 +14,8 @@ from matplotlib.colors import ListedColormap
 
 from . import CLASS_NAMES
 
-__all__ = ["CLASS_COLOURS", "label_cmap", "show_slice", "orthogonal_views", "three_panel", "class_legend",
+__all__ = ["CLASS_COLOURS", "label_cmap", "show_slice", "orthogonal_views", "prostate_slice", "three_panel",
+           "class_legend",
            "static_slider", "live_slider", "slice_browser", "html_table"]
 
 CLASS_COLOURS = ["#00000000", "#4daf4a", "#ffff33", "#377eb8", "#ff7f00", "#e41a1c"]
@@ -78,11 +79,18 @@ def orthogonal_views(image: np.ndarray, label: np.ndarray | None = None, spacing
     return fig
 
 
+def prostate_slice(label: np.ndarray) -> int:
+    """The axial slice with the most prostate voxels (the middle slice when there are none)."""
+    if not (label == 5).any():
+        return label.shape[2] // 2
+    return int(np.argmax((label == 5).sum((0, 1))))
+
+
 def three_panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, index: int | None = None,
                 spacing: Sequence[float] | None = None, title: str = ""):
     """The seed's figure: MRI slice, ground truth, prediction (axial)."""
     if index is None:
-        index = int(np.argmax((truth == 5).sum((0, 1)))) if (truth == 5).any() else truth.shape[2] // 2
+        index = prostate_slice(truth)
     fig, axes = plt.subplots(1, 3, figsize=(11, 4))
     show_slice(axes[0], image, None, index=index, spacing=spacing, title="MRI")
     show_slice(axes[1], image, truth, index=index, spacing=spacing, title="ground truth", alpha=0.6)
