@@ -6,14 +6,16 @@ STAMP  := $(VENV)/.hipseg-installed
 DATA   ?= data/synthetic
 PRESET ?= auto
 
-.PHONY: setup test book data bench clean help
+.PHONY: setup test book data bench gpu-check gpu-wheels clean help
 
 help:
 	@echo "make setup   create .venv and install pinned dependencies + hipseg_lib (editable)"
 	@echo "make test    run the whole test suite"
 	@echo "make data    generate the default synthetic data set in $(DATA)"
 	@echo "make book    make the data, execute every chapter with papermill, build _build/html"
-	@echo "make bench   ResUNet3D vs MONAI UNet/BasicUNet benchmark (installs monai into .venv)"
+	@echo "make bench   ResUNet3D vs MONAI UNet/BasicUNet benchmark"
+	@echo "make gpu-wheels  download (here) the wheels the GPU machine lacks into .gpu-wheels/"
+	@echo "make gpu-check   every GPU figure in one run (on a GPU machine; no .venv needed there)"
 
 $(STAMP): requirements.txt pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,8 +38,13 @@ book: setup
 	$(BIN)/hipseg book --preset $(PRESET)
 
 bench: setup
-	$(BIN)/python -m pip install -q --disable-pip-version-check -r benchmarks/requirements.txt
 	$(BIN)/python benchmarks/bench_models.py
+
+gpu-wheels:
+	bash benchmarks/gpu_wheels.sh
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf _build

@@ -11,7 +11,7 @@ train step time, inference time per volume, peak memory, and test Dice per class
     .venv/bin/python benchmarks/bench_models.py --minutes 3            # CPU, about 10 minutes
     .venv/bin/python benchmarks/bench_models.py --preset full --minutes 5   # on a GPU
 
-MONAI is needed only here: `pip install -r benchmarks/requirements.txt` (``make bench`` does it).
+MONAI is needed only here: `requirements.txt` pins it for the test and benchmark environment.
 """
 from __future__ import annotations
 
@@ -70,11 +70,13 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def run_one(name: str, args) -> dict:
-    cfg = preset(args.preset, device=args.device, cache_dir=args.cache_dir)
+    cfg = preset(args.preset, device=args.device, cache_dir=args.cache_dir, amp=args.amp)
     if args.target_shape:
         cfg = cfg.replace(target_shape=tuple(args.target_shape))
     if args.batch_size:
         cfg = cfg.replace(batch_size=args.batch_size)
+    if args.base_channels or args.depth:
+        cfg = cfg.replace(base_channels=args.base_channels or cfg.base_channels, depth=args.depth or cfg.depth)
     device = resolve_device(cfg.device)
     seed_everything(0)
     vols = load_split_volumes(resolve_data_dir(args.data), cfg)
@@ -164,6 +166,9 @@ def main() -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--target-shape", type=int, nargs=3)
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--base-channels", type=int, help="ResUNet3D width (default: the preset's)")
+    p.add_argument("--depth", type=int, help="ResUNet3D levels (default: the preset's)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), help="default: the preset's")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -175,7 +180,7 @@ def main() -> int:
     try:
         import monai  # noqa: F401
     except ImportError:
-        print("bench_models: MONAI is not installed; run `pip install -r benchmarks/requirements.txt`",
+        print("bench_models: MONAI is not installed; run `make setup` (requirements.txt pins it)",
               file=sys.stderr)
         return 1
     resolve_data_dir(args.data)  # make the default data once, before the workers

@@ -19,7 +19,7 @@ from scipy import ndimage
 
 __all__ = [
     "Flip", "Rotate", "Crop", "Gamma", "ScaleShift", "Compose",
-    "RandomFlip", "RandomRotate", "RandomCrop", "RandomGamma", "RandomScaleShift", "RandomCompose",
+    "RandomFlip", "RandomRotate", "RandomPatch", "RandomGamma", "RandomScaleShift", "RandomCompose",
     "default_augmentation",
 ]
 
@@ -138,15 +138,29 @@ class RandomRotate:
 
 
 @dataclass(frozen=True)
-class RandomCrop:
-    """Random box of ``size`` inside a volume of ``shape`` (centred where it cannot fit)."""
+class RandomPatch:
+    """A box of ``size`` for patch training: with probability ``foreground_fraction`` centred on a
+    voxel of one foreground class present in the label (the class drawn uniformly, then the voxel;
+    nnU-Net's oversampling, so that small organs are seen often), else placed uniformly.
+
+    A box larger than the volume is centred on it (and padded by :class:`Crop`).
+    """
 
     size: tuple[int, int, int]
-    shape: tuple[int, int, int]
+    foreground_fraction: float = 0.0
 
-    def sample(self, rng: np.random.Generator) -> Crop:
+    def sample(self, rng: np.random.Generator, label: np.ndarray) -> Crop:
+        shape = label.shape
+        if self.foreground_fraction > 0 and rng.random() < self.foreground_fraction:
+            present = [c for c in np.unique(label) if c > 0]
+            if present:
+                voxels = np.argwhere(label == present[int(rng.integers(len(present)))])
+                centre = voxels[int(rng.integers(len(voxels)))]
+                start = tuple(int(np.clip(c - s // 2, min(0, n - s), max(0, n - s)))
+                              for c, s, n in zip(centre, self.size, shape))
+                return Crop(start, tuple(self.size))
         start = tuple(int(rng.integers(0, n - s + 1)) if n >= s else -((s - n) // 2)
-                      for n, s in zip(self.shape, self.size))
+                      for n, s in zip(shape, self.size))
         return Crop(start, tuple(self.size))
 
 

@@ -98,7 +98,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     """
     ckpt = read_checkpoint(path)
     try:
-        cfg = ModelConfig(**ckpt["model_config"])
+        cfg = ModelConfig.from_dict(ckpt["model_config"])
         model = ResUNet3D(cfg)
     except (TypeError, ValueError) as exc:
         raise HipsegError(f"{path}: unusable model configuration ({exc})") from None

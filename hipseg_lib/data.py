@@ -174,12 +174,15 @@ class SegmentationDataset(Dataset):
         augmentation: a random transform with ``sample(rng)`` (e.g. ``default_augmentation()``), or None.
         seed: base seed of the augmentation.
         in_memory: keep all arrays in RAM (small data sets); otherwise memory-map each read.
+        patch: a random box with ``sample(rng, label) -> Crop`` (e.g. ``RandomPatch``), cut
+            before the augmentation; None: whole volumes.
     """
 
     def __init__(self, volumes: Sequence[CachedVolume], augmentation=None, seed: int = 0,
-                 in_memory: bool = True):
+                 in_memory: bool = True, patch=None):
         self.volumes = list(volumes)
         self.augmentation = augmentation
+        self.patch = patch
         self.seed = seed
         self.epoch = 0
         self._arrays = [v.load(mmap=False) for v in self.volumes] if in_memory else None
@@ -192,8 +195,11 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         img, lab = self._arrays[i] if self._arrays is not None else self.volumes[i].load(mmap=True)
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        if self.patch is not None:
+            img, lab = self.patch.sample(rng, np.asarray(lab))(np.asarray(img), np.asarray(lab))
         if self.augmentation is not None:
-            t = self.augmentation.sample(np.random.default_rng([self.seed, self.epoch, i]))
+            t = self.augmentation.sample(rng)
             img, lab = t(np.asarray(img), np.asarray(lab))
         image = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None]
         label = torch.from_numpy(np.ascontiguousarray(lab).astype(np.int64))

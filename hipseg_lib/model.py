@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import NUM_CLASSES
 
-__all__ = ["ModelConfig", "ResidualBlock", "UpBlock", "ResUNet3D", "count_parameters", "layer_table",
+__all__ = ["ModelConfig", "ResidualBlock", "DownConv", "ConvBlock", "UpBlock", "ResUNet3D", "count_parameters", "layer_table",
            "activation_bytes"]
 
 
@@ -56,16 +56,49 @@ class ResidualBlock(nn.Module):
         return h + self.shortcut(x)
 
 
-class UpBlock(nn.Module):
-    """Transposed-convolution upsampling, concatenation with the skip, then a residual block."""
+class DownConv(nn.Module):
+    """Pre-activation stride-2 3x3x3 convolution: halves every spatial size (Isensee et al. 2017)."""
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.InstanceNorm3d(in_channels, affine=True)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+        self.conv = nn.Conv3d(in_channels, out_channels, 3, stride=2, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.act(self.norm(x)))
+
+
+class ConvBlock(nn.Module):
+    """Pre-activation 3x3x3 convolution (norm, act, conv): the light full-resolution decoder stage."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.InstanceNorm3d(in_channels, affine=True)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+        self.conv = nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.act(self.norm(x)))
+
+
+class UpBlock(nn.Module):
+    """Transposed-convolution upsampling, concatenation with the skip, then a residual block
+    (or, when ``light``, a single pre-activation convolution)."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, dropout: float = 0.0,
+                 light: bool = False):
         super().__init__()
         self.up = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2)
-        self.block = ResidualBlock(out_channels + skip_channels, out_channels, dropout)
+        self.block = (ConvBlock(out_channels + skip_channels, out_channels) if light
+                      else ResidualBlock(out_channels + skip_channels, out_channels, dropout))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.block(torch.cat([self.up(x), skip], dim=1))
+
+
+# What a checkpoint saved before these settings existed was built with (the seed's design).
+_LEGACY = {"downsample": "maxpool", "light_top": False}
 
 
 @dataclass(frozen=True)
@@ -76,10 +109,21 @@ class ModelConfig:
         in_channels: image channels (1 for T2 MR).
         num_classes: output classes (6 for HipMRI).
         base_channels: channels at full resolution; doubled at each level.
-        depth: number of resolution levels (``depth - 1`` poolings).
+        depth: number of resolution levels (``depth - 1`` downsamplings).
         dropout: dropout in residual blocks.
         deep_supervision: add upsampled segmentation outputs of coarser decoder levels to the
-            final output (Isensee et al. 2017).
+            final output (Isensee et al. 2017's sum of segmentation layers; nnU-Net's deep
+            supervision instead gives every scale its own loss).
+        downsample: ``"conv"``: stride-2 3x3x3 convolutions (Isensee et al. 2017); ``"maxpool"``:
+            2x2x2 max pooling (the seed).
+        light_top: the full-resolution level is the stem convolution in the encoder and one
+            convolution after the last concatenation in the decoder, instead of a residual block
+            on each side. Full-resolution feature maps are 8 times the voxels of the next level, so
+            this is where most of the compute goes; the residual blocks start one level down.
+
+    Example:
+        >>> ModelConfig(base_channels=12, depth=5).divisor
+        16
     """
 
     in_channels: int = 1
@@ -88,14 +132,39 @@ class ModelConfig:
     depth: int = 4
     dropout: float = 0.0
     deep_supervision: bool = False
+    downsample: str = "conv"
+    light_top: bool = True
+
+    def __post_init__(self) -> None:
+        if self.depth < 2:
+            raise ValueError(f"depth must be >= 2, got {self.depth}")
+        if self.base_channels < 1 or self.in_channels < 1 or self.num_classes < 2:
+            raise ValueError("base_channels and in_channels must be >= 1 and num_classes >= 2")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.downsample not in ("conv", "maxpool"):
+            raise ValueError(f"downsample must be 'conv' or 'maxpool', got {self.downsample!r}")
+
+    @property
+    def divisor(self) -> int:
+        """Every spatial size of the input must be a multiple of this."""
+        return 2 ** (self.depth - 1)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+    to_dict = as_dict
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """Inverse of :meth:`to_dict`; settings missing from an older checkpoint take the values
+        that checkpoint was built with, not today's defaults."""
+        return cls(**{**_LEGACY, **d})
+
 
 class ResUNet3D(nn.Module):
-    """Residual 3D U-Net: residual encoder, max-pool downsampling, residual bottleneck,
-    transposed-convolution decoder with skip concatenation, 1x1x1 head.
+    """Residual 3D U-Net: residual encoder, downsampling (stride-2 convolutions or max pooling),
+    residual bottleneck, transposed-convolution decoder with skip concatenation, 1x1x1 head.
 
     Input ``(N, in_channels, X, Y, Z)`` with X, Y, Z divisible by ``2 ** (depth - 1)``;
     output logits ``(N, num_classes, X, Y, Z)``.
@@ -113,24 +182,23 @@ class ResUNet3D(nn.Module):
         elif kwargs:
             raise ValueError("pass either a ModelConfig or keyword arguments, not both")
         c = config
-        if c.depth < 2:
-            raise ValueError(f"depth must be >= 2, got {c.depth}")
-        if c.base_channels < 1 or c.in_channels < 1 or c.num_classes < 2:
-            raise ValueError("base_channels and in_channels must be >= 1 and num_classes >= 2")
-        if not 0.0 <= c.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {c.dropout}")
         self.config = c
         widths = [c.base_channels * 2 ** i for i in range(c.depth)]
+        conv_down = c.downsample == "conv"
         self.stem = nn.Conv3d(c.in_channels, widths[0], 3, padding=1, bias=False)
+        # Level 0 works at full resolution; level i >= 1 starts with a downsampling.
+        self.down = nn.ModuleList([DownConv(widths[i - 1], widths[i]) if conv_down else nn.MaxPool3d(2)
+                                   for i in range(1, c.depth)])
+        first = (lambda i: widths[i]) if conv_down else (lambda i: widths[i - 1])
         self.encoder = nn.ModuleList(
-            [ResidualBlock(widths[0], widths[0], c.dropout)]
-            + [ResidualBlock(widths[i - 1], widths[i], c.dropout) for i in range(1, c.depth - 1)]
+            [nn.Identity() if c.light_top else ResidualBlock(widths[0], widths[0], c.dropout)]
+            + [ResidualBlock(first(i), widths[i], c.dropout) for i in range(1, c.depth - 1)]
         )
-        self.pool = nn.MaxPool3d(2)
-        self.bottleneck = nn.Sequential(ResidualBlock(widths[-2], widths[-1], c.dropout),
+        self.bottleneck = nn.Sequential(ResidualBlock(first(c.depth - 1), widths[-1], c.dropout),
                                         ResidualBlock(widths[-1], widths[-1], c.dropout))
         self.decoder = nn.ModuleList(
-            [UpBlock(widths[i + 1], widths[i], widths[i], c.dropout) for i in reversed(range(c.depth - 1))]
+            [UpBlock(widths[i + 1], widths[i], widths[i], c.dropout, light=c.light_top and i == 0)
+             for i in reversed(range(c.depth - 1))]
         )
         self.final_norm = nn.Sequential(nn.InstanceNorm3d(widths[0], affine=True), nn.LeakyReLU(0.01, inplace=True))
         self.head = nn.Conv3d(widths[0], c.num_classes, 1)
@@ -142,7 +210,7 @@ class ResUNet3D(nn.Module):
     @property
     def divisor(self) -> int:
         """Every spatial size of the input must be a multiple of this."""
-        return 2 ** (self.config.depth - 1)
+        return self.config.divisor
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` for an input this network cannot take."""
@@ -151,7 +219,7 @@ class ResUNet3D(nn.Module):
         bad = [s for s in x.shape[2:] if s % self.divisor]
         if bad:
             raise ValueError(f"spatial size {tuple(x.shape[2:])} is not divisible by {self.divisor} "
-                             f"(depth {self.config.depth} pools {self.config.depth - 1} times); "
+                             f"(depth {self.config.depth} halves it {self.config.depth - 1} times); "
                              f"resize or pad to multiples of {self.divisor}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,9 +227,9 @@ class ResUNet3D(nn.Module):
         h = self.stem(x)
         skips = []
         for i, block in enumerate(self.encoder):
-            h = block(h if i == 0 else self.pool(h))
+            h = block(h if i == 0 else self.down[i - 1](h))
             skips.append(h)
-        h = self.bottleneck(self.pool(h))
+        h = self.bottleneck(self.down[-1](h))
         seg = None
         for j, up in enumerate(self.decoder):
             h = up(h, skips[-1 - j])

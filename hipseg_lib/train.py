@@ -16,7 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import NUM_CLASSES, HipsegError
 from ._atomic import atomic_path
-from .augment import default_augmentation
+from .augment import RandomPatch, default_augmentation
 from .checkpoint import read_checkpoint, save_checkpoint
 from .data import SegmentationDataset, cache_pairs, split_by_case
 from .io import find_pairs
@@ -51,9 +51,15 @@ class TrainConfig:
     Args:
         preset: name of the preset these settings started from.
         target_shape: grid every volume is resized to.
-        base_channels, depth, dropout, deep_supervision: the network (:class:`ModelConfig`).
-        batch_size: volumes per step (per process under torchrun).
-        epochs: planned epochs (the learning-rate schedule decays over them).
+        base_channels, depth, dropout, deep_supervision, downsample, light_top: the network
+            (:class:`ModelConfig`).
+        patch_shape: train on patches of this shape cut from the ``target_shape`` grid (None: whole
+            volumes). Validation and prediction still see whole volumes.
+        foreground_fraction: share of patches centred on a voxel of a random foreground class
+            present in the volume (nnU-Net's oversampling); the rest are placed uniformly.
+        batch_size: volumes (or patches) per step (per process under torchrun).
+        epochs: planned epochs: the run's length in work, the same on every machine (the
+            learning-rate schedule decays over them).
         lr: peak learning rate of Adam; decays polynomially (power 0.9) to 0, after a short warm-up.
         weight_decay: Adam weight decay.
         grad_clip: gradient-norm clipping threshold (0 = off).
@@ -67,7 +73,9 @@ class TrainConfig:
         augment: use the default augmentation.
         early_stop_dice: stop once every class reaches this validation Dice (the seed's rule); 0 = off.
         patience: stop after this many validations without a better mean Dice; 0 = off.
-        max_minutes: stop after this much training time; 0 = no limit.
+        max_minutes: a safety net on training time; 0 = no limit. When the epochs measured so far
+            show that the planned ones will not fit, the run is shortened to the epochs that do,
+            and the learning rate decays to zero over that shorter run; the log says so loudly.
         val_every: validate every N epochs.
         num_workers: data-loader worker processes.
         cache_dir: preprocessing cache (default ``~/.cache/hipseg``).
@@ -79,6 +87,10 @@ class TrainConfig:
     depth: int = 4
     dropout: float = 0.0
     deep_supervision: bool = False
+    downsample: str = "conv"
+    light_top: bool = True
+    patch_shape: tuple[int, int, int] | None = None
+    foreground_fraction: float = 0.0
     batch_size: int = 2
     epochs: int = 40
     lr: float = 2e-3
@@ -100,6 +112,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.target_shape = tuple(int(s) for s in self.target_shape)  # type: ignore[assignment]
+        if self.patch_shape is not None:
+            self.patch_shape = tuple(int(s) for s in self.patch_shape)  # type: ignore[assignment]
+            if len(self.patch_shape) != 3 or any(p > t for p, t in zip(self.patch_shape, self.target_shape)):
+                raise ValueError(f"patch_shape {self.patch_shape} must be 3 sizes within target_shape "
+                                 f"{self.target_shape}")
+        if not 0.0 <= self.foreground_fraction <= 1.0:
+            raise ValueError(f"foreground_fraction must be in [0, 1], got {self.foreground_fraction}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
         for name in ("batch_size", "epochs", "val_every", "base_channels"):
@@ -107,14 +126,17 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        div = 2 ** (self.depth - 1)
-        if any(s % div for s in self.target_shape):
-            raise ValueError(f"target_shape {self.target_shape} must be divisible by {div} for depth {self.depth}")
+        div = self.model_config.divisor  # also checks the network settings
+        for name in ("target_shape", "patch_shape"):
+            shape = getattr(self, name)
+            if shape is not None and any(s % div for s in shape):
+                raise ValueError(f"{name} {shape} must be divisible by {div} for depth {self.depth}")
 
     @property
     def model_config(self) -> ModelConfig:
         return ModelConfig(base_channels=self.base_channels, depth=self.depth, dropout=self.dropout,
-                           deep_supervision=self.deep_supervision, num_classes=NUM_CLASSES)
+                           deep_supervision=self.deep_supervision, num_classes=NUM_CLASSES,
+                           downsample=self.downsample, light_top=self.light_top)
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -123,6 +145,7 @@ class TrainConfig:
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["target_shape"] = list(self.target_shape)
+        d["patch_shape"] = list(self.patch_shape) if self.patch_shape is not None else None
         return d
 
     def replace(self, **overrides) -> "TrainConfig":
@@ -254,7 +277,10 @@ class _Dist:
     """Process-group helpers; a no-op in a single process."""
 
     def __init__(self, device_pref: str):
-        self.enabled = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        # Under torchrun (which sets these), even with one process: a process group is made, so a
+        # one-GPU torchrun run initialises NCCL exactly as a multi-GPU one does.
+        self.enabled = int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
+            "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ)
         if self.enabled and not dist.is_initialized():
             cuda = torch.cuda.is_available() and device_pref != "cpu"
             if cuda:
@@ -265,6 +291,7 @@ class _Dist:
             self.owns_group = False
         self.rank = dist.get_rank() if self.enabled else 0
         self.world = dist.get_world_size() if self.enabled else 1
+        self.backend = dist.get_backend() if self.enabled else "none"
 
     @property
     def main(self) -> bool:
@@ -274,6 +301,15 @@ class _Dist:
         if self.enabled:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
+
+    def min_int(self, value: int) -> int:
+        """The smallest of every rank's ``value`` (so that all ranks take the same decision)."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.int64,
+                         device=torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
@@ -308,12 +344,84 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-def _lr_lambda(total_steps: int, warmup: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, 1 - (step - warmup) / max(1, total_steps - warmup)) ** 0.9
-    return f
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+class PolySchedule:
+    """Learning rate: linear warm-up, then polynomial decay (power 0.9) to zero at the run's end.
+
+    The decay follows a progress fraction that each step advances. :meth:`replan` changes how
+    many steps remain, so a run shortened by the time limit still ends at zero learning rate,
+    with no jump, instead of stopping mid-schedule.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        >>> sched = PolySchedule(opt, total_steps=10, warmup=2)
+        >>> for _ in range(10):
+        ...     opt.step(); sched.step()
+        >>> opt.param_groups[0]["lr"]
+        0.0
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup: int, power: float = 0.9):
+        self.optimizer = optimizer
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.warmup = max(0, min(warmup, total_steps - 1))
+        self.power = power
+        self.steps = 0
+        self.progress = 0.0
+        self.remaining = max(1, total_steps - self.warmup)  # decay steps left
+        self._apply()
+
+    def factor(self) -> float:
+        """The multiplier of the base learning rate for the next step."""
+        if self.steps < self.warmup:
+            return (self.steps + 1) / self.warmup
+        return max(0.0, 1.0 - self.progress) ** self.power
+
+    def step(self) -> None:
+        if self.steps >= self.warmup and self.remaining > 0:
+            # Equal increments that reach 1 exactly after the remaining steps.
+            self.progress = 1.0 if self.remaining == 1 else self.progress + (1.0 - self.progress) / self.remaining
+            self.remaining -= 1
+        self.steps += 1
+        self._apply()
+
+    def replan(self, remaining_steps: int) -> None:
+        """Decay to zero over ``remaining_steps`` from here (ends any warm-up now)."""
+        self.warmup = min(self.warmup, self.steps)
+        self.remaining = max(1, remaining_steps)
+
+    def _apply(self) -> None:
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = base * self.factor()
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("base_lrs", "warmup", "power", "steps", "progress", "remaining")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._apply()
+
+
+def time_limited_epochs(seconds_per_epoch: Sequence[float], budget_s: float, done: int, planned: int) -> int:
+    """How many epochs a run can have in all, given its time budget and the epochs timed so far.
+
+    ``done`` epochs took ``seconds_per_epoch`` (training, validation and saving each); the rest are
+    assumed to take their mean. Returns ``planned`` when they fit.
+
+    Example:
+        >>> time_limited_epochs([60, 60], budget_s=300, done=2, planned=12)
+        5
+    """
+    if not math.isfinite(budget_s) or done >= planned:
+        return planned
+    per_epoch = float(np.mean(seconds_per_epoch))
+    fit = int((budget_s - float(np.sum(seconds_per_epoch))) // max(per_epoch, 1e-9))
+    return max(done, min(planned, done + fit))
 
 
 @torch.no_grad()
@@ -395,7 +503,8 @@ def _train(cfg, data_dir, out, resume, progress, log, dist_: _Dist, t_start) -> 
         except OSError as exc:
             raise HipsegError(f"{out}: cannot create the output folder ({exc.strerror})") from None
     aug = default_augmentation() if cfg.augment else None
-    train_ds = SegmentationDataset(vols["train"], aug, seed=cfg.seed)
+    patch = RandomPatch(cfg.patch_shape, cfg.foreground_fraction) if cfg.patch_shape else None
+    train_ds = SegmentationDataset(vols["train"], aug, seed=cfg.seed, patch=patch)
     val_ds = SegmentationDataset(vols["val"])
     # One sampler for one or many processes: the same seed gives the same global batches, so a
     # run on N processes matches a single-process run of the same global batch.
@@ -418,7 +527,7 @@ def _train(cfg, data_dir, out, resume, progress, log, dist_: _Dist, t_start) -> 
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total_steps, min(50, total_steps // 10 + 1)))
+    sched = PolySchedule(opt, total_steps, warmup=min(50, total_steps // 10 + 1))
     _, amp_dtype = autocast_for(device, cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loss_fn = DiceCELoss(NUM_CLASSES).to(device)
@@ -428,7 +537,7 @@ def _train(cfg, data_dir, out, resume, progress, log, dist_: _Dist, t_start) -> 
     if resume:
         ck = read_checkpoint(last_path)
         saved = ck.get("train_config", {})
-        for key in ("target_shape", "base_channels", "depth", "deep_supervision"):
+        for key in ("target_shape", "base_channels", "depth", "deep_supervision", "downsample", "light_top"):
             mine = list(cfg.target_shape) if key == "target_shape" else getattr(cfg, key)
             if key in saved and saved[key] != mine:
                 raise HipsegError(f"{last_path}: was trained with {key}={saved[key]}, not {mine}; "
@@ -445,6 +554,9 @@ def _train(cfg, data_dir, out, resume, progress, log, dist_: _Dist, t_start) -> 
         best_dice = ck.get("best_val_dice")
         if "torch_rng" in ck:
             torch.set_rng_state(ck["torch_rng"])
+        if int(ck.get("planned_epochs", cfg.epochs)) != cfg.epochs and start_epoch < cfg.epochs:
+            # A run the time limit shortened: carry on to the planned end, decaying over the rest.
+            sched.replan((cfg.epochs - start_epoch) * steps_per_epoch)
         if dist_.main:
             log(f"resumed from {last_path} at epoch {start_epoch + 1}")
 
@@ -465,25 +577,33 @@ def _train(cfg, data_dir, out, resume, progress, log, dist_: _Dist, t_start) -> 
         return result
     n_params = sum(p.numel() for p in model.parameters())
     if dist_.main:
-        log(f"training {n_params / 1e6:.2f} M parameters on {device} x {dist_.world}, "
+        log(f"training {n_params / 1e6:.2f} M parameters on {device} x {dist_.world}"
+            + (f" ({dist_.backend})" if dist_.enabled else "") + ", "
             f"{len(train_ds)} train / {len(val_ds)} val volumes at {cfg.target_shape}, "
             f"batch {cfg.batch_size}, amp {amp_dtype or 'off'}")
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
+    planned = cfg.epochs
+    # One bar for the whole run (its ETA is the run's) where someone watches it live; in the
+    # executed book (plain progress) the one line per epoch below, with its ETA, says the same.
+    bar = None
+    if progress and dist_.main and os.environ.get("HIPSEG_PLAIN_PROGRESS") != "1":
+        from .progress import progress as tqdm
+        bar = tqdm(total=(planned - start_epoch) * steps_per_epoch, unit="step", leave=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
     stop = ""
     for epoch in range(start_epoch, cfg.epochs):
+        t_wall = time.perf_counter()
         train_ds.set_epoch(epoch)
         sampler.set_epoch(epoch)
         t_epoch = time.perf_counter()
         data_s = 0.0
         losses = []
         it = iter(train_loader)
-        bar = None
-        if progress and dist_.main:
-            from .progress import progress as tqdm
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
+        if bar is not None:
+            bar.total = (planned - start_epoch) * steps_per_epoch
+            bar.set_description(f"epoch {epoch + 1}/{planned}")
         for step in range(steps_per_epoch):
             t0 = time.perf_counter()
             image, label = next(it)
@@ -517,8 +637,6 @@ def _train(cfg, data_dir, out, resume, progress, log, dist_: _Dist, t_start) -> 
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
-        if bar is not None:
-            bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_s = time.perf_counter() - t_epoch
@@ -541,16 +659,30 @@ def _train(cfg, data_dir, out, resume, progress, log, dist_: _Dist, t_start) -> 
             else:
                 since_best += 1
             stop = early_stop_reason(val, since_best, cfg.early_stop_dice, cfg.patience)
+        record["wall_seconds"] = time.perf_counter() - t_wall
         history.append(record)
-        spent = sum(h["epoch_seconds"] for h in history)  # across resumes too
-        if not stop and spent >= budget_s and epoch + 1 < cfg.epochs:
-            stop = f"time budget of {cfg.max_minutes:g} minutes reached"
+        # The time limit is a safety net: when the epochs timed so far show that the planned ones
+        # will not fit, shorten the run and let the learning rate reach zero at its new end.
+        walls = [h.get("wall_seconds", h["epoch_seconds"]) for h in history]  # across resumes too
+        fits = dist_.min_int(time_limited_epochs(walls, budget_s, epoch + 1, planned))  # ranks agree
+        if fits < planned:
+            planned = fits
+            if epoch + 1 < planned:
+                sched.replan((planned - epoch - 1) * steps_per_epoch)
+                if dist_.main:
+                    log(f"WARNING: time limit of {cfg.max_minutes:g} min: this machine fits {planned} of "
+                        f"{cfg.epochs} epochs; the learning rate now decays to zero over {planned}")
+        record["planned_epochs"] = planned
+        if not stop and epoch + 1 >= planned and planned < cfg.epochs:
+            stop = (f"time limit of {cfg.max_minutes:g} minutes: training stopped after {epoch + 1} of "
+                    f"{cfg.epochs} planned epochs")
         if dist_.main:
             extra = dict(train_config=cfg.as_dict(), epoch=epoch, history=history,
                          best_score=best_score, since_best=since_best, best_val_dice=best_dice,
                          optimizer_state=opt.state_dict(), scheduler_state=sched.state_dict(),
                          scaler_state=scaler.state_dict() if scaler.is_enabled() else {},
-                         torch_rng=torch.get_rng_state(), metrics=record)
+                         torch_rng=torch.get_rng_state(), metrics=record, planned_epochs=planned,
+                         stopped_because=stop)
             save_checkpoint(last_path, model, mcfg, cfg.preprocessing, **extra)
             if improved:
                 save_checkpoint(best_path, model, mcfg, cfg.preprocessing, **extra)
@@ -558,15 +690,18 @@ def _train(cfg, data_dir, out, resume, progress, log, dist_: _Dist, t_start) -> 
             with atomic_path(log_path) as tmp:
                 Path(tmp).write_text("".join(json.dumps(h) + "\n" for h in history))
             dice_txt = " ".join(f"{v:.3f}" if v is not None else "nan" for v in record.get("val_dice", []))
-            log(f"epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} "
+            eta = (planned - epoch - 1) * float(np.mean(walls[-(epoch + 1 - start_epoch):]))
+            log(f"epoch {epoch + 1}/{planned} loss {record['loss']:.4f} "
                 f"{record['step_seconds']:.2f} s/step data {100 * record['data_fraction']:.1f}%"
-                + (f" val Dice [{dice_txt}]" if dice_txt else ""))
+                + (f" val Dice [{dice_txt}]" if dice_txt else "") + f" | ETA {_clock(eta)}")
         if stop:
             break
+    if bar is not None:
+        bar.close()
     if not stop:
         stop = f"planned {cfg.epochs} epochs done"
     if dist_.main:
-        log(f"stopped: {stop}")
+        log(("WARNING: " if planned < cfg.epochs else "") + f"stopped: {stop}")
     result.history, result.stopped_because = history, stop
     result.best_val_dice = best_dice
     result.seconds = time.perf_counter() - t_start

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hipseg_lib.augment import (Compose, Crop, Flip, Gamma, RandomCrop, RandomFlip, RandomRotate, Rotate,
+from hipseg_lib.augment import (Compose, Crop, Flip, Gamma, RandomPatch, RandomFlip, RandomRotate, Rotate,
                                 ScaleShift, default_augmentation)
 
 
@@ -51,10 +51,31 @@ def test_crop_pads_outside_and_random_crop_bounds():
     img, lab = _pair()
     i2, l2 = Crop((-2, 0, 0), (4, 4, 4))(img, lab)
     assert i2.shape == (4, 4, 4) and (l2[:2] == 0).all() and (i2[:2] == img.min()).all()
-    rc = RandomCrop((8, 8, 8), (16, 16, 8))
+    rc = RandomPatch((8, 8, 8))
     for s in range(10):
-        c = rc.sample(np.random.default_rng(s))
+        c = rc.sample(np.random.default_rng(s), lab)
         assert 0 <= c.start[0] <= 8 and c.start[2] == 0
+
+
+def test_random_patch_draws_foreground_at_the_configured_rate():
+    """A tiny organ in a large volume: uniform patches rarely hold it, oversampled ones do."""
+    lab = np.zeros((64, 64, 32), np.uint8)
+    lab[50:53, 5:8, 25:28] = 5
+    img = lab.astype(np.float32)
+    for fraction in (0.0, 0.33, 1.0):
+        patch = RandomPatch((16, 16, 8), foreground_fraction=fraction)
+        hits = []
+        for s in range(600):
+            c = patch.sample(np.random.default_rng(s), lab)
+            i2, l2 = c(img, lab)
+            assert l2.shape == (16, 16, 8) and np.array_equal(i2 > 0, l2 > 0)
+            hits.append((l2 == 5).any())
+        uniform_rate = 0.03  # about (16+2)*(16+2)*(8+2) starts of 49*49*25 hold part of the organ
+        expected = fraction + (1 - fraction) * uniform_rate
+        assert abs(np.mean(hits) - expected) < 0.06, (fraction, np.mean(hits))
+    # Centred on the organ even at the volume's border, and never outside the volume.
+    c = RandomPatch((16, 16, 8), 1.0).sample(np.random.default_rng(0), lab)
+    assert c.start == (43, 0, 24)
 
 
 def test_intensity_transforms_leave_label_alone():

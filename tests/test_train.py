@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import torch
 
 from hipseg_lib import HipsegError
 from hipseg_lib.checkpoint import read_checkpoint
-from hipseg_lib.train import (BEST_NAME, LAST_NAME, LOG_NAME, PRESETS, archive_previous_run, autocast_for,
+from hipseg_lib.train import (BEST_NAME, LAST_NAME, LOG_NAME, PRESETS, PolySchedule, archive_previous_run, autocast_for,
+                              time_limited_epochs,
                               early_stop_reason, preset, resolve_device, train)
 
 
@@ -123,4 +125,63 @@ def test_early_stop_and_time_budget(tiny_synth, tmp_path):
               log=lambda s: None)
     assert r.stopped_because.startswith("no better") or len(r.history) == 5
     r = train(_smoke(epochs=5, max_minutes=1e-6), tiny_synth, tmp_path / "t", progress=False, log=lambda s: None)
-    assert "time budget" in r.stopped_because and len(r.history) == 1
+    assert "time limit" in r.stopped_because and len(r.history) == 1
+
+
+def test_poly_schedule_warms_up_decays_to_zero_and_replans_without_a_jump():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    sched = PolySchedule(opt, total_steps=12, warmup=2)
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(12):
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[:3] == [1.0, 2.0, 2.0], "linear warm-up to the base rate"
+    np.testing.assert_allclose(lrs[3], 2.0 * (1 - 1 / 10) ** 0.9)
+    assert all(a > b for a, b in zip(lrs[2:12], lrs[3:13])) and lrs[12] == 0.0, "decays to zero at the end"
+
+    # Shortened after 5 of 12 steps to end 3 steps later: no jump, then zero exactly at the new end.
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    sched = PolySchedule(opt, total_steps=12, warmup=2)
+    for _ in range(5):
+        sched.step()
+    before = opt.param_groups[0]["lr"]
+    sched.replan(3)
+    assert opt.param_groups[0]["lr"] == before
+    after = []
+    for _ in range(3):
+        sched.step()
+        after.append(opt.param_groups[0]["lr"])
+    assert before > after[0] > after[1] > after[2] == 0.0
+    state = sched.state_dict()
+    other = PolySchedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0), 12, 2)
+    other.load_state_dict(state)
+    assert other.factor() == sched.factor() == 0.0
+
+
+def test_time_limited_epochs():
+    assert time_limited_epochs([60, 60], math.inf, 2, 12) == 12
+    assert time_limited_epochs([60, 60], 3600, 2, 12) == 12, "fits"
+    assert time_limited_epochs([60, 60], 300, 2, 12) == 5
+    assert time_limited_epochs([60, 60], 100, 2, 12) == 2, "never fewer than done"
+
+
+def test_time_limit_does_not_change_a_run_it_does_not_hit(tiny_synth, tmp_path):
+    """Same seed, same losses whether or not a (generous) time limit is set: work defines the run."""
+    a = train(_smoke(epochs=3, max_minutes=0), tiny_synth, tmp_path / "a", progress=False, log=lambda s: None)
+    b = train(_smoke(epochs=3, max_minutes=600), tiny_synth, tmp_path / "b", progress=False, log=lambda s: None)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    assert a.stopped_because == b.stopped_because == "planned 3 epochs done"
+    assert a.history[-1]["lr"] == 0.0, "the schedule ends at zero learning rate"
+
+
+def test_a_run_cut_short_by_the_time_limit_still_ends_at_zero_lr(tiny_synth, tmp_path, monkeypatch):
+    import hipseg_lib.train as T
+
+    # As on a slow machine: after the first epoch, the budget is measured to fit 2 of 4 epochs.
+    monkeypatch.setattr(T, "time_limited_epochs", lambda walls, budget, done, planned: min(planned, 2))
+    msgs = []
+    r = train(_smoke(epochs=4, max_minutes=5), tiny_synth, tmp_path / "cut", progress=False, log=msgs.append)
+    assert len(r.history) == 2 and r.history[-1]["lr"] == 0.0
+    assert r.stopped_because == "time limit of 5 minutes: training stopped after 2 of 4 planned epochs"
+    assert any(m.startswith("WARNING: time limit of 5 min: this machine fits 2 of 4 epochs") for m in msgs)
+    assert read_checkpoint(tmp_path / "cut" / LAST_NAME)["stopped_because"] == r.stopped_because
