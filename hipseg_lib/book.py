@@ -156,7 +156,7 @@ def build_html(source: Path, output: Path, strict: bool = True) -> Path:
 def run_book(preset: str = "auto", data_dir: str | None = None, build: bool = True,
              chapters_only: Sequence[str] | None = None, root: Path | None = None,
              build_dir: Path | None = None, model_dir: str | None = None, results_dir: str | None = None,
-             log=print) -> Path:
+             amp: str | None = None, log=print) -> Path:
     """Execute every chapter in order with papermill, then build the HTML book.
 
     Args:
@@ -167,6 +167,7 @@ def run_book(preset: str = "auto", data_dir: str | None = None, build: bool = Tr
         root: the project folder (default :func:`project_root`).
         build_dir: where ``executed/`` and ``html/`` go (default ``<root>/_build``).
         model_dir, results_dir: where chapter 4 saves checkpoints and chapter 5 its metrics.
+        amp: chapter 4's mixed precision (None: the preset's); ``"off"`` is the fp32 path.
 
     Returns:
         The HTML folder (or the executed-notebook folder when ``build`` is false).
@@ -181,6 +182,8 @@ def run_book(preset: str = "auto", data_dir: str | None = None, build: bool = Tr
     params = {"preset": preset, "data_dir": str(data), "live_widgets": False,
               "model_dir": str(Path(model_dir).resolve()) if model_dir else str(root / "model"),
               "results_dir": str(Path(results_dir).resolve()) if results_dir else str(root / "results")}
+    if amp is not None:
+        params["amp"] = amp
     stage = build_dir / "executed"
     nbs = chapters(root)
     if chapters_only:
@@ -190,7 +193,7 @@ def run_book(preset: str = "auto", data_dir: str | None = None, build: bool = Tr
             raise HipsegError(f"unknown chapter(s): {', '.join(sorted(unknown))}; "
                               f"choose from {', '.join(nb.stem for nb in nbs)}")
         nbs = [nb for nb in nbs if nb.stem in wanted]
-    log(f"book: preset {preset}, data {data}, {len(nbs)} chapter(s)")
+    log(f"book: preset {preset}" + (f", amp {amp}" if amp else "") + f", data {data}, {len(nbs)} chapter(s)")
     total = time.perf_counter()
     for nb in nbs:
         out = stage / nb.relative_to(root)

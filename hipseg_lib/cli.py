@@ -126,7 +126,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_book(a: argparse.Namespace) -> int:
     from .book import run_book
 
-    run_book(preset=a.preset, data_dir=a.data, build=not a.no_build, chapters_only=a.chapter)
+    run_book(preset=a.preset, data_dir=a.data, build=not a.no_build, chapters_only=a.chapter, amp=a.amp)
     return 0
 
 
@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", default=None, help="real data folder (default: $HIPSEG_DATA or the synthetic set)")
     b.add_argument("--chapter", action="append", help="execute only this chapter (file stem; repeatable)")
     b.add_argument("--no-build", action="store_true", help="execute only, do not build HTML")
+    b.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=None,
+                   help="mixed precision for chapter 4 (default: the preset's); 'off' trains in fp32, "
+                        "as a CPU without native bf16 does")
     b.set_defaults(func=cmd_book)
     return p
 
