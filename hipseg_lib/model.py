@@ -254,9 +254,10 @@ def layer_table(model: ResUNet3D, input_shape: tuple[int, int, int]) -> list[dic
     Runs one forward pass on zeros of ``(1, in_channels, *input_shape)`` with hooks.
     """
     rows: list[dict] = []
-    named = [("stem", model.stem)]
-    named += [(f"encoder.{i}", m) for i, m in enumerate(model.encoder)]
-    named += [("bottleneck", model.bottleneck)]
+    named = [("stem", model.stem), ("encoder.0", model.encoder[0])]
+    for i in range(1, len(model.encoder)):
+        named += [(f"down.{i - 1}", model.down[i - 1]), (f"encoder.{i}", model.encoder[i])]
+    named += [(f"down.{len(model.down) - 1}", model.down[-1]), ("bottleneck", model.bottleneck)]
     named += [(f"decoder.{i}", m) for i, m in enumerate(model.decoder)]
     named += [("head", model.head)]
     hooks = []

@@ -413,17 +413,21 @@ class PolySchedule:
 def time_limited_epochs(seconds_per_epoch: Sequence[float], budget_s: float, done: int, planned: int) -> int:
     """How many epochs a run can have in all, given its time budget and the epochs timed so far.
 
-    ``done`` epochs took ``seconds_per_epoch`` (training, validation and saving each); the rest are
-    assumed to take their mean. Returns ``planned`` when they fit.
+    ``done`` epochs took ``seconds_per_epoch`` (training, validation and saving each). The rest are
+    assumed to take the median of the last three, leaving out the first epoch once later ones are
+    timed (it carries one-off costs). Returns ``planned`` when they fit.
 
     Example:
-        >>> time_limited_epochs([60, 60], budget_s=300, done=2, planned=12)
+        >>> time_limited_epochs([90, 60, 60], budget_s=400, done=3, planned=12)
         5
     """
     if not math.isfinite(budget_s) or done >= planned:
         return planned
-    per_epoch = float(np.mean(seconds_per_epoch))
-    fit = int((budget_s - float(np.sum(seconds_per_epoch))) // max(per_epoch, 1e-9))
+    spent = float(np.sum(seconds_per_epoch))
+    if spent >= budget_s:
+        return done
+    recent = list(seconds_per_epoch[1:] if len(seconds_per_epoch) > 1 else seconds_per_epoch)[-3:]
+    fit = int((budget_s - spent) // max(float(np.median(recent)), 1e-9))
     return max(done, min(planned, done + fit))
 
 
@@ -667,14 +671,15 @@ def _train(cfg, data_dir, out, resume, progress, log, dist_: _Dist, t_start) -> 
         # The time limit is a safety net: when the epochs timed so far show that the planned ones
         # will not fit, shorten the run and let the learning rate reach zero at its new end.
         walls = [h.get("wall_seconds", h["epoch_seconds"]) for h in history]  # across resumes too
-        fits = dist_.min_int(time_limited_epochs(walls, budget_s, epoch + 1, planned))  # ranks agree
-        if fits < planned:
+        fits = dist_.min_int(time_limited_epochs(walls, budget_s, epoch + 1, cfg.epochs))  # ranks agree
+        if fits != planned:  # shorter, or back towards the plan once epochs turn out faster
             planned = fits
             if epoch + 1 < planned:
                 sched.replan((planned - epoch - 1) * steps_per_epoch)
-                if dist_.main:
-                    log(f"WARNING: time limit of {cfg.max_minutes:g} min: this machine fits {planned} of "
-                        f"{cfg.epochs} epochs; the learning rate now decays to zero over {planned}")
+            if dist_.main:
+                log(f"WARNING: time limit of {cfg.max_minutes:g} min: at the speed measured so far this "
+                    f"machine fits {planned} of {cfg.epochs} epochs; the learning rate now decays to "
+                    f"zero over {planned}")
         record["planned_epochs"] = planned
         if not stop and epoch + 1 >= planned and planned < cfg.epochs:
             stop = (f"time limit of {cfg.max_minutes:g} minutes: training stopped after {epoch + 1} of "

@@ -54,8 +54,9 @@ def test_width_and_depth_change_parameters_and_table():
     assert sum(r["parameters"] for r in rows) + count_parameters(small.final_norm) == count_parameters(small)
 
 
-def test_overfits_one_small_volume():
-    """The network drives the loss well down on one volume (CPU, seconds)."""
+@pytest.mark.parametrize("design", [dict(), dict(downsample="maxpool", light_top=False)])
+def test_overfits_one_small_volume(design):
+    """The network (today's design and the seed's) drives the loss well down on one volume (CPU, seconds)."""
     torch.manual_seed(0)
     x = torch.randn(1, 1, 16, 16, 8)
     y = torch.zeros(1, 16, 16, 8, dtype=torch.long)
@@ -65,11 +66,11 @@ def test_overfits_one_small_volume():
     y[:, 8:11, 10:13, 2:5] = 4
     y[:, 5:7, 10:12, 3:5] = 5
     x = x * 0.3 + y.float()[:, None] * 0.5  # learnable but noisy
-    net = ResUNet3D(ModelConfig(base_channels=8, depth=3))
+    net = ResUNet3D(ModelConfig(base_channels=8, depth=3, **design))
     loss_fn = DiceCELoss(6)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     first = None
-    for _ in range(120):
+    for _ in range(200):
         loss = loss_fn(net(x), y)
         first = first if first is not None else loss.item()
         opt.zero_grad()

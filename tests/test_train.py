@@ -163,6 +163,7 @@ def test_time_limited_epochs():
     assert time_limited_epochs([60, 60], 3600, 2, 12) == 12, "fits"
     assert time_limited_epochs([60, 60], 300, 2, 12) == 5
     assert time_limited_epochs([60, 60], 100, 2, 12) == 2, "never fewer than done"
+    assert time_limited_epochs([300, 60, 60], 600, 3, 12) == 6, "a slow first epoch (one-off costs) is left out"
 
 
 def test_time_limit_does_not_change_a_run_it_does_not_hit(tiny_synth, tmp_path):
@@ -183,5 +184,5 @@ def test_a_run_cut_short_by_the_time_limit_still_ends_at_zero_lr(tiny_synth, tmp
     r = train(_smoke(epochs=4, max_minutes=5), tiny_synth, tmp_path / "cut", progress=False, log=msgs.append)
     assert len(r.history) == 2 and r.history[-1]["lr"] == 0.0
     assert r.stopped_because == "time limit of 5 minutes: training stopped after 2 of 4 planned epochs"
-    assert any(m.startswith("WARNING: time limit of 5 min: this machine fits 2 of 4 epochs") for m in msgs)
+    assert any(m.startswith("WARNING: time limit of 5 min: at the speed measured so far this machine fits 2 of 4 epochs") for m in msgs)
     assert read_checkpoint(tmp_path / "cut" / LAST_NAME)["stopped_because"] == r.stopped_because
