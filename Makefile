@@ -6,13 +6,14 @@ STAMP  := $(VENV)/.hipseg-installed
 DATA   ?= data/synthetic
 PRESET ?= auto
 
-.PHONY: setup test book data bench gpu-check gpu-wheels clean help
+.PHONY: setup test book lab data bench gpu-check gpu-wheels clean help
 
 help:
 	@echo "make setup   create .venv and install pinned dependencies + hipseg_lib (editable)"
 	@echo "make test    run the whole test suite"
 	@echo "make data    generate the default synthetic data set in $(DATA)"
 	@echo "make book    make the data, execute every chapter with papermill, build _build/html"
+	@echo "make lab     JupyterLab on book/ (127.0.0.1, token) with the hipseg kernel; prints the URL"
 	@echo "make bench   ResUNet3D vs MONAI UNet/BasicUNet benchmark"
 	@echo "make gpu-wheels  download (here) the wheels the GPU machine lacks into .gpu-wheels/"
 	@echo "make gpu-check   every GPU figure in one run (on a GPU machine; no .venv needed there)"
@@ -36,6 +37,9 @@ data: setup
 
 book: setup
 	$(BIN)/hipseg book --preset $(PRESET)
+
+lab: setup
+	$(BIN)/hipseg lab
 
 bench: setup
 	$(BIN)/python benchmarks/bench_models.py

@@ -109,4 +109,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     except RuntimeError as exc:
         raise HipsegError(f"{path}: weights do not fit a ResUNet3D of its stated configuration "
                           f"({str(exc).splitlines()[0][:120]})") from None
+    patch = (ckpt.get("train_config") or {}).get("patch_shape")
+    # Trained on patches: predict in sliding windows of that size (see predict_array).
+    model.inference_patch = tuple(patch) if patch else None
     return model.to(device).eval(), ckpt

@@ -1,6 +1,6 @@
 """The ``hipseg`` command line (also ``python -m hipseg_lib``).
 
-Verbs: ``synth``, ``check``, ``train``, ``predict``, ``evaluate``, ``book``. Errors about user
+Verbs: ``synth``, ``check``, ``train``, ``predict``, ``evaluate``, ``book``, ``lab``. Errors about user
 input print one line ``hipseg: error: <file>: <problem>`` and exit with status 1.
 """
 from __future__ import annotations
@@ -123,6 +123,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lab(a: argparse.Namespace) -> int:
+    from .lab import run_lab
+
+    return run_lab(port=a.port, data_dir=a.data, notebook_dir=a.dir)
+
+
 def cmd_book(a: argparse.Namespace) -> int:
     from .book import run_book
 
@@ -212,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision for chapter 4 (default: the preset's); 'off' trains in fp32, "
                         "as a CPU without native bf16 does")
     b.set_defaults(func=cmd_book)
+
+    lab = sub.add_parser("lab", help="JupyterLab on the book, for stepping through it interactively",
+                         description="Start JupyterLab on book/ (127.0.0.1 only, with a token) with the "
+                                     "hipseg kernel and the data in place, and print the URL to open.")
+    lab.add_argument("--port", type=int, default=8888, help="first port to try (the next free one is used)")
+    lab.add_argument("--data", default=None, help="data folder (default: $HIPSEG_DATA or the synthetic set)")
+    lab.add_argument("--dir", default=None, help="notebook folder (default: the project's book/)")
+    lab.set_defaults(func=cmd_lab)
     return p
 
 

@@ -45,7 +45,7 @@ def _inference_bytes(model: ResUNet3D, shape: Sequence[int]) -> int:
 
 
 def sliding_window_logits(model: ResUNet3D, x: torch.Tensor, patch: Sequence[int], overlap: float = 0.25) -> torch.Tensor:
-    """Class scores of ``x`` (1, C_in, X, Y, Z) from overlapping patches, averaged where they overlap."""
+    """Class scores of ``x`` (N, C_in, X, Y, Z) from overlapping patches, averaged where they overlap."""
     size = x.shape[2:]
     patch = [min(p, s) for p, s in zip(patch, size)]
     starts = []
@@ -55,7 +55,8 @@ def sliding_window_logits(model: ResUNet3D, x: torch.Tensor, patch: Sequence[int
         if pos[-1] != s - p:
             pos.append(s - p)
         starts.append(pos)
-    out = torch.zeros((1, model.config.num_classes, *size), dtype=torch.float32, device=x.device)
+    classes = getattr(model, "module", model).config.num_classes
+    out = torch.zeros((x.shape[0], classes, *size), dtype=torch.float32, device=x.device)
     weight = torch.zeros((1, 1, *size), dtype=torch.float32, device=x.device)
     for i in starts[0]:
         for j in starts[1]:
@@ -89,7 +90,10 @@ def predict_array(model: ResUNet3D, image: np.ndarray, affine: np.ndarray, prepr
     x, box = preprocess_image(arr, preprocessing)
     xt = torch.from_numpy(x)[None, None].to(device)
     budget = memory_bytes if memory_bytes is not None else _available_bytes(device) // 2
-    if _inference_bytes(model, xt.shape[2:]) <= budget:
+    patch = getattr(model, "inference_patch", None)  # a network trained on patches sees patches
+    if patch:
+        logits = sliding_window_logits(model, xt, patch, overlap=0.5)
+    elif _inference_bytes(model, xt.shape[2:]) <= budget:
         logits = model(xt).float()
     else:
         div = model.divisor

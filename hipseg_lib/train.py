@@ -432,8 +432,13 @@ def time_limited_epochs(seconds_per_epoch: Sequence[float], budget_s: float, don
 
 
 @torch.no_grad()
-def _validate(model, loader, device, amp: str, channels_last: bool, dist_: _Dist):
-    """Mean per-class Dice over the validation volumes (NaN-aware), reduced over ranks."""
+def _validate(model, loader, device, amp: str, channels_last: bool, dist_: _Dist, patch=None):
+    """Mean per-class Dice over the validation volumes (NaN-aware), reduced over ranks.
+
+    A network trained on patches is run in sliding windows of its patch size, as in prediction.
+    """
+    from .predict import sliding_window_logits
+
     model.eval()
     sums = torch.zeros(NUM_CLASSES, dtype=torch.float64)
     counts = torch.zeros(NUM_CLASSES, dtype=torch.float64)
@@ -442,7 +447,8 @@ def _validate(model, loader, device, amp: str, channels_last: bool, dist_: _Dist
         if channels_last:
             image = image.to(memory_format=torch.channels_last_3d)
         with autocast_for(device, amp)[0]:
-            pred = model(image).argmax(1).cpu().numpy()
+            logits = sliding_window_logits(model, image, patch) if patch else model(image)
+            pred = logits.argmax(1).cpu().numpy()
         for p, t in zip(pred, label.numpy()):
             d = dice_per_class(p, t, NUM_CLASSES)
             ok = ~np.isnan(d)
@@ -657,7 +663,7 @@ def _train(cfg, data_dir, out, resume, progress, log, dist_: _Dist, t_start) -> 
             record["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         improved = False
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-            val = _validate(net, val_loader, device, cfg.amp, cfg.channels_last, dist_)
+            val = _validate(net, val_loader, device, cfg.amp, cfg.channels_last, dist_, cfg.patch_shape)
             record["val_dice"] = [None if np.isnan(v) else float(v) for v in val]
             score = float(np.nanmean(val[1:])) if np.any(~np.isnan(val[1:])) else -1.0
             record["val_mean_fg_dice"] = score

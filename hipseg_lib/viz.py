@@ -14,9 +14,11 @@ from matplotlib.colors import ListedColormap
 
 from . import CLASS_NAMES
 
+PROSTATE = CLASS_NAMES.index("prostate")
+
 __all__ = ["CLASS_COLOURS", "label_cmap", "show_slice", "orthogonal_views", "prostate_slice", "three_panel",
            "class_legend",
-           "static_slider", "live_slider", "slice_browser", "html_table"]
+           "static_slider", "live_slider", "SliceViewer", "slice_browser", "html_table"]
 
 CLASS_COLOURS = ["#00000000", "#4daf4a", "#ffff33", "#377eb8", "#ff7f00", "#e41a1c"]
 
@@ -152,21 +154,146 @@ def static_slider(image: np.ndarray, labels: Sequence[np.ndarray | None] = (None
     return HTML(html)
 
 
+_PLANES = {"axial": 2, "coronal": 1, "sagittal": 0}
+
+
+class SliceViewer:
+    """A live slice browser for a running kernel (JupyterLab, Notebook): it scrolls as you drag.
+
+    Frames are composed in numpy (grey image, organs as translucent fills, body as an outline)
+    and sent as PNG to an ``ipywidgets.Image``; the figure is not redrawn, so a move costs one
+    small PNG (cached). Controls: slice (``continuous_update=True``), plane, which label map
+    (each one given, and their difference when there are two), overlay opacity.
+
+    Args:
+        image: (x, y, z) intensities.
+        labels: label maps, ``None`` for "image only" (one option each).
+        titles: the option names, one per entry of ``labels``.
+        spacing: voxel size in mm (for the aspect ratio and the position in mm).
+        size: the longer side of the displayed image in pixels.
+
+    Example:
+        >>> SliceViewer(img, (None, lab), ("MRI", "labels")).widget   # doctest: +SKIP
+    """
+
+    def __init__(self, image: np.ndarray, labels: Sequence[np.ndarray | None] = (None,),
+                 titles: Sequence[str] = ("",), spacing: Sequence[float] | None = None, size: int = 384):
+        import ipywidgets as widgets
+
+        self.image = np.asarray(image, dtype=np.float32)
+        lo, hi = np.percentile(self.image, (0.5, 99.5))
+        self.grey = (np.clip((self.image - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+        self.maps: dict[str, np.ndarray | None] = {t or "image": lab for t, lab in zip(titles, labels)}
+        given = [lab for lab in labels if lab is not None]
+        if len(given) == 2:
+            self.maps["difference"] = (given[0] != given[1]).astype(np.uint8)
+        self.spacing = tuple(spacing) if spacing is not None else (1.0, 1.0, 1.0)
+        self.size = size
+        self._cache: dict[tuple, bytes] = {}
+        start_map = next((t for t in reversed(list(self.maps)) if self.maps[t] is not None and t != "difference"),
+                         next(iter(self.maps)))
+        self.plane = widgets.ToggleButtons(options=list(_PLANES), value="axial", description="plane")
+        self.which = widgets.ToggleButtons(options=list(self.maps), value=start_map, description="labels")
+        self.opacity = widgets.FloatSlider(value=0.45, min=0.0, max=1.0, step=0.05, description="opacity",
+                                           continuous_update=True)
+        self.slider = widgets.IntSlider(description="slice", continuous_update=True, min=0, max=1)
+        self.caption = widgets.Label()
+        self.frame = widgets.Image(format="png")
+        for w, name in ((self.slider, "slice"), (self.frame, "frame"), (self.caption, "caption"),
+                        (self.plane, "plane"), (self.which, "which"), (self.opacity, "opacity")):
+            w.add_class(f"hipseg-{name}")
+        self._set_plane("axial")
+        self.slider.observe(lambda _: self._draw(), names="value")
+        self.which.observe(lambda _: self._draw(), names="value")
+        self.opacity.observe(lambda _: self._draw(), names="value")
+        self.plane.observe(lambda ch: self._set_plane(ch["new"]), names="value")
+        self.widget = widgets.VBox([widgets.HBox([self.plane]), widgets.HBox([self.which]),
+                                    widgets.HBox([self.slider, self.caption]), self.opacity, self.frame])
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+    def _start_index(self, axis: int) -> int:
+        """The slice through the prostate (from any label map), else the middle."""
+        for lab in self.maps.values():
+            if lab is not None and (lab == PROSTATE).any():
+                return int(np.argmax((lab == PROSTATE).sum(tuple(a for a in range(3) if a != axis))))
+        return self.image.shape[axis] // 2
+
+    def _set_plane(self, name: str) -> None:
+        axis = _PLANES[name]
+        with self.slider.hold_trait_notifications():
+            self.slider.max = self.image.shape[axis] - 1
+            self.slider.value = self._start_index(axis)
+        self._draw()
+
+    def render(self, plane: str, index: int, which: str, opacity: float) -> bytes:
+        """The PNG of one frame (cached)."""
+        key = (plane, index, which, round(opacity, 3))
+        if key not in self._cache:
+            self._cache[key] = _png(self._compose(plane, index, which, opacity))
+            if len(self._cache) > 512:
+                self._cache.pop(next(iter(self._cache)))
+        return self._cache[key]
+
+    def _compose(self, plane: str, index: int, which: str, opacity: float) -> np.ndarray:
+        axis = _PLANES[plane]
+        grey = _plane(self.grey, axis, index)
+        rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+        lab = self.maps[which]
+        if lab is not None:
+            sl = _plane(lab, axis, index)
+            if which == "difference":
+                _blend(rgb, sl > 0, (255, 0, 255), opacity)
+            else:
+                body = sl == 1
+                edge = body & ~(np.roll(body, 1, 0) & np.roll(body, -1, 0) & np.roll(body, 1, 1) & np.roll(body, -1, 1))
+                _blend(rgb, edge, _rgb(CLASS_COLOURS[1]), min(1.0, 2 * opacity))
+                for c in range(2, len(CLASS_NAMES)):
+                    _blend(rgb, sl == c, _rgb(CLASS_COLOURS[c]), opacity)
+        rgb = rgb.astype(np.uint8)
+        # Display size: physical aspect from the spacing, nearest-neighbour scaling.
+        h, w = grey.shape
+        sp = {2: (self.spacing[1], self.spacing[0]), 1: (self.spacing[2], self.spacing[0]),
+              0: (self.spacing[2], self.spacing[1])}[axis]
+        scale = self.size / max(h * sp[0], w * sp[1])
+        rows = np.minimum((np.arange(max(1, round(h * sp[0] * scale))) / (sp[0] * scale)).astype(int), h - 1)
+        cols = np.minimum((np.arange(max(1, round(w * sp[1] * scale))) / (sp[1] * scale)).astype(int), w - 1)
+        return rgb[rows][:, cols]
+
+    def _draw(self) -> None:
+        plane, index = self.plane.value, int(self.slider.value)
+        self.frame.value = self.render(plane, index, self.which.value, float(self.opacity.value))
+        axis = _PLANES[plane]
+        n = self.image.shape[axis]
+        self.caption.value = f"{plane} slice {index} of {n} ({index * self.spacing[axis]:.1f} mm)"
+
+
+def _rgb(colour: str) -> tuple[int, int, int]:
+    return tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+
+
+def _blend(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], alpha: float) -> None:
+    if mask.any() and alpha > 0:
+        rgb[mask] = (1 - alpha) * rgb[mask] + alpha * np.asarray(colour, np.float32)
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    from io import BytesIO
+
+    from PIL import Image
+
+    buf = BytesIO()
+    Image.fromarray(rgb).save(buf, format="png", compress_level=1)
+    return buf.getvalue()
+
+
 def live_slider(image: np.ndarray, labels: Sequence[np.ndarray | None] = (None,), titles: Sequence[str] = ("",),
-                spacing: Sequence[float] | None = None, size: float = 3.5):
-    """An ipywidgets slider over axial slices (needs a running kernel)."""
-    import ipywidgets as widgets
-
-    def draw(index: int):
-        fig, axes = plt.subplots(1, len(labels), figsize=(size * len(labels), size), squeeze=False)
-        for ax, lab, t in zip(axes[0], labels, titles):
-            show_slice(ax, image, lab, index=index, spacing=spacing, title=t)
-        fig.suptitle(f"axial slice {index} of {image.shape[2]}", fontsize=10)
-        plt.show()
-
-    slider = widgets.IntSlider(value=image.shape[2] // 2, min=0, max=image.shape[2] - 1, description="slice",
-                               continuous_update=False)
-    return widgets.interactive(draw, index=slider)
+                spacing: Sequence[float] | None = None, size: int = 384):
+    """The live slice browser (:class:`SliceViewer`) as a widget (needs a running kernel)."""
+    return SliceViewer(image, labels, titles, spacing, size).widget
 
 
 def slice_browser(image: np.ndarray, labels: Sequence[np.ndarray | None] = (None,), titles: Sequence[str] = ("",),
