@@ -37,11 +37,15 @@ def free_port(start: int = 8888, host: str = HOST, tries: int = 100) -> int:
 
 def lab_command(notebook_dir: Path, port: int, token: str) -> list[str]:
     """The ``jupyter lab`` command line: loopback only, token authentication, hipseg kernel."""
-    return [sys.executable, "-m", "jupyterlab", "--no-browser",
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser",
             f"--ServerApp.ip={HOST}", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={notebook_dir}",
             "--MultiKernelManager.default_kernel_name=hipseg", "--LabApp.news_url=",
-            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            "--LabApp.extension_manager=readonly"]  # nothing is looked up on the network
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")  # containers often run as root; Jupyter refuses it otherwise
+    return cmd
 
 
 def lab_url(port: int, token: str, notebook: str = "01_data_exploration.ipynb") -> str:

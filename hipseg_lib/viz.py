@@ -238,6 +238,22 @@ class SliceViewer:
                 self._cache.pop(next(iter(self._cache)))
         return self._cache[key]
 
+    def _display_size(self, plane: str) -> tuple[int, int]:
+        rows, cols = self._grid(plane)
+        return len(cols), len(rows)
+
+    def _grid(self, plane: str) -> tuple[np.ndarray, np.ndarray]:
+        """Source row and column of each displayed pixel: the physical aspect from the spacing,
+        the longer side ``size`` pixels, nearest-neighbour."""
+        axis = _PLANES[plane]
+        h, w = _plane(self.grey, axis, 0).shape
+        sp = {2: (self.spacing[1], self.spacing[0]), 1: (self.spacing[2], self.spacing[0]),
+              0: (self.spacing[2], self.spacing[1])}[axis]
+        scale = self.size / max(h * sp[0], w * sp[1])
+        rows = np.minimum((np.arange(max(1, round(h * sp[0] * scale))) / (sp[0] * scale)).astype(int), h - 1)
+        cols = np.minimum((np.arange(max(1, round(w * sp[1] * scale))) / (sp[1] * scale)).astype(int), w - 1)
+        return rows, cols
+
     def _compose(self, plane: str, index: int, which: str, opacity: float) -> np.ndarray:
         axis = _PLANES[plane]
         grey = _plane(self.grey, axis, index)
@@ -253,19 +269,15 @@ class SliceViewer:
                 _blend(rgb, edge, _rgb(CLASS_COLOURS[1]), min(1.0, 2 * opacity))
                 for c in range(2, len(CLASS_NAMES)):
                     _blend(rgb, sl == c, _rgb(CLASS_COLOURS[c]), opacity)
-        rgb = rgb.astype(np.uint8)
-        # Display size: physical aspect from the spacing, nearest-neighbour scaling.
-        h, w = grey.shape
-        sp = {2: (self.spacing[1], self.spacing[0]), 1: (self.spacing[2], self.spacing[0]),
-              0: (self.spacing[2], self.spacing[1])}[axis]
-        scale = self.size / max(h * sp[0], w * sp[1])
-        rows = np.minimum((np.arange(max(1, round(h * sp[0] * scale))) / (sp[0] * scale)).astype(int), h - 1)
-        cols = np.minimum((np.arange(max(1, round(w * sp[1] * scale))) / (sp[1] * scale)).astype(int), w - 1)
-        return rgb[rows][:, cols]
+        rows, cols = self._grid(plane)
+        return rgb.astype(np.uint8)[rows][:, cols]
 
     def _draw(self) -> None:
         plane, index = self.plane.value, int(self.slider.value)
-        self.frame.value = self.render(plane, index, self.which.value, float(self.opacity.value))
+        png = self.render(plane, index, self.which.value, float(self.opacity.value))
+        w, h = self._display_size(plane)
+        self.frame.width, self.frame.height = str(w), str(h)
+        self.frame.value = png
         axis = _PLANES[plane]
         n = self.image.shape[axis]
         self.caption.value = f"{plane} slice {index} of {n} ({index * self.spacing[axis]:.1f} mm)"
