@@ -264,8 +264,9 @@ class SliceViewer:
             if which == "difference":
                 _blend(rgb, sl > 0, (255, 0, 255), opacity)
             else:
-                body = sl == 1
-                edge = body & ~(np.roll(body, 1, 0) & np.roll(body, -1, 0) & np.roll(body, 1, 1) & np.roll(body, -1, 1))
+                inside = sl >= 1  # the body's outline, so that the anatomy under it stays visible
+                edge = inside & ~(np.roll(inside, 1, 0) & np.roll(inside, -1, 0)
+                                  & np.roll(inside, 1, 1) & np.roll(inside, -1, 1))
                 _blend(rgb, edge, _rgb(CLASS_COLOURS[1]), min(1.0, 2 * opacity))
                 for c in range(2, len(CLASS_NAMES)):
                     _blend(rgb, sl == c, _rgb(CLASS_COLOURS[c]), opacity)
