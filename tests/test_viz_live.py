@@ -4,12 +4,9 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import pytest
+from PIL import Image
 
-pytest.importorskip("ipywidgets")
-from PIL import Image  # noqa: E402
-
-from hipseg_lib.viz import SliceViewer  # noqa: E402
+from hipseg_lib.viz import SliceViewer
 
 
 def _case():
