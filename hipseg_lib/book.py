@@ -93,7 +93,8 @@ def execute_chapter(notebook: Path, output: Path, parameters: dict, timeout: int
     os.environ["HIPSEG_PLAIN_PROGRESS"] = "1"
     try:
         pm.execute_notebook(str(notebook), str(output), parameters=params, cwd=str(notebook.parent),
-                            kernel_name=_kernel_name(), progress_bar=False, execution_timeout=timeout)
+                            kernel_name=_kernel_name(), progress_bar=False, execution_timeout=timeout,
+                            kernel_manager_class=_quiet_kernel_manager())
     except pm.PapermillExecutionError as exc:
         raise HipsegError(f"{notebook.name}: cell {exc.exec_count} raised {exc.ename}: "
                           f"{str(exc.evalue).splitlines()[0] if exc.evalue else ''} (see {output})") from None
@@ -103,6 +104,32 @@ def execute_chapter(notebook: Path, output: Path, parameters: dict, timeout: int
         else:
             os.environ["HIPSEG_PLAIN_PROGRESS"] = env_before
     return time.perf_counter() - t
+
+
+def _quiet_kernel_manager():
+    """A kernel manager that does not fill ``make book``'s output with false alarms.
+
+    - IPC transport (local socket files) instead of TCP: ipykernel warns on every start that TCP
+      carries code and outputs in plain text; nothing listens on a port this way.
+    - No interrupt before the shutdown request: jupyter_client interrupts a kernel it shuts down,
+      and a kernel that is inside a message handler then logs "ERROR | KeyboardInterrupt caught
+      in kernel" although nothing went wrong. The shutdown request alone ends it (and a kernel
+      that does not end in time is still terminated).
+    """
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class QuietKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _transport_default(self) -> str:
+            return "ipc"
+
+        async def _async_interrupt_kernel(self) -> None:
+            if self.shutting_down:
+                return
+            await super()._async_interrupt_kernel()
+
+    return QuietKernelManager
 
 
 def _kernel_name() -> str:
