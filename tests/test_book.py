@@ -72,3 +72,19 @@ def test_executed_notebooks_used_the_injected_parameters(built_book, tiny_synth)
 
 def test_project_root_is_found():
     assert (project_root() / "_config.yml").exists()
+
+
+def test_every_chapter_ends_with_exercises():
+    """d2l-style "Try it yourself": 2-4 numbered tasks, each chapter."""
+    import nbformat
+
+    from hipseg_lib.book import chapters
+
+    for nb_path in chapters(ROOT):
+        if nb_path.suffix != ".ipynb":
+            continue
+        nb = nbformat.read(str(nb_path), as_version=4)
+        last = nb.cells[-1]
+        assert last.cell_type == "markdown" and last.source.startswith("## Try it yourself"), nb_path.name
+        tasks = [line for line in last.source.splitlines() if line[:3] in ("1. ", "2. ", "3. ", "4. ")]
+        assert 2 <= len(tasks) <= 4, (nb_path.name, tasks)
