@@ -27,6 +27,8 @@ def test_committed_notebooks_are_clean_and_parametrised():
         declared = pm.inspect_notebook(str(nb_path))
         assert "data_dir" in declared
         assert any("hide-input" in c.metadata.get("tags", []) for c in nb.cells)
+        raw = json.loads(nb_path.read_text())
+        assert all("id" in c for c in raw["cells"]), f"{nb_path.name}: a cell has no id (nbformat 4.5 needs one)"
 
 
 def test_training_chapter_declares_its_parameters():
