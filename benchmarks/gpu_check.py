@@ -36,6 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_step
 
 from hipseg_lib import NUM_CLASSES  # noqa: E402
 from hipseg_lib.loss import DiceCELoss  # noqa: E402
@@ -146,44 +147,14 @@ def _mean_dice(doc: dict) -> list[float]:
 
 
 def time_steps(cfg, device, channels_last: bool, compiled: bool, steps: int) -> dict:
-    torch.manual_seed(0)
-    model = ResUNet3D(cfg.model_config).to(device)
-    x = torch.randn(cfg.batch_size, 1, *cfg.target_shape, device=device)
-    y = torch.randint(0, NUM_CLASSES, (cfg.batch_size, *cfg.target_shape), device=device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-        x = x.to(memory_format=torch.channels_last_3d)
-    net = torch.compile(model) if compiled else model
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loss_fn = DiceCELoss(NUM_CLASSES)
-    amp = "bf16" if device.type == "cuda" else "auto"
+    """``bench_step.time_steps`` (bf16 on the GPU) plus the peak GPU memory and parameter count."""
+    from bench_step import time_steps as timed
 
-    def step():
-        with autocast_for(device, amp)[0]:
-            out = net(x)
-        loss = loss_fn(out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    t = time.perf_counter()
-    step()
-    step()
-    sync()
-    first = time.perf_counter() - t
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    secs = (time.perf_counter() - t) / steps
+    secs, first = timed(cfg, device, "bf16" if device.type == "cuda" else "auto", channels_last, compiled, steps)
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"s": secs, "first": first, "mem": mem, "params": count_parameters(model)}
+    return {"s": secs, "first": first, "mem": mem, "params": count_parameters(ResUNet3D(cfg.model_config))}
 
 
 def count_flops(cfg, device) -> float:
