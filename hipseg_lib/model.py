@@ -153,11 +153,9 @@ class ModelConfig:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    to_dict = as_dict
-
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        """Inverse of :meth:`to_dict`; settings missing from an older checkpoint take the values
+        """Inverse of :meth:`as_dict`; settings missing from an older checkpoint take the values
         that checkpoint was built with, not today's defaults."""
         return cls(**{**_LEGACY, **d})
 

@@ -78,3 +78,18 @@ def test_overfits_one_small_volume(design):
         opt.step()
     assert loss.item() < 0.3 * first
     assert (net(x).argmax(1) == y).float().mean() > 0.95
+
+
+def test_config_round_trip_and_legacy_checkpoints_keep_their_design():
+    cfg = ModelConfig(base_channels=12, depth=5)
+    assert ModelConfig.from_dict(cfg.as_dict()) == cfg
+    # A checkpoint saved before downsample/light_top existed was built with max pooling and
+    # residual blocks at full resolution: its weights must fit that network, not today's default.
+    old = {"in_channels": 1, "num_classes": 6, "base_channels": 4, "depth": 3, "dropout": 0.0,
+           "deep_supervision": False}
+    legacy = ModelConfig.from_dict(old)
+    assert legacy.downsample == "maxpool" and legacy.light_top is False
+    seed_design = ResUNet3D(ModelConfig(**old, downsample="maxpool", light_top=False))
+    ResUNet3D(legacy).load_state_dict(seed_design.state_dict())
+    with pytest.raises(ValueError, match="downsample"):
+        ModelConfig(downsample="avgpool")
