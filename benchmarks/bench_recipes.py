@@ -35,8 +35,8 @@ RECIPES = {
 }
 
 
-def run(name: str, data: Path, amp: str | None, out: Path) -> dict:
-    cfg = preset("cpu", amp=amp, max_minutes=0, **RECIPES[name])
+def run(name: str, data: Path, amp: str | None, out: Path, epochs: int = 12) -> dict:
+    cfg = preset("cpu", amp=amp, max_minutes=0, epochs=epochs, **RECIPES[name])
     t = time.perf_counter()
     result = train(cfg, data, out / name, progress=False, log=lambda s: None)
     seconds = time.perf_counter() - t
@@ -53,13 +53,14 @@ def main() -> int:
     p.add_argument("--data", default=None)
     p.add_argument("--amp", default=None, choices=("auto", "bf16", "off"), help="default: the preset's (auto)")
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--epochs", type=int, default=12, help="12 is the cpu preset's; fewer for a quick look")
     a = p.parse_args()
     data = resolve_data_dir(a.data)
     print("| recipe | steps | training (min) | " + " | ".join(CLASS_NAMES) + " | min |")
     print("|---|---|---|" + "---|" * (len(CLASS_NAMES) + 1))
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.recipes:
-            r = run(name, data, a.amp, Path(tmp))
+            r = run(name, data, a.amp, Path(tmp), a.epochs)
             print(f"| {name} | {r['steps']} | {r['minutes']:.1f} | " + " | ".join(f"{d:.3f}" for d in r["dice"])
                   + f" | {r['dice'].min():.3f} |", flush=True)
     return 0

@@ -68,8 +68,8 @@ def orthogonal_views(image: np.ndarray, label: np.ndarray | None = None, spacing
     """Axial, coronal and sagittal slices through ``center`` (default: the prostate or the middle)."""
     if center is None:
         center = [s // 2 for s in image.shape]
-        if label is not None and (label == 5).any():
-            center = [int(np.median(ix)) for ix in np.nonzero(label == 5)]
+        if label is not None and (label == PROSTATE).any():
+            center = [int(np.median(ix)) for ix in np.nonzero(label == PROSTATE)]
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
     for ax, axis, name in zip(axes, (2, 1, 0), ("axial", "coronal", "sagittal")):
         show_slice(ax, image, label, axis=axis, index=center[axis], spacing=spacing,
@@ -81,11 +81,12 @@ def orthogonal_views(image: np.ndarray, label: np.ndarray | None = None, spacing
     return fig
 
 
-def prostate_slice(label: np.ndarray) -> int:
-    """The axial slice with the most prostate voxels (the middle slice when there are none)."""
-    if not (label == 5).any():
-        return label.shape[2] // 2
-    return int(np.argmax((label == 5).sum((0, 1))))
+def prostate_slice(label: np.ndarray, axis: int = 2) -> int:
+    """The slice along ``axis`` (default axial) with the most prostate voxels (the middle slice
+    when there are none)."""
+    if not (label == PROSTATE).any():
+        return label.shape[axis] // 2
+    return int(np.argmax((label == PROSTATE).sum(tuple(a for a in range(3) if a != axis))))
 
 
 def three_panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, index: int | None = None,
@@ -217,10 +218,8 @@ class SliceViewer:
 
     def _start_index(self, axis: int) -> int:
         """The slice through the prostate (from any label map), else the middle."""
-        for lab in self.maps.values():
-            if lab is not None and (lab == PROSTATE).any():
-                return int(np.argmax((lab == PROSTATE).sum(tuple(a for a in range(3) if a != axis))))
-        return self.image.shape[axis] // 2
+        with_prostate = [lab for lab in self.maps.values() if lab is not None and (lab == PROSTATE).any()]
+        return prostate_slice(with_prostate[0], axis) if with_prostate else self.image.shape[axis] // 2
 
     def _set_plane(self, name: str) -> None:
         axis = _PLANES[name]
