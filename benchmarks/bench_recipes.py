@@ -24,7 +24,7 @@ from hipseg_lib.book import resolve_data_dir
 from hipseg_lib.checkpoint import load_model
 from hipseg_lib.data import split_by_case
 from hipseg_lib.io import find_pairs
-from hipseg_lib.predict import evaluate_pairs
+from hipseg_lib.evaluate import evaluate_pairs
 from hipseg_lib.preprocess import Preprocessing
 from hipseg_lib.train import preset, train
 

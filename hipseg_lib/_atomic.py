@@ -6,6 +6,7 @@ file at the destination, never a truncated one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Iterator
 
 from . import HipsegError
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "write_json_atomic"]
 
 
 def _umask() -> int:
@@ -44,3 +45,17 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json_atomic(doc: dict, path: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Write JSON through a temporary file and a rename."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise HipsegError(f"{path}: already exists (use --overwrite to replace it)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HipsegError(f"{path.parent}: cannot write here ({exc.strerror})") from None
+    with atomic_path(path, suffix=".json") as tmp:
+        Path(tmp).write_text(json.dumps(doc, indent=2))
+    return path

@@ -20,7 +20,7 @@ from scipy import ndimage
 __all__ = [
     "Flip", "Rotate", "Crop", "Gamma", "ScaleShift", "Compose",
     "RandomFlip", "RandomRotate", "RandomPatch", "RandomGamma", "RandomScaleShift", "RandomCompose",
-    "default_augmentation",
+    "default_augmentation", "FLIP_AXES",
 ]
 
 Arrays = tuple[np.ndarray, np.ndarray]
@@ -200,10 +200,13 @@ class RandomCompose:
         return Compose(tuple(t.sample(rng) for t in self.transforms))
 
 
+FLIP_AXES: tuple[int, ...] = (0,)  # the axes the training augmentation mirrors (left-right)
+
+
 def default_augmentation(rotate_degrees: float = 10.0) -> RandomCompose:
     """The training augmentation: left-right flip, small axial rotation, gamma, scale/shift."""
     return RandomCompose((
-        RandomFlip(axes=(0,), p=0.5),
+        RandomFlip(axes=FLIP_AXES, p=0.5),
         RandomRotate(max_degrees=rotate_degrees, p=0.3),
         RandomGamma(log_range=0.3, p=0.3),
         RandomScaleShift(scale=0.1, shift=0.1, p=0.3),

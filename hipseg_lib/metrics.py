@@ -57,36 +57,57 @@ def _border(mask: np.ndarray) -> np.ndarray:
                                           border_value=0)
 
 
+def _bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(box)
+
+
 def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Distances (mm) from each surface voxel of ``a`` to the surface of ``b``, and back."""
+    """Distances (mm) from each surface voxel of ``a`` to the surface of ``b``, and back.
+
+    Both masks must be non-empty. The work is done inside the box that holds both masks (plus a
+    one-voxel margin, so that surfaces are found exactly as on the whole volume): distances between
+    surface voxels do not depend on what lies outside it.
+    """
     a, b = np.asarray(a, bool), np.asarray(b, bool)
+    box = _bounding_box(a | b)
+    a, b = a[box], b[box]
     sa, sb = _border(a), _border(b)
     dist_to_b = ndimage.distance_transform_edt(~sb, sampling=spacing)
     dist_to_a = ndimage.distance_transform_edt(~sa, sampling=spacing)
     return dist_to_b[sa], dist_to_a[sb]
 
 
-def _distance_metric(a, b, spacing, reduce) -> float:
+def _hd95(x: np.ndarray, y: np.ndarray) -> float:
+    return float(max(np.percentile(x, 95), np.percentile(y, 95)))
+
+
+def _asd(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.concatenate([x, y]).mean())
+
+
+def _distance_metrics(a, b, spacing, reducers) -> list[float]:
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     if not a.any() and not b.any():
-        return float("nan")
+        return [float("nan")] * len(reducers)
     if not a.any() or not b.any():
-        return float(np.linalg.norm(np.array(a.shape) * np.asarray(spacing, float)))
+        return [float(np.linalg.norm(np.array(a.shape) * np.asarray(spacing, float)))] * len(reducers)
     d_ab, d_ba = surface_distances(a, b, spacing)
-    return reduce(d_ab, d_ba)
+    return [reduce(d_ab, d_ba) for reduce in reducers]
 
 
 def hd95(pred_mask: np.ndarray, truth_mask: np.ndarray, spacing: Sequence[float]) -> float:
     """Symmetric 95th-percentile Hausdorff distance in mm: the larger of the two directed
     95th percentiles (as MONAI's ``compute_hausdorff_distance(percentile=95)``)."""
-    return _distance_metric(pred_mask, truth_mask, spacing,
-                            lambda x, y: float(max(np.percentile(x, 95), np.percentile(y, 95))))
+    return _distance_metrics(pred_mask, truth_mask, spacing, [_hd95])[0]
 
 
 def average_surface_distance(pred_mask: np.ndarray, truth_mask: np.ndarray, spacing: Sequence[float]) -> float:
     """Symmetric average surface distance in mm (mean over both surfaces' distances)."""
-    return _distance_metric(pred_mask, truth_mask, spacing,
-                            lambda x, y: float(np.concatenate([x, y]).mean()))
+    return _distance_metrics(pred_mask, truth_mask, spacing, [_asd])[0]
 
 
 def evaluate_case(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
@@ -95,8 +116,9 @@ def evaluate_case(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
     out = {"dice": dice_per_class(pred, truth, num_classes), "iou": iou_per_class(pred, truth, num_classes)}
     if distances:
         pred, truth = np.asarray(pred), np.asarray(truth)
-        out["hd95"] = np.array([hd95(pred == c, truth == c, spacing) for c in range(num_classes)])
-        out["asd"] = np.array([average_surface_distance(pred == c, truth == c, spacing) for c in range(num_classes)])
+        both = np.array([_distance_metrics(pred == c, truth == c, spacing, [_hd95, _asd])
+                         for c in range(num_classes)]).reshape(num_classes, 2)
+        out["hd95"], out["asd"] = both[:, 0], both[:, 1]
     return out
 
 

@@ -1,32 +1,44 @@
-"""Segmenting scans with a trained checkpoint, and scoring predictions against truths.
+"""Segmenting scans with a trained checkpoint.
 
 :func:`predict_array` applies the checkpoint's own preprocessing (orientation, intensity
-normalisation, resize), runs the network on the whole volume or in sliding windows when the
-whole volume would not fit in memory, resizes the class scores back to the input grid and
-takes the arg-max: the result has the input's shape and orientation.
+normalisation, resize), runs the network on the whole volume or in Gaussian-weighted sliding
+windows (when the network was trained on patches, or the whole volume would not fit in memory),
+optionally averages over mirrored copies of the input (test-time augmentation), resizes the class
+probabilities back to the input grid, takes the arg-max and optionally keeps only the largest
+connected piece of each single-organ class. The result has the input's shape and voxel order.
+
+Scoring predictions against truths lives in :mod:`hipseg_lib.evaluate`.
 """
 from __future__ import annotations
 
-import json
+import itertools
+import math
 import os
-import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
-from . import CLASS_NAMES, NUM_CLASSES, HipsegError
+from . import (BLADDER, BODY, CLASS_NAMES, DEFAULT_POSTPROCESS, DEFAULT_TTA, NUM_CLASSES, PROSTATE, RECTUM,
+               HipsegError)
 from ._atomic import atomic_path
+from .augment import FLIP_AXES
 from .checkpoint import load_model
-from .io import Pair, constant_image_problem, is_nifti, load_pair, load_volume, save_nifti_atomic
-from .metrics import evaluate_case, summarise
+from .io import constant_image_problem, is_nifti, load_volume, save_nifti_atomic
 from .model import ResUNet3D
 from .preprocess import Preprocessing, preprocess_image, reorient
 
-__all__ = ["predict_array", "sliding_window_logits", "collect_inputs", "prediction_name", "predict_files",
-           "evaluate_pairs", "evaluate_folders", "results_document", "write_json_atomic", "format_summary"]
+__all__ = ["predict_array", "predict_probabilities", "labels_from_probabilities", "sliding_window_logits",
+           "gaussian_weight", "keep_largest_component", "entropy", "collect_inputs", "prediction_name",
+           "probabilities_name", "predict_files", "SINGLE_ORGANS", "DEFAULT_TTA", "DEFAULT_POSTPROCESS"]
+
+# Classes that are one connected organ: post-processing keeps the largest piece of each.
+# Bones (pelvis and both femora) and the body are left alone.
+SINGLE_ORGANS: tuple[int, ...] = (BLADDER, RECTUM, PROSTATE)
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -44,34 +56,89 @@ def _inference_bytes(model: ResUNet3D, shape: Sequence[int]) -> int:
     return int(np.prod(shape)) * model.config.base_channels * 4 * 8
 
 
-def sliding_window_logits(model: ResUNet3D, x: torch.Tensor, patch: Sequence[int], overlap: float = 0.25) -> torch.Tensor:
-    """Class scores of ``x`` (N, C_in, X, Y, Z) from overlapping patches, averaged where they overlap."""
+def gaussian_weight(patch: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
+    """Blending weights for a window: a Gaussian with sigma ``sigma_scale`` times the window size
+    per axis (nnU-Net's 1/8), 1 at the centre, small but never zero at the border.
+
+    Example:
+        >>> w = gaussian_weight((5, 5, 5))
+        >>> float(w[2, 2, 2]), bool(w.min() > 0)
+        (1.0, True)
+    """
+    axes = []
+    for p in patch:
+        r = torch.arange(p, dtype=torch.float64) - (p - 1) / 2
+        g = torch.exp(-0.5 * (r / max(p * sigma_scale, 1e-6)) ** 2)
+        axes.append(g / g.max())
+    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return w.clamp_min(1e-6).float()
+
+
+def _window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    step = max(1, int(patch * (1 - overlap)))
+    pos = list(range(0, max(size - patch, 0) + 1, step))
+    if pos[-1] != size - patch:
+        pos.append(size - patch)
+    return pos
+
+
+def sliding_window_logits(model: torch.nn.Module, x: torch.Tensor, patch: Sequence[int], overlap: float = 0.5,
+                          blend: str = "gaussian") -> torch.Tensor:
+    """Class scores of ``x`` (N, C_in, X, Y, Z) from overlapping windows of size ``patch``.
+
+    Where windows overlap, their scores are averaged with a Gaussian weight (``blend="gaussian"``:
+    a window's centre, which saw the most context, counts more than its border) or equally
+    (``"constant"``). Only one window's output is held at a time besides the running sums.
+    """
     size = x.shape[2:]
     patch = [min(p, s) for p, s in zip(patch, size)]
-    starts = []
-    for s, p in zip(size, patch):
-        step = max(1, int(p * (1 - overlap)))
-        pos = list(range(0, max(s - p, 0) + 1, step))
-        if pos[-1] != s - p:
-            pos.append(s - p)
-        starts.append(pos)
-    classes = getattr(model, "module", model).config.num_classes
-    out = torch.zeros((x.shape[0], classes, *size), dtype=torch.float32, device=x.device)
-    weight = torch.zeros((1, 1, *size), dtype=torch.float32, device=x.device)
-    for i in starts[0]:
-        for j in starts[1]:
-            for k in starts[2]:
-                sl = (slice(None), slice(None), slice(i, i + patch[0]), slice(j, j + patch[1]), slice(k, k + patch[2]))
-                out[sl] += model(x[sl]).float()
-                weight[sl] += 1
-    return out / weight
+    if blend not in ("gaussian", "constant"):
+        raise ValueError(f"blend must be 'gaussian' or 'constant', not {blend!r}")
+    w = gaussian_weight(patch) if blend == "gaussian" else torch.ones(patch)
+    w = w.to(x.device)
+    out = norm = None
+    starts = [_window_starts(s, p, overlap) for s, p in zip(size, patch)]
+    for i, j, k in itertools.product(*starts):
+        sl = (slice(None), slice(None), slice(i, i + patch[0]), slice(j, j + patch[1]), slice(k, k + patch[2]))
+        y = model(x[sl]).float()
+        if out is None:
+            out = torch.zeros((x.shape[0], y.shape[1], *size), dtype=torch.float32, device=x.device)
+            norm = torch.zeros(size, dtype=torch.float32, device=x.device)
+        out[sl] += y * w
+        norm[sl[2:]] += w
+    return out / norm
+
+
+def _flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    return [c for n in range(len(axes) + 1) for c in itertools.combinations(axes, n)]
+
+
+def _network_log_probabilities(model, xt: torch.Tensor, budget: int, tta_axes: Sequence[int]) -> torch.Tensor:
+    """log of the class probabilities on the network grid, averaged over the mirrored copies."""
+    patch = getattr(model, "inference_patch", None)  # a network trained on patches sees patches
+    if not patch and _inference_bytes(model, xt.shape[2:]) > budget:
+        div = model.divisor
+        patch = [max(div, (s // 2) // div * div) for s in xt.shape[2:]]
+
+    def forward(x):
+        return sliding_window_logits(model, x, patch) if patch else model(x).float()
+
+    acc, n = None, 0
+    for flips in _flip_sets(tta_axes):
+        dims = [2 + a for a in flips]
+        logp = torch.log_softmax(forward(torch.flip(xt, dims) if dims else xt), 1)
+        if dims:
+            logp = torch.flip(logp, dims)
+        acc = logp if acc is None else torch.logaddexp(acc, logp)  # streams: one copy at a time
+        n += 1
+    return acc - math.log(n)
 
 
 @torch.no_grad()
-def predict_array(model: ResUNet3D, image: np.ndarray, affine: np.ndarray, preprocessing: Preprocessing,
-                  device: str | torch.device = "cpu", memory_bytes: int | None = None,
-                  return_scores: bool = False):
-    """Segment one image array; the result is a uint8 label map with ``image``'s shape.
+def predict_probabilities(model: ResUNet3D, image: np.ndarray, affine: np.ndarray, preprocessing: Preprocessing,
+                          device: str | torch.device = "cpu", memory_bytes: int | None = None,
+                          tta: bool = DEFAULT_TTA) -> np.ndarray:
+    """Class probabilities ``(C, *image.shape)`` (float32, summing to 1 per voxel) in the file's voxel order.
 
     Args:
         model: a network in eval mode.
@@ -79,10 +146,10 @@ def predict_array(model: ResUNet3D, image: np.ndarray, affine: np.ndarray, prepr
         affine: the file's affine (its orientation is undone at the end).
         preprocessing: the checkpoint's preprocessing.
         device: where to run.
-        memory_bytes: memory the inference may use (default: what is free); when the whole
-            volume needs more, sliding windows of half the size are used.
-        return_scores: also return the softmax probabilities ``(C, X, Y, Z)`` on the input grid
-            in the preprocessing orientation.
+        memory_bytes: memory the network may use (default: half of what is free); when the whole
+            volume needs more, Gaussian-weighted sliding windows of half the size are used.
+        tta: also run the left-right mirrored input (the flip the training augmentation used) and
+            average the two softmax outputs.
     """
     device = torch.device(device)
     turn = reorient(affine, preprocessing.orientation)
@@ -90,26 +157,78 @@ def predict_array(model: ResUNet3D, image: np.ndarray, affine: np.ndarray, prepr
     x, box = preprocess_image(arr, preprocessing)
     xt = torch.from_numpy(x)[None, None].to(device)
     budget = memory_bytes if memory_bytes is not None else _available_bytes(device) // 2
-    patch = getattr(model, "inference_patch", None)  # a network trained on patches sees patches
-    if patch:
-        logits = sliding_window_logits(model, xt, patch, overlap=0.5)
-    elif _inference_bytes(model, xt.shape[2:]) <= budget:
-        logits = model(xt).float()
-    else:
-        div = model.divisor
-        patch = [max(div, (s // 2) // div * div) for s in xt.shape[2:]]
-        logits = sliding_window_logits(model, xt, patch)
+    logp = _network_log_probabilities(model, xt, budget, FLIP_AXES if tta else ())
+    # Resizing log-probabilities then normalising equals resizing the logits (a per-voxel shift
+    # does not change a softmax), so plain inference is unchanged by averaging in probability.
     crop_shape = tuple(b - a for a, b in box)
-    logits = F.interpolate(logits, size=crop_shape, mode="trilinear", align_corners=False)
-    probs = torch.softmax(logits, 1)[0].cpu()
-    full = torch.zeros((probs.shape[0], *arr.shape), dtype=probs.dtype)
+    logp = F.interpolate(logp, size=crop_shape, mode="trilinear", align_corners=False)
+    probs = torch.softmax(logp, 1)[0].cpu().numpy()
+    del logp
+    full = np.zeros((probs.shape[0], *arr.shape), dtype=np.float32)
     full[0] = 1.0  # outside the body crop: background
     full[(slice(None), *(slice(a, b) for a, b in box))] = probs
-    label = full.argmax(0).to(torch.uint8).numpy()
-    out = turn.undo(label)
-    if return_scores:
-        return out, full.numpy()
+    del probs
+    return np.stack([turn.undo(c) for c in full])
+
+
+def keep_largest_component(label: np.ndarray, classes: Sequence[int] = SINGLE_ORGANS,
+                           probabilities: np.ndarray | None = None, fill: int = BODY) -> np.ndarray:
+    """Keep only the largest connected piece (26-neighbourhood) of each class in ``classes``.
+
+    Voxels of the smaller pieces take their next most probable class when ``probabilities``
+    ``(C, *label.shape)`` are given, else ``fill``. Classes not listed are never removed.
+
+    Example:
+        >>> lab = np.zeros((7, 1, 1), np.uint8); lab[0:3] = 3; lab[5] = 3
+        >>> keep_largest_component(lab, (3,), fill=1)[:, 0, 0].tolist()
+        [3, 3, 3, 0, 0, 1, 0]
+    """
+    out = np.array(label, copy=True)
+    full = np.ones((3, 3, 3), bool)
+    for c in classes:
+        mask = out == c
+        parts, n = ndimage.label(mask, structure=full)
+        if n <= 1:
+            continue
+        sizes = np.bincount(parts.ravel())[1:]
+        drop = mask & (parts != 1 + int(np.argmax(sizes)))
+        if probabilities is not None:
+            p = probabilities[:, drop].copy()
+            p[c] = -1.0
+            out[drop] = p.argmax(0)
+        else:
+            out[drop] = fill
     return out
+
+
+def labels_from_probabilities(probabilities: np.ndarray, postprocess: bool = DEFAULT_POSTPROCESS) -> np.ndarray:
+    """Arg-max label map (uint8); with ``postprocess``, :func:`keep_largest_component` of each single organ."""
+    label = probabilities.argmax(0).astype(np.uint8)
+    if postprocess:
+        label = keep_largest_component(label, SINGLE_ORGANS, probabilities)
+    return label
+
+
+def entropy(probabilities: np.ndarray) -> np.ndarray:
+    """Voxel-wise entropy of the class probabilities ``(C, ...)``, divided by log(C): 0 = certain,
+    1 = all classes equally likely."""
+    p = np.clip(probabilities, 1e-12, 1.0)
+    return -(p * np.log(p)).sum(0) / math.log(probabilities.shape[0])
+
+
+def predict_array(model: ResUNet3D, image: np.ndarray, affine: np.ndarray, preprocessing: Preprocessing,
+                  device: str | torch.device = "cpu", memory_bytes: int | None = None,
+                  tta: bool = DEFAULT_TTA, postprocess: bool = DEFAULT_POSTPROCESS,
+                  return_probabilities: bool = False):
+    """Segment one image array; the result is a uint8 label map with ``image``'s shape.
+
+    Arguments as :func:`predict_probabilities`; ``postprocess`` keeps the largest piece of each
+    single-organ class (:data:`SINGLE_ORGANS`). With ``return_probabilities``, returns
+    ``(label, probabilities)``.
+    """
+    probs = predict_probabilities(model, image, affine, preprocessing, device, memory_bytes, tta)
+    label = labels_from_probabilities(probs, postprocess)
+    return (label, probs) if return_probabilities else label
 
 
 def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
@@ -143,21 +262,12 @@ def prediction_name(path: Path) -> str:
     return f"{_stem(path)}_pred.nii.gz"
 
 
-def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                  device: str = "auto", overwrite: bool = False, progress: bool = True) -> list[Path]:
-    """Segment NIfTI files with a checkpoint; write ``<name>_pred.nii.gz`` label maps to ``out_dir``.
+def probabilities_name(path: Path) -> str:
+    """``Case_004_Week0_LFOV.nii.gz`` -> ``Case_004_Week0_LFOV_probs.nii.gz``."""
+    return f"{_stem(path)}_probs.nii.gz"
 
-    Everything is checked before the first file is written: inputs exist and are NIfTI,
-    the checkpoint loads, the output folder is writable and no output exists (unless
-    ``overwrite``). Each output is written atomically.
-    """
-    from .train import resolve_device
 
-    files = collect_inputs(inputs)
-    dev = resolve_device(device)
-    model, ckpt = load_model(checkpoint, dev, expect_classes=NUM_CLASSES)
-    prep = Preprocessing.from_dict(ckpt["preprocessing"])
-    out = Path(out_dir)
+def _check_output_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise HipsegError(f"{out}: exists and is not a folder")
     try:
@@ -166,145 +276,81 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
         raise HipsegError(f"{out}: cannot create the output folder ({exc.strerror})") from None
     if not os.access(out, os.W_OK):
         raise HipsegError(f"{out}: output folder is not writable")
+
+
+def _save_probabilities(probs: np.ndarray, affine: np.ndarray, path: Path, overwrite: bool) -> None:
+    # NIfTI-1 has no float16: uint16 with a scale factor takes the same two bytes per value, reads
+    # back as floats in any NIfTI reader, and is finer than float16 near 1 (steps of 1/65535).
+    if path.exists() and not overwrite:
+        raise HipsegError(f"{path}: already exists (use --overwrite to replace it)")
+    quantised = np.rint(np.moveaxis(probs, 0, -1) * 65535).astype(np.uint16)
+    img = nib.Nifti1Image(quantised, affine)
+    img.header.set_slope_inter(1 / 65535, 0)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header["descrip"] = ("hipseg probabilities: " + ",".join(CLASS_NAMES))[:79].encode()
+    img.header.set_intent("vector", (), name="class probabilities")
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        nib.save(img, tmp)
+
+
+def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                  device: str = "auto", overwrite: bool = False, progress: bool = True, tta: bool = DEFAULT_TTA,
+                  postprocess: bool = DEFAULT_POSTPROCESS, probabilities: bool = False) -> list[Path]:
+    """Segment NIfTI files with a checkpoint; write ``<name>_pred.nii.gz`` label maps to ``out_dir``,
+    and with ``probabilities`` also ``<name>_probs.nii.gz``: the per-class probabilities as a 4D
+    image (x, y, z, class) on the input's grid.
+
+    Everything is checked before the first file is written: inputs exist and are NIfTI,
+    the checkpoint loads, the output folder is writable and no output exists (unless
+    ``overwrite``). Each output is written atomically. Returns the label maps written.
+    """
+    from .train import resolve_device
+
+    files = collect_inputs(inputs)
+    dev = resolve_device(device)
+    model, ckpt = load_model(checkpoint, dev, expect_classes=NUM_CLASSES)
+    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    out = Path(out_dir)
+    _check_output_folder(out)
     targets = [out / prediction_name(f) for f in files]
+    prob_targets = [out / probabilities_name(f) for f in files] if probabilities else []
     if len(set(targets)) != len(targets):
         raise HipsegError("two inputs share a file name; predict them into separate folders")
     if not overwrite:
-        for t in targets:
+        for t in targets + prob_targets:
             if t.exists():
                 raise HipsegError(f"{t}: already exists (use --overwrite to replace it)")
-    it = zip(files, targets)
+    it = list(zip(files, targets))
     if progress:
         from .progress import progress as tqdm
-        it = tqdm(list(it), desc="predict", unit="vol")
+        it = tqdm(it, desc="predict", unit="vol")
     written = []
-    for f, target in it:
+    for n, (f, target) in enumerate(it):
         vol = load_volume(f, "image")
         constant = constant_image_problem(vol)
         if constant:
             raise HipsegError(constant)
-        label = predict_array(model, vol.array, vol.affine, prep, dev)
+        probs = predict_probabilities(model, vol.array, vol.affine, prep, dev, tta=tta)
+        label = labels_from_probabilities(probs, postprocess)
         header = vol.header.copy() if vol.header is not None else None
         if header is not None:
             header.set_data_dtype(np.uint8)
             header.set_slope_inter(1, 0)
+        if probabilities:
+            _save_probabilities(probs, vol.affine, prob_targets[n], overwrite)
+        del probs
         save_nifti_atomic(label, vol.affine, target, header=header, overwrite=overwrite)
         written.append(target)
     return written
 
 
-def evaluate_pairs(model: ResUNet3D, preprocessing: Preprocessing, pairs: Sequence[Pair],
-                   device: str | torch.device = "cpu", keep_predictions: bool = False,
-                   progress: bool = False) -> list[dict]:
-    """Predict each pair's image with ``model`` and score it against its label on the original grid.
-
-    Returns one dict per pair: ``id``, ``metrics`` (dice, iou, hd95, asd per class) and, with
-    ``keep_predictions``, the ``image``, ``truth`` and ``pred`` arrays.
-    """
-    it = pairs
-    if progress:
-        from .progress import progress as tqdm
-        it = tqdm(pairs, desc="evaluate", unit="vol", leave=False)
-    results = []
-    for pair in it:
-        image, truth = load_pair(pair)
-        pred = predict_array(model, image.array, image.affine, preprocessing, device)
-        row = {"id": str(pair.id), "case": pair.id.case,
-               "metrics": evaluate_case(pred, truth.array, image.spacing)}
-        if keep_predictions:
-            row.update(image=image.array, truth=truth.array, pred=pred, spacing=image.spacing)
-        results.append(row)
-    return results
+_MOVED_TO_EVALUATE = {"evaluate_pairs", "evaluate_folders", "results_document", "write_json_atomic",
+                      "format_summary"}
 
 
-_ID_RE = re.compile(r"(?:Case_)?([A-Za-z]?\d+)_Week(\d+)")
-
-
-def _match_key(path: Path) -> str:
-    m = _ID_RE.search(path.name)
-    if m:
-        return f"{m.group(1)}_Week{int(m.group(2))}"
-    stem = _stem(path)
-    for suffix in ("_pred", "_SEMANTIC", "_LFOV", "_seg", "_label"):
-        stem = stem.replace(suffix, "")
-    return stem
-
-
-def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike, progress: bool = False) -> dict:
-    """Pair predictions with truths by name (case and week when the names carry them) and score them.
-
-    Returns ``{"cases": [{"id", "metrics": {metric: {class: value}}}], "summary": ...,
-    "unmatched": [predictions with no truth], "truths_without_prediction": [...]}``.
-    """
-    preds = collect_inputs([pred_dir])
-    truths = collect_inputs([truth_dir])
-    by_key = {}
-    for t in truths:
-        by_key.setdefault(_match_key(t), t)
-    cases, unmatched, per_case = [], [], []  # unmatched: predictions with no truth
-    matched = [(p, by_key.get(_match_key(p))) for p in preds]
-    if not any(t for _, t in matched):
-        raise HipsegError(f"{pred_dir}: no prediction matches a file in {truth_dir} by name")
-    it = matched
-    if progress:
-        from .progress import progress as tqdm
-        it = tqdm(matched, desc="evaluate", unit="vol")
-    used = set()
-    for p, t in it:
-        if t is None:
-            unmatched.append(str(p))
-            continue
-        used.add(t)
-        pred = load_volume(p, "label")
-        truth = load_volume(t, "label")
-        if pred.shape != truth.shape:
-            raise HipsegError(f"{p}: shape {pred.shape} differs from its truth {t.name} {truth.shape}")
-        m = evaluate_case(pred.array, truth.array, truth.spacing)
-        per_case.append(m)
-        cases.append({"id": _match_key(p), "prediction": str(p), "truth": str(t),
-                      "metrics": _named(m)})
-    return {"cases": cases, "summary": summarise(per_case), "unmatched": unmatched,
-            "truths_without_prediction": [str(t) for t in truths if t not in used],
-            "classes": list(CLASS_NAMES)}
-
-
-def _named(metrics: dict[str, np.ndarray]) -> dict:
-    return {k: {n: (None if np.isnan(v) else float(v)) for n, v in zip(CLASS_NAMES, vals)}
-            for k, vals in metrics.items()}
-
-
-def results_document(results: list[dict], extra: dict | None = None) -> dict:
-    """JSON-ready document from :func:`evaluate_pairs` rows: per case and overall."""
-    return {"classes": list(CLASS_NAMES),
-            "cases": [{"id": r["id"], "metrics": _named(r["metrics"])} for r in results],
-            "summary": summarise([r["metrics"] for r in results]), **(extra or {})}
-
-
-def write_json_atomic(doc: dict, path: str | os.PathLike, overwrite: bool = True) -> Path:
-    """Write JSON through a temporary file and a rename."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise HipsegError(f"{path}: already exists (use --overwrite to replace it)")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise HipsegError(f"{path.parent}: cannot write here ({exc.strerror})") from None
-    with atomic_path(path, suffix=".json") as tmp:
-        Path(tmp).write_text(json.dumps(doc, indent=2))
-    return path
-
-
-def format_summary(summary: dict, metrics: Sequence[str] = ("dice", "iou", "hd95", "asd")) -> str:
-    """Table of mean (std) per class for each metric."""
-    head = f"{'metric':<8}" + "".join(f"{n:>17}" for n in CLASS_NAMES)
-    lines = [head, "-" * len(head)]
-    for m in metrics:
-        if m not in summary:
-            continue
-        cells = []
-        for n in CLASS_NAMES:
-            s = summary[m][n]
-            cells.append(f"{'n/a':>17}" if s["mean"] is None else f"{s['mean']:>9.3f} ({s['std']:.3f})")
-        unit = " mm" if m in ("hd95", "asd") else ""
-        lines.append(f"{m + unit:<8}" + "".join(cells))
-    return "\n".join(lines)
+def __getattr__(name: str):
+    # Evaluation moved to hipseg_lib.evaluate; old imports from here keep working.
+    if name in _MOVED_TO_EVALUATE:
+        from . import evaluate
+        return getattr(evaluate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

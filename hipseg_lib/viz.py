@@ -12,11 +12,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 
-from . import CLASS_NAMES
+from . import BONES, CLASS_NAMES, PROSTATE
 
-PROSTATE = CLASS_NAMES.index("prostate")
-
-__all__ = ["CLASS_COLOURS", "label_cmap", "show_slice", "orthogonal_views", "prostate_slice", "three_panel",
+__all__ = ["CLASS_COLOURS", "label_cmap", "show_slice", "orthogonal_views", "prostate_slice", "three_panel", "uncertainty_panel",
            "class_legend",
            "static_slider", "live_slider", "SliceViewer", "slice_browser", "html_table"]
 
@@ -90,17 +88,42 @@ def prostate_slice(label: np.ndarray, axis: int = 2) -> int:
 
 
 def three_panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, index: int | None = None,
-                spacing: Sequence[float] | None = None, title: str = ""):
-    """The seed's figure: MRI slice, ground truth, prediction (axial)."""
+                spacing: Sequence[float] | None = None, title: str = "",
+                titles: Sequence[str] = ("MRI", "ground truth", "prediction")):
+    """The seed's figure: MRI slice, ground truth, prediction (axial). ``titles`` name the panels,
+    so the same figure shows any two label maps side by side (e.g. before and after post-processing)."""
     if index is None:
         index = prostate_slice(truth)
     fig, axes = plt.subplots(1, 3, figsize=(11, 4))
-    show_slice(axes[0], image, None, index=index, spacing=spacing, title="MRI")
-    show_slice(axes[1], image, truth, index=index, spacing=spacing, title="ground truth", alpha=0.6)
-    show_slice(axes[2], image, pred, index=index, spacing=spacing, title="prediction", alpha=0.6)
+    show_slice(axes[0], image, None, index=index, spacing=spacing, title=titles[0])
+    show_slice(axes[1], image, truth, index=index, spacing=spacing, title=titles[1], alpha=0.6)
+    show_slice(axes[2], image, pred, index=index, spacing=spacing, title=titles[2], alpha=0.6)
     class_legend(fig)
     fig.suptitle(f"{title} axial slice {index}".strip())
     fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+def uncertainty_panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, uncertainty: np.ndarray,
+                      index: int | None = None, spacing: Sequence[float] | None = None, title: str = ""):
+    """Prediction, its errors (red: the prediction differs from the truth) and the voxel-wise
+    entropy of the class probabilities on one axial slice: do the errors sit where it is unsure?"""
+    if index is None:
+        index = prostate_slice(truth)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 4))
+    show_slice(axes[0], image, pred, index=index, spacing=spacing, title="prediction", alpha=0.6)
+    wrong = np.ma.masked_equal((pred != truth).astype(np.uint8), 0)
+    show_slice(axes[1], image, None, index=index, spacing=spacing, title="errors (red)")
+    axes[1].imshow(_plane(wrong, 2, index), cmap=ListedColormap(["red"]), aspect=_aspect(spacing, 2),
+                   interpolation="nearest")
+    plane = _plane(np.asarray(uncertainty, np.float32), 2, index)
+    art = axes[2].imshow(plane, cmap="magma", vmin=0, vmax=max(0.05, float(plane.max())),
+                         aspect=_aspect(spacing, 2), interpolation="nearest")
+    axes[2].set_axis_off()
+    axes[2].set_title("entropy (0: sure; 1: all classes equal)", fontsize=10)
+    fig.colorbar(art, ax=axes[2], fraction=0.046, pad=0.02)
+    fig.suptitle(f"{title} axial slice {index}".strip())
+    fig.tight_layout()
     return fig
 
 
@@ -112,7 +135,7 @@ def _frames(n: int, max_frames: int) -> list[int]:
 
 def _interesting_range(labels: Sequence[np.ndarray | None], depth: int, pad: int = 2) -> tuple[int, int]:
     """Slices holding organs or bones (labels >= 2) in any label map, padded; all slices otherwise."""
-    hits = [np.nonzero((lab >= 2).any(axis=(0, 1)))[0] for lab in labels if lab is not None]
+    hits = [np.nonzero((lab >= BONES).any(axis=(0, 1)))[0] for lab in labels if lab is not None]
     hits = [h for h in hits if h.size]
     if not hits:
         return 0, depth

@@ -9,8 +9,8 @@ from hipseg_lib import HipsegError
 from hipseg_lib.checkpoint import load_model, read_checkpoint, save_checkpoint
 from hipseg_lib.io import find_pairs, load_volume
 from hipseg_lib.model import ModelConfig, ResUNet3D
-from hipseg_lib.predict import (evaluate_folders, predict_array, predict_files, prediction_name,
-                                sliding_window_logits)
+from hipseg_lib.evaluate import evaluate_folders
+from hipseg_lib.predict import predict_array, predict_files, prediction_name, sliding_window_logits
 from hipseg_lib.preprocess import Preprocessing
 
 

@@ -1,0 +1,107 @@
+"""Peak memory and time of `predict_array` on a large scan, per inference option (CPU path).
+
+Each configuration runs in its own process, so that its peak resident memory (ru_maxrss) is its
+own. The scan is a synthetic 256x256x144 volume at 1.4x1.4x2.5 mm (a large HipMRI grid); the
+networks are the `cpu` and `full` presets' (random weights: memory and time do not depend on them).
+
+    python benchmarks/bench_predict.py [--shape 256 256 144] [--out benchmarks/results/predict_cpu.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name: (predict_array options, memory the network may use in GB; None = what is free)
+OPTIONS = {"plain": (dict(tta=False, postprocess=False), None),
+           "TTA": (dict(tta=True, postprocess=False), None),
+           "TTA + post-processing": (dict(tta=True, postprocess=True), None),
+           "TTA, windows": (dict(tta=True, postprocess=False), 0)}  # 0: windows of half the grid
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def one(preset_name: str, option: str, shape: tuple[int, int, int]) -> dict:
+    import numpy as np
+    import torch
+
+    from hipseg_lib.model import ResUNet3D
+    from hipseg_lib.predict import predict_array
+    from hipseg_lib.synth import SynthSpec, make_case_anatomy, render_volume
+    from hipseg_lib.train import preset
+
+    torch.set_num_threads(2)
+    cfg = preset(preset_name)
+    model = ResUNet3D(cfg.model_config).eval()
+    spec = SynthSpec(shape=shape, spacing=(1.4, 1.4, 2.5))
+    rng = np.random.default_rng(0)
+    image, _ = render_volume(make_case_anatomy(rng), spec, rng)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    options, memory_gb = OPTIONS[option]
+    memory = None if memory_gb is None else int(memory_gb * 2**30)
+    for _ in range(2):  # the second call is timed: the first also sets up oneDNN's kernels
+        start = time.perf_counter()
+        label = predict_array(model, image, spec.affine, cfg.preprocessing, "cpu", memory_bytes=memory, **options)
+        seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    assert label.shape == shape
+    return {"preset": preset_name, "grid": list(cfg.target_shape), "option": option, "seconds": round(seconds, 2),
+            "peak_rss_gb": round(peak, 2), "rss_before_gb": round(before, 2)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", type=int, nargs=3, default=(256, 256, 144))
+    ap.add_argument("--presets", nargs="+", default=["cpu", "full"])
+    ap.add_argument("--out", default=None, help="also write a markdown table here")
+    ap.add_argument("--one", nargs=2, metavar=("PRESET", "OPTION"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    shape = tuple(a.shape)
+    if a.one:
+        print(json.dumps(one(a.one[0], a.one[1], shape)))
+        return 0
+    rows = []
+    for p in a.presets:
+        for option in OPTIONS:
+            if option == "TTA, windows" and p == "cpu":
+                continue  # the cpu grid is small: windows would only be forced for show
+            r = subprocess.run([sys.executable, __file__, "--one", p, option, "--shape", *map(str, shape)],
+                               capture_output=True, text=True)
+            if r.returncode:
+                print(r.stderr.strip().splitlines()[-1], file=sys.stderr)
+                return 1
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
+    lines = [f"# predict_array on one {shape[0]}x{shape[1]}x{shape[2]} scan, CPU ({cpu_name()}, "
+             f"{os.cpu_count()} cores, 2 threads)", "",
+             "Peak resident memory of the whole process (Python, torch and the model included); random weights; "
+             "the second of two calls is timed. \"windows\": Gaussian-weighted windows of half the grid per axis.", "",
+             "| preset (network grid) | inference | s/volume | peak RSS (GB) |", "|---|---|---|---|"]
+    lines += [f"| {r['preset']} ({'x'.join(map(str, r['grid']))}) | {r['option']} | {r['seconds']:.2f} | "
+              f"{r['peak_rss_gb']:.2f} |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Inference options: Gaussian window blending, test-time mirroring, largest-component
+post-processing, probabilities and entropy (known answers with stub networks)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hipseg_lib import BLADDER, BODY, BONES, NUM_CLASSES, PROSTATE, HipsegError
+from hipseg_lib.evaluate import error_entropy_share
+from hipseg_lib.io import find_pairs, load_volume
+from hipseg_lib.predict import (entropy, gaussian_weight, keep_largest_component, labels_from_probabilities,
+                                predict_files, predict_probabilities, prediction_name, probabilities_name,
+                                sliding_window_logits)
+from hipseg_lib.preprocess import Preprocessing
+
+
+class Stub(nn.Module):
+    """A stand-in network with what predict needs (``config``, ``divisor``) and a chosen ``score``."""
+
+    def __init__(self, score):
+        super().__init__()
+        self.score = score
+        self.config = SimpleNamespace(base_channels=1, num_classes=NUM_CLASSES)
+        self.divisor = 1
+
+    def forward(self, x):
+        return self.score(x)
+
+
+def pointwise():
+    """A 1x1x1 convolution: translation-equivariant and mirror-symmetric."""
+    torch.manual_seed(0)
+    conv = nn.Conv3d(1, NUM_CLASSES, 1)
+    return Stub(conv)
+
+
+def copy_input(x):
+    """Class 1 scores the intensity itself: equivariant under flips, but the input is not symmetric."""
+    out = torch.zeros(x.shape[0], NUM_CLASSES, *x.shape[2:])
+    out[:, 1] = 3 * x[:, 0]
+    return out
+
+
+def ramp(x):
+    """Class 1 scores the position along axis 0 (ignores the input): not mirror-symmetric."""
+    out = torch.full((x.shape[0], NUM_CLASSES, *x.shape[2:]), -30.0)
+    out[:, 0] = 0
+    out[:, 1] = torch.linspace(-2, 2, x.shape[2])[:, None, None]
+    return out
+
+
+PREP = Preprocessing(target_shape=(16, 16, 8), crop_foreground=False)
+
+
+def scan(seed=0):
+    return np.random.default_rng(seed).normal(100, 30, (20, 18, 10)).astype(np.float32)
+
+
+def test_gaussian_weight_is_symmetric_and_peaks_at_the_centre():
+    for patch in [(9, 7, 5), (8, 8, 4)]:
+        w = gaussian_weight(patch)
+        assert w.shape == patch and float(w.max()) == pytest.approx(1.0)
+        for axis in range(3):
+            torch.testing.assert_close(w, torch.flip(w, (axis,)), rtol=0, atol=0)
+        centre = tuple((p - 1) // 2 for p in patch)
+        assert float(w[centre]) == pytest.approx(float(w.max()))
+        assert float(w.min()) > 0 and float(w[0, 0, 0]) < 0.01 * float(w[centre])
+        # falls off monotonically from the centre along each axis
+        line = w[:, centre[1], centre[2]]
+        assert torch.all(line[1:centre[0] + 1] >= line[:centre[0]])
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "constant"])
+@pytest.mark.parametrize("patch,overlap", [((8, 8, 4), 0.5), ((7, 5, 6), 0.25), ((16, 16, 16), 0.5)])
+def test_windows_equal_the_whole_volume_for_a_translation_equivariant_model(blend, patch, overlap):
+    model = pointwise()
+    x = torch.randn(2, 1, 17, 13, 9)
+    with torch.no_grad():
+        whole = model(x)
+        windows = sliding_window_logits(model, x, patch, overlap=overlap, blend=blend)
+    torch.testing.assert_close(windows, whole, rtol=1e-5, atol=1e-5)
+    assert torch.equal(windows.argmax(1), whole.argmax(1))
+
+
+def test_windows_reject_an_unknown_blend():
+    with pytest.raises(ValueError, match="blend"):
+        sliding_window_logits(pointwise(), torch.zeros(1, 1, 4, 4, 4), (2, 2, 2), blend="max")
+
+
+def test_tta_changes_nothing_for_a_mirror_symmetric_model():
+    image = scan()
+    for model in (pointwise(), Stub(copy_input)):  # copy_input: asymmetric input, flips undone
+        plain = predict_probabilities(model, image, np.eye(4), PREP, tta=False)
+        tta = predict_probabilities(model, image, np.eye(4), PREP, tta=True)
+        np.testing.assert_allclose(tta, plain, atol=1e-5)
+
+
+def test_tta_undoes_the_flip_known_answer():
+    # The ramp says "class 1" on one side and "class 0" on the other; its mirrored copy says the
+    # opposite. Averaged, both classes are equally likely everywhere.
+    image = scan()
+    plain = predict_probabilities(Stub(ramp), image, np.eye(4), PREP, tta=False)
+    tta = predict_probabilities(Stub(ramp), image, np.eye(4), PREP, tta=True)
+    assert plain[1].max() > 0.8 and plain[1].min() < 0.2
+    np.testing.assert_allclose(tta[0], 0.5, atol=1e-5)
+    np.testing.assert_allclose(tta[1], 0.5, atol=1e-5)
+
+
+def test_probabilities_sum_to_one_and_match_the_label(tiny_model, tiny_synth):
+    from hipseg_lib.checkpoint import load_model
+
+    model, ckpt = load_model(tiny_model)
+    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
+    for tta in (False, True):
+        probs = predict_probabilities(model, vol.array, vol.affine, prep, tta=tta)
+        assert probs.shape == (NUM_CLASSES, *vol.shape) and probs.dtype == np.float32
+        np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+        assert probs.min() >= 0
+        u = entropy(probs)
+        assert u.shape == vol.shape and 0 <= u.min() and u.max() <= 1 + 1e-6
+    np.testing.assert_array_equal(labels_from_probabilities(probs, postprocess=False), probs.argmax(0))
+
+
+def test_keep_largest_component_per_class_and_never_other_classes():
+    lab = np.full((12, 12, 12), BODY, np.uint8)
+    lab[1:5, 1:5, 1:5] = BLADDER          # 64 voxels
+    lab[8:10, 8:10, 8:10] = BLADDER       # 8 voxels: removed
+    lab[1:3, 9:11, 1:3] = PROSTATE        # 8 voxels: kept (the only piece)
+    lab[6, 1, 1] = BONES                  # two separate bone pieces: bones are not listed
+    lab[1, 6, 9] = BONES
+    out = keep_largest_component(lab, (BLADDER, PROSTATE), fill=BODY)
+    assert (out[1:5, 1:5, 1:5] == BLADDER).all()
+    assert (out[8:10, 8:10, 8:10] == BODY).all()
+    assert (out[1:3, 9:11, 1:3] == PROSTATE).all()
+    assert (out == BONES).sum() == 2
+    changed = out != lab
+    assert changed.sum() == 8
+    # touching diagonally is one piece (26-neighbourhood)
+    diag = np.zeros((4, 4, 4), np.uint8)
+    diag[0, 0, 0] = diag[1, 1, 1] = BLADDER
+    assert (keep_largest_component(diag, (BLADDER,)) == diag).all()
+
+
+def test_removed_voxels_take_their_next_most_probable_class():
+    lab = np.zeros((10, 1, 1), np.uint8)
+    lab[0:4] = BLADDER
+    lab[7] = BLADDER
+    probs = np.zeros((NUM_CLASSES, 10, 1, 1), np.float32)
+    probs[BLADDER] = 0.6
+    probs[BONES] = 0.3
+    probs[BODY] = 0.1
+    out = keep_largest_component(lab, (BLADDER,), probabilities=probs)
+    assert out[7, 0, 0] == BONES and (out[0:4] == BLADDER).all() and (out[[4, 5, 6, 8, 9]] == 0).all()
+
+
+def test_error_entropy_share():
+    unc = np.arange(100, dtype=np.float32).reshape(10, 10, 1)
+    wrong = np.zeros_like(unc, bool)
+    wrong.flat[[99, 98, 5]] = True   # two among the 10 most uncertain, one not
+    region = np.ones_like(wrong)
+    assert error_entropy_share(unc, wrong, region, top=0.10) == (2, 3)
+    assert error_entropy_share(unc, np.zeros_like(wrong), region) == (0, 0)
+
+
+def test_predict_files_writes_probabilities_and_refuses_to_overwrite(tiny_model, tiny_synth, tmp_path):
+    pair = find_pairs(tiny_synth).pairs[0]
+    out = tmp_path / "pred"
+    written = predict_files(tiny_model, [pair.image], out, device="cpu", progress=False, probabilities=True)
+    label = nib.load(written[0])
+    probs_path = out / probabilities_name(pair.image)
+    probs = nib.load(probs_path)
+    src = nib.load(pair.image)
+    assert probs.shape == (*src.shape, NUM_CLASSES) and np.allclose(probs.affine, src.affine)
+    assert probs.get_data_dtype() == np.uint16  # two bytes a value, read back as floats
+    p = probs.get_fdata(dtype=np.float32)
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-3)
+    assert (p.argmax(-1) == np.asanyarray(label.dataobj)).mean() > 0.999
+    # Only the probabilities exist: nothing is written, the label map is not remade.
+    (out / prediction_name(pair.image)).unlink()
+    stamp = probs_path.stat().st_mtime_ns
+    with pytest.raises(HipsegError, match="_probs.nii.gz: already exists"):
+        predict_files(tiny_model, [pair.image], out, device="cpu", progress=False, probabilities=True)
+    assert not (out / prediction_name(pair.image)).exists() and probs_path.stat().st_mtime_ns == stamp
+    predict_files(tiny_model, [pair.image], out, device="cpu", progress=False, probabilities=True, overwrite=True)
+    assert (out / prediction_name(pair.image)).exists()
+
+
+def test_predict_cli_options(tiny_model, tiny_synth, tmp_path):
+    from hipseg_lib.cli import main
+
+    pair = find_pairs(tiny_synth).pairs[0]
+    assert main(["predict", "--checkpoint", str(tiny_model), str(pair.image), "--out", str(tmp_path / "a"),
+                 "--device", "cpu", "--no-tta", "--postprocess", "--probabilities", "--quiet"]) == 0
+    assert (tmp_path / "a" / probabilities_name(pair.image)).exists()
+    assert main(["predict", "--checkpoint", str(tiny_model), str(pair.image), "--out", str(tmp_path / "b"),
+                 "--device", "cpu", "--quiet"]) == 0
+    assert not (tmp_path / "b" / probabilities_name(pair.image)).exists()
+
+
+def test_compare_inference_scores_every_variant(tiny_model, tiny_synth):
+    from hipseg_lib.checkpoint import load_model
+    from hipseg_lib.evaluate import DEFAULT_VARIANT, VARIANTS, compare_inference, inference_table
+
+    model, ckpt = load_model(tiny_model)
+    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    pairs = find_pairs(tiny_synth).pairs[:2]
+    comp = compare_inference(model, prep, pairs)
+    assert list(comp["results"]) == [n for n, _, _ in VARIANTS] and DEFAULT_VARIANT == "TTA"
+    for name, tta, post in VARIANTS:
+        rows = comp["results"][name]
+        assert [r["id"] for r in rows] == [str(p.id) for p in pairs]
+        assert all(s > 0 for s in comp["seconds"][name])
+        for r in rows:
+            single = predict_probabilities(model, r["image"], load_volume(pairs[0].image).affine, prep, tta=tta) \
+                if r["id"] == str(pairs[0].id) else None
+            if single is not None:  # the same label map as predicting that way directly
+                np.testing.assert_array_equal(r["pred"], labels_from_probabilities(single, post))
+    assert len(comp["entropy"]) == 2 and comp["entropy"][0].dtype == np.float16
+    hits, total = comp["entropy_share"]
+    assert 0 <= hits <= total
+    table = inference_table(comp, "dice")
+    assert [r["inference"] for r in table] == [n for n, _, _ in VARIANTS]
+    plain = np.nanmean([r["metrics"]["dice"] for r in comp["results"]["plain"]], axis=0)
+    np.testing.assert_allclose([table[0][n] for n in ("background", "body")], plain[:2])
+
+
+def test_postprocessing_changes_lists_removed_pieces():
+    from hipseg_lib.evaluate import postprocessing_changes
+
+    before = np.full((6, 6, 4), BODY, np.uint8)
+    before[0:3, 0:3, 0:2] = BLADDER
+    before[5, 5, 3] = BLADDER
+    after = keep_largest_component(before, (BLADDER,))
+    rows = postprocessing_changes([{"id": "a", "pred": before}, {"id": "b", "pred": before}],
+                                  [{"id": "a", "pred": after}, {"id": "b", "pred": before}])
+    assert rows == [{"index": 0, "id": "a", "class": "bladder", "voxels": 1, "slice": 3}]
+
+
+def test_uncertainty_panel_draws_three_views():
+    import matplotlib.pyplot as plt
+
+    from hipseg_lib.viz import uncertainty_panel
+
+    truth = np.zeros((8, 8, 4), np.uint8)
+    truth[2:6, 2:6] = PROSTATE
+    pred = truth.copy()
+    pred[2, 2] = BODY
+    fig = uncertainty_panel(np.random.default_rng(0).random((8, 8, 4)), truth, pred, np.zeros((8, 8, 4)), index=1)
+    assert len(fig.axes) == 4  # three panels and the entropy colour bar
+    assert [a.get_title() for a in fig.axes[:2]] == ["prediction", "errors (red)"]
+    plt.close(fig)
