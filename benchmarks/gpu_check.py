@@ -7,7 +7,7 @@ On one CUDA GPU, within about 8 minutes and with nothing downloaded:
    chapter 5 (the card's papermill-run full training, on the GPU);
 3. measures s/step, peak GPU memory, FLOPs per step (``FlopCounterMode``), achieved TFLOP/s and
    MFU against the card's bf16 dense peak, eager / channels-last / ``torch.compile``;
-   inference s/volume at 256x256x128, whole-volume and sliding-window; a one-process
+   inference s/volume at 256x256x128, whole-volume (plain and TTA) and sliding-window; a one-process
    ``torchrun`` (NCCL); ResUNet3D against MONAI's UNet and BasicUNet (``bench_models.py``);
 4. writes ``benchmarks/results/gpu_<device>.md`` (and ``.json``), and exits non-zero with one
    line per failed stage, or with one line when there is no GPU.
@@ -55,7 +55,8 @@ FIGURES = ("device", "torch", "data set", "synthesis s", "chapter 4 s", "chapter
            "GFLOP per step", "s/step eager", "TFLOP/s eager", "MFU eager", "peak memory eager GB",
            "s/step channels-last", "TFLOP/s channels-last", "MFU channels-last",
            "s/step torch.compile", "TFLOP/s torch.compile", "MFU torch.compile", "compile s",
-           "inference whole-volume s/vol", "inference sliding-window s/vol", "torchrun",
+           "inference whole-volume s/vol", "inference whole-volume TTA s/vol", "inference sliding-window s/vol",
+           "torchrun",
            "models table")
 
 
@@ -213,14 +214,16 @@ def inference_figures(cfg, data: Path, device, dry: bool) -> dict:
     pair = next(p for p in find_pairs(data).pairs)
     vol = load_volume(pair.image)
     out = {}
-    for label, memory in (("whole-volume", 1 << 60), ("sliding-window", 0)):
+    for label, memory, tta in (("whole-volume", 1 << 60, False), ("whole-volume TTA", 1 << 60, True),
+                               ("sliding-window", 0, False)):
         times = []
         for _ in range(3):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t = time.perf_counter()
             with autocast_for(device, "auto")[0]:
-                predict_array(model, vol.array, vol.affine, cfg.preprocessing, device, memory_bytes=memory)
+                predict_array(model, vol.array, vol.affine, cfg.preprocessing, device, memory_bytes=memory,
+                              tta=tta)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t)
