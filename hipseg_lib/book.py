@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Sequence
 
 from . import HipsegError
+from ._atomic import atomic_path
 
 __all__ = ["project_root", "resolve_data_dir", "resolve_output_dir", "chapters", "run_book",
-           "execute_chapter", "build_html"]
+           "execute_chapter", "build_html", "write_landing"]
 
 
 def project_root() -> Path:
@@ -155,16 +156,46 @@ def _parameter_names(notebook: Path) -> set[str]:
     return names
 
 
-def _stage(root: Path, stage: Path) -> None:
-    """Copy the book's non-notebook sources (config, toc, markdown, images) beside the executed copies."""
+LANDING_MD = "landing.md"
+LANDING_PNG = "landing.png"
+
+
+def write_landing(results_dir: str | os.PathLike, figure, rows: Sequence[dict], note: str) -> Path:
+    """Save the result that the book's first page shows: ``figure`` (a matplotlib figure) and a
+    markdown table of ``rows`` under ``note``, into ``results_dir`` (chapter 5 calls this)."""
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / LANDING_PNG, suffix=".png") as tmp:
+        figure.savefig(tmp, dpi=90, bbox_inches="tight", format="png")
+    cols = list(rows[0])
+    lines = [f"| {' | '.join(cols)} |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
+              for r in rows]
+    text = f"![A test scan, its truth and the prediction]({LANDING_PNG})\n\n{note}\n\n" + "\n".join(lines) + "\n"
+    with atomic_path(out / LANDING_MD, suffix=".md") as tmp:
+        Path(tmp).write_text(text)
+    return out / LANDING_MD
+
+
+def _stage(root: Path, stage: Path, results_dir: Path | None = None) -> None:
+    """Copy the book's non-notebook sources (config, toc, markdown, images, bibliography) beside the
+    executed copies, and the landing page's result (``book/_landing.md``) from ``results_dir``."""
     stage.mkdir(parents=True, exist_ok=True)
-    for name in ("_config.yml", "_toc.yml"):
+    for name in ("_config.yml", "_toc.yml", "references.bib"):
         shutil.copy2(root / name, stage / name)
     for src in (root / "book").rglob("*"):
         if src.is_file() and src.suffix != ".ipynb" and ".ipynb_checkpoints" not in src.parts:
             dst = stage / src.relative_to(root)
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
+    landing = stage / "book" / "_landing.md"
+    made = results_dir is not None and (results_dir / LANDING_MD).exists() and (results_dir / LANDING_PNG).exists()
+    if made:
+        shutil.copy2(results_dir / LANDING_PNG, stage / "book" / LANDING_PNG)
+        landing.write_text((results_dir / LANDING_MD).read_text())
+    else:
+        landing.write_text("*The result of this book's run appears here once chapter 5 has run "
+                           "(`make book`).*\n")
 
 
 def build_html(source: Path, output: Path, strict: bool = True) -> Path:
@@ -227,7 +258,7 @@ def run_book(preset: str = "auto", data_dir: str | None = None, build: bool = Tr
         log(f"  executing {nb.relative_to(root)} ...")
         secs = execute_chapter(nb, out, params)
         log(f"  {nb.stem}: {secs:.0f} s")
-    _stage(root, stage)
+    _stage(root, stage, Path(params["results_dir"]))
     if not build:
         return stage
     missing = [nb for nb in chapters(root) if not (stage / nb.relative_to(root)).exists()]

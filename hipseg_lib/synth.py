@@ -30,28 +30,32 @@ from scipy import ndimage
 
 from . import CLASS_NAMES, HipsegError, __version__
 
-__all__ = ["DEFAULT_SHAPE", "SynthSpec", "make_case_anatomy", "render_volume", "make_dataset"]
+__all__ = ["DEFAULT_SHAPE", "SynthSpec", "TISSUES", "make_case_anatomy", "render_volume", "make_dataset"]
 
 DEFAULT_SHAPE: tuple[int, int, int] = (128, 128, 64)
 IMAGE_DIR = "semantic_MRs_anon"
 LABEL_DIR = "semantic_labels_anon"
 
-# Tissue intensities (T2-like, arbitrary units before bias, blur and noise): mean, spread.
+# Tissue intensities of a T2-weighted fast spin-echo scan (arbitrary units before texture, bias,
+# blur and noise): mean, spread between cases. Urine is the brightest, then fat (subcutaneous,
+# pelvic, ischioanal and fatty marrow); muscle is dark grey; cortical bone and gas are black.
 _T = {
     "air": (0.0, 0.0),
-    "fat": (0.85, 0.06),
-    "muscle": (0.33, 0.05),
-    "cortex": (0.10, 0.03),
-    "marrow": (0.58, 0.07),
-    "urine": (0.97, 0.05),
-    "bladder_wall": (0.30, 0.04),
-    "rectal_wall": (0.36, 0.05),
-    "gas": (0.05, 0.03),
-    "stool": (0.55, 0.12),
-    "prostate_pz": (0.62, 0.07),
+    "fat": (0.74, 0.05),
+    "muscle": (0.28, 0.04),
+    "cortex": (0.06, 0.02),
+    "marrow": (0.60, 0.06),
+    "urine": (1.00, 0.03),
+    "bladder_wall": (0.26, 0.04),
+    "rectal_wall": (0.32, 0.05),
+    "gas": (0.04, 0.02),
+    "stool": (0.50, 0.12),
+    "prostate_pz": (0.66, 0.07),
     "prostate_tz": (0.40, 0.06),
-    "bowel": (0.55, 0.25),
+    "prostate_stroma": (0.24, 0.04),
+    "bowel": (0.50, 0.20),
 }
+TISSUES: tuple[str, ...] = tuple(_T)  # index of each tissue in the map that render_volume can return
 
 
 @dataclass(frozen=True)
@@ -142,57 +146,77 @@ class _Canvas:
         return sl, q <= 1.0, np.broadcast_to(qi, q.shape) <= 1.0
 
 
-def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _muscle_groups(anat: dict) -> list[tuple[tuple, tuple, np.ndarray | None]]:
+    """(centre, semi-axes, rotation) of the muscles either side: gluteus maximus, gluteus medius,
+    iliopsoas, obturator internus and the thigh muscles, then rectus abdominis (mm)."""
+    fx, fz = anat["fh_x"], anat["fh_z"]
+    out = []
+    for sign in (-1, 1):
+        out += [((sign * (fx - 2), 78, fz - 5), (62, 32, 85), _rot("z", -sign * 0.45)),   # gluteus maximus
+                ((sign * (fx + 28), 28, fz + 60), (36, 46, 55), None),                    # gluteus medius
+                ((sign * (fx - 18), -40, fz + 35), (26, 24, 80), None),                   # iliopsoas
+                ((sign * (fx - 32), 22, fz - 14), (13, 44, 30), None),                    # obturator internus
+                ((sign * (fx + 12), 0, fz - 105), (62, 70, 62), None)]                    # thigh
+    out.append(((0, -112 + anat["body_y"], 60), (48, 10, 120), None))                      # rectus abdominis
+    return out
+
+
+def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator,
+                  return_tissue: bool = False):
     """Render one weekly scan of a case: returns (image int16, label uint8).
 
     Args:
         anat: the case's anatomy from :func:`make_case_anatomy`.
         spec: grid shape and spacing.
         week_rng: randomness of this week (filling, shift, noise).
+        return_tissue: also return a uint8 map of the tissue drawn at each voxel (an index into
+            :data:`TISSUES`), before blur and noise.
     """
     n = week_rng.normal
     shift = np.array([n(0, 2.0), n(0, 2.0), n(0, 3.0)])
     cv = _Canvas(spec, shift)
-    X, Y, Z = spec.shape
     label = np.zeros(spec.shape, np.uint8)
     tissue = np.zeros(spec.shape, np.float32)
+    kind = np.zeros(spec.shape, np.uint8)
     tex_rng = np.random.default_rng(week_rng.integers(2**32))
+    level = {name: mean + sd * tex_rng.standard_normal() for name, (mean, sd) in _T.items()}
 
-    def paint(sl, mask, cls, name, texture=1.0):
-        mean, sd = _T[name]
-        label[sl][mask] = cls
-        val = mean + sd * texture * tex_rng.standard_normal()
-        tissue[sl][mask] = val
+    def paint(sl, mask, name, cls=None):
+        if cls is not None:
+            label[sl][mask] = cls
+        tissue[sl][mask] = level[name]
+        kind[sl][mask] = TISSUES.index(name)
 
-    # Body: fat outline around muscle, a slightly boxy elliptic cylinder.
+    # Body: subcutaneous fat around everything; pelvic fat fills what no organ or muscle takes.
     x, y, z = cv.axes[0][:, None, None], cv.axes[1][None, :, None], cv.axes[2][None, None, :]
     taper = 1.0 + 0.0005 * z + anat["tilt"] * z / 100.0
     a, b = anat["body_a"] * taper, anat["body_b"] * taper
     p = 2.4
-    r_body = (np.abs(x / a) ** p + np.abs((y - anat["body_y"]) / b) ** p)
-    body = np.broadcast_to(r_body <= 1.0, spec.shape)
+    body = np.broadcast_to((np.abs(x / a) ** p + np.abs((y - anat["body_y"]) / b) ** p) <= 1.0, spec.shape)
+    everywhere = (slice(None),) * 3
+    paint(everywhere, body, "fat", 1)
+    # Muscles, each a group of bundles separated by thin bright fat septa.
+    for centre, semi, rot in _muscle_groups(anat):
+        sl, m = cv.ellipsoid(centre, semi, rot)
+        paint(sl, m, "muscle")
     f = anat["fat"]
-    r_musc = (np.abs(x / (a - f)) ** p + np.abs((y - anat["body_y"]) / (b - f * 0.8)) ** p)
-    muscle = np.broadcast_to(r_musc <= 1.0, spec.shape)
-    label[body] = 1
-    tissue[body] = _T["fat"][0]
-    tissue[muscle] = _T["muscle"][0]
-        # Fat planes and bowel loops inside the body (class body; intensities overlap organs).
-    for cx, cy, cz, r in anat["bowel"]:
+    inside = (np.abs(x / (a - f)) ** p + np.abs((y - anat["body_y"]) / (b - f * 0.8)) ** p) <= 1.0
+    kind[body & ~np.broadcast_to(inside, spec.shape) & (kind == TISSUES.index("muscle"))] = TISSUES.index("fat")
+    tissue[kind == TISSUES.index("fat")] = level["fat"]
+    # Levator ani: a thin muscular sling under the prostate, around the rectum.
+    sl, outer, inner = cv.ellipsoid((0, 34, anat["prostate_z"] - 22), (44, 40, 26), shell=4.0)
+    paint(sl, outer & ~inner & (cv.axes[2][sl[2]][None, None, :] < anat["prostate_z"] - 8), "muscle")
+    for cx, cy, cz, r in anat["bowel"]:  # bowel loops above the bladder (class body)
         sl, m = cv.ellipsoid((cx, cy, cz), (r, r * 0.8, r * 0.9))
-        paint(sl, m, 1, "bowel", texture=1.0)
-    for sign in (-1, 1):  # ischiorectal fat either side of the rectum
-        sl, m = cv.ellipsoid((sign * 38, 40, -60), (18, 28, 30))
-        paint(sl, m, 1, "fat")
+        paint(sl, m, "bowel")
 
     bs = anat["bone_scale"]
 
     def bone(center, semi, rot=None):
         semi = [s * bs for s in semi]
-        sl, outer, inner = cv.ellipsoid(center, semi, rot, shell=3.0)
-        label[sl][outer] = 2
-        tissue[sl][outer] = _T["cortex"][0]
-        tissue[sl][inner] = _T["marrow"][0] + _T["marrow"][1] * tex_rng.standard_normal()
+        sl, outer, inner = cv.ellipsoid(center, semi, rot, shell=2.5)
+        paint(sl, outer, "cortex", 2)
+        paint(sl, inner, "marrow")
 
     for sign in (-1, 1):
         fx, fz, fr = sign * anat["fh_x"], anat["fh_z"], anat["fh_r"]
@@ -206,55 +230,71 @@ def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator) ->
     bone((0, 88, 48), (44, 18, 58), _rot("x", 0.5))  # sacrum
     bone((0, 96, -8), (10, 9, 16))  # coccyx
 
-    # Rectum: a tube curving posteriorly upwards, with wall and gas or stool content.
+    # Rectum: a tube curving posteriorly upwards, with a dark wall and gas or stool inside.
     fill_r = float(np.clip(n(1.0, 0.18), 0.7, 1.4))
     rr = anat["rectum_r"] * fill_r
     content = "gas" if week_rng.random() < 0.4 else "stool"
     for zc in np.arange(-85.0, 30.0, 3.0):
         yc = 26 + 0.22 * max(zc + 35, 0) + 0.004 * max(zc + 35, 0) ** 2
         sl, outer, inner = cv.ellipsoid((0.0, yc, zc), (rr * 1.15, rr, 4.0), shell=3.5)
-        label[sl][outer] = 4
-        t = tissue[sl]
-        t[outer] = _T["rectal_wall"][0]
-        t[inner] = _T[content][0] + _T[content][1] * tex_rng.standard_normal()
+        paint(sl, outer, "rectal_wall", 4)
+        paint(sl, inner, content)
 
-    # Bladder: filling changes weekly; urine very bright, dark wall.
+    # Bladder: filling changes weekly; urine the brightest, a thin dark wall.
     fill = float(np.clip(n(1.0, 0.22), 0.5, 1.5))
     ps = anat["prostate_scale"]
     pz = anat["prostate_z"]
     semi_b = np.array([46.0, 34.0, 34.0]) * fill ** (1 / 3)
     zb = pz + 20 * ps + semi_b[2] - 6
     sl, outer, inner = cv.ellipsoid((0.0, -38.0 + 4 * (1 - fill), zb), semi_b, shell=3.0)
-    label[sl][outer] = 3
-    tissue[sl][outer] = _T["bladder_wall"][0]
-    tissue[sl][inner] = _T["urine"][0]
+    paint(sl, outer, "bladder_wall", 3)
+    paint(sl, inner, "urine")
 
-    # Prostate: small ellipsoid below the bladder, in front of the rectum; bright peripheral zone.
+    # Prostate: intermediate transition zone; bright peripheral zone behind and to the sides;
+    # dark fibromuscular stroma in front.
     semi_p = np.array([26.0, 20.0, 22.0]) * ps
-    sl, outer, inner = cv.ellipsoid((0.0, anat["prostate_y"], pz), semi_p, shell=5.0)
-    label[sl][outer] = 5
-    tissue[sl][outer] = _T["prostate_pz"][0]
-    tissue[sl][inner] = _T["prostate_tz"][0]
+    py = anat["prostate_y"]
+    sl, outer, inner = cv.ellipsoid((0.0, py, pz), semi_p, shell=6.0)
+    yy = np.broadcast_to(cv.axes[1][sl[1]][None, :, None] - py, outer.shape)
+    paint(sl, outer, "prostate_tz", 5)
+    paint(sl, outer & ~inner & (yy > -0.2 * semi_p[1]), "prostate_pz")
+    paint(sl, outer & ~inner & (yy < -0.6 * semi_p[1]), "prostate_stroma")
 
     label[~body] = 0
     tissue[~body] = 0.0
+    kind[~body] = 0
+    image = _acquire(tissue, kind, spec, cv, anat, tex_rng)
+    return (image, label, kind) if return_tissue else (image, label)
 
-    # Texture, partial-volume blur, bias field, Rician noise.
+
+def _smooth_noise(rng: np.random.Generator, shape, sigma) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
+    return field / (field.std() + 1e-6)
+
+
+def _acquire(tissue, kind, spec: SynthSpec, cv: _Canvas, anat: dict, rng: np.random.Generator) -> np.ndarray:
+    """Texture, fat septa in muscle, partial-volume blur, bias field and Rician noise."""
     vox = np.array(spec.spacing)
-    texture = ndimage.gaussian_filter(tex_rng.standard_normal(spec.shape).astype(np.float32), 1.2)
-    tissue *= 1.0 + 0.25 * texture / (texture.std() + 1e-6) * 0.3
+    muscle = kind == TISSUES.index("muscle")
+    # Septa: where a smooth random field crosses zero, a thin bright line of fat between bundles.
+    septa = np.abs(_smooth_noise(rng, spec.shape, 5.0 / vox)) < 0.12
+    tissue = np.where(muscle & septa, tissue + 0.45 * (_T["fat"][0] - tissue), tissue)
+    # Grain: soft tissue and marrow are not flat.
+    grain = _smooth_noise(rng, spec.shape, 1.0)
+    tissue = tissue * (1.0 + 0.07 * grain)
+    marrow = kind == TISSUES.index("marrow")
+    tissue[marrow] *= 1.0 + 0.10 * _smooth_noise(rng, spec.shape, 0.7)[marrow]
     img = ndimage.gaussian_filter(tissue, sigma=0.6 * 1.8 / vox)
     cx, cy, cz = (ax / 150.0 for ax in cv.axes)
-    k = tex_rng.normal(0, 0.25, size=6)
+    k = rng.normal(0, 0.25, size=6)
     bias = np.exp(k[0] * cx[:, None, None] + k[1] * cy[None, :, None] + k[2] * cz[None, None, :]
                   + k[3] * (cx[:, None, None] ** 2) + k[4] * (cy[None, :, None] ** 2)
                   + k[5] * cx[:, None, None] * cy[None, :, None])
     img = img * bias * anat["intensity_gain"]
     sigma = 0.045
-    img = np.sqrt((img + sigma * tex_rng.standard_normal(spec.shape)) ** 2
-                  + (sigma * tex_rng.standard_normal(spec.shape)) ** 2)
-    image = np.clip(img * 1000.0, 0, 32767).astype(np.int16)
-    return image, label
+    img = np.sqrt((img + sigma * rng.standard_normal(spec.shape)) ** 2
+                  + (sigma * rng.standard_normal(spec.shape)) ** 2)
+    return np.clip(img * 1000.0, 0, 32767).astype(np.int16)
 
 
 def _case_specs(n_cases: int, weeks_range: tuple[int, int], shape, rng) -> list[dict]:

@@ -590,10 +590,10 @@ def _train(cfg, data_dir, out, resume, progress, log, dist_: _Dist, t_start) -> 
         return result
     n_params = sum(p.numel() for p in model.parameters())
     if dist_.main:
+        amp_name = str(amp_dtype).replace("torch.", "") if amp_dtype else "off"
         log(f"training {n_params / 1e6:.2f} M parameters on {device} x {dist_.world}"
-            + (f" ({dist_.backend})" if dist_.enabled else "") + ", "
-            f"{len(train_ds)} train / {len(val_ds)} val volumes at {cfg.target_shape}, "
-            f"batch {cfg.batch_size}, amp {amp_dtype or 'off'}")
+            + (f" ({dist_.backend})" if dist_.enabled else "") + f", amp {amp_name};\n"
+            f"{len(train_ds)} train / {len(val_ds)} val volumes at {cfg.target_shape}, batch {cfg.batch_size}")
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
     planned = cfg.epochs
     # One bar for the whole run (its ETA is the run's) where someone watches it live; in the
@@ -703,11 +703,11 @@ def _train(cfg, data_dir, out, resume, progress, log, dist_: _Dist, t_start) -> 
             # The log is rewritten from the checkpoint's history, so it never disagrees with it.
             with atomic_path(log_path) as tmp:
                 Path(tmp).write_text("".join(json.dumps(h) + "\n" for h in history))
-            dice_txt = " ".join(f"{v:.3f}" if v is not None else "nan" for v in record.get("val_dice", []))
+            # One line per epoch, within 80 characters (the book's column); the log file has it all.
+            dice_txt = " ".join(f"{v:.2f}" if v is not None else "nan" for v in record.get("val_dice", []))
             eta = (planned - epoch - 1) * float(np.mean(walls[-(epoch + 1 - start_epoch):]))
-            log(f"epoch {epoch + 1}/{planned} loss {record['loss']:.4f} "
-                f"{record['step_seconds']:.2f} s/step data {100 * record['data_fraction']:.1f}%"
-                + (f" val Dice [{dice_txt}]" if dice_txt else "") + f" | ETA {_clock(eta)}")
+            log(f"epoch {epoch + 1}/{planned} loss {record['loss']:.3f} {record['step_seconds']:.2f} s/step"
+                + (f" Dice {dice_txt}" if dice_txt else "") + f" ETA {_clock(eta)}")
         if stop:
             break
     if bar is not None:

@@ -6,16 +6,17 @@ the patient's left on the right of the image (radiological convention).
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 
-from . import BONES, CLASS_NAMES, PROSTATE
+from . import BODY, BONES, CLASS_NAMES, PROSTATE
 
-__all__ = ["CLASS_COLOURS", "label_cmap", "show_slice", "orthogonal_views", "prostate_slice", "three_panel", "uncertainty_panel",
-           "class_legend",
+__all__ = ["CLASS_COLOURS", "label_cmap", "show_slice", "orthogonal_views", "prostate_slice", "three_panel", "uncertainty_panel", "overlay_rgba",
+           "class_legend", "per_class_text",
            "static_slider", "live_slider", "SliceViewer", "slice_browser", "html_table"]
 
 CLASS_COLOURS = ["#00000000", "#4daf4a", "#ffff33", "#377eb8", "#ff7f00", "#e41a1c"]
@@ -38,15 +39,32 @@ def _aspect(spacing: Sequence[float] | None, axis: int) -> float:
     return {2: sy / sx, 1: sz / sx, 0: sz / sy}[axis]
 
 
+def _outline(inside: np.ndarray) -> np.ndarray:
+    """The border pixels of a 2D mask (4-neighbourhood)."""
+    return inside & ~(np.roll(inside, 1, 0) & np.roll(inside, -1, 0) & np.roll(inside, 1, 1) & np.roll(inside, -1, 1))
+
+
+def overlay_rgba(label_plane: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGBA overlay of one label slice: organs and bones as translucent fills, the body as a thin
+    opaque outline (so the anatomy under it stays visible), everything else transparent."""
+    rgba = np.zeros((*label_plane.shape, 4), np.float32)
+    for c in range(BONES, len(CLASS_NAMES)):
+        rgba[label_plane == c] = (*(v / 255 for v in _rgb(CLASS_COLOURS[c])), alpha)
+    rgba[_outline(label_plane >= BODY)] = (*(v / 255 for v in _rgb(CLASS_COLOURS[BODY])), 1.0)
+    return rgba
+
+
 def show_slice(ax, image: np.ndarray, label: np.ndarray | None = None, axis: int = 2, index: int | None = None,
                spacing: Sequence[float] | None = None, title: str | None = None, alpha: float = 0.45):
-    """Draw one slice of ``image`` with ``label`` overlaid; returns the image artists."""
+    """Draw one slice of ``image`` with ``label`` overlaid (:func:`overlay_rgba`); returns the
+    image artists (the overlay's is None without a label)."""
     index = image.shape[axis] // 2 if index is None else index
     im = ax.imshow(_plane(image, axis, index), cmap="gray", aspect=_aspect(spacing, axis), interpolation="nearest")
     lab = None
     if label is not None:
-        lab = ax.imshow(_plane(label, axis, index), cmap=label_cmap(), vmin=-0.5, vmax=len(CLASS_NAMES) - 0.5,
-                        alpha=alpha, aspect=_aspect(spacing, axis), interpolation="nearest")
+        lab = ax.imshow(overlay_rgba(_plane(label, axis, index), alpha), aspect=_aspect(spacing, axis),
+                        interpolation="nearest")
+        lab.hipseg_alpha = alpha
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=10)
@@ -57,7 +75,8 @@ def class_legend(fig, loc: str = "lower center", ncol: int = 5) -> None:
     """Colour legend of the foreground classes under a figure."""
     from matplotlib.patches import Patch
 
-    handles = [Patch(color=c, label=n) for c, n in zip(CLASS_COLOURS[1:], CLASS_NAMES[1:])]
+    handles = [Patch(facecolor="none", edgecolor=CLASS_COLOURS[BODY], linewidth=1.5, label=f"{CLASS_NAMES[BODY]} (outline)")]
+    handles += [Patch(color=c, label=n) for c, n in zip(CLASS_COLOURS[BONES:], CLASS_NAMES[BONES:])]
     fig.legend(handles=handles, loc=loc, ncol=ncol, frameon=False, fontsize=9)
 
 
@@ -68,14 +87,18 @@ def orthogonal_views(image: np.ndarray, label: np.ndarray | None = None, spacing
         center = [s // 2 for s in image.shape]
         if label is not None and (label == PROSTATE).any():
             center = [int(np.median(ix)) for ix in np.nonzero(label == PROSTATE)]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    # The axial view large on the left, the two shorter views stacked on the right: the page's
+    # full width goes to anatomy, not to white space.
+    fig = plt.figure(figsize=(11, 6.6))
+    grid = fig.add_gridspec(2, 2, width_ratios=(1.1, 1.0))
+    axes = [fig.add_subplot(grid[:, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, 1])]
     for ax, axis, name in zip(axes, (2, 1, 0), ("axial", "coronal", "sagittal")):
         show_slice(ax, image, label, axis=axis, index=center[axis], spacing=spacing,
                    title=f"{name} (slice {center[axis]})")
     if label is not None:
         class_legend(fig)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
 
 
@@ -148,7 +171,8 @@ def static_slider(image: np.ndarray, labels: Sequence[np.ndarray | None] = (None
 
     One panel per entry of ``labels`` (``None`` shows the bare image). At most
     ``max_frames`` evenly spaced slices are embedded to keep the page small, taken from the
-    slices that hold organs or bones when labels are given.
+    slices that hold organs or bones when labels are given, plus the prostate slice, where the
+    player opens. Each frame is labelled with its index and its position in mm.
 
     Returns:
         ``IPython.display.HTML``.
@@ -158,24 +182,36 @@ def static_slider(image: np.ndarray, labels: Sequence[np.ndarray | None] = (None
 
     lo, hi = _interesting_range(labels, image.shape[2])
     frames = [lo + k for k in _frames(hi - lo, max_frames)]
+    given = [lab for lab in labels if lab is not None and (lab == PROSTATE).any()]
+    start = prostate_slice(given[0]) if given else frames[len(frames) // 2]
+    frames = sorted(set(frames) | {start})
+    dz = spacing[2] if spacing is not None else 1.0
+    unit = "mm" if spacing is not None else "voxels"
     fig, axes = plt.subplots(1, len(labels), figsize=(size * len(labels), size), dpi=dpi, squeeze=False)
-    artists = [show_slice(ax, image, lab, index=frames[0], spacing=spacing, title=t)
+    artists = [show_slice(ax, image, lab, index=start, spacing=spacing, title=t)
                for ax, lab, t in zip(axes[0], labels, titles)]
-    caption = fig.suptitle(f"axial slice {frames[0]}", fontsize=10)
+    caption = fig.suptitle("", fontsize=10)
     fig.tight_layout()
 
     def update(k):
         for (im, lab_art), lab in zip(artists, labels):
             im.set_data(_plane(image, 2, k))
             if lab_art is not None:
-                lab_art.set_data(_plane(lab, 2, k))
-        caption.set_text(f"axial slice {k} of {image.shape[2]}")
+                lab_art.set_data(overlay_rgba(_plane(lab, 2, k), lab_art.hipseg_alpha))
+        caption.set_text(f"axial slice {k} of {image.shape[2]} ({k * dz:.1f} {unit})")
         return []
 
     anim = animation.FuncAnimation(fig, update, frames=frames, interval=200, blit=False)
     html = anim.to_jshtml(default_mode="once")
     plt.close(fig)
-    return HTML(html)
+    # matplotlib's player opens on its first frame: open it on the prostate slice instead.
+    html, found = re.subn(r"(anim(\w+) = new Animation\([^;]*\);)",
+                          lambda m: f"{m.group(1)}\n        anim{m.group(2)}.set_frame({frames.index(start)});", html)
+    if found != 1:
+        raise RuntimeError("matplotlib's jshtml player changed: cannot set its first frame")
+    out = HTML(html)
+    out.frames, out.start = frames, start  # the slice of each frame, and the one it opens on
+    return out
 
 
 _PLANES = {"axial": 2, "coronal": 1, "sagittal": 0}
@@ -286,10 +322,8 @@ class SliceViewer:
             if which == "difference":
                 _blend(rgb, sl > 0, (255, 0, 255), opacity)
             else:
-                inside = sl >= 1  # the body's outline, so that the anatomy under it stays visible
-                edge = inside & ~(np.roll(inside, 1, 0) & np.roll(inside, -1, 0)
-                                  & np.roll(inside, 1, 1) & np.roll(inside, -1, 1))
-                _blend(rgb, edge, _rgb(CLASS_COLOURS[1]), min(1.0, 2 * opacity))
+                edge = _outline(sl >= BODY)  # the body's outline, so that the anatomy under it stays visible
+                _blend(rgb, edge, _rgb(CLASS_COLOURS[BODY]), min(1.0, 2 * opacity))
                 for c in range(2, len(CLASS_NAMES)):
                     _blend(rgb, sl == c, _rgb(CLASS_COLOURS[c]), opacity)
         rows, cols = self._grid(plane)
@@ -341,6 +375,20 @@ def slice_browser(image: np.ndarray, labels: Sequence[np.ndarray | None] = (None
     if live:
         return live_slider(image, labels, titles, spacing)
     return static_slider(image, labels, titles, spacing, max_frames=max_frames)
+
+
+def per_class_text(values: Sequence[float], fmt: str = ".3f", names: Sequence[str] = CLASS_NAMES) -> str:
+    """Per-class numbers as two aligned lines (names over values), short enough for the page.
+
+    Example:
+        >>> print(per_class_text([0.5, 0.25], names=("body", "prostate")))
+         body prostate
+        0.500    0.250
+    """
+    cells = [format(float(v), fmt) if v is not None else "n/a" for v in values]
+    widths = [max(len(n), len(c)) for n, c in zip(names, cells)]
+    return (" ".join(n.rjust(w) for n, w in zip(names, widths)) + "\n"
+            + " ".join(c.rjust(w) for c, w in zip(cells, widths)))
 
 
 def html_table(rows: Sequence[dict], columns: Sequence[str] | None = None, floatfmt: str = ".3f", caption: str = ""):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -49,10 +50,10 @@ def test_book_executes_and_builds(built_book):
     out, html = built_book
     pages = sorted(p.name for p in (html / "book").glob("*.html"))
     assert pages == ["01_data_exploration.html", "02_preprocessing.html", "03_architecture.html",
-                     "04_training.html", "05_evaluation.html", "index.html"]
+                     "04_training.html", "05_evaluation.html", "index.html", "references.html"]
     for page in pages:
         text = (html / "book" / page).read_text()
-        if page != "index.html":
+        if page not in ("index.html", "references.html"):
             assert "data:image/png;base64" in text or "<img" in text, f"{page} has figures"
             assert "Traceback" not in text
     # The static slider is embedded (matplotlib jshtml), not an ipywidget needing a kernel.
@@ -70,6 +71,46 @@ def test_executed_notebooks_used_the_injected_parameters(built_book, tiny_synth)
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert injected and "preset = \"smoke\"" in injected[0].source and str(tiny_synth) in injected[0].source
     assert (out / "model" / "train_log.jsonl").exists()
+
+
+def test_code_and_text_output_fit_the_column(built_book):
+    """The theme's content column holds about 80 characters: no code line and no printed line of an
+    executed chapter is wider, so nothing scrolls sideways."""
+    out, _ = built_book
+    wide = []
+    for nb_path in sorted((out / "_build" / "executed" / "book").glob("*.ipynb")):
+        nb = nbformat.read(nb_path, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type != "code" or "injected-parameters" in cell.metadata.get("tags", []):
+                continue
+            texts = [("code", cell.source)] + [("output", o.get("text", "")) for o in cell.outputs
+                                               if o.get("output_type") == "stream"]
+            texts += [("output", o.get("data", {}).get("text/plain", "")) for o in cell.outputs
+                      if o.get("output_type") == "execute_result" and "text/html" not in o.get("data", {})]
+            for kind, text in texts:
+                wide += [f"{nb_path.stem} {kind}: {line}" for line in text.splitlines() if len(line) > 80]
+    assert not wide, "\n".join(wide[:20])
+
+
+def test_landing_page_shows_this_runs_result_and_references_resolve(built_book):
+    out, html = built_book
+    index = (html / "book" / "index.html").read_text()
+    assert "landing.png" in index and (html / "_images" / "landing.png").exists() or "landing" in index
+    assert "mean Dice" in index and "mean HD95" in index and "smoke" in index
+    assert (out / "results" / "landing.md").exists()
+    refs = (html / "book" / "references.html").read_text()
+    for name in ("Isensee", "Milletari", "Dowling", "nnU-Net"):
+        assert name in refs, name
+    ch3 = (html / "book" / "03_architecture.html").read_text()
+    assert 'href="references.html#' in ch3, "citations link to the bibliography"
+
+
+def test_static_sliders_open_on_the_prostate(built_book):
+    out, html = built_book
+    for page in ("01_data_exploration.html", "05_evaluation.html"):
+        text = (html / "book" / page).read_text()
+        assert re.search(r"anim\w+\.set_frame\(\d+\);", text), page
+        assert " mm)" in text or "mm" in text
 
 
 def test_project_root_is_found():

@@ -92,3 +92,28 @@ def test_needs_spatial_context(tiny_synth):
         assert np.nanmean(dice[balanced][1:]) < 0.5
     assert dice[False][1] > 0.5, "the most accurate intensity classifier gets the dominant body class"
     assert np.nanmax(dice[True][2:]) > 0, "the class-balanced one does find small classes somewhere"
+
+
+def test_tissues_are_t2_like():
+    """On T2: urine brighter than fat, fat brighter than muscle; cortical bone and gas darkest;
+    fatty marrow brighter than the cortex around it; the prostate's peripheral zone brighter than
+    its transition zone."""
+    from hipseg_lib.synth import TISSUES
+
+    rows = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        img, lab, kind = render_volume(make_case_anatomy(rng), SynthSpec((96, 96, 48), (3.6, 3.6, 4.0)),
+                                       np.random.default_rng([seed, 0]), return_tissue=True)
+        mean = {t: float(img[kind == i].mean()) for i, t in enumerate(TISSUES) if (kind == i).sum() > 20}
+        rows.append(mean)
+        assert mean["urine"] > mean["fat"] > mean["muscle"] > mean["cortex"]
+        assert mean["marrow"] > 2 * mean["cortex"] and mean["prostate_pz"] > mean["prostate_tz"]
+        assert (lab[kind == TISSUES.index("urine")] == 3).all() and (lab[kind == TISSUES.index("muscle")] == 1).all()
+    # muscle is not flat: its bundles and fat septa give it texture
+    assert all(r["muscle"] > 0 for r in rows)
+    rng = np.random.default_rng(0)
+    img, _, kind = render_volume(make_case_anatomy(rng), SynthSpec((96, 96, 48), (3.6, 3.6, 4.0)),
+                                 np.random.default_rng([0, 0]), return_tissue=True)
+    muscle = img[kind == TISSUES.index("muscle")].astype(float)
+    assert muscle.std() / muscle.mean() > 0.2

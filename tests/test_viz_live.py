@@ -4,8 +4,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from hipseg_lib import BODY, BONES, PROSTATE
 from hipseg_lib.viz import SliceViewer
 
 
@@ -46,3 +48,35 @@ def test_overlay_shows_organs_filled_body_outlined_and_differences():
     assert not none[14, 14].any(), "opacity 0 shows the image alone"
     w = SliceViewer(img * 0, (lab, lab), ("a", "b"), size=32)
     assert not w._compose("axial", 10, "difference", 1.0).any(), "identical maps: no difference"
+
+
+def test_static_slider_opens_on_the_prostate_with_mm_labels():
+    import re
+
+    from hipseg_lib import PROSTATE
+    from hipseg_lib.viz import prostate_slice, static_slider
+
+    image = np.random.default_rng(0).random((24, 24, 40)).astype(np.float32)
+    label = np.zeros(image.shape, np.uint8)
+    label[4:20, 4:20, 3:37] = BODY
+    label[10:14, 10:14, 22:27] = PROSTATE
+    label[8:16, 6:18, 5:35] = np.where(label[8:16, 6:18, 5:35] == PROSTATE, PROSTATE, BONES)
+    html = static_slider(image, labels=(label,), spacing=(1.0, 1.0, 2.5), max_frames=8)
+    k = prostate_slice(label)
+    assert html.start == k and k in html.frames
+    # every organ slice range is covered, from the first to the last slice holding one
+    assert html.frames[0] <= 5 and html.frames[-1] >= 34
+    opened = re.findall(r"anim\w+\.set_frame\((\d+)\)", html.data)
+    assert opened == [str(html.frames.index(k))]
+
+
+def test_static_overlay_fills_organs_and_outlines_the_body():
+    from hipseg_lib.viz import overlay_rgba
+
+    plane = np.zeros((12, 12), np.uint8)
+    plane[1:11, 1:11] = BODY
+    plane[4:7, 4:7] = PROSTATE
+    rgba = overlay_rgba(plane, alpha=0.4)
+    assert rgba[5, 5, 3] == pytest.approx(0.4)          # organ: translucent fill
+    assert rgba[1, 5, 3] == 1.0 and rgba[8, 8, 3] == 0  # body: outline only, inside clear
+    assert rgba[0, 0, 3] == 0                           # background: clear
