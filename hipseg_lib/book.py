@@ -183,6 +183,8 @@ def _stage(root: Path, stage: Path, results_dir: Path | None = None) -> None:
     stage.mkdir(parents=True, exist_ok=True)
     for name in ("_config.yml", "_toc.yml", "references.bib"):
         shutil.copy2(root / name, stage / name)
+    if (root / "_static").is_dir():
+        shutil.copytree(root / "_static", stage / "_static", dirs_exist_ok=True)
     for src in (root / "book").rglob("*"):
         if src.is_file() and src.suffix != ".ipynb" and ".ipynb_checkpoints" not in src.parts:
             dst = stage / src.relative_to(root)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -103,6 +104,28 @@ def test_landing_page_shows_this_runs_result_and_references_resolve(built_book):
         assert name in refs, name
     ch3 = (html / "book" / "03_architecture.html").read_text()
     assert 'href="references.html#' in ch3, "citations link to the bibliography"
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed "
+                    "(apt-get install chromium); this check reads the pages in a browser")
+def test_no_code_block_scrolls_sideways_in_a_browser(built_book):
+    """What a reader sees at 1280 px: every code block and printed output fits its column."""
+    from playwright.sync_api import sync_playwright
+
+    _, html = built_book
+    overflowing = {}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=shutil.which("chromium"), headless=True,
+                                     args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        for path in sorted((html / "book").glob("*.html")):
+            page.goto(path.as_uri())
+            n = page.evaluate("""() => [...document.querySelectorAll('div.highlight pre, div.output pre')]
+                .filter(e => e.innerText.trim() && e.scrollWidth > e.clientWidth + 1).length""")
+            if n:
+                overflowing[path.name] = n
+        browser.close()
+    assert not overflowing, f"code blocks with a horizontal scrollbar: {overflowing}"
 
 
 def test_static_sliders_open_on_the_prostate(built_book):
