@@ -123,7 +123,7 @@ def three_panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, index: i
     show_slice(axes[2], image, pred, index=index, spacing=spacing, title=titles[2], alpha=0.6)
     class_legend(fig)
     fig.suptitle(f"{title} axial slice {index}".strip())
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))  # room for the title above the panels' own
     return fig
 
 
@@ -146,7 +146,7 @@ def uncertainty_panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, un
     axes[2].set_title("entropy (0: sure; 1: all classes equal)", fontsize=10)
     fig.colorbar(art, ax=axes[2], fraction=0.046, pad=0.02)
     fig.suptitle(f"{title} axial slice {index}".strip())
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
 
 
