@@ -2,7 +2,8 @@
 
 - In a live notebook: tqdm's notebook widget.
 - With ``HIPSEG_PLAIN_PROGRESS=1`` (how ``hipseg book`` executes the chapters): plain text bars,
-  updated at most every 20 s, so the built HTML holds no widget that needs a kernel.
+  updated at most every 20 s; a loop done before its first update (a warm cache) prints nothing,
+  so the built HTML holds no widget that needs a kernel and no bar for work that was quick.
 - On a terminal: text bars; when stderr is not a terminal (pipes, logs, tests) none at all,
   so that an error stays a single line.
 """
@@ -20,6 +21,7 @@ def progress(iterable=None, **kwargs):
         from tqdm.std import tqdm
 
         kwargs.setdefault("mininterval", 20.0)
+        kwargs.setdefault("delay", 5.0)  # a loop done before its first 20-s update prints nothing
         kwargs.setdefault("ascii", True)
         kwargs["leave"] = True
         return tqdm(iterable, **kwargs)

@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from . import CLASS_NAMES, HipsegError, __version__
+from . import BACKGROUND, BLADDER, BODY, BONES, CLASS_NAMES, PROSTATE, RECTUM, HipsegError, __version__
 
 __all__ = ["DEFAULT_SHAPE", "SynthSpec", "TISSUES", "make_case_anatomy", "render_volume", "make_dataset"]
 
@@ -194,7 +194,7 @@ def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator,
     p = 2.4
     body = np.broadcast_to((np.abs(x / a) ** p + np.abs((y - anat["body_y"]) / b) ** p) <= 1.0, spec.shape)
     everywhere = (slice(None),) * 3
-    paint(everywhere, body, "fat", 1)
+    paint(everywhere, body, "fat", BODY)
     # Muscles, each a group of bundles separated by thin bright fat septa.
     for centre, semi, rot in _muscle_groups(anat):
         sl, m = cv.ellipsoid(centre, semi, rot)
@@ -215,7 +215,7 @@ def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator,
     def bone(center, semi, rot=None):
         semi = [s * bs for s in semi]
         sl, outer, inner = cv.ellipsoid(center, semi, rot, shell=2.5)
-        paint(sl, outer, "cortex", 2)
+        paint(sl, outer, "cortex", BONES)
         paint(sl, inner, "marrow")
 
     for sign in (-1, 1):
@@ -237,7 +237,7 @@ def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator,
     for zc in np.arange(-85.0, 30.0, 3.0):
         yc = 26 + 0.22 * max(zc + 35, 0) + 0.004 * max(zc + 35, 0) ** 2
         sl, outer, inner = cv.ellipsoid((0.0, yc, zc), (rr * 1.15, rr, 4.0), shell=3.5)
-        paint(sl, outer, "rectal_wall", 4)
+        paint(sl, outer, "rectal_wall", RECTUM)
         paint(sl, inner, content)
 
     # Bladder: filling changes weekly; urine the brightest, a thin dark wall.
@@ -247,7 +247,7 @@ def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator,
     semi_b = np.array([46.0, 34.0, 34.0]) * fill ** (1 / 3)
     zb = pz + 20 * ps + semi_b[2] - 6
     sl, outer, inner = cv.ellipsoid((0.0, -38.0 + 4 * (1 - fill), zb), semi_b, shell=3.0)
-    paint(sl, outer, "bladder_wall", 3)
+    paint(sl, outer, "bladder_wall", BLADDER)
     paint(sl, inner, "urine")
 
     # Prostate: intermediate transition zone; bright peripheral zone behind and to the sides;
@@ -256,11 +256,11 @@ def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator,
     py = anat["prostate_y"]
     sl, outer, inner = cv.ellipsoid((0.0, py, pz), semi_p, shell=6.0)
     yy = np.broadcast_to(cv.axes[1][sl[1]][None, :, None] - py, outer.shape)
-    paint(sl, outer, "prostate_tz", 5)
+    paint(sl, outer, "prostate_tz", PROSTATE)
     paint(sl, outer & ~inner & (yy > -0.2 * semi_p[1]), "prostate_pz")
     paint(sl, outer & ~inner & (yy < -0.6 * semi_p[1]), "prostate_stroma")
 
-    label[~body] = 0
+    label[~body] = BACKGROUND
     tissue[~body] = 0.0
     kind[~body] = 0
     image = _acquire(tissue, kind, spec, cv, anat, tex_rng)

@@ -20,7 +20,7 @@ def test_predict_array_shape_and_orientation_round_trip(tiny_model, tiny_synth):
     prep = Preprocessing.from_dict(ckpt["preprocessing"])
     vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
     pred = predict_array(model, vol.array, vol.affine, prep)
-    assert pred.shape == vol.shape and pred.dtype == np.uint8 and pred.max() <= 5
+    assert pred.shape == vol.shape and pred.dtype == np.uint8
     # The same scan stored in RAS order (x and y flipped) gets the same labels, flipped back.
     ras = vol.affine.copy()
     ras[:, 0] *= -1
