@@ -16,12 +16,22 @@ BACKGROUND, BODY, BONES, BLADDER, RECTUM, PROSTATE = range(NUM_CLASSES)
 # cases; kept here, free of torch, so that the command line's --help stays instant.
 DEFAULT_TTA: bool = True
 DEFAULT_POSTPROCESS: bool = False
+# What a training run writes to its folder (the best checkpoint keeps the seed's file name).
+BEST_NAME = "new_model.pth"
+LAST_NAME = "last.pth"
+LOG_NAME = "train_log.jsonl"
 
 
 class HipsegError(Exception):
     """A problem with user input, reported as one line without a traceback."""
 
 
-__all__ = ["__version__", "CLASS_NAMES", "NUM_CLASSES", "HipsegError",
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type's name when empty), cut to ``limit``
+    characters: what a one-line error quotes of an underlying failure."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
+__all__ = ["__version__", "CLASS_NAMES", "NUM_CLASSES", "HipsegError", "first_line",
            "BACKGROUND", "BODY", "BONES", "BLADDER", "RECTUM", "PROSTATE",
-           "DEFAULT_TTA", "DEFAULT_POSTPROCESS"]
+           "DEFAULT_TTA", "DEFAULT_POSTPROCESS", "BEST_NAME", "LAST_NAME", "LOG_NAME"]

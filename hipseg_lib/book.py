@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from . import HipsegError
+from . import HipsegError, first_line
 from ._atomic import atomic_path
 
 __all__ = ["project_root", "resolve_data_dir", "resolve_output_dir", "chapters", "run_book",
@@ -98,7 +98,7 @@ def execute_chapter(notebook: Path, output: Path, parameters: dict, timeout: int
                             kernel_manager_class=_quiet_kernel_manager())
     except pm.PapermillExecutionError as exc:
         raise HipsegError(f"{notebook.name}: cell {exc.exec_count} raised {exc.ename}: "
-                          f"{str(exc.evalue).splitlines()[0] if exc.evalue else ''} (see {output})") from None
+                          f"{first_line(exc.evalue) if exc.evalue else ''} (see {output})") from None
     finally:
         if env_before is None:
             os.environ.pop("HIPSEG_PLAIN_PROGRESS", None)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import CLASS_NAMES, HipsegError, __version__
+from . import CLASS_NAMES, HipsegError, __version__, first_line
 from ._atomic import atomic_path
 from .model import ModelConfig, ResUNet3D
 from .preprocess import Preprocessing
@@ -72,10 +72,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0][:120]
-        raise HipsegError(f"{path}: refused to load (not plain weights; {first})") from None
+        raise HipsegError(f"{path}: refused to load (not plain weights; {first_line(exc, 120)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise HipsegError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:120]})") from None
+        raise HipsegError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc, 120)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise HipsegError(f"{path}: not a hipseg checkpoint (no '{FORMAT}' format marker)")
     for key in ("model_config", "preprocessing", "model_state"):
@@ -108,7 +107,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as exc:
         raise HipsegError(f"{path}: weights do not fit a ResUNet3D of its stated configuration "
-                          f"({str(exc).splitlines()[0][:120]})") from None
+                          f"({first_line(exc, 120)})") from None
     patch = (ckpt.get("train_config") or {}).get("patch_shape")
     # Trained on patches: predict in sliding windows of that size (see predict_array).
     model.inference_patch = tuple(patch) if patch else None

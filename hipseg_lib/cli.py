@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import DEFAULT_POSTPROCESS, DEFAULT_TTA, HipsegError, __version__
+from . import BEST_NAME, DEFAULT_POSTPROCESS, DEFAULT_TTA, HipsegError, __version__
 
 __all__ = ["main", "build_parser"]
 
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with each input's shape, affine and header. Windows (when used) are blended with Gaussian "
         "weights. Defaults for --tta and --postprocess were chosen by chapter 5's measurement."))
     pr.add_argument("inputs", nargs="+", metavar="INPUT")
-    pr.add_argument("--checkpoint", default="model/new_model.pth")
+    pr.add_argument("--checkpoint", default=f"model/{BEST_NAME}")
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("--device", default="auto")
     pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=DEFAULT_TTA,

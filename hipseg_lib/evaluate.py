@@ -4,7 +4,6 @@ and the comparison of inference options (test-time mirroring, post-processing) w
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -14,7 +13,7 @@ import torch
 
 from . import CLASS_NAMES, HipsegError
 from ._atomic import write_json_atomic
-from .io import Pair, load_pair, load_volume
+from .io import Pair, load_pair, load_volume, volume_id_in
 from .metrics import METRICS, evaluate_case, summarise
 from .model import ResUNet3D
 from .predict import (DEFAULT_POSTPROCESS, DEFAULT_TTA, _stem, collect_inputs, entropy,
@@ -127,14 +126,11 @@ def inference_table(comparison: dict, metric: str = "dice") -> list[dict]:
     return rows
 
 
-_ID_RE = re.compile(r"(?:Case_)?([A-Za-z]?\d+)_Week(\d+)")
-
-
 def _match_key(path: Path) -> str:
-    m = _ID_RE.search(path.name)
-    if m:
-        return f"{m.group(1)}_Week{int(m.group(2))}"
-    stem = _stem(path)
+    found = volume_id_in(path.name)
+    if found:
+        return str(found)
+    stem = _stem(path)  # a name with no case and week: match on what is left of it
     for suffix in ("_pred", "_SEMANTIC", "_LFOV", "_seg", "_label"):
         stem = stem.replace(suffix, "")
     return stem

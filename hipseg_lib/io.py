@@ -21,7 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from . import NUM_CLASSES, HipsegError
+from . import NUM_CLASSES, HipsegError, first_line
 from ._atomic import atomic_path
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "PairSearch",
     "Volume",
     "parse_volume_name",
+    "volume_id_in",
     "is_nifti",
     "find_pairs",
     "load_volume",
@@ -39,10 +40,10 @@ __all__ = [
     "save_nifti_atomic",
 ]
 
-_NAME_RE = re.compile(
-    r"^(?:Case_)?(?P<case>[A-Za-z]?\d+)_Week(?P<week>\d+)"
-    r"(?P<semantic>_SEMANTIC)?(?:_LFOV)?\.nii(?:\.gz)?$"
-)
+# The one place HipMRI names are parsed: a case (optionally "Case_" and a letter) and a week.
+_ID_PATTERN = r"(?:Case_)?(?P<case>[A-Za-z]?\d+)_Week(?P<week>\d+)"
+_NAME_RE = re.compile("^" + _ID_PATTERN + r"(?P<semantic>_SEMANTIC)?(?:_LFOV)?\.nii(?:\.gz)?$")
+_ID_RE = re.compile(_ID_PATTERN)
 _SKIP_DIRS = {"keras_slices_data", ".ipynb_checkpoints", "__MACOSX"}
 
 
@@ -150,6 +151,17 @@ def parse_volume_name(path: str | os.PathLike) -> tuple[VolumeId, str] | None:
     return VolumeId(m.group("case"), int(m.group("week"))), kind
 
 
+def volume_id_in(name: str) -> VolumeId | None:
+    """The case and week named anywhere in a file name, such as a prediction's, or None.
+
+    Example:
+        >>> volume_id_in("Case_004_Week0_LFOV_pred.nii.gz")
+        VolumeId(case='004', week=0)
+    """
+    m = _ID_RE.search(name)
+    return VolumeId(m.group("case"), int(m.group("week"))) if m else None
+
+
 def find_pairs(root: str | os.PathLike) -> PairSearch:
     """Find image/label pairs under ``root`` (either real layout, or a flat folder).
 
@@ -222,7 +234,7 @@ def load_volume(path: str | os.PathLike, kind: str = "image") -> Volume:
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises several types for a bad header
-        raise HipsegError(f"{path}: not a readable NIfTI file ({_short(exc)})") from None
+        raise HipsegError(f"{path}: not a readable NIfTI file ({first_line(exc)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise HipsegError(f"{path}: not a NIfTI file (found {type(img).__name__})")
     try:
@@ -231,7 +243,7 @@ def load_volume(path: str | os.PathLike, kind: str = "image") -> Volume:
         else:
             data = np.asanyarray(img.dataobj)
     except (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError) as exc:
-        raise HipsegError(f"{path}: truncated or corrupt data ({_short(exc)})") from None
+        raise HipsegError(f"{path}: truncated or corrupt data ({first_line(exc)})") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -316,8 +328,3 @@ def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | os.Path
     with atomic_path(path, suffix=suffix) as tmp:
         nib.save(img, tmp)
     return path
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:160]

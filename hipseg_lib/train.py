@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from . import NUM_CLASSES, HipsegError
+from . import BEST_NAME, LAST_NAME, LOG_NAME, NUM_CLASSES, HipsegError, first_line
 from ._atomic import atomic_path
 from .augment import RandomPatch, default_augmentation
 from .checkpoint import read_checkpoint, save_checkpoint
@@ -37,9 +37,6 @@ from .preprocess import Preprocessing
 __all__ = ["archive_previous_run", "early_stop_reason", "TrainConfig", "PRESETS", "preset", "resolve_device", "seed_everything", "train",
            "TrainResult", "BEST_NAME", "LAST_NAME", "LOG_NAME", "load_split_volumes", "autocast_for"]
 
-BEST_NAME = "new_model.pth"  # the seed's file name
-LAST_NAME = "last.pth"
-LOG_NAME = "train_log.jsonl"
 
 
 @dataclass
@@ -343,10 +340,6 @@ def _check_writable(out: Path) -> None:
         raise HipsegError(f"{out}: output folder is not writable")
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-
-
 def _clock(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
@@ -582,7 +575,7 @@ def _train(cfg, data_dir, out, resume, progress, log, dist_: _Dist, t_start) -> 
         try:
             compiled = torch.compile(net)
         except Exception as exc:
-            warnings.warn(f"torch.compile unavailable ({_first_line(exc)}); running eager")
+            warnings.warn(f"torch.compile unavailable ({first_line(exc, 200)}); running eager")
 
     result = TrainResult(best_path=best_path, last_path=last_path)
     if start_epoch >= cfg.epochs:
@@ -632,7 +625,7 @@ def _train(cfg, data_dir, out, resume, progress, log, dist_: _Dist, t_start) -> 
                     try:
                         logits = compiled(image)
                     except Exception as exc:  # compilation happens lazily, at the first call
-                        warnings.warn(f"torch.compile failed ({_first_line(exc)}); running eager")
+                        warnings.warn(f"torch.compile failed ({first_line(exc, 200)}); running eager")
                         compiled = None
                         logits = net(image)
                 else:

@@ -1,0 +1,62 @@
+"""Scoring: a checkpoint on labelled pairs, the JSON document and the printed summary."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from hipseg_lib import CLASS_NAMES
+from hipseg_lib.checkpoint import load_model
+from hipseg_lib.evaluate import _match_key, evaluate_pairs, format_summary, results_document
+from hipseg_lib.io import find_pairs, load_pair, volume_id_in
+from hipseg_lib.metrics import METRICS, evaluate_case, summarise
+from hipseg_lib.predict import predict_array
+from hipseg_lib.preprocess import Preprocessing
+
+
+def test_evaluate_pairs_scores_what_predict_array_predicts(tiny_model, tiny_synth):
+    model, ckpt = load_model(tiny_model)
+    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    pairs = find_pairs(tiny_synth).pairs[:2]
+    rows = evaluate_pairs(model, prep, pairs, keep_predictions=True, tta=False)
+    assert [r["id"] for r in rows] == [str(p.id) for p in pairs]
+    for row, pair in zip(rows, pairs):
+        image, truth = load_pair(pair)
+        pred = predict_array(model, image.array, image.affine, prep, tta=False)
+        np.testing.assert_array_equal(row["pred"], pred)
+        expected = evaluate_case(pred, truth.array, image.spacing)
+        for m in METRICS:
+            np.testing.assert_array_equal(row["metrics"][m], expected[m])
+    lean = evaluate_pairs(model, prep, pairs[:1], tta=False)
+    assert "pred" not in lean[0] and "image" not in lean[0]
+
+
+def _case(dice):
+    return {m: np.array(dice if m in ("dice", "iou") else [1.0] * len(CLASS_NAMES)) for m in METRICS}
+
+
+def test_results_document_is_json_with_named_classes_and_no_nan():
+    rows = [{"id": "004_Week0", "metrics": _case([1.0, 0.9, 0.8, np.nan, 0.5, 0.25])},
+            {"id": "004_Week1", "metrics": _case([1.0, 0.7, 0.6, 0.4, 0.5, 0.75])}]
+    doc = json.loads(json.dumps(results_document(rows, {"preset": "cpu"})))
+    assert doc["classes"] == list(CLASS_NAMES) and doc["preset"] == "cpu"
+    assert doc["cases"][0]["metrics"]["dice"]["bladder"] is None  # NaN: absent from both
+    assert doc["cases"][1]["metrics"]["dice"]["prostate"] == 0.75
+    assert doc["summary"]["dice"]["prostate"]["mean"] == 0.5
+    assert doc["summary"]["dice"]["bladder"]["n"] == 1  # the NaN case does not count
+
+
+def test_format_summary_prints_every_metric_and_class():
+    summary = summarise([_case([1.0, 0.9, 0.8, np.nan, 0.5, 0.25])])
+    text = format_summary(summary).splitlines()
+    assert all(n in text[0] for n in CLASS_NAMES)
+    assert [line.split()[0] for line in text[2:]] == list(METRICS)
+    assert "0.250 (0.000)" in text[2] and "n/a" in text[2]  # dice row; bladder has no value
+    assert text[4].startswith("hd95 mm")
+
+
+def test_one_name_parser_pairs_predictions_with_truths():
+    assert str(volume_id_in("Case_004_Week0_LFOV_pred.nii.gz")) == "004_Week0"
+    assert _match_key(__import__("pathlib").Path("B006_Week3_SEMANTIC.nii.gz")) == "B006_Week3"
+    assert _match_key(__import__("pathlib").Path("scan_pred.nii.gz")) == "scan"  # no case and week
+    assert volume_id_in("notes.txt") is None
