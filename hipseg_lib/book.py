@@ -36,20 +36,26 @@ def project_root() -> Path:
 def resolve_data_dir(data_dir: str | os.PathLike | None = None, make_default: bool = True) -> Path:
     """The data folder a chapter should read.
 
-    Order: the ``data_dir`` argument (a chapter parameter), ``$HIPSEG_DATA``, else the default
-    synthetic set ``<project>/data/synthetic``, generated on first use when ``make_default``.
+    One policy for the chapters, the command line and the benchmarks. Order: the ``data_dir``
+    argument, ``$HIPSEG_DATA``, else the default synthetic set ``<project>/data/synthetic``,
+    generated on first use (with a message) when ``make_default``. Outside a project checkout
+    there is no default: a one-line error says to point ``--data`` at a folder.
     """
     if data_dir:
         path = Path(data_dir).expanduser()
         if not path.exists():
-            raise HipsegError(f"{path}: data folder not found")
+            raise HipsegError(f"{path}: no such folder")
         return path.resolve()
     if os.environ.get("HIPSEG_DATA"):
         return resolve_data_dir(os.environ["HIPSEG_DATA"])
-    default = project_root() / "data" / "synthetic"
+    root = project_root()
+    if not (root / "_config.yml").exists():
+        raise HipsegError(f"no hipseg project checkout above {Path.cwd()}: point --data (or $HIPSEG_DATA) "
+                          "at a data folder, or run inside the project")
+    default = root / "data" / "synthetic"
     if not default.exists():
         if not make_default:
-            raise HipsegError(f"{default}: no data; run `hipseg synth --out {default}`")
+            raise HipsegError(f"{default}: no data yet; make it first with `hipseg synth --out {default}`")
         from .synth import make_dataset
 
         print(f"making the default synthetic data set in {default} ...")

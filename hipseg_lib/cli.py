@@ -87,7 +87,10 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     from .train import train
 
-    data = a.data or os.environ.get("HIPSEG_DATA") or "data/synthetic"
+    from .book import resolve_data_dir
+
+    # Under torchrun every process would make the default set at once: there it must exist.
+    data = resolve_data_dir(a.data, make_default="WORLD_SIZE" not in os.environ)
     cfg = _train_config(a)
     result = train(cfg, data, a.out, resume=a.resume, progress=not a.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -167,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a ResUNet3D", description=(
         "Train on a data folder with a preset; run under torchrun for several processes or GPUs."))
     t.add_argument("--preset", default="auto", help="smoke, cpu, full, or auto (full with CUDA, else cpu)")
-    t.add_argument("--data", default=None, help="data folder (default $HIPSEG_DATA or data/synthetic)")
+    t.add_argument("--data", default=None, help="data folder (default: $HIPSEG_DATA, else the project's "
+                   "synthetic set, made on first use)")
     t.add_argument("--out", default="model", help="checkpoint/log folder (default model/)")
     t.add_argument("--config", default=None, help="JSON file of settings applied over the preset")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pth")

@@ -311,6 +311,29 @@ class _Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
 
+    def main_first(self, fn, then_others: bool = True):
+        """Run ``fn`` on rank 0, then (``then_others``) on the other ranks: e.g. fill a cache once.
+
+        A ``HipsegError`` on rank 0 is passed to every rank, so that each ends with the same one
+        line instead of waiting in a collective that rank 0 never reaches.
+        """
+        if not self.enabled:
+            return fn()
+        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else None
+        if self.main:
+            try:
+                out = fn()
+            except HipsegError as exc:
+                dist.broadcast_object_list([str(exc)], src=0, device=device)
+                raise
+            dist.broadcast_object_list([None], src=0, device=device)
+            return out
+        message = [None]
+        dist.broadcast_object_list(message, src=0, device=device)
+        if message[0] is not None:
+            raise HipsegError(message[0])
+        return fn() if then_others else None
+
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -486,21 +509,19 @@ def _train(cfg, data_dir, out, resume, progress, log, dist_: _Dist, t_start) -> 
     if dist_.enabled and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     last_path, best_path, log_path = out / LAST_NAME, out / BEST_NAME, out / LOG_NAME
-    if dist_.main:
+
+    def check_output():
         if not resume and (last_path.exists() or best_path.exists()):
             raise HipsegError(f"{out}: holds checkpoints of an earlier run; resume it (--resume) "
                               "or choose another output folder")
         if resume and not last_path.exists():
             raise HipsegError(f"{last_path}: nothing to resume (no such checkpoint)")
         _check_writable(out)
-    seed_everything(cfg.seed + dist_.rank)
 
-    # Data: only rank 0 preprocesses into the cache first, then the others read it.
-    if dist_.enabled and not dist_.main:
-        dist.barrier()
-    vols = load_split_volumes(data_dir, cfg, progress=progress and dist_.main)
-    if dist_.enabled and dist_.main:
-        dist.barrier()
+    dist_.main_first(check_output, then_others=False)
+    seed_everything(cfg.seed + dist_.rank)
+    # Data: rank 0 preprocesses into the cache first, then the others read it.
+    vols = dist_.main_first(lambda: load_split_volumes(data_dir, cfg, progress=progress and dist_.main))
     if dist_.main:
         for stale in out.glob(".*.tmp") if out.is_dir() else []:
             stale.unlink()  # left by a process killed while writing (the complete file is intact)

@@ -179,3 +179,15 @@ def test_evaluate_cli(tiny_model, tiny_synth, tmp_path):
     empty = tmp_path / "e"
     empty.mkdir()
     _one_line_error(run_cli("evaluate", "--pred", empty, "--truth", tiny_synth / "semantic_labels_anon"), "holds no .nii")
+
+
+def test_train_outside_a_project_checkout_says_where_to_point_data(tmp_path, monkeypatch):
+    """One data policy: --data, else $HIPSEG_DATA, else the project's synthetic set; with no project
+    checkout there is no default to make, and the error says so."""
+    monkeypatch.setenv("HIPSEG_ROOT", str(tmp_path))  # a folder that is not a hipseg checkout
+    monkeypatch.delenv("HIPSEG_DATA", raising=False)
+    r = run_cli("train", "--preset", "smoke", "--out", tmp_path / "m", cwd=tmp_path)
+    _one_line_error(r, "no hipseg project checkout", "--data")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "m").exists()
+    monkeypatch.setenv("HIPSEG_DATA", str(tmp_path / "nowhere"))
+    _one_line_error(run_cli("train", "--preset", "smoke", cwd=tmp_path), "nowhere: no such folder")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -48,12 +49,37 @@ def test_two_gloo_processes_match_single_process(tiny_synth, tmp_path):
     assert rel(out2, tmp_path / "one") < 0.1 * rel(tmp_path / "other", tmp_path / "one")
 
 
-def test_error_in_one_rank_shuts_down_cleanly(tmp_path):
+def _torchrun_train(tmp_path, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "hipseg_lib", "train", "--preset", "smoke", "--data", str(tmp_path / "missing"),
-           "--out", str(tmp_path / "m"), "--device", "cpu", "--quiet"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+           "-m", "hipseg_lib", "train", "--preset", "smoke", "--device", "cpu", "--quiet", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _ranks_fail_with_one_line(r, needle):
+    """Every rank ends with the same one-line error and none prints a traceback (torchrun's own
+    summary of the failed processes is not a rank's output)."""
     assert r.returncode != 0
-    assert "no such folder" in r.stderr
+    out = r.stdout + r.stderr
+    # (the two processes may write their line at the same moment, so lines can run together)
+    errors = re.findall(r"hipseg: error: (.*?)(?=hipseg: error:|\n|$)", out)
+    assert len(errors) == 2 and all(needle in e for e in errors), errors
+    assert len({e.strip() for e in errors}) == 1
+    rank_lines = [line for line in out.splitlines() if line.startswith("[rank")]
+    assert not any("Traceback" in line for line in rank_lines), "\n".join(rank_lines[:20])
+
+
+def test_a_missing_data_folder_ends_every_rank_with_one_line(tmp_path):
+    r = _torchrun_train(tmp_path, "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m"))
+    _ranks_fail_with_one_line(r, "no such folder")
     assert not (tmp_path / "m" / "last.pth").exists()
+
+
+def test_an_error_only_rank_0_sees_ends_every_rank(tiny_synth, tmp_path):
+    # Only rank 0 checks the output folder; rank 1 must not hang or crash in a collective.
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "last.pth").write_bytes(b"an earlier run")
+    r = _torchrun_train(tmp_path, "--data", str(tiny_synth), "--out", str(out))
+    _ranks_fail_with_one_line(r, "holds checkpoints of an earlier run")
+    assert (out / "last.pth").read_bytes() == b"an earlier run"
