@@ -52,12 +52,16 @@ def evaluate_pairs(model: ResUNet3D, preprocessing: Preprocessing, pairs: Sequen
         image, truth = load_pair(pair)
         pred = predict_array(model, image.array, image.affine, preprocessing, device,
                              tta=tta, postprocess=postprocess)
-        row = {"id": str(pair.id), "case": pair.id.case,
-               "metrics": evaluate_case(pred, truth.array, image.spacing)}
-        if keep_predictions:
-            row.update(image=image.array, truth=truth.array, pred=pred, spacing=image.spacing)
-        results.append(row)
+        results.append(_row(pair, image, truth, pred, evaluate_case(pred, truth.array, image.spacing),
+                            keep_predictions))
     return results
+
+
+def _row(pair: Pair, image, truth, pred: np.ndarray, metrics: dict, keep: bool) -> dict:
+    row = {"id": str(pair.id), "case": pair.id.case, "metrics": metrics}
+    if keep:
+        row.update(image=image.array, truth=truth.array, pred=pred, spacing=image.spacing)
+    return row
 
 
 def error_entropy_share(uncertainty: np.ndarray, wrong: np.ndarray, region: np.ndarray,
@@ -98,13 +102,16 @@ def compare_inference(model: ResUNet3D, preprocessing: Preprocessing, pairs: Seq
             start = time.perf_counter()
             probs[tta] = predict_probabilities(model, image.array, image.affine, preprocessing, device, tta=tta)
             net_time[tta] = time.perf_counter() - start
+        scored: list[tuple[np.ndarray, dict]] = []  # a label map equal to an earlier one is not re-scored
         for name, tta, post in variants:
             start = time.perf_counter()
             pred = labels_from_probabilities(probs[tta], post)
             seconds[name].append(net_time[tta] + time.perf_counter() - start)
-            results[name].append({"id": str(pair.id), "case": pair.id.case, "image": image.array,
-                                  "truth": truth.array, "pred": pred, "spacing": image.spacing,
-                                  "metrics": evaluate_case(pred, truth.array, image.spacing)})
+            metrics = next((m for p, m in scored if np.array_equal(p, pred)), None)
+            if metrics is None:
+                metrics = evaluate_case(pred, truth.array, image.spacing)
+                scored.append((pred, metrics))
+            results[name].append(_row(pair, image, truth, pred, metrics, keep=True))
         unc = entropy(probs[chosen_tta])
         pred = results[chosen][-1]["pred"]
         h, n = error_entropy_share(unc, pred != truth.array, (truth.array > 0) | (pred > 0))

@@ -309,10 +309,12 @@ def load_pair(pair: Pair) -> tuple[Volume, Volume]:
 
 
 def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
-                      header: nib.Nifti1Header | None = None, overwrite: bool = False) -> Path:
+                      header: nib.Nifti1Header | None = None, overwrite: bool = False,
+                      scale: float | None = None) -> Path:
     """Write a NIfTI file so that a crash never leaves a partial file at ``path``.
 
-    The data go to a temporary file in the same folder, which is then renamed.
+    The data go to a temporary file in the same folder, which is then renamed. ``scale`` stores
+    ``array`` as it is with that scale factor (scl_slope), so readers get ``array * scale``.
 
     Raises:
         HipsegError: the file exists and ``overwrite`` is false, or the folder is not writable.
@@ -324,6 +326,8 @@ def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | os.Path
     if header is not None:
         img.set_data_dtype(array.dtype)
     img.header.set_xyzt_units("mm", "sec")
+    if scale is not None:
+        img.header.set_slope_inter(scale, 0)
     suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
     with atomic_path(path, suffix=suffix) as tmp:
         nib.save(img, tmp)

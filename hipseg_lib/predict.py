@@ -25,7 +25,6 @@ from scipy import ndimage
 
 from . import (BLADDER, BODY, CLASS_NAMES, DEFAULT_POSTPROCESS, DEFAULT_TTA, NUM_CLASSES, PROSTATE, RECTUM,
                HipsegError)
-from ._atomic import atomic_path
 from .augment import FLIP_AXES
 from .checkpoint import load_model
 from .io import constant_image_problem, is_nifti, load_volume, save_nifti_atomic
@@ -281,16 +280,11 @@ def _check_output_folder(out: Path) -> None:
 def _save_probabilities(probs: np.ndarray, affine: np.ndarray, path: Path, overwrite: bool) -> None:
     # NIfTI-1 has no float16: uint16 with a scale factor takes the same two bytes per value, reads
     # back as floats in any NIfTI reader, and is finer than float16 near 1 (steps of 1/65535).
-    if path.exists() and not overwrite:
-        raise HipsegError(f"{path}: already exists (use --overwrite to replace it)")
+    header = nib.Nifti1Header()
+    header["descrip"] = ("hipseg probabilities: " + ",".join(CLASS_NAMES))[:79].encode()
+    header.set_intent("vector", (), name="class probabilities")
     quantised = np.rint(np.moveaxis(probs, 0, -1) * 65535).astype(np.uint16)
-    img = nib.Nifti1Image(quantised, affine)
-    img.header.set_slope_inter(1 / 65535, 0)
-    img.header.set_xyzt_units("mm", "sec")
-    img.header["descrip"] = ("hipseg probabilities: " + ",".join(CLASS_NAMES))[:79].encode()
-    img.header.set_intent("vector", (), name="class probabilities")
-    with atomic_path(path, suffix=".nii.gz") as tmp:
-        nib.save(img, tmp)
+    save_nifti_atomic(quantised, affine, path, header=header, overwrite=overwrite, scale=1 / 65535)
 
 
 def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,

@@ -15,8 +15,8 @@ from matplotlib.colors import ListedColormap
 
 from . import BODY, BONES, CLASS_NAMES, PROSTATE
 
-__all__ = ["CLASS_COLOURS", "label_cmap", "show_slice", "orthogonal_views", "prostate_slice", "three_panel", "uncertainty_panel", "overlay_rgba",
-           "class_legend", "per_class_text",
+__all__ = ["CLASS_COLOURS", "label_cmap", "show_slice", "orthogonal_views", "prostate_slice", "three_panel",
+           "uncertainty_panel", "overlay_rgba", "class_legend", "per_class_text",
            "static_slider", "live_slider", "SliceViewer", "slice_browser", "html_table"]
 
 CLASS_COLOURS = ["#00000000", "#4daf4a", "#ffff33", "#377eb8", "#ff7f00", "#e41a1c"]
@@ -44,14 +44,27 @@ def _outline(inside: np.ndarray) -> np.ndarray:
     return inside & ~(np.roll(inside, 1, 0) & np.roll(inside, -1, 0) & np.roll(inside, 1, 1) & np.roll(inside, -1, 1))
 
 
-def overlay_rgba(label_plane: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+def overlay_rgba(label_plane: np.ndarray, alpha: float = 0.45, outline_alpha: float = 1.0) -> np.ndarray:
     """RGBA overlay of one label slice: organs and bones as translucent fills, the body as a thin
-    opaque outline (so the anatomy under it stays visible), everything else transparent."""
+    outline (so the anatomy under it stays visible), everything else transparent."""
     rgba = np.zeros((*label_plane.shape, 4), np.float32)
     for c in range(BONES, len(CLASS_NAMES)):
         rgba[label_plane == c] = (*(v / 255 for v in _rgb(CLASS_COLOURS[c])), alpha)
-    rgba[_outline(label_plane >= BODY)] = (*(v / 255 for v in _rgb(CLASS_COLOURS[BODY])), 1.0)
+    rgba[_outline(label_plane >= BODY)] = (*(v / 255 for v in _rgb(CLASS_COLOURS[BODY])), outline_alpha)
     return rgba
+
+
+def _opening_slice(labels, axis: int = 2) -> int | None:
+    """The prostate slice of the first label map that holds prostate (None when none does): where
+    slice browsers open."""
+    given = [lab for lab in labels if lab is not None and (lab == PROSTATE).any()]
+    return prostate_slice(given[0], axis) if given else None
+
+
+def _slice_caption(plane: str, index: int, n: int, spacing: Sequence[float] | None, axis: int) -> str:
+    """"axial slice 12 of 64 (43.2 mm)": the index and the position along the axis."""
+    where = f"{index * spacing[axis]:.1f} mm" if spacing is not None else f"{index} voxels"
+    return f"{plane} slice {index} of {n} ({where})"
 
 
 def show_slice(ax, image: np.ndarray, label: np.ndarray | None = None, axis: int = 2, index: int | None = None,
@@ -182,11 +195,10 @@ def static_slider(image: np.ndarray, labels: Sequence[np.ndarray | None] = (None
 
     lo, hi = _interesting_range(labels, image.shape[2])
     frames = [lo + k for k in _frames(hi - lo, max_frames)]
-    given = [lab for lab in labels if lab is not None and (lab == PROSTATE).any()]
-    start = prostate_slice(given[0]) if given else frames[len(frames) // 2]
+    start = _opening_slice(labels)
+    start = frames[len(frames) // 2] if start is None else start
     frames = sorted(set(frames) | {start})
-    dz = spacing[2] if spacing is not None else 1.0
-    unit = "mm" if spacing is not None else "voxels"
+    captions = {k: _slice_caption("axial", k, image.shape[2], spacing, 2) for k in frames}
     fig, axes = plt.subplots(1, len(labels), figsize=(size * len(labels), size), dpi=dpi, squeeze=False)
     artists = [show_slice(ax, image, lab, index=start, spacing=spacing, title=t)
                for ax, lab, t in zip(axes[0], labels, titles)]
@@ -198,7 +210,7 @@ def static_slider(image: np.ndarray, labels: Sequence[np.ndarray | None] = (None
             im.set_data(_plane(image, 2, k))
             if lab_art is not None:
                 lab_art.set_data(overlay_rgba(_plane(lab, 2, k), lab_art.hipseg_alpha))
-        caption.set_text(f"axial slice {k} of {image.shape[2]} ({k * dz:.1f} {unit})")
+        caption.set_text(captions[k])
         return []
 
     anim = animation.FuncAnimation(fig, update, frames=frames, interval=200, blit=False)
@@ -210,7 +222,7 @@ def static_slider(image: np.ndarray, labels: Sequence[np.ndarray | None] = (None
     if found != 1:
         raise RuntimeError("matplotlib's jshtml player changed: cannot set its first frame")
     out = HTML(html)
-    out.frames, out.start = frames, start  # the slice of each frame, and the one it opens on
+    out.frames, out.start, out.captions = frames, start, captions  # what each frame shows, where it opens
     return out
 
 
@@ -277,8 +289,8 @@ class SliceViewer:
 
     def _start_index(self, axis: int) -> int:
         """The slice through the prostate (from any label map), else the middle."""
-        with_prostate = [lab for lab in self.maps.values() if lab is not None and (lab == PROSTATE).any()]
-        return prostate_slice(with_prostate[0], axis) if with_prostate else self.image.shape[axis] // 2
+        start = _opening_slice(self.maps.values(), axis)
+        return self.image.shape[axis] // 2 if start is None else start
 
     def _set_plane(self, name: str) -> None:
         axis = _PLANES[name]
@@ -321,11 +333,10 @@ class SliceViewer:
             sl = _plane(lab, axis, index)
             if which == "difference":
                 _blend(rgb, sl > 0, (255, 0, 255), opacity)
-            else:
-                edge = _outline(sl >= BODY)  # the body's outline, so that the anatomy under it stays visible
-                _blend(rgb, edge, _rgb(CLASS_COLOURS[BODY]), min(1.0, 2 * opacity))
-                for c in range(2, len(CLASS_NAMES)):
-                    _blend(rgb, sl == c, _rgb(CLASS_COLOURS[c]), opacity)
+            else:  # the same overlay as the static figures, its outline a little stronger
+                rgba = overlay_rgba(sl, opacity, min(1.0, 2 * opacity))
+                a = rgba[..., 3:]
+                rgb = (1 - a) * rgb + a * 255 * rgba[..., :3]
         rows, cols = self._grid(plane)
         return rgb.astype(np.uint8)[rows][:, cols]
 
@@ -336,8 +347,7 @@ class SliceViewer:
         self.frame.width, self.frame.height = str(w), str(h)
         self.frame.value = png
         axis = _PLANES[plane]
-        n = self.image.shape[axis]
-        self.caption.value = f"{plane} slice {index} of {n} ({index * self.spacing[axis]:.1f} mm)"
+        self.caption.value = _slice_caption(plane, index, self.image.shape[axis], self.spacing, axis)
 
 
 def _rgb(colour: str) -> tuple[int, int, int]:

@@ -68,6 +68,7 @@ def test_static_slider_opens_on_the_prostate_with_mm_labels():
     assert html.frames[0] <= 5 and html.frames[-1] >= 34
     opened = re.findall(r"anim\w+\.set_frame\((\d+)\)", html.data)
     assert opened == [str(html.frames.index(k))]
+    assert html.captions[k] == f"axial slice {k} of 40 ({k * 2.5:.1f} mm)"
 
 
 def test_static_overlay_fills_organs_and_outlines_the_body():
