@@ -34,7 +34,9 @@ from hipseg_lib.augment import default_augmentation
 from hipseg_lib.loss import DiceCELoss
 from hipseg_lib.metrics import dice_per_class
 from hipseg_lib.model import ResUNet3D, count_parameters
-from hipseg_lib.train import autocast_for, load_split_volumes, preset, resolve_device, seed_everything
+from hipseg_lib.config import make_config
+from hipseg_lib.data import load_split_volumes
+from hipseg_lib.runtime import autocast_for, resolve_device, seed_everything
 
 MODELS = ("hipseg-ResUNet3D", "monai-UNet", "monai-BasicUNet")
 
@@ -55,12 +57,12 @@ def _monai(name: str, width: int, depth: int) -> torch.nn.Module:
 def build(name: str, cfg) -> torch.nn.Module:
     """The network; MONAI's get the base width that brings their parameter count nearest ours."""
     if name == "hipseg-ResUNet3D":
-        return ResUNet3D(cfg.model_config)
+        return ResUNet3D(cfg.model)
     if name not in MODELS:
         raise ValueError(name)
-    target = count_parameters(ResUNet3D(cfg.model_config))
-    width = min(range(4, 65, 2), key=lambda w: abs(count_parameters(_monai(name, w, cfg.depth)) - target))
-    return _monai(name, width, cfg.depth)
+    target = count_parameters(ResUNet3D(cfg.model))
+    width = min(range(4, 65, 2), key=lambda w: abs(count_parameters(_monai(name, w, cfg.model.depth)) - target))
+    return _monai(name, width, cfg.model.depth)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -70,13 +72,13 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def run_one(name: str, args) -> dict:
-    cfg = preset(args.preset, device=args.device, cache_dir=args.cache_dir, amp=args.amp)
+    cfg = make_config(args.preset, device=args.device, cache_dir=args.cache_dir, amp=args.amp)
     if args.target_shape:
         cfg = cfg.replace(target_shape=tuple(args.target_shape))
     if args.batch_size:
         cfg = cfg.replace(batch_size=args.batch_size)
     if args.base_channels or args.depth:
-        cfg = cfg.replace(base_channels=args.base_channels or cfg.base_channels, depth=args.depth or cfg.depth)
+        cfg = cfg.replace(base_channels=args.base_channels or cfg.model.base_channels, depth=args.depth or cfg.model.depth)
     device = resolve_device(cfg.device)
     seed_everything(0)
     vols = load_split_volumes(resolve_data_dir(args.data), cfg)
@@ -143,7 +145,7 @@ def run_one(name: str, args) -> dict:
             "peak_memory_gb": peak_memory_gb(device), "memory_kind": "GPU allocated" if device.type == "cuda" else "process RSS",
             "test_dice": [float(x) for x in np.nanmean(dices, axis=0)],
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads",
-            "preset": cfg.preset, "target_shape": list(cfg.target_shape), "batch_size": cfg.batch_size,
+            "preset": cfg.preset, "target_shape": list(cfg.preprocessing.target_shape), "batch_size": cfg.batch_size,
             "amp": str(autocast_for(device, cfg.amp)[1]), "minutes": args.minutes}
 
 

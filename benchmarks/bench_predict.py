@@ -45,11 +45,11 @@ def one(preset_name: str, option: str, shape: tuple[int, int, int]) -> dict:
     from hipseg_lib.model import ResUNet3D
     from hipseg_lib.predict import predict_array
     from hipseg_lib.synth import SynthSpec, make_case_anatomy, render_volume
-    from hipseg_lib.train import preset
+    from hipseg_lib.config import make_config
 
     torch.set_num_threads(2)
-    cfg = preset(preset_name)
-    model = ResUNet3D(cfg.model_config).eval()
+    cfg = make_config(preset_name)
+    model = ResUNet3D(cfg.model).eval()
     spec = SynthSpec(shape=shape, spacing=(1.4, 1.4, 2.5))
     rng = np.random.default_rng(0)
     image, _ = render_volume(make_case_anatomy(rng), spec, rng)
@@ -62,7 +62,7 @@ def one(preset_name: str, option: str, shape: tuple[int, int, int]) -> dict:
         seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     assert label.shape == shape
-    return {"preset": preset_name, "grid": list(cfg.target_shape), "option": option, "seconds": round(seconds, 2),
+    return {"preset": preset_name, "grid": list(cfg.preprocessing.target_shape), "option": option, "seconds": round(seconds, 2),
             "peak_rss_gb": round(peak, 2), "rss_before_gb": round(before, 2)}
 
 

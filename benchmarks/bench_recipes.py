@@ -26,7 +26,8 @@ from hipseg_lib.data import split_by_case
 from hipseg_lib.io import find_pairs
 from hipseg_lib.evaluate import evaluate_pairs
 from hipseg_lib.preprocess import Preprocessing
-from hipseg_lib.train import preset, train
+from hipseg_lib.config import make_config
+from hipseg_lib.train import train
 
 RECIPES = {
     "cpu": {},
@@ -36,7 +37,7 @@ RECIPES = {
 
 
 def run(name: str, data: Path, amp: str | None, out: Path, epochs: int = 12) -> dict:
-    cfg = preset("cpu", amp=amp, max_minutes=0, epochs=epochs, **RECIPES[name])
+    cfg = make_config("cpu", amp=amp, max_minutes=0, epochs=epochs, **RECIPES[name])
     t = time.perf_counter()
     result = train(cfg, data, out / name, progress=False, log=lambda s: None)
     seconds = time.perf_counter() - t

@@ -17,14 +17,15 @@ import torch
 from hipseg_lib import NUM_CLASSES
 from hipseg_lib.loss import DiceCELoss
 from hipseg_lib.model import ResUNet3D
-from hipseg_lib.train import autocast_for, preset, resolve_device
+from hipseg_lib.config import make_config
+from hipseg_lib.runtime import autocast_for, resolve_device
 
 
 def time_steps(cfg, device, amp: str, channels_last: bool, compile_: bool, steps: int) -> tuple[float, float]:
     torch.manual_seed(0)
-    model = ResUNet3D(cfg.model_config).to(device)
-    x = torch.randn(cfg.batch_size, 1, *cfg.target_shape, device=device)
-    y = torch.randint(0, NUM_CLASSES, (cfg.batch_size, *cfg.target_shape), device=device)
+    model = ResUNet3D(cfg.model).to(device)
+    x = torch.randn(cfg.batch_size, 1, *cfg.preprocessing.target_shape, device=device)
+    y = torch.randint(0, NUM_CLASSES, (cfg.batch_size, *cfg.preprocessing.target_shape), device=device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
         x = x.to(memory_format=torch.channels_last_3d)
@@ -57,7 +58,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--no-compile", action="store_true")
     a = p.parse_args()
-    cfg = preset(a.preset)
+    cfg = make_config(a.preset)
     device = resolve_device(cfg.device)
     _, best = autocast_for(device, "auto")
     best_amp = "bf16" if best == torch.bfloat16 else ("fp16" if best == torch.float16 else "off")
@@ -66,8 +67,8 @@ def main() -> int:
     if not a.no_compile:
         variants.append((f"{best_amp} + torch.compile", best_amp, False, True))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{name}; preset {cfg.preset}: grid {cfg.target_shape}, batch {cfg.batch_size}, "
-          f"base {cfg.base_channels}, depth {cfg.depth}")
+    print(f"{name}; preset {cfg.preset}: grid {cfg.preprocessing.target_shape}, batch {cfg.batch_size}, "
+          f"base {cfg.model.base_channels}, depth {cfg.model.depth}")
     base = None
     for label, amp, cl, comp in variants:
         try:

@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_step
 from hipseg_lib import NUM_CLASSES  # noqa: E402
 from hipseg_lib.loss import DiceCELoss  # noqa: E402
 from hipseg_lib.model import ResUNet3D, count_parameters  # noqa: E402
-from hipseg_lib.train import autocast_for, preset  # noqa: E402
+from hipseg_lib.config import make_config  # noqa: E402
+from hipseg_lib.runtime import autocast_for  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' data sheets.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0,
@@ -105,8 +106,8 @@ def _chapter_params(data: Path, work: Path, cfg, train_minutes: float, dry: bool
               "epochs": 40, "max_minutes": train_minutes}
     if dry:
         # Tiny sizes cannot learn: the chapters run their code but skip their Dice assertions.
-        params.update(target_shape=list(cfg.target_shape), batch_size=cfg.batch_size, epochs=2,
-                      device="cpu", check_results=False, base_channels=cfg.base_channels, depth=cfg.depth)
+        params.update(target_shape=list(cfg.preprocessing.target_shape), batch_size=cfg.batch_size, epochs=2,
+                      device="cpu", check_results=False, base_channels=cfg.model.base_channels, depth=cfg.model.depth)
     return params
 
 
@@ -155,16 +156,16 @@ def time_steps(cfg, device, channels_last: bool, compiled: bool, steps: int) -> 
         torch.cuda.reset_peak_memory_stats(device)
     secs, first = timed(cfg, device, "bf16" if device.type == "cuda" else "auto", channels_last, compiled, steps)
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"s": secs, "first": first, "mem": mem, "params": count_parameters(ResUNet3D(cfg.model_config))}
+    return {"s": secs, "first": first, "mem": mem, "params": count_parameters(ResUNet3D(cfg.model))}
 
 
 def count_flops(cfg, device) -> float:
     """FLOPs of one training step (forward + backward) counted by PyTorch, not by hand."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = ResUNet3D(cfg.model_config).to(device)
-    x = torch.randn(cfg.batch_size, 1, *cfg.target_shape, device=device)
-    y = torch.randint(0, NUM_CLASSES, (cfg.batch_size, *cfg.target_shape), device=device)
+    model = ResUNet3D(cfg.model).to(device)
+    x = torch.randn(cfg.batch_size, 1, *cfg.preprocessing.target_shape, device=device)
+    y = torch.randint(0, NUM_CLASSES, (cfg.batch_size, *cfg.preprocessing.target_shape), device=device)
     loss_fn = DiceCELoss(NUM_CLASSES)
     with FlopCounterMode(display=False) as counter:
         loss_fn(model(x), y).backward()
@@ -210,7 +211,7 @@ def inference_figures(cfg, data: Path, device, dry: bool) -> dict:
     from hipseg_lib.io import find_pairs, load_volume
     from hipseg_lib.predict import predict_array
 
-    model = ResUNet3D(cfg.model_config).to(device).eval()
+    model = ResUNet3D(cfg.model).to(device).eval()
     pair = next(p for p in find_pairs(data).pairs)
     vol = load_volume(pair.image)
     out = {}
@@ -238,8 +239,8 @@ def torchrun_figure(data: Path, work: Path, cfg, dry: bool) -> str:
            "-m", "hipseg_lib", "train", "--preset", "full", "--data", str(data), "--out", str(work / "ddp"),
            "--epochs", "1", "--quiet"]
     if dry:
-        cmd += ["--device", "cpu", "--target-shape", "x".join(map(str, cfg.target_shape)),
-                "--base-channels", str(cfg.base_channels), "--depth", str(cfg.depth)]
+        cmd += ["--device", "cpu", "--target-shape", "x".join(map(str, cfg.preprocessing.target_shape)),
+                "--base-channels", str(cfg.model.base_channels), "--depth", str(cfg.model.depth)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(ROOT))
     text = r.stdout + r.stderr
@@ -261,8 +262,8 @@ def models_figure(data: Path, cfg, dry: bool, minutes: float) -> str:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_models.py"), "--preset", "full", "--data", str(data),
            "--minutes", str(minutes), "--out", str(out_dir)]
     if dry:
-        cmd += ["--device", "cpu", "--target-shape", *map(str, cfg.target_shape), "--batch-size", "1",
-                "--base-channels", str(cfg.base_channels), "--depth", str(cfg.depth)]
+        cmd += ["--device", "cpu", "--target-shape", *map(str, cfg.preprocessing.target_shape), "--batch-size", "1",
+                "--base-channels", str(cfg.model.base_channels), "--depth", str(cfg.model.depth)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise RuntimeError(f"bench_models exited {r.returncode}: {(r.stderr.strip().splitlines() or [''])[-1]}")
@@ -307,7 +308,7 @@ def main(argv=None) -> int:
               "run it on a GPU machine, or use --dry-run to test the path on the CPU", file=sys.stderr)
         return 1
     device = torch.device("cpu") if dry else torch.device("cuda", 0)
-    cfg = preset("full")
+    cfg = make_config("full")
     if dry:
         cfg = cfg.replace(target_shape=(32, 32, 16), base_channels=4, depth=3, batch_size=2, device="cpu",
                           num_workers=0)
@@ -320,8 +321,8 @@ def main(argv=None) -> int:
     log = lambda s: print(f"[{time.perf_counter() - t0:6.0f} s] {s}", flush=True)  # noqa: E731
     stages = Stages(log)
     figures: dict = {"device": name, "torch": torch.__version__,
-                     "full preset grid": f"{'x'.join(map(str, cfg.target_shape))}, batch {cfg.batch_size}, "
-                                         f"base {cfg.base_channels}, depth {cfg.depth}"}
+                     "full preset grid": f"{'x'.join(map(str, cfg.preprocessing.target_shape))}, batch {cfg.batch_size}, "
+                                         f"base {cfg.model.base_channels}, depth {cfg.model.depth}"}
     made = stages.run("synthetic data", make_data, work / "data", dry)
     if made is None:
         write_results(figures, stages.failures, out_path)

@@ -1,6 +1,6 @@
 """How far intensity alone gets: a per-voxel histogram classifier on the default data set.
 
-Fits :func:`hipseg_lib.baseline.fit_intensity_classifier` on the training cases (preprocessed as the
+Fits :func:`hipseg_lib.baseline.fit_intensity_classifier` (via ``intensity_baseline_dice``) on the training cases (preprocessed as the
 `cpu` preset does) and prints per-class Dice on the test cases. A mean foreground Dice well below
 the network's shows that the data need spatial context.
 
@@ -14,10 +14,10 @@ import sys
 import numpy as np
 
 from hipseg_lib import CLASS_NAMES
-from hipseg_lib.baseline import fit_intensity_classifier
+from hipseg_lib.baseline import intensity_baseline_dice
 from hipseg_lib.book import resolve_data_dir
-from hipseg_lib.metrics import dice_per_class
-from hipseg_lib.train import load_split_volumes, preset
+from hipseg_lib.config import make_config
+from hipseg_lib.data import load_split_volumes
 
 
 def main() -> int:
@@ -25,14 +25,12 @@ def main() -> int:
     p.add_argument("--data", default=None)
     p.add_argument("--preset", default="cpu")
     a = p.parse_args()
-    cfg = preset(a.preset)
+    cfg = make_config(a.preset)
     vols = load_split_volumes(resolve_data_dir(a.data), cfg)
     print(f"intensity-only classifiers, {len(vols['train'])} training / {len(vols['test'])} test volumes, "
-          f"grid {cfg.target_shape}")
+          f"grid {cfg.preprocessing.target_shape}")
     for balanced in (False, True):
-        clf = fit_intensity_classifier((v.load() for v in vols["train"]), balanced=balanced)
-        dice = np.nanmean([dice_per_class(clf.predict(np.asarray(i)), np.asarray(l))
-                           for i, l in (v.load() for v in vols["test"])], axis=0)
+        dice = intensity_baseline_dice(vols["train"], vols["test"], balanced)
         name = "maximum likelihood (class-balanced)" if balanced else "maximum a posteriori"
         print(f"{name}: test Dice " + ", ".join(f"{n} {d:.3f}" for n, d in zip(CLASS_NAMES, dice))
               + f"; mean foreground {np.nanmean(dice[1:]):.3f}")

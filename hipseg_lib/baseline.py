@@ -1,4 +1,5 @@
-"""An intensity-only baseline: shows that the data need spatial context to be segmented."""
+"""Two experiments without a network, shown in the book: an intensity-only classifier (the data
+need spatial context) and a copy-the-nearest-label model (a volume-level split leaks patients)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +9,8 @@ import numpy as np
 
 from . import NUM_CLASSES
 
-__all__ = ["IntensityClassifier", "fit_intensity_classifier"]
+__all__ = ["IntensityClassifier", "fit_intensity_classifier", "intensity_baseline_dice", "nearest_label_dice",
+           "split_leak_experiment"]
 
 
 @dataclass
@@ -44,3 +46,65 @@ def fit_intensity_classifier(pairs: Iterable[tuple[np.ndarray, np.ndarray]], bin
     if balanced:
         counts = counts / np.maximum(counts.sum(0, keepdims=True), 1)
     return IntensityClassifier(edges, counts.argmax(1))
+
+
+def intensity_baseline_dice(train_volumes, test_volumes, balanced: bool = False) -> np.ndarray:
+    """Fit :func:`fit_intensity_classifier` on ``train_volumes`` and return the mean per-class test
+    Dice (NaN-aware). The volumes are :class:`~hipseg_lib.data.CachedVolume` (preprocessed)."""
+    from .metrics import dice_per_class
+
+    clf = fit_intensity_classifier((v.load() for v in train_volumes), balanced=balanced)
+    return np.nanmean([dice_per_class(clf.predict(np.asarray(i)), np.asarray(l))
+                       for i, l in (v.load() for v in test_volumes)], axis=0)
+
+
+def nearest_label_dice(images: np.ndarray, labels: list, train_idx, test_idx) -> tuple[float, list[int]]:
+    """The copy-the-nearest-training-label "model": each test volume takes the label map of the
+    training volume whose image correlates best with its own.
+
+    Args:
+        images: one flattened, z-scored image per row.
+        labels: the label maps, in the same order.
+
+    Returns:
+        (mean foreground Dice over the test volumes, the training index each one copied).
+    """
+    from .metrics import dice_per_class
+
+    train_idx, test_idx = np.asarray(train_idx), np.asarray(test_idx)
+    sim = images[test_idx] @ images[train_idx].T
+    copied = [int(train_idx[int(np.argmax(row))]) for row in sim]
+    scores = [np.nanmean(dice_per_class(labels[j], labels[i])[1:]) for i, j in zip(test_idx, copied)]
+    return float(np.mean(scores)), copied
+
+
+def split_leak_experiment(volumes, split_seeds=range(5), test_fraction: float = 0.1) -> list[dict]:
+    """How much a volume-level split flatters a model, against the case-level split.
+
+    For each seed: a random split of the *volumes* (weekly scans of one patient can land on both
+    sides) and :func:`~hipseg_lib.data.split_by_case` with that seed; the copy-nearest model of
+    :func:`nearest_label_dice` is scored on both. One row per seed: Dice and the share of test
+    volumes whose copied label came from the same patient.
+    """
+    from .data import split_by_case
+
+    volumes = list(volumes)
+    x = np.stack([np.asarray(v.load()[0], np.float32).ravel() for v in volumes])
+    x = (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)
+    labels = [np.asarray(v.load()[1]) for v in volumes]
+    case = np.array([v.id.case for v in volumes])
+    index = {str(v.id): n for n, v in enumerate(volumes)}
+    rows = []
+    for seed in split_seeds:
+        perm = np.random.default_rng(seed).permutation(len(volumes))
+        n_test = max(1, int(len(volumes) * test_fraction))
+        row = {"repeat": seed}
+        by_case = split_by_case([v.pair for v in volumes], seed=seed)
+        splits = {"volume split": (perm[n_test:], perm[:n_test]),
+                  "case split": tuple(np.array([index[str(p.id)] for p in by_case[k]]) for k in ("train", "test"))}
+        for name, (tr, te) in splits.items():
+            dice, copied = nearest_label_dice(x, labels, tr, te)
+            row[f"{name}: Dice"] = dice
+            row[f"{name}: same patient"] = float(np.mean(case[copied] == case[te]))
+        rows.append(row)
+    return rows

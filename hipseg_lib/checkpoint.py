@@ -43,10 +43,8 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, model_confi
         "format": FORMAT,
         "library_version": __version__,
         "class_names": list(CLASS_NAMES[: model_config.num_classes]),
-        "model_config": model_config.as_dict(),
-        "preprocessing": {**preprocessing.as_dict(),
-                          "target_shape": list(preprocessing.target_shape),
-                          "clip_percentiles": list(preprocessing.clip_percentiles)},
+        "model_config": model_config.to_dict(),
+        "preprocessing": preprocessing.to_dict(),
         "model_state": state,
         **extra,
     }

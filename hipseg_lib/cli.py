@@ -46,7 +46,8 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 
 def _train_config(a: argparse.Namespace):
-    from .train import preset
+    """The preset, then --config, then the dedicated flags, then --set (each over the ones before)."""
+    from .config import make_config
 
     overrides: dict = {}
     if a.config:
@@ -77,7 +78,7 @@ def _train_config(a: argparse.Namespace):
         except json.JSONDecodeError:
             overrides[key] = value
     try:
-        return preset(a.preset, **overrides)
+        return make_config(a.preset, **overrides)
     except (TypeError, ValueError) as exc:
         raise HipsegError(f"bad training settings: {exc}") from None
 
@@ -145,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hipseg", description="3D segmentation of pelvic MRI with a residual 3D U-Net.")
     p.add_argument("--version", action="version", version=f"hipseg {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for add in (_add_synth, _add_check, _add_train, _add_predict, _add_evaluate, _add_book, _add_lab):
+        add(sub)
+    return p
 
+
+def _add_synth(sub) -> None:
     s = sub.add_parser("synth", help="write the synthetic HipMRI-like data set",
                        description="Write a synthetic HipMRI-like data set in the CSIRO release layout.")
     s.add_argument("--out", required=True, help="destination folder (must not exist)")
@@ -159,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing synthetic set")
     s.set_defaults(func=cmd_synth)
 
+
+def _add_check(sub) -> None:
     c = sub.add_parser("check", help="audit a data folder", description=(
         "Audit a data folder: pairs, unmatched files, shapes, spacings, dtypes, labels per class, "
         "volumes per case. Exits 1 when there are problems."))
@@ -167,8 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_check)
 
+
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train a ResUNet3D", description=(
-        "Train on a data folder with a preset; run under torchrun for several processes or GPUs."))
+        "Train on a data folder with a preset; run under torchrun for several processes or GPUs."),
+        epilog=("Settings are applied in this order, each over the ones before: the preset, then "
+                "--config, then the dedicated flags (--epochs, --lr, ...), then --set. Network and "
+                "preprocessing settings go by their own names (--set depth=5, --set "
+                "target_shape=[64,64,48])."))
     t.add_argument("--preset", default="auto", help="smoke, cpu, full, or auto (full with CUDA, else cpu)")
     t.add_argument("--data", default=None, help="data folder (default: $HIPSEG_DATA, else the project's "
                    "synthetic set, made on first use)")
@@ -194,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
 
+
+def _add_predict(sub) -> None:
     pr = sub.add_parser("predict", help="segment NIfTI scans with a checkpoint", description=(
         "Segment .nii/.nii.gz files (or folders of them); writes <name>_pred.nii.gz uint8 label maps "
         "with each input's shape, affine and header. Windows (when used) are blended with Gaussian "
@@ -212,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
+
+def _add_evaluate(sub) -> None:
     e = sub.add_parser("evaluate", help="score predicted label maps against truths", description=(
         "Pair predictions with truths by name; per-class Dice, IoU, HD95 and ASD (mm) per case and overall."))
     e.add_argument("--pred", required=True, help="folder of predicted label maps")
@@ -221,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
+
+def _add_book(sub) -> None:
     b = sub.add_parser("book", help="execute the chapters with papermill and build the HTML book",
                        description="Execute every chapter in table-of-contents order, then build _build/html.")
     b.add_argument("--preset", default="auto", help="smoke, cpu, full or auto (default)")
@@ -232,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "as a CPU without native bf16 does")
     b.set_defaults(func=cmd_book)
 
+
+def _add_lab(sub) -> None:
     lab = sub.add_parser("lab", help="JupyterLab on the book, for stepping through it interactively",
                          description="Start JupyterLab on book/ (127.0.0.1 only, with a token) with the "
                                      "hipseg kernel and the data in place, and print the URL to open.")
@@ -239,7 +261,6 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--data", default=None, help="data folder (default: $HIPSEG_DATA or the synthetic set)")
     lab.add_argument("--dir", default=None, help="notebook folder (default: the project's book/)")
     lab.set_defaults(func=cmd_lab)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

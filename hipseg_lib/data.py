@@ -19,12 +19,12 @@ from torch.utils.data import Dataset
 
 from . import HipsegError, __version__
 from ._atomic import atomic_path
-from .io import Pair, VolumeId, load_pair
+from .io import Pair, VolumeId, find_pairs, load_pair
 from .preprocess import Preprocessing, preprocess_pair, reorient
 
 __all__ = [
-    "split_by_case", "cases_of", "default_cache_dir", "CachedVolume", "cache_pairs",
-    "SegmentationDataset",
+    "split_by_case", "split_folder", "cases_of", "default_cache_dir", "CachedVolume", "cache_pairs",
+    "load_split_volumes", "SegmentationDataset",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -52,7 +52,7 @@ def split_by_case(pairs: Sequence[Pair], fractions: tuple[float, float, float] =
 
     Example:
         >>> split = split_by_case(find_pairs("data/synthetic").pairs, seed=0)  # doctest: +SKIP
-        >>> {k: len(v) for k, v in split.items()}
+        >>> {k: len(v) for k, v in split.items()}  # doctest: +SKIP
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
@@ -74,6 +74,19 @@ def split_by_case(pairs: Sequence[Pair], fractions: tuple[float, float, float] =
     }
     return {name: sorted((p for p in pairs if p.id.case in groups[name]), key=lambda p: p.id)
             for name in SPLITS}
+
+
+def split_folder(data_dir: str | os.PathLike, seed: int = 0) -> dict[str, list[Pair]]:
+    """The pairs found in ``data_dir``, split by case: the one split training, evaluation and
+    the benchmarks share (``split_folder(data, cfg.split_seed)["test"]`` are the test pairs).
+
+    Raises:
+        HipsegError: no pairs found, or fewer than 3 cases.
+    """
+    search = find_pairs(data_dir)
+    if not search.pairs:
+        raise HipsegError(f"{data_dir}: no image/label pairs found")
+    return split_by_case(search.pairs, seed=seed)
 
 
 def default_cache_dir() -> Path:
@@ -101,19 +114,13 @@ class CachedVolume:
         mode = "r" if mmap else None
         return np.load(self.image, mmap_mode=mode), np.load(self.label, mmap_mode=mode)
 
-    @property
-    def target_spacing(self) -> tuple[float, float, float]:
-        """Voxel spacing (mm) on the cropped and resized grid."""
-        shape = np.load(self.label, mmap_mode="r").shape
-        return tuple(float(s * (b - a) / n) for s, (a, b), n in zip(self.spacing, self.box, shape))  # type: ignore[return-value]
-
 
 def _key(pair: Pair, cfg: Preprocessing) -> str:
     h = hashlib.sha256()
     for f in (pair.image, pair.label):
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-    h.update(json.dumps(cfg.as_dict(), sort_keys=True).encode())
+    h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
     h.update(__version__.encode())
     return h.hexdigest()[:16]
 
@@ -204,3 +211,10 @@ class SegmentationDataset(Dataset):
         image = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None]
         label = torch.from_numpy(np.ascontiguousarray(lab).astype(np.int64))
         return image, label
+
+
+def load_split_volumes(data_dir: str | os.PathLike, cfg, progress: bool = False) -> dict[str, list[CachedVolume]]:
+    """:func:`split_folder` with ``cfg.split_seed``, each part preprocessed with ``cfg.preprocessing``
+    (cached): ``{"train": [...], "val": [...], "test": [...]}``. ``cfg`` is a ``TrainConfig``."""
+    return {name: cache_pairs(pairs, cfg.preprocessing, cfg.cache_dir, progress=progress)
+            for name, pairs in split_folder(data_dir, cfg.split_seed).items()}

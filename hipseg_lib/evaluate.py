@@ -22,7 +22,7 @@ from .preprocess import Preprocessing
 
 __all__ = ["evaluate_pairs", "evaluate_folders", "results_document", "write_json_atomic", "format_summary",
            "compare_inference", "inference_table", "error_entropy_share", "postprocessing_changes", "VARIANTS",
-           "DEFAULT_VARIANT"]
+           "DEFAULT_VARIANT", "class_rows"]
 
 # (name, test-time mirroring, post-processing)
 VARIANTS: tuple[tuple[str, bool, bool], ...] = (
@@ -204,6 +204,15 @@ def format_summary(summary: dict, metrics: Sequence[str] = METRICS) -> str:
         unit = " mm" if m in ("hd95", "asd") else ""
         lines.append(f"{m + unit:<8}" + "".join(cells))
     return "\n".join(lines)
+
+
+def class_rows(results: Sequence[dict]) -> list[dict]:
+    """One row per class for a table: Dice mean and std, HD95 mean and median, and the number of
+    volumes that scored the class (the :func:`~hipseg_lib.metrics.summarise` of ``results``)."""
+    summary = summarise([r["metrics"] for r in results])
+    return [{"class": n, "Dice mean": summary["dice"][n]["mean"], "Dice std": summary["dice"][n]["std"],
+             "HD95 mean (mm)": summary["hd95"][n]["mean"], "HD95 median (mm)": summary["hd95"][n]["median"],
+             "volumes": summary["dice"][n]["n"]} for n in CLASS_NAMES]
 
 
 def postprocessing_changes(before: Sequence[dict], after: Sequence[dict]) -> list[dict]:

@@ -173,7 +173,7 @@ def find_pairs(root: str | os.PathLike) -> PairSearch:
 
     Example:
         >>> search = find_pairs("data/synthetic")  # doctest: +SKIP
-        >>> len(search.pairs), search.problems
+        >>> len(search.pairs), search.problems  # doctest: +SKIP
     """
     root = Path(root)
     if not root.exists():

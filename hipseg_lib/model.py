@@ -1,12 +1,12 @@
 """The residual 3D U-Net (ResU-Net) of the seed, after Isensee et al. (2017).
 
-Building blocks first (:class:`ResidualBlock`, :class:`UpBlock`), then the network
-assembled from them (:class:`ResUNet3D`). Blocks take their convolution, normalisation
-and activation as arguments, so the same block serves 2D and 3D.
+Building blocks first (:class:`ResidualBlock`, :class:`DownConv`, :class:`ConvBlock`,
+:class:`UpBlock`), then the network assembled from them (:class:`ResUNet3D`). Every block is 3D
+and pre-activation: instance norm and leaky ReLU come before each convolution.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import torch
@@ -19,8 +19,16 @@ __all__ = ["ModelConfig", "ResidualBlock", "DownConv", "ConvBlock", "UpBlock", "
            "activation_bytes"]
 
 
+def _norm(channels: int) -> nn.Module:
+    return nn.InstanceNorm3d(channels, affine=True)
+
+
+def _act() -> nn.Module:
+    return nn.LeakyReLU(0.01, inplace=True)
+
+
 class ResidualBlock(nn.Module):
-    """Pre-activation residual block: (norm, act, conv) x 2 with dropout, plus a shortcut.
+    """Pre-activation residual block: (norm, act, 3x3x3 conv) x 2 with dropout, plus a shortcut.
 
     The shortcut is the identity when channels match, else a 1x1x1 convolution.
 
@@ -28,27 +36,21 @@ class ResidualBlock(nn.Module):
         in_channels: input channels.
         out_channels: output channels.
         dropout: dropout probability between the two convolutions.
-        conv: convolution class (``nn.Conv3d`` or ``nn.Conv2d``).
-        norm: normalisation factory taking the channel count.
-        act: activation factory.
 
     Example:
         >>> ResidualBlock(16, 32)(torch.zeros(1, 16, 8, 8, 8)).shape
         torch.Size([1, 32, 8, 8, 8])
     """
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0,
-                 conv: type[nn.Module] = nn.Conv3d,
-                 norm: Callable[[int], nn.Module] = lambda c: nn.InstanceNorm3d(c, affine=True),
-                 act: Callable[[], nn.Module] = lambda: nn.LeakyReLU(0.01, inplace=True)):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
-        self.norm1, self.act1 = norm(in_channels), act()
-        self.conv1 = conv(in_channels, out_channels, 3, padding=1, bias=False)
-        self.norm2, self.act2 = norm(out_channels), act()
+        self.norm1, self.act1 = _norm(in_channels), _act()
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.norm2, self.act2 = _norm(out_channels), _act()
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = conv(out_channels, out_channels, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
         self.shortcut = (nn.Identity() if in_channels == out_channels
-                         else conv(in_channels, out_channels, 1, bias=False))
+                         else nn.Conv3d(in_channels, out_channels, 1, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(self.act1(self.norm1(x)))
@@ -61,8 +63,7 @@ class DownConv(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.norm = nn.InstanceNorm3d(in_channels, affine=True)
-        self.act = nn.LeakyReLU(0.01, inplace=True)
+        self.norm, self.act = _norm(in_channels), _act()
         self.conv = nn.Conv3d(in_channels, out_channels, 3, stride=2, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +75,7 @@ class ConvBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.norm = nn.InstanceNorm3d(in_channels, affine=True)
-        self.act = nn.LeakyReLU(0.01, inplace=True)
+        self.norm, self.act = _norm(in_channels), _act()
         self.conv = nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +98,7 @@ class UpBlock(nn.Module):
 
 
 # What a checkpoint saved before these settings existed was built with (the seed's design).
-_LEGACY = {"downsample": "maxpool", "light_top": False}
+LEGACY = {"downsample": "maxpool", "light_top": False}
 
 
 @dataclass(frozen=True)
@@ -150,14 +150,18 @@ class ModelConfig:
         """Every spatial size of the input must be a multiple of this."""
         return 2 ** (self.depth - 1)
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
+        """Plain JSON values: what a checkpoint stores."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        """Inverse of :meth:`as_dict`; settings missing from an older checkpoint take the values
-        that checkpoint was built with, not today's defaults."""
-        return cls(**{**_LEGACY, **d})
+        """Inverse of :meth:`to_dict`; settings missing from an older checkpoint take the values
+        that checkpoint was built with (:data:`LEGACY`), not today's defaults."""
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown network settings: {', '.join(sorted(unknown))}")
+        return cls(**{**LEGACY, **d})
 
 
 class ResUNet3D(nn.Module):
@@ -198,7 +202,7 @@ class ResUNet3D(nn.Module):
             [UpBlock(widths[i + 1], widths[i], widths[i], c.dropout, light=c.light_top and i == 0)
              for i in reversed(range(c.depth - 1))]
         )
-        self.final_norm = nn.Sequential(nn.InstanceNorm3d(widths[0], affine=True), nn.LeakyReLU(0.01, inplace=True))
+        self.final_norm = nn.Sequential(_norm(widths[0]), _act())
         self.head = nn.Conv3d(widths[0], c.num_classes, 1)
         # Deep supervision: 1x1x1 segmentation layers on coarser decoder levels.
         self.aux_heads = nn.ModuleList(

@@ -298,7 +298,7 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
     the checkpoint loads, the output folder is writable and no output exists (unless
     ``overwrite``). Each output is written atomically. Returns the label maps written.
     """
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     files = collect_inputs(inputs)
     dev = resolve_device(device)
@@ -336,15 +336,3 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
         save_nifti_atomic(label, vol.affine, target, header=header, overwrite=overwrite)
         written.append(target)
     return written
-
-
-_MOVED_TO_EVALUATE = {"evaluate_pairs", "evaluate_folders", "results_document", "write_json_atomic",
-                      "format_summary"}
-
-
-def __getattr__(name: str):
-    # Evaluation moved to hipseg_lib.evaluate; old imports from here keep working.
-    if name in _MOVED_TO_EVALUATE:
-        from . import evaluate
-        return getattr(evaluate, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,7 @@ exactly what training saw.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -33,8 +33,8 @@ class Preprocessing:
             so a scan stored in another orientation reaches the network the same way.
 
     Example:
-        >>> Preprocessing(target_shape=(64, 64, 32)).as_dict()["target_shape"]
-        (64, 64, 32)
+        >>> Preprocessing(target_shape=(64, 64, 32)).to_dict()["target_shape"]
+        [64, 64, 32]
     """
 
     target_shape: tuple[int, int, int] = (64, 64, 32)
@@ -58,13 +58,25 @@ class Preprocessing:
         if len(self.orientation) != 3:
             raise ValueError(f"orientation must be three axis codes such as 'LPS', got {self.orientation!r}")
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def to_dict(self) -> dict:
+        """Plain JSON values (lists, not tuples): what a checkpoint stores."""
+        d = asdict(self)
+        d["target_shape"], d["clip_percentiles"] = list(self.target_shape), list(self.clip_percentiles)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(target_shape=tuple(d["target_shape"]), clip_percentiles=tuple(d["clip_percentiles"]),
-                   crop_foreground=bool(d.get("crop_foreground", False)), orientation=d.get("orientation", "LPS"))
+        """Inverse of :meth:`to_dict`. Settings missing from an older checkpoint take the values that
+        checkpoint was made with (:data:`LEGACY`: no body crop, no reorientation beyond LPS), not
+        today's defaults, so an old model keeps seeing what it was trained on."""
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown preprocessing settings: {', '.join(sorted(unknown))}")
+        return cls(**{**LEGACY, **d})
+
+
+# What a checkpoint saved before these settings existed was preprocessed with.
+LEGACY = {"crop_foreground": False, "orientation": "LPS"}
 
 
 def normalise_intensity(image: np.ndarray, clip_percentiles: tuple[float, float] = (0.5, 99.5),

@@ -161,6 +161,22 @@ def _muscle_groups(anat: dict) -> list[tuple[tuple, tuple, np.ndarray | None]]:
     return out
 
 
+class _Painter:
+    """The label, tissue-intensity and tissue-kind maps of one scan, painted object by object."""
+
+    def __init__(self, spec: SynthSpec, level: dict):
+        self.label = np.zeros(spec.shape, np.uint8)
+        self.tissue = np.zeros(spec.shape, np.float32)
+        self.kind = np.zeros(spec.shape, np.uint8)
+        self.level = level
+
+    def __call__(self, sl, mask, name, cls=None):
+        if cls is not None:
+            self.label[sl][mask] = cls
+        self.tissue[sl][mask] = self.level[name]
+        self.kind[sl][mask] = TISSUES.index(name)
+
+
 def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator,
                   return_tissue: bool = False):
     """Render one weekly scan of a case: returns (image int16, label uint8).
@@ -175,19 +191,23 @@ def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator,
     n = week_rng.normal
     shift = np.array([n(0, 2.0), n(0, 2.0), n(0, 3.0)])
     cv = _Canvas(spec, shift)
-    label = np.zeros(spec.shape, np.uint8)
-    tissue = np.zeros(spec.shape, np.float32)
-    kind = np.zeros(spec.shape, np.uint8)
     tex_rng = np.random.default_rng(week_rng.integers(2**32))
-    level = {name: mean + sd * tex_rng.standard_normal() for name, (mean, sd) in _T.items()}
+    paint = _Painter(spec, {name: mean + sd * tex_rng.standard_normal() for name, (mean, sd) in _T.items()})
+    body = _paint_body(cv, anat, spec, paint)
+    _paint_bones(cv, anat, paint)
+    _paint_rectum(cv, anat, week_rng, paint)
+    _paint_bladder_and_prostate(cv, anat, week_rng, paint)
+    label, tissue, kind = paint.label, paint.tissue, paint.kind
+    label[~body] = BACKGROUND
+    tissue[~body] = 0.0
+    kind[~body] = 0
+    image = _acquire(tissue, kind, spec, cv, anat, tex_rng)
+    return (image, label, kind) if return_tissue else (image, label)
 
-    def paint(sl, mask, name, cls=None):
-        if cls is not None:
-            label[sl][mask] = cls
-        tissue[sl][mask] = level[name]
-        kind[sl][mask] = TISSUES.index(name)
 
-    # Body: subcutaneous fat around everything; pelvic fat fills what no organ or muscle takes.
+def _paint_body(cv: "_Canvas", anat: dict, spec: SynthSpec, paint: _Painter) -> np.ndarray:
+    """Subcutaneous fat around everything, muscle groups, the levator ani and bowel loops; pelvic
+    fat fills what no organ or muscle takes. Returns the body mask."""
     x, y, z = cv.axes[0][:, None, None], cv.axes[1][None, :, None], cv.axes[2][None, None, :]
     taper = 1.0 + 0.0005 * z + anat["tilt"] * z / 100.0
     a, b = anat["body_a"] * taper, anat["body_b"] * taper
@@ -201,15 +221,20 @@ def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator,
         paint(sl, m, "muscle")
     f = anat["fat"]
     inside = (np.abs(x / (a - f)) ** p + np.abs((y - anat["body_y"]) / (b - f * 0.8)) ** p) <= 1.0
+    kind = paint.kind
     kind[body & ~np.broadcast_to(inside, spec.shape) & (kind == TISSUES.index("muscle"))] = TISSUES.index("fat")
-    tissue[kind == TISSUES.index("fat")] = level["fat"]
+    paint.tissue[kind == TISSUES.index("fat")] = paint.level["fat"]
     # Levator ani: a thin muscular sling under the prostate, around the rectum.
     sl, outer, inner = cv.ellipsoid((0, 34, anat["prostate_z"] - 22), (44, 40, 26), shell=4.0)
     paint(sl, outer & ~inner & (cv.axes[2][sl[2]][None, None, :] < anat["prostate_z"] - 8), "muscle")
     for cx, cy, cz, r in anat["bowel"]:  # bowel loops above the bladder (class body)
         sl, m = cv.ellipsoid((cx, cy, cz), (r, r * 0.8, r * 0.9))
         paint(sl, m, "bowel")
+    return body
 
+
+def _paint_bones(cv: "_Canvas", anat: dict, paint: _Painter) -> None:
+    """Femora, hip bones, sacrum and coccyx: a black cortex around fatty marrow."""
     bs = anat["bone_scale"]
 
     def bone(center, semi, rot=None):
@@ -230,8 +255,10 @@ def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator,
     bone((0, 88, 48), (44, 18, 58), _rot("x", 0.5))  # sacrum
     bone((0, 96, -8), (10, 9, 16))  # coccyx
 
-    # Rectum: a tube curving posteriorly upwards, with a dark wall and gas or stool inside.
-    fill_r = float(np.clip(n(1.0, 0.18), 0.7, 1.4))
+
+def _paint_rectum(cv: "_Canvas", anat: dict, week_rng: np.random.Generator, paint: _Painter) -> None:
+    """A tube curving posteriorly upwards, with a dark wall and gas or stool inside (weekly)."""
+    fill_r = float(np.clip(week_rng.normal(1.0, 0.18), 0.7, 1.4))
     rr = anat["rectum_r"] * fill_r
     content = "gas" if week_rng.random() < 0.4 else "stool"
     for zc in np.arange(-85.0, 30.0, 3.0):
@@ -240,8 +267,13 @@ def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator,
         paint(sl, outer, "rectal_wall", RECTUM)
         paint(sl, inner, content)
 
-    # Bladder: filling changes weekly; urine the brightest, a thin dark wall.
-    fill = float(np.clip(n(1.0, 0.22), 0.5, 1.5))
+
+def _paint_bladder_and_prostate(cv: "_Canvas", anat: dict, week_rng: np.random.Generator,
+                                paint: _Painter) -> None:
+    """The bladder (weekly filling; urine the brightest, a thin dark wall) on the prostate: an
+    intermediate transition zone, a bright peripheral zone behind and to the sides, dark
+    fibromuscular stroma in front."""
+    fill = float(np.clip(week_rng.normal(1.0, 0.22), 0.5, 1.5))
     ps = anat["prostate_scale"]
     pz = anat["prostate_z"]
     semi_b = np.array([46.0, 34.0, 34.0]) * fill ** (1 / 3)
@@ -249,9 +281,6 @@ def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator,
     sl, outer, inner = cv.ellipsoid((0.0, -38.0 + 4 * (1 - fill), zb), semi_b, shell=3.0)
     paint(sl, outer, "bladder_wall", BLADDER)
     paint(sl, inner, "urine")
-
-    # Prostate: intermediate transition zone; bright peripheral zone behind and to the sides;
-    # dark fibromuscular stroma in front.
     semi_p = np.array([26.0, 20.0, 22.0]) * ps
     py = anat["prostate_y"]
     sl, outer, inner = cv.ellipsoid((0.0, py, pz), semi_p, shell=6.0)
@@ -259,12 +288,6 @@ def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator,
     paint(sl, outer, "prostate_tz", PROSTATE)
     paint(sl, outer & ~inner & (yy > -0.2 * semi_p[1]), "prostate_pz")
     paint(sl, outer & ~inner & (yy < -0.6 * semi_p[1]), "prostate_stroma")
-
-    label[~body] = BACKGROUND
-    tissue[~body] = 0.0
-    kind[~body] = 0
-    image = _acquire(tissue, kind, spec, cv, anat, tex_rng)
-    return (image, label, kind) if return_tissue else (image, label)
 
 
 def _smooth_noise(rng: np.random.Generator, shape, sigma) -> np.ndarray:

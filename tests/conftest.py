@@ -61,10 +61,11 @@ def _cache_in_tmp(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_synth, tmp_path_factory) -> Path:
     """A checkpoint trained for 2 smoke epochs on the tiny synthetic set."""
-    from hipseg_lib.train import preset, train
+    from hipseg_lib.config import make_config
+    from hipseg_lib.train import train
 
     out = tmp_path_factory.mktemp("model")
-    cfg = preset("smoke", target_shape=(16, 16, 8), base_channels=4, depth=3, epochs=2, amp="off",
-                 cache_dir=str(tmp_path_factory.getbasetemp() / "cache"))
+    cfg = make_config("smoke", target_shape=(16, 16, 8), base_channels=4, depth=3, epochs=2, amp="off",
+                      cache_dir=str(tmp_path_factory.getbasetemp() / "cache"))
     train(cfg, tiny_synth, out, progress=False, log=lambda s: None)
     return out / "new_model.pth"

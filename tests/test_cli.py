@@ -114,6 +114,28 @@ def test_train_cli_config_and_overrides(tmp_path, tiny_synth):
     _one_line_error(run_cli("train", "--data", tiny_synth, "--set", "colour=1"), "unknown training settings")
 
 
+def test_train_override_order_is_preset_config_flags_set(tmp_path):
+    from hipseg_lib.cli import _train_config, build_parser
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"epochs": 3, "lr": 0.1, "depth": 4, "batch_size": 5}))
+
+    def parse(*extra):
+        return _train_config(build_parser().parse_args(["train", "--preset", "cpu", *map(str, extra)]))
+
+    base = parse()
+    assert (base.epochs, base.lr, base.model.depth) == (12, 2e-3, 5), "the cpu preset"
+    c = parse("--config", cfg)
+    assert (c.epochs, c.lr, c.model.depth, c.batch_size) == (3, 0.1, 4, 5), "--config over the preset"
+    c = parse("--config", cfg, "--epochs", 4, "--depth", 3)
+    assert (c.epochs, c.lr, c.model.depth) == (4, 0.1, 3), "flags over --config"
+    c = parse("--config", cfg, "--epochs", 4, "--set", "epochs=6", "--set", "target_shape=[32,32,16]")
+    assert (c.epochs, c.lr, c.preprocessing.target_shape, c.batch_size) == (6, 0.1, (32, 32, 16), 5), \
+        "--set over flags"
+    assert "--config, then the dedicated flags" in " ".join(build_parser()._subparsers._group_actions[0]
+                                                           .choices["train"].format_help().split())
+
+
 @pytest.mark.parametrize("make, needles", [
     (lambda d: d / "nope.nii.gz", ["nope.nii.gz", "no such file"]),
     (lambda d: _write(d / "notes.txt", b"hello"), ["notes.txt", "not a NIfTI file"]),

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 
 from hipseg_lib.checkpoint import read_checkpoint
-from hipseg_lib.train import preset, train
+from hipseg_lib.config import make_config
+from hipseg_lib.train import train
 
 
 def test_two_gloo_processes_match_single_process(tiny_synth, tmp_path):
@@ -30,12 +31,12 @@ def test_two_gloo_processes_match_single_process(tiny_synth, tmp_path):
     assert [l["epoch"] for l in log] == [1, 2]
     assert all(l["world_size"] == 2 and l["steps_all_ranks"] == 2 * l["steps"] for l in log), "both ranks stepped"
 
-    single = train(preset("smoke", batch_size=2, **common), tiny_synth, tmp_path / "one", progress=False,
+    single = train(make_config("smoke", batch_size=2, **common), tiny_synth, tmp_path / "one", progress=False,
                    log=lambda s: None)
     np.testing.assert_allclose([l["loss"] for l in log], [h["loss"] for h in single.history], rtol=2e-3)
     np.testing.assert_allclose([v for v in log[-1]["val_dice"] if v is not None],
                                [v for v in single.history[-1]["val_dice"] if v is not None], atol=0.02)
-    other = train(preset("smoke", batch_size=2, **{**common, "seed": 1}), tiny_synth, tmp_path / "other",
+    other = train(make_config("smoke", batch_size=2, **{**common, "seed": 1}), tiny_synth, tmp_path / "other",
                   progress=False, log=lambda s: None)
     assert other.history[0]["loss"] != single.history[0]["loss"]
 

@@ -19,8 +19,14 @@ def test_residual_block_shortcut_and_dropout():
     blk = ResidualBlock(4, 8, dropout=0.5)
     assert isinstance(blk.shortcut, torch.nn.Conv3d)
     assert ResidualBlock(4, 4).shortcut.__class__.__name__ == "Identity"
-    blk2d = ResidualBlock(3, 5, conv=torch.nn.Conv2d, norm=lambda c: torch.nn.InstanceNorm2d(c, affine=True))
-    assert blk2d(torch.zeros(1, 3, 8, 8)).shape == (1, 5, 8, 8)
+    x = torch.randn(1, 4, 8, 8, 8)
+    blk.train()
+    assert not torch.equal(blk(x), blk(x)), "dropout is active in training"
+    blk.eval()
+    assert torch.equal(blk(x), blk(x)), "and off in evaluation"
+    # The output is the convolution path plus the 1x1x1 shortcut.
+    path = blk.conv2(blk.act2(blk.norm2(blk.conv1(blk.act1(blk.norm1(x))))))
+    assert torch.allclose(blk(x), path + blk.shortcut(x), atol=1e-6)
 
 
 def test_indivisible_input_is_a_clear_error():
@@ -82,7 +88,7 @@ def test_overfits_one_small_volume(design):
 
 def test_config_round_trip_and_legacy_checkpoints_keep_their_design():
     cfg = ModelConfig(base_channels=12, depth=5)
-    assert ModelConfig.from_dict(cfg.as_dict()) == cfg
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     # A checkpoint saved before downsample/light_top existed was built with max pooling and
     # residual blocks at full resolution: its weights must fit that network, not today's default.
     old = {"in_channels": 1, "num_classes": 6, "base_channels": 4, "depth": 3, "dropout": 0.0,
@@ -93,3 +99,18 @@ def test_config_round_trip_and_legacy_checkpoints_keep_their_design():
     ResUNet3D(legacy).load_state_dict(seed_design.state_dict())
     with pytest.raises(ValueError, match="downsample"):
         ModelConfig(downsample="avgpool")
+
+
+def test_deep_supervision_adds_the_coarse_outputs_to_the_final_one():
+    torch.manual_seed(0)
+    net = ResUNet3D(ModelConfig(base_channels=4, depth=4, deep_supervision=True))
+    x = torch.randn(1, 1, 16, 16, 8)
+    net(x).sum().backward()
+    assert len(net.aux_heads) == 2
+    assert all(h.weight.grad is not None and h.weight.grad.abs().sum() > 0 for h in net.aux_heads), \
+        "every segmentation layer feeds the output"
+    with torch.no_grad():
+        full = net(x)
+        for h in net.aux_heads:
+            torch.nn.init.zeros_(h.weight), torch.nn.init.zeros_(h.bias)
+        assert not torch.allclose(full, net(x)), "without them the output changes"

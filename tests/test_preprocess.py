@@ -43,7 +43,7 @@ def test_preprocess_pair_and_config():
     img, lab, box = preprocess_pair(np.random.default_rng(0).random((16, 16, 9)), np.ones((16, 16, 9), np.uint8), cfg)
     assert img.shape == lab.shape == (8, 8, 4)
     assert box == ((0, 16), (0, 16), (0, 9)), "nothing stands out of uniform noise: full extent kept"
-    assert Preprocessing.from_dict(cfg.as_dict()) == cfg
+    assert Preprocessing.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="target_shape"):
         Preprocessing(target_shape=(8, 8))
     with pytest.raises(ValueError, match="clip_percentiles"):

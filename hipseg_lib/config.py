@@ -1,0 +1,196 @@
+"""Training settings: :class:`TrainConfig` and the named presets.
+
+A :class:`TrainConfig` holds the network's :class:`~hipseg_lib.model.ModelConfig` and the
+:class:`~hipseg_lib.preprocess.Preprocessing`, and adds what only training needs. Each of the
+three validates itself and has a symmetric ``to_dict``/``from_dict``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from . import HipsegError
+from .model import ModelConfig
+from .preprocess import Preprocessing
+
+__all__ = ["TrainConfig", "PRESETS", "make_config"]
+
+_MODEL_KEYS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
+_PREP_KEYS = frozenset(f.name for f in dataclasses.fields(Preprocessing))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (stored in the checkpoints).
+
+    Use :func:`make_config` for a named preset, then :meth:`replace` to change settings.
+
+    Args:
+        preset: name of the preset these settings started from.
+        model: the network (:class:`ModelConfig`: ``base_channels``, ``depth``, ``dropout``,
+            ``deep_supervision``, ``downsample``, ``light_top``).
+        preprocessing: what every volume goes through (:class:`Preprocessing`: ``target_shape``,
+            the grid every volume is resized to, and more).
+        patch_shape: train on patches of this shape cut from the ``target_shape`` grid (None: whole
+            volumes). Validation and prediction still see whole volumes.
+        foreground_fraction: share of patches centred on a voxel of a random foreground class
+            present in the volume (nnU-Net's oversampling); the rest are placed uniformly.
+        batch_size: volumes (or patches) per step (per process under torchrun).
+        epochs: planned epochs: the run's length in work, the same on every machine (the
+            learning-rate schedule decays over them).
+        lr: peak learning rate of Adam; decays polynomially (power 0.9) to 0, after a short warm-up.
+        weight_decay: Adam weight decay.
+        grad_clip: gradient-norm clipping threshold (0 = off).
+        amp: mixed precision: "auto" (bf16 on a CUDA device that supports it, fp16 on other CUDA
+            devices; bf16 on a CPU with native bf16, else off), "bf16", "fp16" or "off".
+        channels_last: use the channels-last 3D memory format.
+        compile: wrap the model in ``torch.compile`` (falls back to eager if compilation fails).
+        device: "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+        seed: seeds Python, numpy and torch, the split and the augmentation.
+        split_seed: seed of the case-level split (kept apart so that seeds of repeat runs can vary).
+        augment: use the default augmentation.
+        early_stop_dice: stop once every class reaches this validation Dice (the seed's rule); 0 = off.
+        patience: stop after this many validations without a better mean Dice; 0 = off.
+        max_minutes: a safety net on training time; 0 = no limit. When the epochs measured so far
+            show that the planned ones will not fit, the run is shortened to the epochs that do,
+            and the learning rate decays to zero over that shorter run; the log says so loudly.
+        val_every: validate every N epochs.
+        num_workers: data-loader worker processes.
+        cache_dir: preprocessing cache (default ``~/.cache/hipseg``).
+
+    Example:
+        >>> cfg = TrainConfig().replace(depth=5, target_shape=(64, 64, 48), epochs=3)
+        >>> cfg.model.depth, cfg.preprocessing.target_shape, cfg.epochs
+        (5, (64, 64, 48), 3)
+        >>> TrainConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    preset: str = "cpu"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    patch_shape: tuple[int, int, int] | None = None
+    foreground_fraction: float = 0.0
+    batch_size: int = 2
+    epochs: int = 40
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    grad_clip: float = 5.0
+    amp: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 0
+    split_seed: int = 0
+    augment: bool = True
+    early_stop_dice: float = 0.7
+    patience: int = 10
+    max_minutes: float = 0.0
+    val_every: int = 1
+    num_workers: int = 0
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, ModelConfig) or not isinstance(self.preprocessing, Preprocessing):
+            raise ValueError("model must be a ModelConfig and preprocessing a Preprocessing")
+        if self.patch_shape is not None:
+            patch = tuple(int(s) for s in self.patch_shape)
+            object.__setattr__(self, "patch_shape", patch)
+            target = self.preprocessing.target_shape
+            if len(patch) != 3 or any(p > t for p, t in zip(patch, target)):
+                raise ValueError(f"patch_shape {patch} must be 3 sizes within target_shape {target}")
+        if not 0.0 <= self.foreground_fraction <= 1.0:
+            raise ValueError(f"foreground_fraction must be in [0, 1], got {self.foreground_fraction}")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
+        for name in ("batch_size", "epochs", "val_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        div = self.model.divisor
+        for name, shape in (("target_shape", self.preprocessing.target_shape), ("patch_shape", self.patch_shape)):
+            if shape is not None and any(s % div for s in shape):
+                raise ValueError(f"{name} {shape} must be divisible by {div} for depth {self.model.depth}")
+
+    def replace(self, **overrides) -> "TrainConfig":
+        """A copy with ``overrides`` applied.
+
+        A setting of the network or of the preprocessing may be given by its own name
+        (``depth=5``, ``target_shape=(64, 64, 48)``), or the whole part as ``model=`` /
+        ``preprocessing=`` (a config, or a dict of the settings to change).
+        """
+        own = {f.name for f in dataclasses.fields(self)}
+        unknown = set(overrides) - own - _MODEL_KEYS - _PREP_KEYS
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
+        mine = {k: v for k, v in overrides.items() if k in own}
+        for part, keys in (("model", _MODEL_KEYS), ("preprocessing", _PREP_KEYS)):
+            current = mine.pop(part, getattr(self, part))
+            if isinstance(current, dict):
+                current = dataclasses.replace(getattr(self, part), **current)
+            changes = {k: v for k, v in overrides.items() if k in keys}
+            mine[part] = dataclasses.replace(current, **changes) if changes else current
+        return dataclasses.replace(self, **mine)
+
+    def to_dict(self) -> dict:
+        """Plain JSON values; the network and the preprocessing as nested dicts."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["model"], d["preprocessing"] = self.model.to_dict(), self.preprocessing.to_dict()
+        d["patch_shape"] = list(self.patch_shape) if self.patch_shape is not None else None
+        return d
+
+    def flat_dict(self) -> dict:
+        """Every setting by its own name, the network's and the preprocessing's included: one row
+        per setting for a table, and valid overrides (``make_config(name, **cfg.flat_dict())``)."""
+        d = self.to_dict()
+        return {k: v for part in (d, d.pop("model"), d.pop("preprocessing")) for k, v in part.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Inverse of :meth:`to_dict`; also reads the flat dicts of older checkpoints."""
+        d = dict(d)
+        model = ModelConfig.from_dict(d.pop("model", {k: d.pop(k) for k in list(d) if k in _MODEL_KEYS}))
+        prep = Preprocessing.from_dict(d.pop("preprocessing", {k: d.pop(k) for k in list(d) if k in _PREP_KEYS}))
+        return cls(model=model, preprocessing=prep).replace(**d)
+
+
+PRESETS: dict[str, dict] = {
+    # Seconds: for tests and a first look.
+    "smoke": dict(target_shape=(32, 32, 16), base_channels=4, depth=3, batch_size=2, epochs=2,
+                  lr=2e-3, patience=0, early_stop_dice=0.0, augment=True),
+    # 2 CPU cores: the body crop at 64x64x48, whole volumes, batch 1, a fixed 12 epochs (948 steps)
+    # on every CPU: the network spends little at full resolution (stride-2 convolutions, light top
+    # level): measured 0.5 s/step in fp32 and 0.28 s/step in bf16 on 2 cores. 25 minutes is a
+    # safety net only; if it is hit, the run is shortened loudly and still decays to zero.
+    "cpu": dict(target_shape=(64, 64, 48), base_channels=12, depth=5, batch_size=1, epochs=12,
+                lr=2e-3, patience=0, early_stop_dice=0.0, max_minutes=25.0),
+    # One GPU at the seed's scale: the body crop at about native in-plane resolution
+    # (192x160 of ~1.8 mm voxels covers the ~350x280 mm body), 128 slices, batch 2, mixed precision.
+    "full": dict(target_shape=(192, 160, 128), base_channels=16, depth=5, batch_size=2, epochs=16,
+                 lr=1e-3, patience=8, early_stop_dice=0.7, amp="auto", num_workers=4,
+                 deep_supervision=True, dropout=0.1),
+}
+
+
+def make_config(name: str, **overrides) -> TrainConfig:
+    """Settings of a named preset (``smoke``, ``cpu``, ``full``) with ``overrides`` applied.
+
+    ``"auto"`` picks ``full`` when a CUDA device is present and ``cpu`` otherwise. Overrides
+    that are None are ignored (unset command-line flags).
+
+    Example:
+        >>> make_config("cpu", epochs=5).epochs
+        5
+    """
+    if name == "auto":
+        name = "full" if torch.cuda.is_available() else "cpu"
+    if name not in PRESETS:
+        raise HipsegError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)} or auto")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return TrainConfig(preset=name).replace(**PRESETS[name]).replace(**overrides)
+
+
+

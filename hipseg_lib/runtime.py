@@ -1,0 +1,160 @@
+"""Where and how the network runs: device, seeds, mixed precision, processes, compilation.
+
+Used by training, prediction and the benchmarks alike, so that ``"auto"`` means the same
+everywhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import random
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import HipsegError, first_line
+
+__all__ = ["resolve_device", "seed_everything", "autocast_for", "cpu_has_bf16", "Dist", "CompiledOrEager"]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` -> the local CUDA device when present (``LOCAL_RANK`` under torchrun), else CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HipsegError(f"device {device!r} requested but no CUDA device is available")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 (AVX512-BF16/AMX), where bf16 autocast speeds training up."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_for(device: torch.device, amp: str):
+    """The autocast context and dtype for ``amp`` on ``device`` (``nullcontext`` and None when off).
+
+    ``"auto"``: bf16 on a CUDA device that supports it, else fp16; bf16 on a CPU with native bf16,
+    else off (fp32).
+    """
+    if amp == "auto":
+        if device.type == "cuda":
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif device.type == "cpu" and cpu_has_bf16():
+            amp = "bf16"
+        else:
+            return contextlib.nullcontext(), None
+    if amp == "off":
+        return contextlib.nullcontext(), None
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype), dtype
+
+
+class CompiledOrEager:
+    """Call ``torch.compile(net)``, or ``net`` itself once compiling fails (with one warning).
+
+    Compilation happens lazily, at the first call, so a failure can come from ``torch.compile``
+    or from that first call: either way the run goes on in eager mode.
+    """
+
+    def __init__(self, net: torch.nn.Module, enabled: bool = True):
+        self.net = net
+        self.compiled = None
+        if enabled:
+            try:
+                self.compiled = torch.compile(net)
+            except Exception as exc:  # noqa: BLE001 - any failure means: run eager
+                warnings.warn(f"torch.compile unavailable ({first_line(exc, 200)}); running eager")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(x)
+            except Exception as exc:  # noqa: BLE001
+                warnings.warn(f"torch.compile failed ({first_line(exc, 200)}); running eager")
+                self.compiled = None
+        return self.net(x)
+
+
+class Dist:
+    """Process-group helpers for torchrun (NCCL on GPUs, gloo on CPUs); a no-op in one process."""
+
+    def __init__(self, device_pref: str):
+        # Under torchrun (which sets these), even with one process: a process group is made, so a
+        # one-GPU torchrun run initialises NCCL exactly as a multi-GPU one does.
+        self.enabled = int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
+            "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ)
+        if self.enabled and not dist.is_initialized():
+            cuda = torch.cuda.is_available() and device_pref != "cpu"
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
+            self.owns_group = True
+        else:
+            self.owns_group = False
+        self.rank = dist.get_rank() if self.enabled else 0
+        self.world = dist.get_world_size() if self.enabled else 1
+        self.backend = dist.get_backend() if self.enabled else "none"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def _device(self):
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else None
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def min_int(self, value: int) -> int:
+        """The smallest of every rank's ``value`` (so that all ranks take the same decision)."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self._device() or "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+    def main_first(self, fn, then_others: bool = True):
+        """Run ``fn`` on rank 0, then (``then_others``) on the other ranks: e.g. fill a cache once.
+
+        A ``HipsegError`` on rank 0 is passed to every rank, so that each ends with the same one
+        line instead of waiting in a collective that rank 0 never reaches.
+        """
+        if not self.enabled:
+            return fn()
+        if self.main:
+            try:
+                out = fn()
+            except HipsegError as exc:
+                dist.broadcast_object_list([str(exc)], src=0, device=self._device())
+                raise
+            dist.broadcast_object_list([None], src=0, device=self._device())
+            return out
+        message = [None]
+        dist.broadcast_object_list(message, src=0, device=self._device())
+        if message[0] is not None:
+            raise HipsegError(message[0])
+        return fn() if then_others else None
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,72 @@
+"""The three configs: each validates itself and round-trips through plain JSON."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hipseg_lib.config import PRESETS, TrainConfig, make_config
+from hipseg_lib.model import ModelConfig
+from hipseg_lib.preprocess import Preprocessing
+
+
+def _json(d: dict) -> dict:
+    return json.loads(json.dumps(d))
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(base_channels=8, depth=3, dropout=0.1, deep_supervision=True, downsample="maxpool"),
+    Preprocessing(target_shape=(32, 32, 16), clip_percentiles=(1, 99), crop_foreground=False, orientation="RAS"),
+    *[make_config(name) for name in PRESETS],
+    make_config("cpu", patch_shape=(32, 32, 16), foreground_fraction=0.5, cache_dir="/tmp/c"),
+])
+def test_to_dict_from_dict_round_trip_through_json(cfg):
+    d = cfg.to_dict()
+    assert _json(d) == d, "plain JSON values only (lists, not tuples)"
+    assert type(cfg).from_dict(_json(d)) == cfg
+
+
+def test_train_config_holds_the_network_and_the_preprocessing():
+    cfg = make_config("cpu", depth=4, target_shape=(64, 64, 32), crop_foreground=False, epochs=2)
+    assert isinstance(cfg.model, ModelConfig) and isinstance(cfg.preprocessing, Preprocessing)
+    assert (cfg.model.depth, cfg.model.base_channels) == (4, PRESETS["cpu"]["base_channels"])
+    assert cfg.preprocessing == Preprocessing(target_shape=(64, 64, 32), crop_foreground=False)
+    assert cfg.to_dict()["model"] == cfg.model.to_dict()
+    # A part given whole, or as a dict of changes.
+    assert cfg.replace(model=ModelConfig(depth=3)).model == ModelConfig(depth=3)
+    assert cfg.replace(model={"dropout": 0.2}).model == ModelConfig(**{**cfg.model.to_dict(), "dropout": 0.2})
+    # flat_dict: one row per setting, and valid overrides that rebuild the same config.
+    flat = cfg.flat_dict()
+    assert flat["depth"] == 4 and flat["target_shape"] == [64, 64, 32] and "model" not in flat
+    assert make_config("cpu", **flat) == cfg
+
+
+def test_each_config_validates_itself():
+    with pytest.raises(ValueError, match="depth must be >= 2"):
+        ModelConfig(depth=1)
+    with pytest.raises(ValueError, match="downsample"):
+        make_config("cpu", downsample="avgpool")
+    with pytest.raises(ValueError, match="clip_percentiles"):
+        make_config("cpu", clip_percentiles=(50, 10))
+    with pytest.raises(ValueError, match="target_shape .* divisible by 16"):
+        make_config("cpu", target_shape=(64, 64, 40))
+    with pytest.raises(ValueError, match="unknown training settings: colour"):
+        make_config("cpu", colour="red")
+    with pytest.raises(ValueError, match="unknown network settings: colour"):
+        ModelConfig.from_dict({"colour": 1})
+    with pytest.raises(ValueError, match="unknown preprocessing settings: colour"):
+        Preprocessing.from_dict({"target_shape": [8, 8, 8], "colour": 1})
+
+
+def test_older_checkpoints_keep_the_settings_they_were_made_with():
+    # Saved before these settings existed: no body crop, max pooling, residual top level.
+    prep = Preprocessing.from_dict({"target_shape": [64, 64, 32], "clip_percentiles": [0.5, 99.5]})
+    assert prep.crop_foreground is False and Preprocessing().crop_foreground is True
+    model = ModelConfig.from_dict({"base_channels": 4, "depth": 3})
+    assert (model.downsample, model.light_top) == ("maxpool", False)
+    # The flat training settings of older checkpoints still read.
+    flat = {"preset": "smoke", "target_shape": [32, 32, 16], "base_channels": 4, "depth": 3, "epochs": 2,
+            "downsample": "conv", "light_top": True}
+    cfg = TrainConfig.from_dict(flat)
+    assert cfg.model.base_channels == 4 and cfg.preprocessing.target_shape == (32, 32, 16)
+    assert cfg.epochs == 2 and cfg.preprocessing.crop_foreground is False
