@@ -79,6 +79,9 @@ def run_one(name: str, args) -> dict:
         cfg = cfg.replace(batch_size=args.batch_size)
     if args.base_channels or args.depth:
         cfg = cfg.replace(base_channels=args.base_channels or cfg.model.base_channels, depth=args.depth or cfg.model.depth)
+    for item in args.set or []:  # any other setting, e.g. deep_supervision=true
+        key, value = item.split("=", 1)
+        cfg = cfg.replace(**{key: json.loads(value)})
     device = resolve_device(cfg.device)
     seed_everything(0)
     vols = load_split_volumes(resolve_data_dir(args.data), cfg)
@@ -171,6 +174,8 @@ def main() -> int:
     p.add_argument("--base-channels", type=int, help="ResUNet3D width (default: the preset's)")
     p.add_argument("--depth", type=int, help="ResUNet3D levels (default: the preset's)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), help="default: the preset's")
+    p.add_argument("--set", action="append", metavar="KEY=JSON",
+                   help="another setting of the preset, e.g. deep_supervision=true (repeatable)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
