@@ -262,6 +262,7 @@ def layer_table(model: ResUNet3D, input_shape: tuple[int, int, int]) -> list[dic
     named += [(f"down.{len(model.down) - 1}", model.down[-1]), ("bottleneck", model.bottleneck)]
     named += [(f"decoder.{i}", m) for i, m in enumerate(model.decoder)]
     named += [("head", model.head)]
+    named += [(f"aux_head.{i}", h) for i, h in enumerate(model.aux_heads or [])]  # deep supervision
     hooks = []
     for name, module in named:
         def hook(mod, inp, out, name=name):
