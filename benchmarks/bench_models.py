@@ -34,7 +34,7 @@ from hipseg_lib.augment import default_augmentation
 from hipseg_lib.loss import DiceCELoss
 from hipseg_lib.metrics import dice_per_class
 from hipseg_lib.model import ResUNet3D, count_parameters
-from hipseg_lib.config import make_config
+from hipseg_lib.config import make_config, parse_settings
 from hipseg_lib.data import load_split_volumes
 from hipseg_lib.runtime import autocast_for, resolve_device, seed_everything
 
@@ -79,9 +79,7 @@ def run_one(name: str, args) -> dict:
         cfg = cfg.replace(batch_size=args.batch_size)
     if args.base_channels or args.depth:
         cfg = cfg.replace(base_channels=args.base_channels or cfg.model.base_channels, depth=args.depth or cfg.model.depth)
-    for item in args.set or []:  # any other setting, e.g. deep_supervision=true
-        key, value = item.split("=", 1)
-        cfg = cfg.replace(**{key: json.loads(value)})
+    cfg = cfg.replace(**parse_settings(args.set))  # any other setting, e.g. deep_supervision=true
     device = resolve_device(cfg.device)
     seed_everything(0)
     vols = load_split_volumes(resolve_data_dir(args.data), cfg)
@@ -174,7 +172,7 @@ def main() -> int:
     p.add_argument("--base-channels", type=int, help="ResUNet3D width (default: the preset's)")
     p.add_argument("--depth", type=int, help="ResUNet3D levels (default: the preset's)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), help="default: the preset's")
-    p.add_argument("--set", action="append", metavar="KEY=JSON",
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="another setting of the preset, e.g. deep_supervision=true (repeatable)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)

@@ -8,6 +8,8 @@ from typing import Iterable
 import numpy as np
 
 from . import NUM_CLASSES
+from .data import split_by_case
+from .metrics import dice_per_class
 
 __all__ = ["IntensityClassifier", "fit_intensity_classifier", "intensity_baseline_dice", "nearest_label_dice",
            "split_leak_experiment"]
@@ -51,8 +53,6 @@ def fit_intensity_classifier(pairs: Iterable[tuple[np.ndarray, np.ndarray]], bin
 def intensity_baseline_dice(train_volumes, test_volumes, balanced: bool = False) -> np.ndarray:
     """Fit :func:`fit_intensity_classifier` on ``train_volumes`` and return the mean per-class test
     Dice (NaN-aware). The volumes are :class:`~hipseg_lib.data.CachedVolume` (preprocessed)."""
-    from .metrics import dice_per_class
-
     clf = fit_intensity_classifier((v.load() for v in train_volumes), balanced=balanced)
     return np.nanmean([dice_per_class(clf.predict(np.asarray(i)), np.asarray(l))
                        for i, l in (v.load() for v in test_volumes)], axis=0)
@@ -69,8 +69,6 @@ def nearest_label_dice(images: np.ndarray, labels: list, train_idx, test_idx) ->
     Returns:
         (mean foreground Dice over the test volumes, the training index each one copied).
     """
-    from .metrics import dice_per_class
-
     train_idx, test_idx = np.asarray(train_idx), np.asarray(test_idx)
     sim = images[test_idx] @ images[train_idx].T
     copied = [int(train_idx[int(np.argmax(row))]) for row in sim]
@@ -86,12 +84,11 @@ def split_leak_experiment(volumes, split_seeds=range(5), test_fraction: float = 
     :func:`nearest_label_dice` is scored on both. One row per seed: Dice and the share of test
     volumes whose copied label came from the same patient.
     """
-    from .data import split_by_case
-
     volumes = list(volumes)
-    x = np.stack([np.asarray(v.load()[0], np.float32).ravel() for v in volumes])
+    loaded = [v.load() for v in volumes]
+    x = np.stack([np.asarray(image, np.float32).ravel() for image, _ in loaded])
     x = (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)
-    labels = [np.asarray(v.load()[1]) for v in volumes]
+    labels = [np.asarray(label) for _, label in loaded]
     case = np.array([v.id.case for v in volumes])
     index = {str(v.id): n for n, v in enumerate(volumes)}
     rows = []

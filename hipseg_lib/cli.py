@@ -47,7 +47,7 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 def _train_config(a: argparse.Namespace):
     """The preset, then --config, then the dedicated flags, then --set (each over the ones before)."""
-    from .config import make_config
+    from .config import make_config, parse_settings
 
     overrides: dict = {}
     if a.config:
@@ -69,14 +69,7 @@ def _train_config(a: argparse.Namespace):
         overrides["compile"] = True
     if a.channels_last:
         overrides["channels_last"] = True
-    for item in a.set or []:
-        if "=" not in item:
-            raise HipsegError(f"--set {item}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    overrides.update(parse_settings(a.set))
     try:
         return make_config(a.preset, **overrides)
     except (TypeError, ValueError) as exc:

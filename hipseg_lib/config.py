@@ -7,6 +7,7 @@ three validates itself and has a symmetric ``to_dict``/``from_dict``.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,7 @@ from . import HipsegError
 from .model import ModelConfig
 from .preprocess import Preprocessing
 
-__all__ = ["TrainConfig", "PRESETS", "make_config"]
+__all__ = ["TrainConfig", "PRESETS", "make_config", "parse_settings"]
 
 _MODEL_KEYS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 _PREP_KEYS = frozenset(f.name for f in dataclasses.fields(Preprocessing))
@@ -196,4 +197,18 @@ def make_config(name: str, **overrides) -> TrainConfig:
     return TrainConfig(preset=name).replace(**PRESETS[name]).replace(**overrides)
 
 
+def parse_settings(items) -> dict:
+    """``["epochs=3", "target_shape=[64,64,48]", "amp=off"]`` -> a dict of overrides (``--set``).
 
+    Each value is read as JSON, else kept as a string.
+    """
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise HipsegError(f"--set {item}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

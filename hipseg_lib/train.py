@@ -203,6 +203,10 @@ class _Run:
             image = image.to(memory_format=torch.channels_last_3d)
         return image
 
+    def walls(self) -> list[float]:
+        """Seconds each epoch of the run took in all (training, validation, saving), across resumes."""
+        return [h.get("wall_seconds", h["epoch_seconds"]) for h in self.history]
+
     def say(self, message: str) -> None:
         if self.dist.main:
             self.log(message)
@@ -449,7 +453,7 @@ def _replan(run: _Run, epoch: int, sched: "PolySchedule") -> str:
     not fit, shorten the run and let the learning rate reach zero at its new end. Returns the stop
     reason when this epoch is the (shortened) run's last."""
     cfg = run.cfg
-    walls = [h.get("wall_seconds", h["epoch_seconds"]) for h in run.history]  # across resumes too
+    walls = run.walls()
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
     fits = run.dist.min_int(time_limited_epochs(walls, budget_s, epoch + 1, cfg.epochs))  # ranks agree
     if fits != run.planned:  # shorter, or back towards the plan once epochs turn out faster
@@ -484,7 +488,7 @@ def _save(run: _Run, model, optim, record: dict, improved: bool, stop: str) -> N
 def _log_epoch(run: _Run, epoch: int, record: dict) -> None:
     """One line per epoch, within 80 characters (the book's column); the log file has it all."""
     dice_txt = " ".join(f"{v:.2f}" if v is not None else "nan" for v in record.get("val_dice", []))
-    walls = [h.get("wall_seconds", h["epoch_seconds"]) for h in run.history]
+    walls = run.walls()
     eta = (run.planned - epoch - 1) * float(np.mean(walls[-(epoch + 1 - run.start_epoch):]))
     run.log(f"epoch {epoch + 1}/{run.planned} loss {record['loss']:.3f} {record['step_seconds']:.2f} s/step"
             + (f" Dice {dice_txt}" if dice_txt else "") + f" ETA {_clock(eta)}")

@@ -1,0 +1,43 @@
+"""The two experiments without a network (chapters 2 and 3)."""
+from __future__ import annotations
+
+import numpy as np
+
+from hipseg_lib.baseline import intensity_baseline_dice, nearest_label_dice, split_leak_experiment
+from hipseg_lib.data import cache_pairs, split_by_case
+from hipseg_lib.io import find_pairs
+from hipseg_lib.preprocess import Preprocessing
+
+
+def _volumes(root, tmp_path):
+    return cache_pairs(find_pairs(root).pairs, Preprocessing(target_shape=(16, 16, 8)), tmp_path / "cache")
+
+
+def test_nearest_label_copies_the_most_similar_image():
+    images = np.eye(4, 8, dtype=np.float32)  # four orthogonal "images"
+    images[3] = images[1]  # volume 3 looks exactly like volume 1
+    labels = [np.full((2, 2, 2), k, np.uint8) for k in range(4)]
+    labels[3] = labels[1].copy()
+    dice, copied = nearest_label_dice(images, labels, train_idx=[0, 1, 2], test_idx=[3])
+    assert copied == [1] and dice == 1.0
+
+
+def test_split_leak_case_split_never_copies_the_same_patient(tiny_synth, tmp_path):
+    vols = _volumes(tiny_synth, tmp_path)
+    rows = split_leak_experiment(vols, split_seeds=range(3))
+    assert [r["repeat"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert r["case split: same patient"] == 0.0, "a case-level split shares no patient"
+        for key in ("volume split: Dice", "case split: Dice", "volume split: same patient"):
+            assert 0.0 <= r[key] <= 1.0
+
+
+def test_intensity_baseline_finds_background_but_not_organs(tiny_synth, tmp_path):
+    vols = _volumes(tiny_synth, tmp_path)
+    by_id = {str(v.id): v for v in vols}
+    split = split_by_case([v.pair for v in vols], seed=0)
+    train, test = ([by_id[str(p.id)] for p in split[k]] for k in ("train", "test"))
+    dice = intensity_baseline_dice(train, test)
+    assert dice.shape == (6,)
+    assert dice[0] > 0.8, "air is dark: background is easy"
+    assert np.nanmax(dice[2:]) < 0.5, "organs and bones share intensities with other tissue"
