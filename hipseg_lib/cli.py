@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -262,7 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except HipsegError as exc:
-        print(f"hipseg: error: {exc}", file=sys.stderr)
+        print(f"hipseg: error: {exc}", file=sys.stderr, flush=True)
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: let every process print its line
+            from .runtime import wait_for_other_ranks
+            wait_for_other_ranks()
         return 1
     except KeyboardInterrupt:
         print("hipseg: interrupted", file=sys.stderr)

@@ -6,9 +6,11 @@ everywhere.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import os
 import random
+import time
 import warnings
 
 import numpy as np
@@ -17,7 +19,8 @@ import torch.distributed as dist
 
 from . import HipsegError, first_line
 
-__all__ = ["resolve_device", "seed_everything", "autocast_for", "cpu_has_bf16", "Dist", "CompiledOrEager"]
+__all__ = ["resolve_device", "seed_everything", "autocast_for", "cpu_has_bf16", "Dist", "wait_for_other_ranks",
+           "CompiledOrEager"]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -158,3 +161,28 @@ class Dist:
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def wait_for_other_ranks(timeout: float = 20.0) -> None:
+    """Under torchrun, wait (at most ``timeout`` seconds) until every process has got here.
+
+    torchrun stops all processes as soon as one exits, so a process that ends first with an error
+    would cut the others off before they print their line. The command line calls this after
+    printing an error. It uses torchrun's own key-value store, so it works with any backend and
+    after the process group has ended; outside torchrun, or if the store cannot be reached, it
+    returns at once.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if world < 2 or not run_id or "MASTER_ADDR" not in os.environ:
+        return
+    key = f"hipseg/{run_id}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/ended"
+    deadline = time.monotonic() + timeout
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=timeout))
+        store.add(key, 1)
+        while store.add(key, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.02)
+    except Exception:  # the line is out already; waiting is a courtesy to the other processes
+        return

@@ -50,9 +50,27 @@ def test_two_gloo_processes_match_single_process(tiny_synth, tmp_path):
     assert rel(out2, tmp_path / "one") < 0.1 * rel(tmp_path / "other", tmp_path / "one")
 
 
+# ``hipseg`` with rank 1 a second and a half late to its error line: torchrun stops every process
+# as soon as one exits, so without waiting for the others, rank 0 would cut rank 1 off (a race
+# that a busy machine loses now and then; the delay makes it lose every time).
+SLOW_RANK_1 = """
+import os, sys, time
+import hipseg_lib
+from hipseg_lib import cli
+if os.environ["RANK"] == "1":
+    def late_str(exc):
+        time.sleep(1.5)
+        return Exception.__str__(exc)
+    hipseg_lib.HipsegError.__str__ = late_str
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def _torchrun_train(tmp_path, *args):
+    script = tmp_path / "slow_rank_1.py"
+    script.write_text(SLOW_RANK_1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "hipseg_lib", "train", "--preset", "smoke", "--device", "cpu", "--quiet", *args]
+           str(script), "train", "--preset", "smoke", "--device", "cpu", "--quiet", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
