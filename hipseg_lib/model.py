@@ -71,12 +71,16 @@ class DownConv(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """Pre-activation 3x3x3 convolution (norm, act, conv): the light full-resolution decoder stage."""
+    """Pre-activation convolution (norm, act, conv): a light stage in place of a residual block.
 
-    def __init__(self, in_channels: int, out_channels: int):
+    ``kernel_size=1`` mixes channels voxel by voxel (the full-resolution decoder stage of the
+    ``cpu`` network: the spatial context comes from the levels below).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
         super().__init__()
         self.norm, self.act = _norm(in_channels), _act()
-        self.conv = nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self.act(self.norm(x)))
@@ -84,13 +88,13 @@ class ConvBlock(nn.Module):
 
 class UpBlock(nn.Module):
     """Transposed-convolution upsampling, concatenation with the skip, then a residual block
-    (or, when ``light``, a single pre-activation convolution)."""
+    (or, when ``light``, a single pre-activation convolution of ``kernel_size``)."""
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, dropout: float = 0.0,
-                 light: bool = False):
+                 light: bool = False, kernel_size: int = 3):
         super().__init__()
         self.up = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2)
-        self.block = (ConvBlock(out_channels + skip_channels, out_channels) if light
+        self.block = (ConvBlock(out_channels + skip_channels, out_channels, kernel_size) if light
                       else ResidualBlock(out_channels + skip_channels, out_channels, dropout))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -98,7 +102,7 @@ class UpBlock(nn.Module):
 
 
 # What a checkpoint saved before these settings existed was built with (the seed's design).
-LEGACY = {"downsample": "maxpool", "light_top": False}
+LEGACY = {"downsample": "maxpool", "light_levels": 0, "top_kernel": 3}
 
 
 @dataclass(frozen=True)
@@ -116,10 +120,13 @@ class ModelConfig:
             supervision instead gives every scale its own loss).
         downsample: ``"conv"``: stride-2 3x3x3 convolutions (Isensee et al. 2017); ``"maxpool"``:
             2x2x2 max pooling (the seed).
-        light_top: the full-resolution level is the stem convolution in the encoder and one
-            convolution after the last concatenation in the decoder, instead of a residual block
-            on each side. Full-resolution feature maps are 8 times the voxels of the next level, so
-            this is where most of the compute goes; the residual blocks start one level down.
+        light_levels: how many of the finest levels are light: one pre-activation convolution
+            instead of a residual block on each side (on the encoder side of the full-resolution
+            level, the stem alone). Each level has 8 times the voxels of the next, so the finest
+            levels are where the compute goes; the residual blocks start below them. 0 is the
+            seed's design.
+        top_kernel: kernel of the full-resolution decoder convolution when that level is light:
+            3, or 1 to mix the upsampled features with the skip voxel by voxel.
 
     Example:
         >>> ModelConfig(base_channels=12, depth=5).divisor
@@ -133,7 +140,8 @@ class ModelConfig:
     dropout: float = 0.0
     deep_supervision: bool = False
     downsample: str = "conv"
-    light_top: bool = True
+    light_levels: int = 1
+    top_kernel: int = 3
 
     def __post_init__(self) -> None:
         if self.depth < 2:
@@ -144,6 +152,10 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.downsample not in ("conv", "maxpool"):
             raise ValueError(f"downsample must be 'conv' or 'maxpool', got {self.downsample!r}")
+        if not 0 <= self.light_levels < self.depth:
+            raise ValueError(f"light_levels must be in [0, depth - 1 = {self.depth - 1}], got {self.light_levels}")
+        if self.top_kernel not in (1, 3):
+            raise ValueError(f"top_kernel must be 1 or 3, got {self.top_kernel}")
 
     @property
     def divisor(self) -> int:
@@ -158,6 +170,9 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         """Inverse of :meth:`to_dict`; settings missing from an older checkpoint take the values
         that checkpoint was built with (:data:`LEGACY`), not today's defaults."""
+        d = dict(d)
+        if "light_top" in d:  # older checkpoints: a bool, the light_levels 0 or 1 of today
+            d["light_levels"] = int(d.pop("light_top"))
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown network settings: {', '.join(sorted(unknown))}")
@@ -193,13 +208,15 @@ class ResUNet3D(nn.Module):
                                    for i in range(1, c.depth)])
         first = (lambda i: widths[i]) if conv_down else (lambda i: widths[i - 1])
         self.encoder = nn.ModuleList(
-            [nn.Identity() if c.light_top else ResidualBlock(widths[0], widths[0], c.dropout)]
-            + [ResidualBlock(first(i), widths[i], c.dropout) for i in range(1, c.depth - 1)]
+            [nn.Identity() if c.light_levels else ResidualBlock(widths[0], widths[0], c.dropout)]
+            + [ConvBlock(first(i), widths[i]) if i < c.light_levels
+               else ResidualBlock(first(i), widths[i], c.dropout) for i in range(1, c.depth - 1)]
         )
         self.bottleneck = nn.Sequential(ResidualBlock(first(c.depth - 1), widths[-1], c.dropout),
                                         ResidualBlock(widths[-1], widths[-1], c.dropout))
         self.decoder = nn.ModuleList(
-            [UpBlock(widths[i + 1], widths[i], widths[i], c.dropout, light=c.light_top and i == 0)
+            [UpBlock(widths[i + 1], widths[i], widths[i], c.dropout, light=i < c.light_levels,
+                     kernel_size=c.top_kernel if i == 0 else 3)
              for i in reversed(range(c.depth - 1))]
         )
         self.final_norm = nn.Sequential(_norm(widths[0]), _act())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hipseg_lib.loss import DiceCELoss
-from hipseg_lib.model import ModelConfig, ResidualBlock, ResUNet3D, count_parameters, layer_table
+from hipseg_lib.model import ConvBlock, ModelConfig, ResidualBlock, ResUNet3D, count_parameters, layer_table
 
 
 @pytest.mark.parametrize("depth, shape", [(2, (8, 8, 4)), (3, (16, 16, 8)), (4, (32, 16, 8))])
@@ -60,9 +60,11 @@ def test_width_and_depth_change_parameters_and_table():
     assert sum(r["parameters"] for r in rows) + count_parameters(small.final_norm) == count_parameters(small)
 
 
-@pytest.mark.parametrize("design", [dict(), dict(downsample="maxpool", light_top=False)])
+@pytest.mark.parametrize("design", [dict(), dict(light_levels=2, top_kernel=1),
+                                    dict(downsample="maxpool", light_levels=0)])
 def test_overfits_one_small_volume(design):
-    """The network (today's design and the seed's) drives the loss well down on one volume (CPU, seconds)."""
+    """The network (the default design, the cpu preset's lighter one and the seed's) drives the
+    loss well down on one volume (CPU, seconds)."""
     torch.manual_seed(0)
     x = torch.randn(1, 1, 16, 16, 8)
     y = torch.zeros(1, 16, 16, 8, dtype=torch.long)
@@ -89,13 +91,13 @@ def test_overfits_one_small_volume(design):
 def test_config_round_trip_and_legacy_checkpoints_keep_their_design():
     cfg = ModelConfig(base_channels=12, depth=5)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
-    # A checkpoint saved before downsample/light_top existed was built with max pooling and
+    # A checkpoint saved before downsample/light_levels existed was built with max pooling and
     # residual blocks at full resolution: its weights must fit that network, not today's default.
     old = {"in_channels": 1, "num_classes": 6, "base_channels": 4, "depth": 3, "dropout": 0.0,
            "deep_supervision": False}
     legacy = ModelConfig.from_dict(old)
-    assert legacy.downsample == "maxpool" and legacy.light_top is False
-    seed_design = ResUNet3D(ModelConfig(**old, downsample="maxpool", light_top=False))
+    assert legacy.downsample == "maxpool" and legacy.light_levels == 0
+    seed_design = ResUNet3D(ModelConfig(**old, downsample="maxpool", light_levels=0))
     ResUNet3D(legacy).load_state_dict(seed_design.state_dict())
     with pytest.raises(ValueError, match="downsample"):
         ModelConfig(downsample="avgpool")
@@ -114,3 +116,22 @@ def test_deep_supervision_adds_the_coarse_outputs_to_the_final_one():
         for h in net.aux_heads:
             torch.nn.init.zeros_(h.weight), torch.nn.init.zeros_(h.bias)
         assert not torch.allclose(full, net(x)), "without them the output changes"
+
+
+def test_light_levels_replace_the_finest_residual_blocks():
+    c = ModelConfig(base_channels=4, depth=4, light_levels=2, top_kernel=1)
+    net = ResUNet3D(c)
+    assert isinstance(net.encoder[0], torch.nn.Identity) and isinstance(net.encoder[1], ConvBlock)
+    assert isinstance(net.encoder[2], ResidualBlock)
+    assert [type(u.block).__name__ for u in net.decoder] == ["ResidualBlock", "ConvBlock", "ConvBlock"]
+    assert net.decoder[-1].block.conv.kernel_size == (1, 1, 1)
+    assert net.decoder[-2].block.conv.kernel_size == (3, 3, 3)
+    assert net(torch.zeros(1, 1, 16, 16, 8)).shape == (1, 6, 16, 16, 8)
+    # Checkpoints of the one-light-level design saved it as light_top=True: same network, same weights.
+    old = {**ModelConfig(base_channels=4, depth=4).to_dict(), "light_top": True}
+    del old["light_levels"], old["top_kernel"]
+    assert ModelConfig.from_dict(old) == ModelConfig(base_channels=4, depth=4, light_levels=1, top_kernel=3)
+    ResUNet3D(ModelConfig.from_dict(old)).load_state_dict(ResUNet3D(ModelConfig(base_channels=4, depth=4)).state_dict())
+    for bad in (dict(light_levels=4), dict(top_kernel=2)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ModelConfig(depth=4, **bad)
