@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import HipsegError
-from .model import ModelConfig
+from .model import RENAMED, ModelConfig
 from .preprocess import Preprocessing
 
 __all__ = ["TrainConfig", "PRESETS", "make_config", "parse_settings"]
@@ -153,9 +153,8 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         """Inverse of :meth:`to_dict`; also reads the flat dicts of older checkpoints."""
         d = dict(d)
-        # (``light_top``: a network setting of older checkpoints, read by ModelConfig.from_dict)
         model = ModelConfig.from_dict(d.pop("model", {k: d.pop(k) for k in list(d)
-                                                      if k in _MODEL_KEYS or k == "light_top"}))
+                                                      if k in _MODEL_KEYS or k in RENAMED}))
         prep = Preprocessing.from_dict(d.pop("preprocessing", {k: d.pop(k) for k in list(d) if k in _PREP_KEYS}))
         return cls(model=model, preprocessing=prep).replace(**d)
 

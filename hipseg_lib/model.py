@@ -103,6 +103,8 @@ class UpBlock(nn.Module):
 
 # What a checkpoint saved before these settings existed was built with (the seed's design).
 LEGACY = {"downsample": "maxpool", "light_levels": 0, "top_kernel": 3}
+# Settings older checkpoints saved under another name: old name -> (today's name, conversion).
+RENAMED = {"light_top": ("light_levels", int)}  # a bool: one light level, or none
 
 
 @dataclass(frozen=True)
@@ -171,8 +173,9 @@ class ModelConfig:
         """Inverse of :meth:`to_dict`; settings missing from an older checkpoint take the values
         that checkpoint was built with (:data:`LEGACY`), not today's defaults."""
         d = dict(d)
-        if "light_top" in d:  # older checkpoints: a bool, the light_levels 0 or 1 of today
-            d["light_levels"] = int(d.pop("light_top"))
+        for old, (new, convert) in RENAMED.items():
+            if old in d:
+                d[new] = convert(d.pop(old))
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown network settings: {', '.join(sorted(unknown))}")
