@@ -264,7 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except HipsegError as exc:
         print(f"hipseg: error: {exc}", file=sys.stderr, flush=True)
-        if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun (torch is imported only then): let every process print its line
+        # Under torchrun, let every process print its line (and import torch only then).
+        if "TORCHELASTIC_RUN_ID" in os.environ:
             from .runtime import wait_for_other_ranks
             wait_for_other_ranks()
         return 1
