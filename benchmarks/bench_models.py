@@ -3,7 +3,9 @@
 Same data (the cached, preprocessed volumes of the `cpu` or `full` preset), same loader, loss
 (hipseg DiceCELoss), optimiser (Adam, the preset's learning rate with warm-up and polynomial decay),
 mixed precision setting, and the same wall-clock training budget for each network. Each network
-runs in its own process so that its peak memory is its own.
+runs in its own process so that its peak memory is its own; the processes train in turns of a few
+seconds (``--slice``), so that the machine's speed, which drifts on a shared machine, is the same
+for all of them.
 
 Prints and saves (``benchmarks/results/models_<device>.json`` and ``.md``) a table: parameters,
 train step time, inference time per volume, peak memory, and test Dice per class after the budget.
@@ -71,83 +73,139 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (process peak RSS)
 
 
-def run_one(name: str, args) -> dict:
-    cfg = make_config(args.preset, device=args.device, cache_dir=args.cache_dir, amp=args.amp)
-    if args.target_shape:
-        cfg = cfg.replace(target_shape=tuple(args.target_shape))
-    if args.batch_size:
-        cfg = cfg.replace(batch_size=args.batch_size)
-    if args.base_channels or args.depth:
-        cfg = cfg.replace(base_channels=args.base_channels or cfg.model.base_channels, depth=args.depth or cfg.model.depth)
-    cfg = cfg.replace(**parse_settings(args.set))  # any other setting, e.g. deep_supervision=true
-    device = resolve_device(cfg.device)
-    seed_everything(0)
-    vols = load_split_volumes(resolve_data_dir(args.data), cfg)
-    train_ds = SegmentationDataset(vols["train"], default_augmentation(), seed=0)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                                         generator=torch.Generator().manual_seed(0))
-    model = build(name, cfg).to(device)
-    loss_fn = DiceCELoss(NUM_CLASSES)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ctx_amp = lambda: autocast_for(device, cfg.amp)[0]  # noqa: E731
-    budget = args.minutes * 60
-    warm = 20
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    steps, step_times, data_times = 0, [], []
-    t_start = time.perf_counter()
-    epoch = 0
-    model.train()
-    while time.perf_counter() - t_start < budget:
-        train_ds.set_epoch(epoch)
-        t0 = time.perf_counter()
-        for image, label in loader:
+class Trainer:
+    """One network's training run, advanced a slice of its budget at a time (see :func:`worker`)."""
+
+    def __init__(self, name: str, args):
+        cfg = make_config(args.preset, device=args.device, cache_dir=args.cache_dir, amp=args.amp)
+        if args.target_shape:
+            cfg = cfg.replace(target_shape=tuple(args.target_shape))
+        if args.batch_size:
+            cfg = cfg.replace(batch_size=args.batch_size)
+        if args.base_channels or args.depth:
+            cfg = cfg.replace(base_channels=args.base_channels or cfg.model.base_channels,
+                              depth=args.depth or cfg.model.depth)
+        cfg = cfg.replace(**parse_settings(args.set))  # any other setting, e.g. deep_supervision=true
+        self.name, self.cfg, self.budget = name, cfg, args.minutes * 60
+        self.device = device = resolve_device(cfg.device)
+        seed_everything(0)
+        self.vols = load_split_volumes(resolve_data_dir(args.data), cfg)
+        self.train_ds = SegmentationDataset(self.vols["train"], default_augmentation(), seed=0)
+        self.loader = torch.utils.data.DataLoader(self.train_ds, batch_size=cfg.batch_size, shuffle=True,
+                                                  drop_last=True, num_workers=cfg.num_workers,
+                                                  pin_memory=device.type == "cuda",
+                                                  generator=torch.Generator().manual_seed(0))
+        self.model = build(name, cfg).to(device)
+        self.loss_fn = DiceCELoss(NUM_CLASSES)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.amp = lambda: autocast_for(device, cfg.amp)[0]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.batches = self._batches()
+        self.active = 0.0  # seconds of training so far: the budget counts only these
+        self.turns = 0
+        self.step_times, self.data_times = [], []
+
+    def _batches(self):
+        epoch = 0
+        while True:
+            self.train_ds.set_epoch(epoch)
+            yield from self.loader
+            epoch += 1
+
+    def train_for(self, seconds: float) -> None:
+        """Train until ``seconds`` more of the budget are spent (or the budget is)."""
+        cfg, device, warm = self.cfg, self.device, 20
+        until = min(self.budget, self.active + seconds)
+        self.turns += 1
+        self.model.train()
+        while self.active < until:
+            t0 = time.perf_counter()
+            image, label = next(self.batches)
             image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
             t1 = time.perf_counter()
-            frac = min(1.0, (time.perf_counter() - t_start) / budget)
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * min(1.0, (steps + 1) / warm) * (1 - frac) ** 0.9
-            with ctx_amp():
-                logits = model(image)
-            loss = loss_fn(logits, label)
-            opt.zero_grad(set_to_none=True)
+            frac = min(1.0, self.active / self.budget)  # warm-up, then polynomial decay over the budget
+            for g in self.opt.param_groups:
+                g["lr"] = cfg.lr * min(1.0, (len(self.step_times) + 1) / warm) * (1 - frac) ** 0.9
+            with self.amp():
+                logits = self.model(image)
+            loss = self.loss_fn(logits, label)
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t2 = time.perf_counter()
-            data_times.append(t1 - t0)
-            step_times.append(t2 - t0)
-            steps += 1
-            t0 = time.perf_counter()
-            if t0 - t_start >= budget:
-                break
-        epoch += 1
-    model.eval()
-    infer, dices = [], []
-    with torch.no_grad():
-        for v in vols["test"]:
-            img, lab = v.load()
-            x = torch.from_numpy(np.asarray(img))[None, None].to(device)
-            t = time.perf_counter()
-            with ctx_amp():
-                pred = model(x).argmax(1)[0]
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            infer.append(time.perf_counter() - t)
-            dices.append(dice_per_class(pred.cpu().numpy(), np.asarray(lab)))
-    steady = step_times[5:] or step_times
-    return {"model": name, "parameters": count_parameters(model), "steps": steps,
-            "train_step_s": float(np.median(steady)),
-            "data_fraction": float(np.sum(data_times[5:]) / max(np.sum(steady), 1e-9)),
-            "inference_s_per_volume": float(np.median(infer[1:] or infer)),
-            "peak_memory_gb": peak_memory_gb(device), "memory_kind": "GPU allocated" if device.type == "cuda" else "process RSS",
-            "test_dice": [float(x) for x in np.nanmean(dices, axis=0)],
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads",
-            "preset": cfg.preset, "target_shape": list(cfg.preprocessing.target_shape), "batch_size": cfg.batch_size,
-            "amp": str(autocast_for(device, cfg.amp)[1]), "minutes": args.minutes}
+            self.data_times.append(t1 - t0)
+            self.step_times.append(t2 - t0)
+            self.active += t2 - t0
+
+    def finish(self, minutes: float) -> dict:
+        """Test Dice and inference time after the budget; the row of the table."""
+        cfg, device = self.cfg, self.device
+        self.model.eval()
+        infer, dices = [], []
+        with torch.no_grad():
+            for v in self.vols["test"]:
+                img, lab = v.load()
+                x = torch.from_numpy(np.array(img, dtype=np.float32))[None, None].to(device)
+                t = time.perf_counter()
+                with self.amp():
+                    pred = self.model(x).argmax(1)[0]
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                infer.append(time.perf_counter() - t)
+                dices.append(dice_per_class(pred.cpu().numpy(), np.asarray(lab)))
+        steady = self.step_times[5:] or self.step_times
+        return {"model": self.name, "parameters": count_parameters(self.model), "steps": len(self.step_times),
+                "turns": self.turns, "trained_s": self.active,
+                "train_step_s": float(np.median(steady)),
+                "data_fraction": float(np.sum(self.data_times[5:]) / max(np.sum(steady), 1e-9)),
+                "inference_s_per_volume": float(np.median(infer[1:] or infer)),
+                "peak_memory_gb": peak_memory_gb(device),
+                "memory_kind": "GPU allocated" if device.type == "cuda" else "process RSS",
+                "test_dice": [float(x) for x in np.nanmean(dices, axis=0)],
+                "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                           else f"CPU x{torch.get_num_threads()} threads"),
+                "preset": cfg.preset, "target_shape": list(cfg.preprocessing.target_shape),
+                "batch_size": cfg.batch_size, "amp": str(autocast_for(device, cfg.amp)[1]), "minutes": minutes}
+
+
+def worker(name: str, args) -> None:
+    """One network in its own process (its peak memory is its own), driven over stdin:
+    ``train SECONDS`` trains a slice and answers ``done``; ``finish`` answers ``RESULT {json}``."""
+    trainer = Trainer(name, args)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.startswith("train "):
+            trainer.train_for(float(line.split()[1]))
+            print("done", flush=True)
+        elif line.startswith("finish"):
+            print("RESULT " + json.dumps(trainer.finish(args.minutes)), flush=True)
+            return
+
+
+class Worker:
+    """The parent's handle on a worker process."""
+
+    def __init__(self, name: str):
+        self.name = name
+        cmd = [sys.executable, __file__, "--worker", name] + sys.argv[1:]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, "HIPSEG_PLAIN_PROGRESS": "1"})
+
+    def ask(self, command: str | None, answer: str) -> str:
+        """Send ``command`` (None: just wait) and return the first line that starts with ``answer``."""
+        if command:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(answer):
+                return line
+        self.proc.wait()
+        raise RuntimeError(f"bench_models: the {self.name} worker ended (exit {self.proc.returncode}); "
+                           "its error is above")
 
 
 def table(rows: list[dict]) -> str:
@@ -177,10 +235,12 @@ def main() -> int:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--slice", type=float, default=10.0,
+                   help="seconds each network trains before the next takes its turn")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(run_one(args.worker, args)), flush=True)
+        worker(args.worker, args)
         return 0
     try:
         import monai  # noqa: F401
@@ -189,23 +249,36 @@ def main() -> int:
               file=sys.stderr)
         return 1
     resolve_data_dir(args.data)  # make the default data once, before the workers
-    rows = []
-    for name in args.models:
-        cmd = [sys.executable, __file__, "--worker", name] + [a for a in sys.argv[1:]]
-        print(f"== {name} ({args.minutes:g} min budget)", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HIPSEG_PLAIN_PROGRESS": "1"})
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            print(proc.stderr[-2000:], file=sys.stderr)
-            return 1
-        rows.append(json.loads(line[0][7:]))
-        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    # The networks train in turns of --slice seconds, so that a shared machine's speed, which
+    # drifts over minutes, weighs on each alike: each gets the same seconds of training, however
+    # fast the machine was in between.
+    workers = [Worker(name) for name in args.models]
+    try:
+        for w in workers:
+            w.ask(None, "ready")
+        for turn in range(int(np.ceil(args.minutes * 60 / args.slice))):
+            for w in workers:
+                w.ask(f"train {args.slice}", "done")
+            print(f"  {min((turn + 1) * args.slice, args.minutes * 60) / 60:.1f} of {args.minutes:g} min "
+                  "trained by each network", flush=True)
+        rows = []
+        for w in workers:
+            rows.append(json.loads(w.ask("finish", "RESULT ")[7:]))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if rows[0]["device"] and not rows[0]["device"].startswith("CPU") else "cpu"
     (out / f"models_{tag}.json").write_text(json.dumps(rows, indent=2))
     md = (f"Device: {rows[0]['device']}; preset {rows[0]['preset']}, grid {rows[0]['target_shape']}, "
-          f"batch {rows[0]['batch_size']}, amp {rows[0]['amp']}, {args.minutes:g} min of training each.\n\n" + table(rows))
+          f"batch {rows[0]['batch_size']}, amp {rows[0]['amp']}, {args.minutes:g} min of training each, "
+          f"in turns of {args.slice:g} s.\n\n" + table(rows))
     (out / f"models_{tag}.md").write_text(md + "\n")
     print()
     print(md)

@@ -88,14 +88,20 @@ class ConvBlock(nn.Module):
 
 class UpBlock(nn.Module):
     """Transposed-convolution upsampling, concatenation with the skip, then a residual block
-    (or, when ``light``, a single pre-activation convolution of ``kernel_size``)."""
+    (or, when ``light``, a single pre-activation convolution of ``kernel_size``; with
+    ``kernel_size=0`` none: the block returns the concatenation, ``out_channels + skip_channels``
+    channels)."""
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, dropout: float = 0.0,
                  light: bool = False, kernel_size: int = 3):
         super().__init__()
         self.up = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2)
-        self.block = (ConvBlock(out_channels + skip_channels, out_channels, kernel_size) if light
-                      else ResidualBlock(out_channels + skip_channels, out_channels, dropout))
+        if not light:
+            self.block = ResidualBlock(out_channels + skip_channels, out_channels, dropout)
+        elif kernel_size:
+            self.block = ConvBlock(out_channels + skip_channels, out_channels, kernel_size)
+        else:
+            self.block = nn.Identity()
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.block(torch.cat([self.up(x), skip], dim=1))
@@ -128,7 +134,9 @@ class ModelConfig:
             levels are where the compute goes; the residual blocks start below them. 0 is the
             seed's design.
         top_kernel: kernel of the full-resolution decoder convolution when that level is light:
-            3, or 1 to mix the upsampled features with the skip voxel by voxel.
+            3; 1 to mix the upsampled features with the skip voxel by voxel; 0 for no convolution
+            there: the final norm and the 1x1x1 head read the concatenation of the upsampled
+            features and the skip (twice ``base_channels``), so the head does that mixing.
 
     Example:
         >>> ModelConfig(base_channels=12, depth=5).divisor
@@ -156,8 +164,10 @@ class ModelConfig:
             raise ValueError(f"downsample must be 'conv' or 'maxpool', got {self.downsample!r}")
         if not 0 <= self.light_levels < self.depth:
             raise ValueError(f"light_levels must be in [0, depth - 1 = {self.depth - 1}], got {self.light_levels}")
-        if self.top_kernel not in (1, 3):
-            raise ValueError(f"top_kernel must be 1 or 3, got {self.top_kernel}")
+        if self.top_kernel not in (0, 1, 3):
+            raise ValueError(f"top_kernel must be 0, 1 or 3, got {self.top_kernel}")
+        if self.top_kernel != 3 and not self.light_levels:
+            raise ValueError(f"top_kernel={self.top_kernel} needs a light full-resolution level (light_levels >= 1)")
 
     @property
     def divisor(self) -> int:
@@ -222,8 +232,9 @@ class ResUNet3D(nn.Module):
                      kernel_size=c.top_kernel if i == 0 else 3)
              for i in reversed(range(c.depth - 1))]
         )
-        self.final_norm = nn.Sequential(_norm(widths[0]), _act())
-        self.head = nn.Conv3d(widths[0], c.num_classes, 1)
+        top = widths[0] if c.top_kernel else 2 * widths[0]  # no top convolution: the concatenation
+        self.final_norm = nn.Sequential(_norm(top), _act())
+        self.head = nn.Conv3d(top, c.num_classes, 1)
         # Deep supervision: 1x1x1 segmentation layers on coarser decoder levels.
         self.aux_heads = nn.ModuleList(
             [nn.Conv3d(widths[i], c.num_classes, 1) for i in reversed(range(1, c.depth - 1))]

@@ -60,7 +60,7 @@ def test_width_and_depth_change_parameters_and_table():
     assert sum(r["parameters"] for r in rows) + count_parameters(small.final_norm) == count_parameters(small)
 
 
-@pytest.mark.parametrize("design", [dict(), dict(light_levels=2, top_kernel=1),
+@pytest.mark.parametrize("design", [dict(), dict(light_levels=2, top_kernel=0), dict(light_levels=2, top_kernel=1),
                                     dict(downsample="maxpool", light_levels=0)])
 def test_overfits_one_small_volume(design):
     """The network (the default design, the cpu preset's lighter one and the seed's) drives the
@@ -132,6 +132,22 @@ def test_light_levels_replace_the_finest_residual_blocks():
     del old["light_levels"], old["top_kernel"]
     assert ModelConfig.from_dict(old) == ModelConfig(base_channels=4, depth=4, light_levels=1, top_kernel=3)
     ResUNet3D(ModelConfig.from_dict(old)).load_state_dict(ResUNet3D(ModelConfig(base_channels=4, depth=4)).state_dict())
-    for bad in (dict(light_levels=4), dict(top_kernel=2)):
+    for bad in (dict(light_levels=4), dict(top_kernel=2), dict(top_kernel=0, light_levels=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ModelConfig(depth=4, **bad)
+
+
+def test_without_a_top_convolution_the_head_reads_the_concatenation():
+    """top_kernel=0: no decoder convolution at full resolution; the final norm and the 1x1x1 head
+    take the upsampled features and the skip side by side (twice base_channels)."""
+    net = ResUNet3D(ModelConfig(base_channels=4, depth=4, light_levels=2, top_kernel=0))
+    assert isinstance(net.decoder[-1].block, torch.nn.Identity)
+    assert net.head.in_channels == 8 and net.final_norm[0].num_features == 8
+    x = torch.randn(1, 1, 16, 16, 8)
+    up = net.decoder[-1]
+    seen = {}
+    up.register_forward_hook(lambda m, i, o: seen.update(out=o, skip=i[1]))
+    assert net(x).shape == (1, 6, 16, 16, 8)
+    assert torch.equal(seen["out"][:, 4:], seen["skip"]), "the skip goes to the head unchanged"
+    assert count_parameters(net) < count_parameters(ResUNet3D(ModelConfig(base_channels=4, depth=4, light_levels=2,
+                                                                          top_kernel=1)))
