@@ -56,6 +56,16 @@ def _monai(name: str, width: int, depth: int) -> torch.nn.Module:
                      norm=("instance", {"affine": True}))
 
 
+def split_variant(name: str) -> tuple[str, dict]:
+    """``"hipseg-ResUNet3D+light_levels=3+top_kernel=0"`` -> the network and its settings: a variant
+    of ours in the same run (MONAI's width still follows the network of the preset and ``--set``)."""
+    base, *settings = name.split("+")
+    if base not in MODELS or (settings and base != "hipseg-ResUNet3D"):
+        raise argparse.ArgumentTypeError(f"{name}: expected one of {', '.join(MODELS)}, "
+                                         "or hipseg-ResUNet3D+KEY=VALUE+...")
+    return base, parse_settings(settings)
+
+
 def build(name: str, cfg) -> torch.nn.Module:
     """The network; MONAI's get the base width that brings their parameter count nearest ours."""
     if name == "hipseg-ResUNet3D":
@@ -86,16 +96,22 @@ class Trainer:
             cfg = cfg.replace(base_channels=args.base_channels or cfg.model.base_channels,
                               depth=args.depth or cfg.model.depth)
         cfg = cfg.replace(**parse_settings(args.set))  # any other setting, e.g. deep_supervision=true
+        base, variant = split_variant(name)
+        seed_everything(0)
+        model = build(base, cfg)  # MONAI's width follows the network of the preset and --set
+        cfg = cfg.replace(**variant)
+        if variant:
+            seed_everything(0)
+            model = build(base, cfg)
         self.name, self.cfg, self.budget = name, cfg, args.minutes * 60
         self.device = device = resolve_device(cfg.device)
-        seed_everything(0)
         self.vols = load_split_volumes(resolve_data_dir(args.data), cfg)
         self.train_ds = SegmentationDataset(self.vols["train"], default_augmentation(), seed=0)
         self.loader = torch.utils.data.DataLoader(self.train_ds, batch_size=cfg.batch_size, shuffle=True,
                                                   drop_last=True, num_workers=cfg.num_workers,
                                                   pin_memory=device.type == "cuda",
                                                   generator=torch.Generator().manual_seed(0))
-        self.model = build(name, cfg).to(device)
+        self.model = model.to(device)
         self.loss_fn = DiceCELoss(NUM_CLASSES)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.amp = lambda: autocast_for(device, cfg.amp)[0]
@@ -233,12 +249,18 @@ def main() -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="another setting of the preset, e.g. deep_supervision=true (repeatable)")
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--models", nargs="+", default=list(MODELS),
+                   help=f"of {', '.join(MODELS)}; a variant of ours: hipseg-ResUNet3D+KEY=VALUE+...")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--slice", type=float, default=10.0,
                    help="seconds each network trains before the next takes its turn")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
+    for name in args.models:
+        try:
+            split_variant(name)
+        except argparse.ArgumentTypeError as e:
+            p.error(str(e))
     if args.worker:
         worker(args.worker, args)
         return 0
