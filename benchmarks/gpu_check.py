@@ -259,8 +259,12 @@ def models_figure(data: Path, cfg, dry: bool, minutes: float) -> str:
     except ImportError:
         raise RuntimeError("MONAI is not importable (carry its wheel: benchmarks/gpu_wheels.sh)") from None
     out_dir = Path(tempfile.mkdtemp(prefix="gpu-check-models-"))
+    # Also the full preset's network made as light as the cpu preset's (three light levels, no
+    # full-resolution decoder convolution), to choose the full preset's design by measurement.
+    light = f"hipseg-ResUNet3D+light_levels={min(3, cfg.model.depth - 1)}+top_kernel=0"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_models.py"), "--preset", "full", "--data", str(data),
-           "--minutes", str(minutes), "--out", str(out_dir)]
+           "--minutes", str(minutes), "--out", str(out_dir),
+           "--models", "hipseg-ResUNet3D", light, "monai-UNet", "monai-BasicUNet"]
     if dry:
         cmd += ["--device", "cpu", "--target-shape", *map(str, cfg.preprocessing.target_shape), "--batch-size", "1",
                 "--base-channels", str(cfg.model.base_channels), "--depth", str(cfg.model.depth)]

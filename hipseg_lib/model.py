@@ -163,7 +163,8 @@ class ModelConfig:
         if self.downsample not in ("conv", "maxpool"):
             raise ValueError(f"downsample must be 'conv' or 'maxpool', got {self.downsample!r}")
         if not 0 <= self.light_levels < self.depth:
-            raise ValueError(f"light_levels must be in [0, depth - 1 = {self.depth - 1}], got {self.light_levels}")
+            raise ValueError(f"light_levels must be in [0, depth - 1 = {self.depth - 1}], got {self.light_levels} "
+                             "(fewer levels need fewer light levels too)")
         if self.top_kernel not in (0, 1, 3):
             raise ValueError(f"top_kernel must be 0, 1 or 3, got {self.top_kernel}")
         if self.top_kernel != 3 and not self.light_levels:

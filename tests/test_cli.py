@@ -127,8 +127,8 @@ def test_train_override_order_is_preset_config_flags_set(tmp_path):
     assert (base.epochs, base.lr, base.model.depth) == (12, 2e-3, 5), "the cpu preset"
     c = parse("--config", cfg)
     assert (c.epochs, c.lr, c.model.depth, c.batch_size) == (3, 0.1, 4, 5), "--config over the preset"
-    c = parse("--config", cfg, "--epochs", 4, "--depth", 3)
-    assert (c.epochs, c.lr, c.model.depth) == (4, 0.1, 3), "flags over --config"
+    c = parse("--config", cfg, "--epochs", 4, "--depth", 5)
+    assert (c.epochs, c.lr, c.model.depth) == (4, 0.1, 5), "flags over --config"
     c = parse("--config", cfg, "--epochs", 4, "--set", "epochs=6", "--set", "target_shape=[32,32,16]")
     assert (c.epochs, c.lr, c.preprocessing.target_shape, c.batch_size) == (6, 0.1, (32, 32, 16), 5), \
         "--set over flags"

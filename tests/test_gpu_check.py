@@ -55,4 +55,5 @@ def test_dry_run_writes_every_figure(tmp_path):
     assert len(figures["test Dice (papermill run)"].split()) == 6
     assert figures["torchrun"].startswith("ok: gloo on cpu, world size 1")
     assert "hipseg-ResUNet3D" in figures["models table"] and "monai-UNet" in figures["models table"]
+    assert "| hipseg-ResUNet3D+light_levels=2+top_kernel=0 |" in figures["models table"], "the lighter variant too"
     assert (tmp_path / "work" / "executed" / "04_training.ipynb").exists()
