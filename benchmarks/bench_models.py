@@ -83,19 +83,24 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (process peak RSS)
 
 
+def run_config(args):
+    """The preset with the command line's settings: what every network of the run trains with."""
+    cfg = make_config(args.preset, device=args.device, cache_dir=args.cache_dir, amp=args.amp)
+    if args.target_shape:
+        cfg = cfg.replace(target_shape=tuple(args.target_shape))
+    if args.batch_size:
+        cfg = cfg.replace(batch_size=args.batch_size)
+    if args.base_channels or args.depth:
+        cfg = cfg.replace(base_channels=args.base_channels or cfg.model.base_channels,
+                          depth=args.depth or cfg.model.depth)
+    return cfg.replace(**parse_settings(args.set))  # any other setting, e.g. deep_supervision=true
+
+
 class Trainer:
     """One network's training run, advanced a slice of its budget at a time (see :func:`worker`)."""
 
     def __init__(self, name: str, args):
-        cfg = make_config(args.preset, device=args.device, cache_dir=args.cache_dir, amp=args.amp)
-        if args.target_shape:
-            cfg = cfg.replace(target_shape=tuple(args.target_shape))
-        if args.batch_size:
-            cfg = cfg.replace(batch_size=args.batch_size)
-        if args.base_channels or args.depth:
-            cfg = cfg.replace(base_channels=args.base_channels or cfg.model.base_channels,
-                              depth=args.depth or cfg.model.depth)
-        cfg = cfg.replace(**parse_settings(args.set))  # any other setting, e.g. deep_supervision=true
+        cfg = run_config(args)
         base, variant = split_variant(name)
         seed_everything(0)
         model = build(base, cfg)  # MONAI's width follows the network of the preset and --set
@@ -270,7 +275,8 @@ def main() -> int:
         print("bench_models: MONAI is not installed; run `make setup` (requirements.txt pins it)",
               file=sys.stderr)
         return 1
-    resolve_data_dir(args.data)  # make the default data once, before the workers
+    # The default data and the preprocessing cache, made once, before the workers that read them.
+    load_split_volumes(resolve_data_dir(args.data), run_config(args))
     # The networks train in turns of --slice seconds, so that a shared machine's speed, which
     # drifts over minutes, weighs on each alike: each gets the same seconds of training, however
     # fast the machine was in between.
