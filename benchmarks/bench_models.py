@@ -12,6 +12,9 @@ train step time, inference time per volume, peak memory, and test Dice per class
 
     .venv/bin/python benchmarks/bench_models.py --minutes 3            # CPU, about 10 minutes
     .venv/bin/python benchmarks/bench_models.py --preset full --minutes 5   # on a GPU
+    # a variant of ours beside the preset's, in the same run (network settings after "+"):
+    .venv/bin/python benchmarks/bench_models.py --amp off --models hipseg-ResUNet3D \
+        hipseg-ResUNet3D+light_levels=2+top_kernel=1 monai-UNet
 
 MONAI is needed only here: `requirements.txt` pins it for the test and benchmark environment.
 """
