@@ -183,7 +183,7 @@ class Trainer:
                 dices.append(dice_per_class(pred.cpu().numpy(), np.asarray(lab)))
         steady = self.step_times[5:] or self.step_times
         return {"model": self.name, "parameters": count_parameters(self.model), "steps": len(self.step_times),
-                "turns": self.turns, "trained_s": self.active,
+                "turns": self.turns, "trained_s": self.active, "last_step_s": self.step_times[-1],
                 "train_step_s": float(np.median(steady)),
                 "data_fraction": float(np.sum(self.data_times[5:]) / max(np.sum(steady), 1e-9)),
                 "inference_s_per_volume": float(np.median(infer[1:] or infer)),

@@ -19,6 +19,7 @@ def test_networks_train_in_turns_of_the_same_budget(tmp_path, tiny_synth):
     assert [r["model"] for r in rows] == ["hipseg-ResUNet3D", "monai-UNet"]
     for r in rows:
         assert r["turns"] == 3, "3 s of training in turns of 1 s"
-        assert 3.0 <= r["trained_s"] < 3.0 + 5 * r["train_step_s"] + 1, "each network trains its budget, no more"
+        # Each network trains its budget and stops at the first step that reaches it.
+        assert r["trained_s"] - r["last_step_s"] < 3.0 <= r["trained_s"]
         assert r["steps"] > 0 and len(r["test_dice"]) == 6
     assert "in turns of 1 s" in (out / "models_cpu.md").read_text()
