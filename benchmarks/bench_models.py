@@ -103,14 +103,10 @@ class Trainer:
     """One network's training run, advanced a slice of its budget at a time (see :func:`worker`)."""
 
     def __init__(self, name: str, args):
-        cfg = run_config(args)
         base, variant = split_variant(name)
+        cfg = run_config(args).replace(**variant)  # only ours has variants: MONAI's width follows the preset's
         seed_everything(0)
-        model = build(base, cfg)  # MONAI's width follows the network of the preset and --set
-        cfg = cfg.replace(**variant)
-        if variant:
-            seed_everything(0)
-            model = build(base, cfg)
+        model = build(base, cfg)
         self.name, self.cfg, self.budget = name, cfg, args.minutes * 60
         self.device = device = resolve_device(cfg.device)
         self.vols = load_split_volumes(resolve_data_dir(args.data), cfg)

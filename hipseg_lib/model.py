@@ -73,8 +73,8 @@ class DownConv(nn.Module):
 class ConvBlock(nn.Module):
     """Pre-activation convolution (norm, act, conv): a light stage in place of a residual block.
 
-    ``kernel_size=1`` mixes channels voxel by voxel (the full-resolution decoder stage of the
-    ``cpu`` network: the spatial context comes from the levels below).
+    ``kernel_size=1`` mixes channels voxel by voxel (a full-resolution decoder stage with
+    ``top_kernel=1``: the spatial context comes from the levels below).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
