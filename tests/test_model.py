@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hipseg_lib.loss import DiceCELoss
-from hipseg_lib.model import ConvBlock, ModelConfig, ResidualBlock, ResUNet3D, count_parameters, layer_table
+from hipseg_lib.model import Conv3d, ConvBlock, ModelConfig, ResidualBlock, ResUNet3D, count_parameters, layer_table
 
 
 @pytest.mark.parametrize("depth, shape", [(2, (8, 8, 4)), (3, (16, 16, 8)), (4, (32, 16, 8))])
@@ -151,3 +151,50 @@ def test_without_a_top_convolution_the_head_reads_the_concatenation():
     assert torch.equal(seen["out"][:, 4:], seen["skip"]), "the skip goes to the head unchanged"
     assert count_parameters(net) < count_parameters(ResUNet3D(ModelConfig(base_channels=4, depth=4, light_levels=2,
                                                                           top_kernel=1)))
+
+
+def _same_as_nn_conv(conv: Conv3d, x: torch.Tensor) -> None:
+    """Output, input gradient and weight gradient of hipseg's Conv3d are nn.Conv3d's."""
+    ref = torch.nn.Conv3d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                          bias=conv.bias is not None)
+    ref.load_state_dict(conv.state_dict())  # the same parameters, the same checkpoint keys
+    grads = []
+    for layer in (ref, conv):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        grads.append((y.detach(), xi.grad, layer.weight.grad))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_conv3d_computes_what_nn_conv3d_does(batch):
+    torch.manual_seed(0)
+    _same_as_nn_conv(Conv3d(8, 3, 1), torch.randn(batch, 8, 6, 4, 5))  # 1x1x1 with a bias: matrix products
+    _same_as_nn_conv(Conv3d(16, 16, 3, padding=1, bias=False), torch.randn(batch, 16, 8, 8, 6))
+    _same_as_nn_conv(Conv3d(4, 8, 3, stride=2, padding=1, bias=False), torch.randn(batch, 4, 8, 8, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the dtype is nn.Conv3d's under autocast too
+        assert Conv3d(8, 3, 1)(torch.randn(batch, 8, 4, 4, 4)).dtype == torch.bfloat16
+
+
+def _kernels(layer: torch.nn.Module, x: torch.Tensor) -> set[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        layer(x.clone().requires_grad_()).sum().backward()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_conv3d_keeps_a_single_fp32_volume_in_onednn_and_does_1x1x1_as_products():
+    x = torch.randn(1, 48, 16, 16, 12)  # a deep level of the cpu preset: 48 * 16 * 16 <= 20480
+    plain = torch.nn.Conv3d(48, 48, 3, padding=1, bias=False)
+    ours = Conv3d(48, 48, 3, padding=1, bias=False)
+    # PyTorch's own rule sends this to its native kernel (what Conv3d exists to avoid) ...
+    assert "aten::slow_conv3d_forward" in _kernels(plain, x)
+    kernels = _kernels(ours, x)
+    assert "aten::slow_conv3d_forward" not in kernels and "aten::mkldnn_convolution" in kernels
+    # ... and a batch of two to oneDNN already.
+    assert "aten::mkldnn_convolution" in _kernels(plain, torch.randn(2, 48, 16, 16, 12))
+    head = _kernels(Conv3d(24, 6, 1), torch.randn(1, 24, 16, 16, 12))
+    assert "aten::mm" in head and not any("convolution" in k for k in head)
