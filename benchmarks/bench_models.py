@@ -15,6 +15,9 @@ train step time, inference time per volume, peak memory, and test Dice per class
     # a variant of ours beside the preset's, in the same run (network settings after "+"):
     .venv/bin/python benchmarks/bench_models.py --amp off --models hipseg-ResUNet3D \
         hipseg-ResUNet3D+light_levels=2+top_kernel=1 monai-UNet
+    # MONAI's network with hipseg's convolution kernels (hipseg_lib.model.Conv3d) beside it:
+    .venv/bin/python benchmarks/bench_models.py --amp off --models hipseg-ResUNet3D monai-UNet \
+        monai-UNet+conv=hipseg
 
 MONAI is needed only here: `requirements.txt` pins it for the test and benchmark environment.
 """
@@ -38,7 +41,7 @@ from hipseg_lib.data import SegmentationDataset
 from hipseg_lib.augment import default_augmentation
 from hipseg_lib.loss import DiceCELoss
 from hipseg_lib.metrics import dice_per_class
-from hipseg_lib.model import ResUNet3D, count_parameters
+from hipseg_lib.model import Conv3d, ResUNet3D, count_parameters
 from hipseg_lib.config import make_config, parse_settings
 from hipseg_lib.data import load_split_volumes
 from hipseg_lib.runtime import autocast_for, resolve_device, seed_everything
@@ -61,12 +64,24 @@ def _monai(name: str, width: int, depth: int) -> torch.nn.Module:
 
 def split_variant(name: str) -> tuple[str, dict]:
     """``"hipseg-ResUNet3D+light_levels=3+top_kernel=0"`` -> the network and its settings: a variant
-    of ours in the same run (MONAI's width still follows the network of the preset and ``--set``)."""
+    of ours in the same run (MONAI's width still follows the network of the preset and ``--set``).
+    ``"monai-UNet+conv=hipseg"``: MONAI's network computing its convolutions with hipseg's
+    :class:`~hipseg_lib.model.Conv3d` (the same layers and weights, other CPU kernels)."""
     base, *settings = name.split("+")
+    if base in MODELS and base != "hipseg-ResUNet3D" and settings == ["conv=hipseg"]:
+        return base, {"conv": "hipseg"}
     if base not in MODELS or (settings and base != "hipseg-ResUNet3D"):
         raise argparse.ArgumentTypeError(f"{name}: expected one of {', '.join(MODELS)}, "
-                                         "or hipseg-ResUNet3D+KEY=VALUE+...")
+                                         "hipseg-ResUNet3D+KEY=VALUE+... or monai-...+conv=hipseg")
     return base, parse_settings(settings)
+
+
+def with_hipseg_convolutions(model: torch.nn.Module) -> torch.nn.Module:
+    """Every ``nn.Conv3d`` of ``model`` computed as hipseg's ``Conv3d`` computes it (same weights)."""
+    for m in model.modules():
+        if type(m) is torch.nn.Conv3d:
+            m.__class__ = Conv3d
+    return model
 
 
 def build(name: str, cfg) -> torch.nn.Module:
@@ -104,9 +119,12 @@ class Trainer:
 
     def __init__(self, name: str, args):
         base, variant = split_variant(name)
+        hipseg_conv = variant.pop("conv", None) == "hipseg"
         cfg = run_config(args).replace(**variant)  # only ours has variants: MONAI's width follows the preset's
         seed_everything(0)
         model = build(base, cfg)
+        if hipseg_conv:
+            model = with_hipseg_convolutions(model)
         self.name, self.cfg, self.budget = name, cfg, args.minutes * 60
         self.device = device = resolve_device(cfg.device)
         self.vols = load_split_volumes(resolve_data_dir(args.data), cfg)

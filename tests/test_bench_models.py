@@ -23,3 +23,22 @@ def test_networks_train_in_turns_of_the_same_budget(tmp_path, tiny_synth):
         assert r["trained_s"] - r["last_step_s"] < 3.0 <= r["trained_s"]
         assert r["steps"] > 0 and len(r["test_dice"]) == 6
     assert "in turns of 1 s" in (out / "models_cpu.md").read_text()
+
+
+def test_monai_with_hipseg_convolutions_is_the_same_network(monkeypatch):
+    import torch
+
+    from hipseg_lib.model import Conv3d
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_models
+
+    base, variant = bench_models.split_variant("monai-UNet+conv=hipseg")
+    assert (base, variant) == ("monai-UNet", {"conv": "hipseg"})
+    net = bench_models._monai(base, 4, 3).eval()
+    x = torch.randn(1, 1, 16, 16, 8)
+    before = net(x)
+    bench_models.with_hipseg_convolutions(net)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(type(m) is Conv3d for m in convs)
+    assert torch.allclose(net(x), before, atol=1e-5)
