@@ -121,18 +121,18 @@ class Trainer:
         base, variant = split_variant(name)
         hipseg_conv = variant.pop("conv", None) == "hipseg"
         cfg = run_config(args).replace(**variant)  # only ours has variants: MONAI's width follows the preset's
-        seed_everything(0)
+        seed_everything(args.seed)
         model = build(base, cfg)
         if hipseg_conv:
             model = with_hipseg_convolutions(model)
-        self.name, self.cfg, self.budget = name, cfg, args.minutes * 60
+        self.name, self.cfg, self.budget, self.seed = name, cfg, args.minutes * 60, args.seed
         self.device = device = resolve_device(cfg.device)
         self.vols = load_split_volumes(resolve_data_dir(args.data), cfg)
-        self.train_ds = SegmentationDataset(self.vols["train"], default_augmentation(), seed=0)
+        self.train_ds = SegmentationDataset(self.vols["train"], default_augmentation(), seed=args.seed)
         self.loader = torch.utils.data.DataLoader(self.train_ds, batch_size=cfg.batch_size, shuffle=True,
                                                   drop_last=True, num_workers=cfg.num_workers,
                                                   pin_memory=device.type == "cuda",
-                                                  generator=torch.Generator().manual_seed(0))
+                                                  generator=torch.Generator().manual_seed(args.seed))
         self.model = model.to(device)
         self.loss_fn = DiceCELoss(NUM_CLASSES)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -207,7 +207,8 @@ class Trainer:
                 "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                            else f"CPU x{torch.get_num_threads()} threads"),
                 "preset": cfg.preset, "target_shape": list(cfg.preprocessing.target_shape),
-                "batch_size": cfg.batch_size, "amp": str(autocast_for(device, cfg.amp)[1]), "minutes": minutes}
+                "batch_size": cfg.batch_size, "amp": str(autocast_for(device, cfg.amp)[1]), "minutes": minutes,
+                "seed": self.seed}
 
 
 def worker(name: str, args) -> None:
@@ -271,6 +272,8 @@ def main() -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="another setting of the preset, e.g. deep_supervision=true (repeatable)")
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--seed", type=int, default=0,
+                   help="initial weights, sample order and augmentation (the split stays the preset's)")
     p.add_argument("--models", nargs="+", default=list(MODELS),
                    help=f"of {', '.join(MODELS)}; a variant of ours: hipseg-ResUNet3D+KEY=VALUE+...")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -323,7 +326,7 @@ def main() -> int:
     (out / f"models_{tag}.json").write_text(json.dumps(rows, indent=2))
     md = (f"Device: {rows[0]['device']}; preset {rows[0]['preset']}, grid {rows[0]['target_shape']}, "
           f"batch {rows[0]['batch_size']}, amp {rows[0]['amp']}, {args.minutes:g} min of training each, "
-          f"in turns of {args.slice:g} s.\n\n" + table(rows))
+          f"in turns of {args.slice:g} s, seed {args.seed}.\n\n" + table(rows))
     (out / f"models_{tag}.md").write_text(md + "\n")
     print()
     print(md)

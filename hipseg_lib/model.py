@@ -31,8 +31,8 @@ class Conv3d(nn.Conv3d):
     same); only the kernel that computes them differs:
 
     - a 1x1x1 convolution is a matrix product over the channels, one per volume. oneDNN's
-      kernel took 3x as long for the head at full resolution (24 to 6 channels at 64x64x48:
-      21 ms against 7 ms for forward and backward in fp32, 13 against 4 in bf16).
+      kernel took 2-3x as long for the head at full resolution (24 to 6 channels at 64x64x48:
+      21 ms against 10 ms for forward and backward in fp32, 13 against 5 in bf16).
     - a fp32 convolution of a single volume at the deep levels runs in oneDNN. PyTorch sends
       it to its native ``slow_conv3d`` whenever N * C * D * H <= 20480, which here was 3-4x slower
       (48 channels at 16x16x12: 23 ms against 6.4 ms for forward and backward, on 2 cores).

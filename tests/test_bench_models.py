@@ -11,7 +11,7 @@ def test_networks_train_in_turns_of_the_same_budget(tmp_path, tiny_synth):
     out = tmp_path / "results"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_models.py"), "--preset", "smoke",
                            "--data", str(tiny_synth), "--cache-dir", str(tmp_path / "cache"),
-                           "--minutes", "0.05", "--slice", "1", "--out", str(out),
+                           "--minutes", "0.05", "--slice", "1", "--out", str(out), "--seed", "3",
                            "--models", "hipseg-ResUNet3D", "monai-UNet"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -21,8 +21,8 @@ def test_networks_train_in_turns_of_the_same_budget(tmp_path, tiny_synth):
         assert r["turns"] == 3, "3 s of training in turns of 1 s"
         # Each network trains its budget and stops at the first step that reaches it.
         assert r["trained_s"] - r["last_step_s"] < 3.0 <= r["trained_s"]
-        assert r["steps"] > 0 and len(r["test_dice"]) == 6
-    assert "in turns of 1 s" in (out / "models_cpu.md").read_text()
+        assert r["steps"] > 0 and len(r["test_dice"]) == 6 and r["seed"] == 3
+    assert "in turns of 1 s, seed 3" in (out / "models_cpu.md").read_text()
 
 
 def test_monai_with_hipseg_convolutions_is_the_same_network(monkeypatch):
