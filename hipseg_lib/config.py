@@ -166,11 +166,12 @@ PRESETS: dict[str, dict] = {
     # 2 CPU cores: the body crop at 64x64x48, whole volumes, batch 1, a fixed 12 epochs (948 steps)
     # on every CPU. The network spends little at the three finest levels (stride-2 convolutions, one
     # convolution instead of a residual block on each side, no convolution after the last
-    # concatenation; model.Conv3d picks faster CPU kernels): measured 0.26 s/step in fp32 and 0.18 s/step
-    # in bf16 on 2 cores, 0.90x and 1.08x MONAI's UNet at the same parameter count. Deep supervision (Isensee et al. 2017) costs no
-    # measurable time and brings the small organs in early: after 5 minutes of fp32 training the
-    # prostate was at test Dice 0.92 with it, 0.00 without. 25 minutes is a safety net only; if it
-    # is hit, the run is shortened loudly and still decays to zero.
+    # concatenation; model.Conv3d picks faster CPU kernels): measured 0.26 s/step in fp32 and
+    # 0.18 s/step in bf16 on 2 cores, 0.90x and 1.08x MONAI's UNet at the same parameter count.
+    # Deep supervision (Isensee et al. 2017) costs no measurable time and brings the small organs
+    # in early: after 5 minutes of fp32 training the prostate was at test Dice 0.92 with it, 0.00
+    # without. 25 minutes is a safety net only; if it is hit, the run is shortened loudly and still
+    # decays to zero.
     "cpu": dict(target_shape=(64, 64, 48), base_channels=12, depth=5, batch_size=1, epochs=12,
                 lr=2e-3, patience=0, early_stop_dice=0.0, max_minutes=25.0, deep_supervision=True,
                 light_levels=3, top_kernel=0),

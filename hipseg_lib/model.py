@@ -35,7 +35,7 @@ class Conv3d(nn.Conv3d):
       21 ms against 10 ms for forward and backward in fp32, 13 against 5 in bf16).
     - a fp32 convolution of a single volume at the deep levels runs in oneDNN. PyTorch sends
       it to its native ``slow_conv3d`` whenever N * C * D * H <= 20480, which here was 3-4x slower
-      (48 channels at 16x16x12: 23 ms against 6.4 ms for forward and backward, on 2 cores).
+      (48 channels at 16x16x12: 23 ms against 7 ms for forward and backward, on 2 cores).
       Handing oneDNN the input as one of its own tensors (``to_mkldnn``) makes PyTorch keep its
       kernel, backward pass included.
 
@@ -47,8 +47,8 @@ class Conv3d(nn.Conv3d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and self.kernel_size == (1, 1, 1) and self.stride == (1, 1, 1)
-                and self.padding == (0, 0, 0) and self.groups == 1):
+        if (x.device.type == "cpu" and x.dim() == 5 and self.kernel_size == (1, 1, 1)
+                and self.stride == (1, 1, 1) and self.padding == (0, 0, 0) and self.groups == 1):
             n, c = x.shape[:2]
             w = self.weight.view(self.out_channels, c)
             # one 2D product per volume: a batched product broadcasting the weight was slower
@@ -60,9 +60,9 @@ class Conv3d(nn.Conv3d):
         return super().forward(x)
 
     def _native_would_run(self, x: torch.Tensor) -> bool:
-        # PyTorch's rule sends strided convolutions to oneDNN already
-        return (self.stride == (1, 1, 1) and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5
-                and x.shape[0] == 1
+        # PyTorch's rule sends strided convolutions to oneDNN already; a 4D input is unbatched
+        return (self.stride == (1, 1, 1) and x.device.type == "cpu" and x.dtype == torch.float32
+                and x.dim() == 5 and x.shape[0] == 1
                 and x.shape[1] * x.shape[2] * x.shape[3] <= _NATIVE_BELOW and x.is_contiguous()
                 and self.padding_mode == "zeros" and not torch.is_autocast_enabled("cpu")
                 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
