@@ -37,8 +37,8 @@ import torch
 
 from hipseg_lib import CLASS_NAMES, NUM_CLASSES
 from hipseg_lib.book import resolve_data_dir
-from hipseg_lib.data import SegmentationDataset
-from hipseg_lib.augment import default_augmentation
+from hipseg_lib.data import TrainingBatches, TrainingSet
+from hipseg_lib.augment import RandomAugmentation
 from hipseg_lib.loss import DiceCELoss
 from hipseg_lib.metrics import dice_per_class
 from hipseg_lib.model import Conv3d, ResUNet3D, count_parameters
@@ -128,11 +128,9 @@ class Trainer:
         self.name, self.cfg, self.budget, self.seed = name, cfg, args.minutes * 60, args.seed
         self.device = device = resolve_device(cfg.device)
         self.vols = load_split_volumes(resolve_data_dir(args.data), cfg)
-        self.train_ds = SegmentationDataset(self.vols["train"], default_augmentation(), seed=args.seed)
-        self.loader = torch.utils.data.DataLoader(self.train_ds, batch_size=cfg.batch_size, shuffle=True,
-                                                  drop_last=True, num_workers=cfg.num_workers,
-                                                  pin_memory=device.type == "cuda",
-                                                  generator=torch.Generator().manual_seed(args.seed))
+        # as training draws them: resident on the device, augmented there (hipseg_lib.data)
+        self.loader = TrainingBatches(TrainingSet(self.vols["train"], device, cfg.data_on), cfg.batch_size,
+                                      seed=args.seed, augmentation=RandomAugmentation())
         self.model = model.to(device)
         self.loss_fn = DiceCELoss(NUM_CLASSES)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -147,8 +145,7 @@ class Trainer:
     def _batches(self):
         epoch = 0
         while True:
-            self.train_ds.set_epoch(epoch)
-            yield from self.loader
+            yield from self.loader.epoch(epoch)
             epoch += 1
 
     def train_for(self, seconds: float) -> None:

@@ -43,11 +43,7 @@ from hipseg_lib.loss import DiceCELoss  # noqa: E402
 from hipseg_lib.model import ResUNet3D, count_parameters  # noqa: E402
 from hipseg_lib.config import make_config  # noqa: E402
 from hipseg_lib.runtime import autocast_for  # noqa: E402
-
-# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' data sheets.
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0,
-                    "H100 PCIe": 756.0, "H100": 756.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
-                    "A10": 125.0, "RTX 4090": 165.0}
+from hipseg_lib.plan import BF16_PEAK_TFLOPS, peak_tflops, plan_run, step_flops  # noqa: E402,F401
 
 # Every figure the results file must hold (a test checks the dry run's file for each).
 FIGURES = ("device", "torch", "data set", "synthesis s", "chapter 4 s", "chapter 5 s", "full preset grid",
@@ -57,14 +53,9 @@ FIGURES = ("device", "torch", "data set", "synthesis s", "chapter 4 s", "chapter
            "s/step channels-last", "TFLOP/s channels-last", "MFU channels-last",
            "s/step torch.compile", "TFLOP/s torch.compile", "MFU torch.compile", "compile s",
            "inference whole-volume s/vol", "inference whole-volume TTA s/vol", "inference sliding-window s/vol",
-           "torchrun",
-           "models table")
-
-
-def peak_tflops(name: str) -> float | None:
-    """The card's dense bf16 peak, by the longest matching key in its name."""
-    hits = [k for k in BF16_PEAK_TFLOPS if k.lower() in name.lower()]
-    return BF16_PEAK_TFLOPS[max(hits, key=len)] if hits else None
+           "torchrun", "planned full run (10 % MFU, real set)",
+           "loader: device pipeline volumes/s", "augmentation share of the step",
+           "loader table", "models table")
 
 
 class Stages:
@@ -159,21 +150,8 @@ def time_steps(cfg, device, channels_last: bool, compiled: bool, steps: int) -> 
     return {"s": secs, "first": first, "mem": mem, "params": count_parameters(ResUNet3D(cfg.model))}
 
 
-def count_flops(cfg, device) -> float:
-    """FLOPs of one training step (forward + backward) counted by PyTorch, not by hand."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = ResUNet3D(cfg.model).to(device)
-    x = torch.randn(cfg.batch_size, 1, *cfg.preprocessing.target_shape, device=device)
-    y = torch.randint(0, NUM_CLASSES, (cfg.batch_size, *cfg.preprocessing.target_shape), device=device)
-    loss_fn = DiceCELoss(NUM_CLASSES)
-    with FlopCounterMode(display=False) as counter:
-        loss_fn(model(x), y).backward()
-    return float(counter.get_total_flops())
-
-
 def step_figures(cfg, device, steps: int, compile_: bool = True) -> dict:
-    flops = count_flops(cfg, device)
+    flops = step_flops(cfg)  # counted by PyTorch on the meta device (hipseg_lib.plan)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak = peak_tflops(name) if device.type == "cuda" else None
     out: dict = {"GFLOP per step": flops / 1e9}
@@ -253,6 +231,27 @@ def torchrun_figure(data: Path, work: Path, cfg, dry: bool) -> str:
     return f"ok: {m.group(3)} on {m.group(1)}, world size {m.group(2)}, {log[-1]['steps']} steps"
 
 
+def loader_figure(cfg, data: Path, device, dry: bool) -> dict:
+    """``bench_loader.py`` where the GPU is: the device pipeline on CUDA beside the CPU pipelines."""
+    out_md = Path(tempfile.mkdtemp(prefix="gpu-check-loader-")) / "loader.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_loader.py"), "--data", str(data), "--out", str(out_md)]
+    if dry:
+        cmd += ["--grids", "cpu", "--pipelines", "device", "scipy", "--workers", "1", "--volumes", "4",
+                "--seconds", "0.2"]
+    else:
+        cmd += ["--grids", "full", "cpu", "--workers", "4", "8", "16"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"bench_loader exited {r.returncode}: {(r.stderr.strip().splitlines() or [''])[-1]}")
+    doc = json.loads(out_md.with_suffix(".json").read_text())
+    grid = "cpu" if dry else "full"
+    kind = "cpu" if device.type == "cpu" else "cuda"
+    rate = next(row["volumes_per_s"] for row in doc["rows"]
+                if row["grid"] == grid and row["pipeline"] == f"hipseg device ({kind})")
+    return {"loader table": out_md.read_text().strip(), "loader: device pipeline volumes/s": f"{rate:.1f} ({grid} grid)",
+            "_device_volumes_per_s": rate}
+
+
 def models_figure(data: Path, cfg, dry: bool, minutes: float) -> str:
     try:
         import monai  # noqa: F401
@@ -285,9 +284,11 @@ def write_results(figures: dict, failures: list[str], path: Path) -> None:
              "Written by `make gpu-check` (`benchmarks/gpu_check.py`); every figure was measured in this run.",
              "", "| figure | value |", "|---|---|"]
     for k in FIGURES:
-        if k == "models table":
+        if k in ("models table", "loader table"):
             continue
         lines.append(f"| {k} | {fmt(figures.get(k, 'missing: stage failed'))} |")
+    lines += ["", "## Augmented volumes per second (bench_loader.py)", "",
+              figures.get("loader table", "missing: stage failed"), ""]
     lines += ["", "## ResUNet3D against MONAI (bench_models.py, full preset)", "",
               figures.get("models table", "missing: stage failed"), ""]
     if failures:
@@ -314,8 +315,7 @@ def main(argv=None) -> int:
     device = torch.device("cpu") if dry else torch.device("cuda", 0)
     cfg = make_config("full")
     if dry:
-        cfg = cfg.replace(target_shape=(32, 32, 16), base_channels=4, depth=3, batch_size=2, device="cpu",
-                          num_workers=0)
+        cfg = cfg.replace(target_shape=(32, 32, 16), base_channels=4, depth=3, batch_size=2, device="cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU dry run"
     slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
     out_path = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"gpu_{slug}.md"
@@ -345,6 +345,18 @@ def main(argv=None) -> int:
                               2 if dry else a.steps, not dry) or {})
     figures.update(stages.run("inference at full size", inference_figures, cfg, data, device, dry) or {})
     figures["torchrun"] = stages.run("torchrun, one process", torchrun_figure, data, work, cfg, dry) or "failed"
+    plan = plan_run(make_config("full"))
+    figures["planned full run (10 % MFU, real set)"] = (f"{plan['epochs']} epochs, {plan['minutes']:.1f} min, "
+                                                       f"{1000 * plan['step_s']:.1f} ms/step")
+    loader = stages.run("loader benchmark", loader_figure, cfg, data, device, dry) or {}
+    rate = loader.pop("_device_volumes_per_s", None)
+    figures.update(loader)
+    step = figures.get("s/step eager")
+    if dry:
+        figures["augmentation share of the step"] = "n/a (dry run: the loader's grid is not the step's)"
+    elif rate and isinstance(step, float):
+        share = cfg.batch_size / rate / step
+        figures["augmentation share of the step"] = f"{100 * share:.1f} % ({1000 * cfg.batch_size / rate:.1f} ms a batch)"
     figures["models table"] = stages.run("ResUNet3D vs MONAI", models_figure, data, cfg, dry,
                                          0.05 if dry else a.models_minutes) or "failed"
     figures["total s"] = time.perf_counter() - t0

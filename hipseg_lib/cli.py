@@ -62,7 +62,7 @@ def _train_config(a: argparse.Namespace):
         if not isinstance(overrides, dict):
             raise HipsegError(f"{path}: expected a JSON object of settings")
     for name in ("epochs", "batch_size", "lr", "target_shape", "device", "amp", "seed", "max_minutes",
-                 "num_workers", "base_channels", "depth", "cache_dir", "patience"):
+                 "base_channels", "depth", "cache_dir", "patience"):
         value = getattr(a, name)
         if value is not None:
             overrides[name] = value
@@ -191,7 +191,6 @@ def _add_train(sub) -> None:
     t.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"])
     t.add_argument("--seed", type=int)
     t.add_argument("--max-minutes", type=float)
-    t.add_argument("--num-workers", type=int)
     t.add_argument("--base-channels", type=int)
     t.add_argument("--depth", type=int)
     t.add_argument("--patience", type=int)

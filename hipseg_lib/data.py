@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -21,10 +22,12 @@ from . import HipsegError, __version__
 from ._atomic import atomic_path
 from .io import Pair, VolumeId, find_pairs, load_pair
 from .preprocess import Preprocessing, preprocess_pair, reorient
+from .runtime import available_bytes
 
 __all__ = [
     "split_by_case", "split_folder", "cases_of", "default_cache_dir", "CachedVolume", "cache_pairs",
-    "load_split_volumes", "SegmentationDataset",
+    "load_split_volumes", "SegmentationDataset", "TrainingSet", "TrainingBatches", "preprocessing_workers",
+    "grid_spacing",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -130,9 +133,54 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
         np.save(tmp, array)
 
 
+def _cache_one(pair: Pair, cfg: Preprocessing, stem: str) -> dict:
+    """Load, validate and preprocess one pair; write its image, label and meta files. Returns the meta."""
+    img_path, lab_path, meta_path = (Path(f"{stem}_{s}") for s in ("image.npy", "label.npy", "meta.json"))
+    image, label = load_pair(pair)
+    turn = reorient(image.affine, cfg.orientation)
+    img_arr, lab_arr = turn.apply(image.array), turn.apply(label.array)
+    img, lab, box = preprocess_pair(img_arr, lab_arr, cfg, name=str(pair.image))
+    _save_npy_atomic(img_path, img)
+    _save_npy_atomic(lab_path, lab)
+    meta = {"spacing": list(turn.spacing(image.spacing)), "original_shape": list(img_arr.shape),
+            "box": [list(b) for b in box]}
+    with atomic_path(meta_path) as tmp:
+        Path(tmp).write_text(json.dumps(meta))
+    return meta
+
+
+def _start_method() -> str:
+    """fork on Linux, which needs nothing of the caller (a script without a ``__main__`` guard
+    works); spawn once CUDA is initialised, since a forked child cannot use the parent's CUDA."""
+    return "fork" if sys.platform == "linux" and not torch.cuda.is_initialized() else "spawn"
+
+
+def _one_thread() -> None:
+    """A pool process's start: one core each, since the pool has as many processes as cores."""
+    torch.set_num_threads(1)
+
+
+def preprocessing_workers(n_jobs: int, limit: int | None = None) -> int:
+    """Processes for preprocessing ``n_jobs`` volumes: the machine's cores (those this process may
+    use), at most :data:`MAX_PREPROCESS_WORKERS` or ``limit``, never more than the jobs."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, limit or MAX_PREPROCESS_WORKERS, n_jobs))
+
+
+# Preprocessing one volume is a few hundred MB of work arrays at the real size: 16 processes at
+# most, which a 16-core GPU machine keeps busy and 128 GB holds.
+MAX_PREPROCESS_WORKERS = 16
+
+
 def cache_pairs(pairs: Sequence[Pair], cfg: Preprocessing, cache_dir: str | os.PathLike | None = None,
-                progress: bool = False) -> list[CachedVolume]:
+                progress: bool = False, workers: int | None = None) -> list[CachedVolume]:
     """Load, validate, preprocess and cache each pair (once); return the cached volumes.
+
+    Pairs not cached yet are preprocessed by a pool of processes (:func:`preprocessing_workers`:
+    the cores, capped; ``workers=1`` is serial). The files are the same bytes either way.
 
     Raises:
         HipsegError: a pair fails validation (message names the file).
@@ -142,75 +190,200 @@ def cache_pairs(pairs: Sequence[Pair], cfg: Preprocessing, cache_dir: str | os.P
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HipsegError(f"{cache}: cannot create the cache folder ({exc.strerror})") from None
-    it: Iterable[Pair] = pairs
-    if progress:
-        from .progress import progress as tqdm
-        it = tqdm(pairs, desc="preprocess", unit="vol", leave=False)
-    out = []
-    for pair in it:
-        key = _key(pair, cfg)
-        stem = cache / f"{pair.id}_{key}"
-        img_path, lab_path, meta_path = (Path(f"{stem}_{s}") for s in ("image.npy", "label.npy", "meta.json"))
-        if meta_path.exists() and img_path.exists() and lab_path.exists():
-            meta = json.loads(meta_path.read_text())
+    stems = [str(cache / f"{pair.id}_{_key(pair, cfg)}") for pair in pairs]
+    metas: dict[int, dict] = {}
+    todo = []
+    for n, stem in enumerate(stems):
+        files = [Path(f"{stem}_{s}") for s in ("image.npy", "label.npy", "meta.json")]
+        if all(f.exists() for f in files):
+            metas[n] = json.loads(files[2].read_text())
         else:
-            image, label = load_pair(pair)
-            turn = reorient(image.affine, cfg.orientation)
-            img_arr, lab_arr = turn.apply(image.array), turn.apply(label.array)
-            img, lab, box = preprocess_pair(img_arr, lab_arr, cfg, name=str(pair.image))
-            _save_npy_atomic(img_path, img)
-            _save_npy_atomic(lab_path, lab)
-            meta = {"spacing": list(turn.spacing(image.spacing)), "original_shape": list(img_arr.shape),
-                    "box": [list(b) for b in box]}
-            with atomic_path(meta_path) as tmp:
-                Path(tmp).write_text(json.dumps(meta))
-        out.append(CachedVolume(pair.id, img_path, lab_path, tuple(meta["spacing"]),
-                                tuple(meta["original_shape"]), tuple(tuple(b) for b in meta["box"]), pair))
+            todo.append(n)
+    bar = None
+    if progress and todo:
+        from .progress import progress as tqdm
+        bar = tqdm(total=len(todo), desc="preprocess", unit="vol", leave=False)
+    n_proc = preprocessing_workers(len(todo), workers)
+    try:
+        if n_proc > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(n_proc, mp_context=multiprocessing.get_context(_start_method()),
+                                     initializer=_one_thread) as pool:
+                futures = {pool.submit(_cache_one, pairs[n], cfg, stems[n]): n for n in todo}
+                for fut in as_completed(futures):
+                    metas[futures[fut]] = fut.result()
+                    if bar is not None:
+                        bar.update(1)
+        else:
+            for n in todo:
+                metas[n] = _cache_one(pairs[n], cfg, stems[n])
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    out = []
+    for n, pair in enumerate(pairs):
+        meta = metas[n]
+        out.append(CachedVolume(pair.id, Path(f"{stems[n]}_image.npy"), Path(f"{stems[n]}_label.npy"),
+                                tuple(meta["spacing"]), tuple(meta["original_shape"]),
+                                tuple(tuple(b) for b in meta["box"]), pair))
     return out
 
 
-class SegmentationDataset(Dataset):
-    """Cached volumes as ``(image[1, X, Y, Z] float32, label[X, Y, Z] int64)`` tensors.
+def grid_spacing(spacing, box, shape) -> tuple[float, float, float]:
+    """Voxel size (mm) after preprocessing: the body crop ``box`` of a volume with ``spacing``,
+    resized to ``shape``.
 
-    Augmentation is random but replayable: sample ``i`` in epoch ``e`` draws its parameters
-    from ``np.random.default_rng([seed, e, i])``, whatever worker or rank loads it. Call
-    :meth:`set_epoch` at the start of each epoch.
+    Example:
+        >>> grid_spacing((1.0, 1.0, 2.0), ((0, 128), (0, 64), (0, 32)), (64, 64, 64))
+        (2.0, 1.0, 1.0)
+    """
+    return tuple(float(s) * (b - a) / n for s, (a, b), n in zip(spacing, box, shape))  # type: ignore[return-value]
+
+
+class SegmentationDataset(Dataset):
+    """Cached volumes as ``(image[1, X, Y, Z] float32, label[X, Y, Z] int64)`` tensors, as they are
+    (validation, evaluation). Training draws its augmented batches from :class:`TrainingBatches`.
 
     Args:
         volumes: from :func:`cache_pairs`.
-        augmentation: a random transform with ``sample(rng)`` (e.g. ``default_augmentation()``), or None.
-        seed: base seed of the augmentation.
         in_memory: keep all arrays in RAM (small data sets); otherwise memory-map each read.
-        patch: a random box with ``sample(rng, label) -> Crop`` (e.g. ``RandomPatch``), cut
-            before the augmentation; None: whole volumes.
     """
 
-    def __init__(self, volumes: Sequence[CachedVolume], augmentation=None, seed: int = 0,
-                 in_memory: bool = True, patch=None):
+    def __init__(self, volumes: Sequence[CachedVolume], in_memory: bool = True):
         self.volumes = list(volumes)
-        self.augmentation = augmentation
-        self.patch = patch
-        self.seed = seed
-        self.epoch = 0
         self._arrays = [v.load(mmap=False) for v in self.volumes] if in_memory else None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.volumes)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         img, lab = self._arrays[i] if self._arrays is not None else self.volumes[i].load(mmap=True)
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        if self.patch is not None:
-            img, lab = self.patch.sample(rng, np.asarray(lab))(np.asarray(img), np.asarray(lab))
-        if self.augmentation is not None:
-            t = self.augmentation.sample(rng)
-            img, lab = t(np.asarray(img), np.asarray(lab))
-        image = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None]
-        label = torch.from_numpy(np.ascontiguousarray(lab).astype(np.int64))
+        image = torch.from_numpy(np.array(img, dtype=np.float32))[None]  # a copy: a memory map is read-only
+        label = torch.from_numpy(np.array(lab, dtype=np.int64))
         return image, label
+
+
+class TrainingSet:
+    """The preprocessed training volumes as two tensors, where batches are drawn from.
+
+    ``where="device"``: on the training device for the whole run (on a GPU, images in bf16 and
+    labels in uint8), so that a step takes its batch by index, with no worker processes and no
+    copy from the host. ``"host"``: in host memory (pinned when the device is a GPU), copied to the
+    device a batch at a time without blocking. ``"auto"``: the device when the volumes take at most
+    a quarter of its free memory, else the host. On a CPU both are the same memory.
+
+    Args:
+        volumes: from :func:`cache_pairs`, all on one grid.
+        device: where training runs.
+        where: ``"auto"``, ``"device"`` or ``"host"``.
+
+    Example:
+        >>> ts = TrainingSet(vols, torch.device("cpu"))         # doctest: +SKIP
+        >>> ts.where, ts.images.shape, ts.nbytes                 # doctest: +SKIP
+    """
+
+    def __init__(self, volumes: Sequence[CachedVolume], device: torch.device, where: str = "auto"):
+        if where not in ("auto", "device", "host"):
+            raise ValueError(f"where must be auto, device or host, got {where!r}")
+        self.volumes = list(volumes)
+        if not self.volumes:
+            raise HipsegError("no training volumes")
+        self.device = torch.device(device)
+        loaded = [v.load(mmap=False) for v in self.volumes]
+        shapes = {tuple(i.shape) for i, _ in loaded}
+        if len(shapes) != 1:
+            raise HipsegError(f"training volumes differ in shape: {sorted(shapes)}")
+        self.shape = shapes.pop()
+        image_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        per_volume = int(np.prod(self.shape)) * (image_dtype.itemsize + 1)
+        self.nbytes = per_volume * len(self.volumes)
+        if where == "auto":
+            where = "device" if self.device.type == "cpu" or self.nbytes <= available_bytes(self.device) // 4 else "host"
+        self.where = where
+        home = self.device if where == "device" else torch.device("cpu")
+        pin = where == "host" and self.device.type == "cuda"
+        self.images = torch.empty((len(loaded), 1, *self.shape), dtype=image_dtype, pin_memory=pin)
+        self.labels = torch.empty((len(loaded), *self.shape), dtype=torch.uint8, pin_memory=pin)
+        for n, (img, lab) in enumerate(loaded):
+            self.images[n, 0] = torch.from_numpy(np.asarray(img, dtype=np.float32))
+            self.labels[n] = torch.from_numpy(np.asarray(lab, dtype=np.uint8))
+        self.images, self.labels = self.images.to(home), self.labels.to(home)
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def spacing(self, i: int) -> tuple[float, float, float]:
+        """Voxel size (mm) of volume ``i`` on the training grid (what rotations are made in)."""
+        v = self.volumes[i]
+        return grid_spacing(v.spacing, v.box, self.shape)
+
+    def take(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (float32) and labels (int64) of ``indices`` on the training device."""
+        index = torch.as_tensor(list(indices), dtype=torch.long, device=self.images.device)
+        images, labels = self.images.index_select(0, index), self.labels.index_select(0, index)
+        if images.device != self.device:
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+        return images.float(), labels.long()
+
+
+class TrainingBatches:
+    """The augmented training batches of each epoch, drawn from a :class:`TrainingSet` and
+    augmented where they are (the GPU with the ``full`` preset, the CPU with ``cpu``).
+
+    The order is :class:`~torch.utils.data.DistributedSampler`'s (shuffled by ``seed`` and the epoch,
+    split over ``world`` processes, the remainder dropped), so a run on N processes sees the same
+    global batches as one process. Sample ``i`` of epoch ``e`` is cut (``patch``) and augmented
+    with parameters from ``np.random.default_rng([seed, e, i])``: the same batches for the same
+    epoch, other batches in another epoch, on any number of processes.
+
+    Args:
+        train_set: the volumes.
+        batch_size: samples per step (per process).
+        seed: shuffling and augmentation seed.
+        augmentation: e.g. :class:`~hipseg_lib.augment.RandomAugmentation`, or None.
+        patch: e.g. :class:`~hipseg_lib.augment.RandomPatch`, or None for whole volumes.
+        rank, world: this process and how many train.
+    """
+
+    def __init__(self, train_set: TrainingSet, batch_size: int, seed: int = 0, augmentation=None, patch=None,
+                 rank: int = 0, world: int = 1):
+        from torch.utils.data import DistributedSampler
+
+        self.train_set, self.batch_size, self.seed = train_set, batch_size, seed
+        self.augmentation, self.patch = augmentation, patch
+        self.sampler = DistributedSampler(range(len(train_set)), num_replicas=world, rank=rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // batch_size
+
+    def order(self, epoch: int) -> list[list[int]]:
+        """The volume indices of each of this process's batches in ``epoch``."""
+        self.sampler.set_epoch(epoch)
+        idx = list(iter(self.sampler))
+        return [idx[k * self.batch_size:(k + 1) * self.batch_size] for k in range(self.steps_per_epoch)]
+
+    def batch(self, epoch: int, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch: ``(images (N, 1, X, Y, Z) float32, labels (N, X, Y, Z) int64)`` on the device."""
+        from .augment import augment_batch
+
+        images, labels = self.train_set.take(indices)
+        rngs = [np.random.default_rng([self.seed, epoch, i]) for i in indices]
+        if self.patch is not None:
+            cut = [self.patch.sample(r, lab)(img, lab) for r, img, lab in zip(rngs, images, labels)]
+            images, labels = torch.stack([c[0] for c in cut]), torch.stack([c[1] for c in cut])
+        if self.augmentation is not None:
+            augs = [self.augmentation.sample(r, self.train_set.spacing(i)) for r, i in zip(rngs, indices)]
+            images, labels = augment_batch(images, labels, augs)
+        return images, labels
+
+    def epoch(self, epoch: int):
+        """Yield this process's batches of ``epoch``, in order."""
+        for indices in self.order(epoch):
+            yield self.batch(epoch, indices)
 
 
 def load_split_volumes(data_dir: str | os.PathLike, cfg, progress: bool = False) -> dict[str, list[CachedVolume]]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from . import NUM_CLASSES
 
 __all__ = ["ModelConfig", "Conv3d", "ResidualBlock", "DownConv", "ConvBlock", "UpBlock", "ResUNet3D", "count_parameters", "layer_table",
-           "activation_bytes"]
+           "activation_bytes", "saved_tensor_bytes"]
 
 
 # PyTorch runs a fp32 CPU convolution of one volume in its own slow_conv3d kernel, not oneDNN's,
@@ -384,3 +384,31 @@ def activation_bytes(config: ModelConfig, input_shape: tuple[int, int, int], bat
         for h in handles:
             h.remove()
     return total
+
+
+def saved_tensor_bytes(config: ModelConfig, input_shape: tuple[int, int, int], batch_size: int = 1,
+                       dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the tensors autograd saves for the backward pass of one training forward pass,
+    counted by PyTorch itself (``torch.autograd.graph.saved_tensors_hooks``) with the network and
+    its input in ``dtype`` on the ``meta`` device: no memory is used, so the ``full`` preset's
+    grid can be checked on any CPU. Each tensor counts once, however many operations save it;
+    the weights, which the optimiser's memory accounts for, do not count.
+
+    Example:
+        >>> saved_tensor_bytes(ModelConfig(base_channels=4, depth=3), (16, 16, 8)) > 0
+        True
+    """
+    with torch.device("meta"):
+        model = ResUNet3D(config).to(dtype).train()
+        x = torch.zeros(batch_size, config.in_channels, *input_shape, dtype=dtype)
+    saved: dict[int, torch.Tensor] = {}
+    weights = {id(p) for p in model.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in weights:
+            saved[id(t)] = t  # keeping a reference keeps the id unique
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(t.numel() * t.element_size() for t in saved.values())

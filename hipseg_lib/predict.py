@@ -30,6 +30,7 @@ from .checkpoint import load_model
 from .io import constant_image_problem, is_nifti, load_volume, save_nifti_atomic
 from .model import ResUNet3D
 from .preprocess import Preprocessing, preprocess_image, reorient
+from .runtime import available_bytes
 
 __all__ = ["predict_array", "predict_probabilities", "labels_from_probabilities", "sliding_window_logits",
            "gaussian_weight", "keep_largest_component", "entropy", "collect_inputs", "prediction_name",
@@ -38,16 +39,6 @@ __all__ = ["predict_array", "predict_probabilities", "labels_from_probabilities"
 # Classes that are one connected organ: post-processing keeps the largest piece of each.
 # Bones (pelvis and both femora) and the body are left alone.
 SINGLE_ORGANS: tuple[int, ...] = (BLADDER, RECTUM, PROSTATE)
-
-
-def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 4 * 2**30
 
 
 def _inference_bytes(model: ResUNet3D, shape: Sequence[int]) -> int:
@@ -155,7 +146,7 @@ def predict_probabilities(model: ResUNet3D, image: np.ndarray, affine: np.ndarra
     arr = turn.apply(np.asarray(image, dtype=np.float32))
     x, box = preprocess_image(arr, preprocessing)
     xt = torch.from_numpy(x)[None, None].to(device)
-    budget = memory_bytes if memory_bytes is not None else _available_bytes(device) // 2
+    budget = memory_bytes if memory_bytes is not None else available_bytes(device) // 2
     logp = _network_log_probabilities(model, xt, budget, FLIP_AXES if tta else ())
     # Resizing log-probabilities then normalising equals resizing the logits (a per-voxel shift
     # does not change a softmax), so plain inference is unchanged by averaging in probability.

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from . import HipsegError, first_line
 
-__all__ = ["resolve_device", "seed_everything", "autocast_for", "cpu_has_bf16", "Dist", "wait_for_other_ranks",
+__all__ = ["available_bytes", "resolve_device", "seed_everything", "autocast_for", "cpu_has_bf16", "Dist", "wait_for_other_ranks",
            "CompiledOrEager"]
 
 
@@ -33,6 +33,16 @@ def resolve_device(device: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise HipsegError(f"device {device!r} requested but no CUDA device is available")
     return dev
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory of ``device`` in bytes: the GPU's, or the host's available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
 
 
 def seed_everything(seed: int) -> None:

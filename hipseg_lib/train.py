@@ -18,13 +18,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from . import BEST_NAME, LAST_NAME, NUM_CLASSES, HipsegError
-from .augment import RandomPatch, default_augmentation
+from .augment import RandomPatch, augmentation_named
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import SegmentationDataset, load_split_volumes
+from .data import SegmentationDataset, TrainingBatches, TrainingSet, load_split_volumes
 from .loss import DiceCELoss
 from .metrics import dice_per_class
 from .model import ModelConfig, ResUNet3D
@@ -192,6 +192,8 @@ class _Run:
     loss_fn: torch.nn.Module | None = None
     n_train: int = 0
     n_val: int = 0
+    batches: TrainingBatches | None = None
+    data_note: str = ""
 
     @property
     def reduce_device(self) -> torch.device:
@@ -240,7 +242,7 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathL
         run = _Run(cfg, Path(out_dir), dist_, device, log, planned=cfg.epochs)
         dist_.main_first(lambda: check_run_folder(run.out, resume), then_others=False)
         seed_everything(cfg.seed + dist_.rank)
-        train_ds, train_loader, val_loader = _data(run, data_dir, progress)
+        val_loader = _data(run, data_dir, progress)
         model, opt, sched, scaler = _build(run)
         if resume:
             _restore(run, model, opt, sched, scaler)
@@ -254,8 +256,7 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathL
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         step_net = CompiledOrEager(net, cfg.compile)
         _announce(run, model)
-        stop = _epochs(run, model, net, step_net, (opt, sched, scaler), train_ds, train_loader,
-                       val_loader, progress)
+        stop = _epochs(run, model, net, step_net, (opt, sched, scaler), val_loader, progress)
         result.history, result.stopped_because = run.history, stop
         result.best_val_dice = run.best_dice
         result.seconds = time.perf_counter() - t_start
@@ -265,30 +266,30 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathL
 
 
 def _data(run: _Run, data_dir, progress: bool):
-    """Preprocess (rank 0 fills the cache first), then the datasets and loaders.
+    """Preprocess (rank 0 fills the cache first), then the training batches and the validation loader.
 
-    One sampler for one or many processes: the same seed gives the same global batches, so a run
-    on N processes matches a single-process run of the same global batch.
+    The training volumes live on the training device when they fit (``data_on``), and each batch
+    is augmented there: no worker processes, so nothing a worker holds can go stale between
+    epochs. One order for one or many processes: the same seed gives the same global batches, so a
+    run on N processes matches a single-process run of the same global batch.
     """
     cfg, dist_ = run.cfg, run.dist
     vols = dist_.main_first(lambda: load_split_volumes(data_dir, cfg, progress=progress and dist_.main))
     if dist_.main:
         prepare_run_folder(run.out)
-    aug = default_augmentation() if cfg.augment else None
+    aug = augmentation_named(cfg.augmentation) if cfg.augment else None
     patch = RandomPatch(cfg.patch_shape, cfg.foreground_fraction) if cfg.patch_shape else None
-    train_ds = SegmentationDataset(vols["train"], aug, seed=cfg.seed, patch=patch)
-    val_ds = SegmentationDataset(vols["val"])
-    sampler = DistributedSampler(train_ds, num_replicas=dist_.world, rank=dist_.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
-    val_part = Subset(val_ds, list(range(dist_.rank, len(val_ds), dist_.world)))
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                              num_workers=cfg.num_workers, pin_memory=run.device.type == "cuda",
-                              persistent_workers=cfg.num_workers > 0)
-    if len(train_loader) == 0:
-        raise HipsegError(f"{data_dir}: too few training volumes ({len(train_ds)}) for batch size "
+    train_set = TrainingSet(vols["train"], run.device, cfg.data_on)
+    run.batches = TrainingBatches(train_set, cfg.batch_size, cfg.seed, aug, patch, dist_.rank, dist_.world)
+    if run.batches.steps_per_epoch == 0:
+        raise HipsegError(f"{data_dir}: too few training volumes ({len(train_set)}) for batch size "
                           f"{cfg.batch_size} x {dist_.world} process(es)")
-    run.steps_per_epoch, run.n_train, run.n_val = len(train_loader), len(train_ds), len(val_ds)
-    return train_ds, train_loader, DataLoader(val_part, batch_size=1, num_workers=0)
+    val_ds = SegmentationDataset(vols["val"])
+    val_part = Subset(val_ds, list(range(dist_.rank, len(val_ds), dist_.world)))
+    run.steps_per_epoch, run.n_train, run.n_val = run.batches.steps_per_epoch, len(train_set), len(val_ds)
+    run.data_note = (f"training volumes on the {train_set.where} ({train_set.nbytes / 2**20:.1f} MiB), "
+                     f"augmented on {run.device.type}")
+    return DataLoader(val_part, batch_size=1, num_workers=0)
 
 
 def _build(run: _Run):
@@ -348,10 +349,10 @@ def _announce(run: _Run, model) -> None:
     run.say(f"training {n_params / 1e6:.2f} M parameters on {run.device} x {dist_.world}"
             + (f" ({dist_.backend})" if dist_.enabled else "") + f", amp {amp_name};\n"
             f"{run.n_train} train / {run.n_val} val volumes at {cfg.preprocessing.target_shape}, "
-            f"batch {cfg.batch_size}")
+            f"batch {cfg.batch_size};\n{run.data_note}")
 
 
-def _epochs(run: _Run, model, net, step_net, optim, train_ds, train_loader, val_loader, progress) -> str:
+def _epochs(run: _Run, model, net, step_net, optim, val_loader, progress) -> str:
     """The epochs from ``run.start_epoch``: train, validate, re-plan for the time limit, save, log.
     Returns why the run stopped."""
     cfg = run.cfg
@@ -367,12 +368,10 @@ def _epochs(run: _Run, model, net, step_net, optim, train_ds, train_loader, val_
     stop = ""
     for epoch in range(run.start_epoch, cfg.epochs):
         t_wall = time.perf_counter()
-        train_ds.set_epoch(epoch)
-        train_loader.sampler.set_epoch(epoch)
         if bar is not None:
             bar.total = (run.planned - run.start_epoch) * run.steps_per_epoch
             bar.set_description(f"epoch {epoch + 1}/{run.planned}")
-        record = {"epoch": epoch + 1, **_train_epoch(run, model, step_net, optim, train_loader, bar)}
+        record = {"epoch": epoch + 1, **_train_epoch(run, model, step_net, optim, epoch, bar)}
         improved = False
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
             improved, stop = _score(run, record, _validate(net, val_loader, run))
@@ -394,17 +393,18 @@ def _epochs(run: _Run, model, net, step_net, optim, train_ds, train_loader, val_
     return stop
 
 
-def _train_epoch(run: _Run, model, step_net, optim, loader, bar) -> dict:
-    """One pass over the training loader; the epoch's record (loss summed over ranks, timings)."""
+def _train_epoch(run: _Run, model, step_net, optim, epoch: int, bar) -> dict:
+    """One pass over the epoch's training batches; the epoch's record (loss summed over ranks,
+    timings: ``data_fraction`` is the share of the epoch spent drawing and augmenting batches)."""
     opt, sched, scaler = optim
     cfg, device = run.cfg, run.device
     t_epoch = time.perf_counter()
     data_s, losses = 0.0, []
-    it = iter(loader)
+    it = run.batches.epoch(epoch)
     for _ in range(run.steps_per_epoch):
         t0 = time.perf_counter()
         image, label = next(it)
-        image, label = run.to_device(image), label.to(device, non_blocking=device.type == "cuda")
+        image = run.to_device(image)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         data_s += time.perf_counter() - t0

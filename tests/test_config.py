@@ -71,3 +71,20 @@ def test_older_checkpoints_keep_the_settings_they_were_made_with():
     assert cfg.model.base_channels == 4 and cfg.preprocessing.target_shape == (32, 32, 16)
     assert cfg.epochs == 2 and cfg.preprocessing.crop_foreground is False
     assert (cfg.model.light_levels, cfg.model.top_kernel) == (1, 3), "light_top=True was one light level"
+
+
+def test_augmentation_is_a_named_set_or_changes_to_nnunets():
+    from hipseg_lib.augment import AUGMENTATIONS, RandomAugmentation, augmentation_named
+
+    assert augmentation_named("nnunet") == RandomAugmentation() == AUGMENTATIONS["nnunet"]
+    assert make_config("full").augmentation == "nnunet", "the GPU preset trains with nnU-Net's set"
+    cfg = make_config("cpu", augmentation={"p_noise": 0.0, "scaling": [0.9, 1.1]})
+    aug = augmentation_named(cfg.augmentation)
+    assert aug.p_noise == 0.0 and aug.scaling == (0.9, 1.1) and aug.p_blur == RandomAugmentation().p_blur
+    assert TrainConfig.from_dict(_json(cfg.to_dict())) == cfg
+    with pytest.raises(ValueError, match="unknown augmentation settings: p_wobble"):
+        make_config("cpu", augmentation={"p_wobble": 1.0})
+    with pytest.raises(ValueError, match="augmentation must be one of"):
+        make_config("cpu", augmentation="heavy")
+    with pytest.raises(ValueError, match="data_on must be auto, device or host"):
+        make_config("cpu", data_on="disk")

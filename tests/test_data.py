@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from hipseg_lib import HipsegError
-from hipseg_lib.augment import default_augmentation
-from hipseg_lib.data import SegmentationDataset, cache_pairs, cases_of, split_by_case
+from hipseg_lib.augment import RandomAugmentation, RandomPatch
+from hipseg_lib.data import (SegmentationDataset, TrainingBatches, TrainingSet, cache_pairs, cases_of,
+                             preprocessing_workers, split_by_case)
 from hipseg_lib.io import Pair, VolumeId, find_pairs
 from hipseg_lib.preprocess import Preprocessing
 
@@ -54,20 +55,115 @@ def test_cache_is_reused_and_invalidated(tmp_path):
     assert v3.image != v1.image
 
 
-def test_dataset_items_and_replayable_augmentation(tmp_path):
+def _volumes(tmp_path, n=4, shape=(16, 16, 8)):
     root = tmp_path / "d"
-    for c in ("001", "002"):
-        write_csiro_pair(root, c, 0, seed=int(c))
-    vols = cache_pairs(find_pairs(root).pairs, Preprocessing(target_shape=(16, 16, 8)), tmp_path / "c")
-    ds = SegmentationDataset(vols, default_augmentation(), seed=3)
+    for c in range(n):
+        write_csiro_pair(root, f"{c + 1:03d}", 0, seed=c)
+    return cache_pairs(find_pairs(root).pairs, Preprocessing(target_shape=shape), tmp_path / "c", workers=1)
+
+
+def test_dataset_items_are_the_cached_volumes(tmp_path):
+    vols = _volumes(tmp_path, 2)
+    ds = SegmentationDataset(vols)
     x, y = ds[0]
     assert x.shape == (1, 16, 16, 8) and x.dtype == torch.float32
     assert y.shape == (16, 16, 8) and y.dtype == torch.int64
-    again = SegmentationDataset(vols, default_augmentation(), seed=3, in_memory=False)
-    for i in range(2):
-        torch.testing.assert_close(ds[i][0], again[i][0])
-    outs = []
-    for e in range(6):
-        ds.set_epoch(e)
-        outs.append(ds[0][0])
-    assert any(not torch.equal(outs[0], o) for o in outs[1:])
+    img, lab = vols[0].load()
+    assert torch.equal(x[0], torch.from_numpy(np.array(img))) and torch.equal(y, torch.from_numpy(np.array(lab)).long())
+    mapped = SegmentationDataset(vols, in_memory=False)
+    assert all(torch.equal(ds[i][0], mapped[i][0]) for i in range(2))
+
+
+def _epochs(batches, epochs):
+    return [[(tuple(idx), *batches.batch(e, idx)) for idx in batches.order(e)] for e in epochs]
+
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_batches_differ_between_epochs_and_repeat_within_one(tmp_path, where):
+    """The bug this replaces: DataLoader workers with persistent_workers kept epoch 0 forever."""
+    vols = _volumes(tmp_path)
+    ts = TrainingSet(vols, torch.device("cpu"), where)
+    assert ts.where == where and ts.nbytes == 4 * 16 * 16 * 8 * (4 + 1)
+    batches = TrainingBatches(ts, 2, seed=3, augmentation=RandomAugmentation())
+    e0, e1 = _epochs(batches, (0, 1))
+    again = _epochs(TrainingBatches(TrainingSet(vols, torch.device("cpu"), where), 2, seed=3,
+                                    augmentation=RandomAugmentation()), (1,))[0]
+    for (ia, xa, ya), (ib, xb, yb) in zip(e1, again):
+        assert ia == ib and torch.equal(xa, xb) and torch.equal(ya, yb), "the same epoch gives the same batches"
+    first = {i: x[k] for idx, x, _ in e0 for k, i in enumerate(idx)}
+    second = {i: x[k] for idx, x, _ in e1 for k, i in enumerate(idx)}
+    assert sorted(first) == sorted(second) == [0, 1, 2, 3]
+    assert sum(not torch.equal(first[i], second[i]) for i in first) >= 3, "another epoch, other augmentations"
+    assert [idx for idx, _, _ in e0] != [idx for idx, _, _ in e1], "and another order"
+
+
+def test_resident_and_host_paths_give_the_same_batches(tmp_path):
+    vols = _volumes(tmp_path)
+    make = lambda where: TrainingBatches(TrainingSet(vols, torch.device("cpu"), where), 2, seed=1,  # noqa: E731
+                                         augmentation=RandomAugmentation(), patch=RandomPatch((8, 8, 8), 0.5))
+    for (ia, xa, ya), (ib, xb, yb) in zip(_epochs(make("device"), (0, 1))[1], _epochs(make("host"), (0, 1))[1]):
+        assert ia == ib and xa.shape == (2, 1, 8, 8, 8) and torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_batches_split_over_processes_as_one_global_batch(tmp_path):
+    """Two processes of batch 1 see, between them, the samples one process of batch 2 sees."""
+    vols = _volumes(tmp_path)
+    ts = TrainingSet(vols, torch.device("cpu"))
+    one = TrainingBatches(ts, 2, seed=0, augmentation=RandomAugmentation())
+    ranks = [TrainingBatches(ts, 1, seed=0, augmentation=RandomAugmentation(), rank=r, world=2) for r in (0, 1)]
+    assert one.steps_per_epoch == ranks[0].steps_per_epoch == 2
+    for step, idx in enumerate(one.order(1)):
+        x, _ = one.batch(1, idx)
+        parts = [r.batch(1, r.order(1)[step])[0] for r in ranks]
+        assert sorted(idx) == sorted(r.order(1)[step][0] for r in ranks)
+        for k, i in enumerate(idx):
+            r = [rk.order(1)[step][0] for rk in ranks].index(i)
+            assert torch.equal(parts[r][0], x[k]), "a sample's augmentation depends on the sample, not the process"
+
+
+def test_parallel_preprocessing_writes_the_same_bytes_as_serial(tmp_path):
+    root = tmp_path / "d"
+    for c in range(4):
+        write_csiro_pair(root, f"{c + 1:03d}", c % 2, seed=c, shape=(20, 18, 10))
+    pairs = find_pairs(root).pairs
+    prep = Preprocessing(target_shape=(16, 16, 8))
+    serial = cache_pairs(pairs, prep, tmp_path / "serial", workers=1)
+    parallel = cache_pairs(pairs, prep, tmp_path / "parallel", workers=2)
+    assert [v.id for v in serial] == [v.id for v in parallel] == [p.id for p in pairs]
+    files = sorted(f.name for f in (tmp_path / "serial").iterdir())
+    assert len(files) == 12 and files == sorted(f.name for f in (tmp_path / "parallel").iterdir())
+    for name in files:
+        assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "parallel" / name).read_bytes(), name
+    assert [v.box for v in serial] == [v.box for v in parallel]
+    assert preprocessing_workers(100, 3) == min(3, len(__import__("os").sched_getaffinity(0)))
+    assert preprocessing_workers(1) == 1
+
+
+def test_parallel_preprocessing_names_a_bad_file(tmp_path):
+    root = tmp_path / "d"
+    for c in range(3):
+        write_csiro_pair(root, f"{c + 1:03d}", 0, seed=c)
+    bad = root / "semantic_labels_anon" / "Case_002_Week0_SEMANTIC_LFOV.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:200])
+    with pytest.raises(HipsegError, match="Case_002_Week0_SEMANTIC_LFOV.nii.gz"):
+        cache_pairs(find_pairs(root).pairs, Preprocessing(target_shape=(8, 8, 4)), tmp_path / "c", workers=2)
+
+
+def test_parallel_preprocessing_from_a_script_without_a_main_guard(tmp_path):
+    """A student's script that calls the library at top level: the pool must not re-run it."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "d"
+    for c in range(3):
+        write_csiro_pair(root, f"{c + 1:03d}", 0, seed=c)
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from hipseg_lib.data import cache_pairs\n"
+        "from hipseg_lib.io import find_pairs\n"
+        "from hipseg_lib.preprocess import Preprocessing\n"
+        f"vols = cache_pairs(find_pairs({str(root)!r}).pairs, Preprocessing(target_shape=(8, 8, 4)), "
+        f"{str(tmp_path / 'c')!r}, workers=2)\n"
+        "print(len(vols))\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "3", r.stderr[-2000:]

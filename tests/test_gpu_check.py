@@ -18,6 +18,7 @@ import gpu_check  # noqa: E402
 
 
 def test_peak_lookup_by_card_name():
+    """gpu_check reads the peaks of hipseg_lib.plan (one table)."""
     assert gpu_check.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert gpu_check.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert gpu_check.peak_tflops("NVIDIA H200") == 989.0
@@ -48,7 +49,7 @@ def test_dry_run_writes_every_figure(tmp_path):
     for name in gpu_check.FIGURES:
         assert name in figures, f"missing figure {name!r}"
         assert "missing" not in str(figures[name]) and "failed" not in str(figures[name]), (name, figures[name])
-        if name != "models table":
+        if name not in ("models table", "loader table"):
             assert f"| {name} |" in text
     # The papermill run really trained and evaluated: numbers, not placeholders.
     assert figures["train s/step (papermill run)"] > 0 and figures["GFLOP per step"] > 0
@@ -57,3 +58,7 @@ def test_dry_run_writes_every_figure(tmp_path):
     assert "hipseg-ResUNet3D" in figures["models table"] and "monai-UNet" in figures["models table"]
     assert "| hipseg-ResUNet3D+light_levels=2+top_kernel=0 |" in figures["models table"], "the lighter variant too"
     assert (tmp_path / "work" / "executed" / "04_training.ipynb").exists()
+    # the loader benchmark ran where training runs (the CPU in the dry run), beside the scipy pipeline
+    assert "| cpu | hipseg device (cpu) |" in figures["loader table"] and "| cpu | scipy, 1 worker |" in text
+    assert float(figures["loader: device pipeline volumes/s"].split()[0]) > 0
+    assert figures["planned full run (10 % MFU, real set)"].startswith("600 epochs, ")
