@@ -38,7 +38,7 @@ import torch
 from hipseg_lib import CLASS_NAMES, NUM_CLASSES
 from hipseg_lib.book import resolve_data_dir
 from hipseg_lib.data import TrainingBatches, TrainingSet
-from hipseg_lib.augment import RandomAugmentation
+from hipseg_lib.augment import augmentation_named
 from hipseg_lib.loss import DiceCELoss
 from hipseg_lib.metrics import dice_per_class
 from hipseg_lib.model import Conv3d, ResUNet3D, count_parameters
@@ -130,7 +130,7 @@ class Trainer:
         self.vols = load_split_volumes(resolve_data_dir(args.data), cfg)
         # as training draws them: resident on the device, augmented there (hipseg_lib.data)
         self.loader = TrainingBatches(TrainingSet(self.vols["train"], device, cfg.data_on), cfg.batch_size,
-                                      seed=args.seed, augmentation=RandomAugmentation())
+                                      seed=args.seed, augmentation=augmentation_named(cfg.augmentation))
         self.model = model.to(device)
         self.loss_fn = DiceCELoss(NUM_CLASSES)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

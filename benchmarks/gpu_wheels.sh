@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download, here, the wheels `make gpu-check` needs on the GPU machine, which has Python 3.12 with
 # torch, numpy, scipy, matplotlib, tqdm, pandas and pytest, but reaches no package registry.
-# They go to .gpu-wheels/ (git-ignored, ~30 MB); carry that folder with the tree, and
+# They go to .gpu-wheels/ (git-ignored, ~42 MB); carry that folder with the tree, and
 # `make gpu-check` installs them there with `pip install --no-index --no-deps --target`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
