@@ -56,11 +56,12 @@ def _train_config(a: argparse.Namespace):
         if not path.is_file():
             raise HipsegError(f"{path}: no such config file")
         try:
-            overrides.update(json.loads(path.read_text()))
+            settings = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise HipsegError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(overrides, dict):
-            raise HipsegError(f"{path}: expected a JSON object of settings")
+        if not isinstance(settings, dict):
+            raise HipsegError(f"{path}: expected a JSON object of settings, found a JSON {type(settings).__name__}")
+        overrides.update(settings)
     for name in ("epochs", "batch_size", "lr", "target_shape", "device", "amp", "seed", "max_minutes",
                  "base_channels", "depth", "cache_dir", "patience"):
         value = getattr(a, name)

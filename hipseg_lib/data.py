@@ -2,7 +2,8 @@
 
 Decoding a 256x256x128 ``.nii.gz`` takes ~160 ms, so each pair is preprocessed once and
 stored as ``.npy`` (~3 ms to load, memory-mapped); the cache key covers the source files
-(path, size, modification time), the preprocessing settings and the library version.
+(path, size, modification time), the preprocessing settings and the source of the code that
+computes the cache (:func:`code_fingerprint`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from . import HipsegError, __version__
+from . import HipsegError
 from ._atomic import atomic_path
 from .io import Pair, VolumeId, find_pairs, load_pair
 from .preprocess import Preprocessing, preprocess_pair, reorient
@@ -118,13 +119,28 @@ class CachedVolume:
         return np.load(self.image, mmap_mode=mode), np.load(self.label, mmap_mode=mode)
 
 
+# The code that turns a pair of files into cached arrays: loading and validating (io), orienting,
+# cropping, normalising and resizing (preprocess). A change to any of them makes new cache files.
+CACHED_BY: tuple[str, ...] = ("io", "preprocess")
+
+
+def code_fingerprint(modules: Sequence[str] = CACHED_BY) -> str:
+    """A hash of the source of the ``hipseg_lib`` modules that compute the cache (:data:`CACHED_BY`)."""
+    h = hashlib.sha256()
+    for name in modules:
+        h.update((Path(__file__).with_name(f"{name}.py")).read_bytes())
+    return h.hexdigest()
+
+
 def _key(pair: Pair, cfg: Preprocessing) -> str:
+    """The cache key: the source files (path, size, modification time), the preprocessing settings
+    and the code that computes the cache, not a version number that does not move with it."""
     h = hashlib.sha256()
     for f in (pair.image, pair.label):
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
-    h.update(__version__.encode())
+    h.update(code_fingerprint().encode())
     return h.hexdigest()[:16]
 
 

@@ -353,6 +353,7 @@ def layer_table(model: ResUNet3D, input_shape: tuple[int, int, int]) -> list[dic
                          "parameters": count_parameters(mod),
                          "activation MB": out.numel() * out.element_size() / 2**20})
         hooks.append(module.register_forward_hook(hook))
+    was_training = model.training
     try:
         with torch.no_grad():
             model.eval()
@@ -360,6 +361,7 @@ def layer_table(model: ResUNet3D, input_shape: tuple[int, int, int]) -> list[dic
     finally:
         for h in hooks:
             h.remove()
+        model.train(was_training)  # the caller's mode, as it was
     return rows
 
 

@@ -213,3 +213,11 @@ def test_train_outside_a_project_checkout_says_where_to_point_data(tmp_path, mon
     assert not (tmp_path / "data").exists() and not (tmp_path / "m").exists()
     monkeypatch.setenv("HIPSEG_DATA", str(tmp_path / "nowhere"))
     _one_line_error(run_cli("train", "--preset", "smoke", cwd=tmp_path), "nowhere: no such folder")
+
+
+def test_train_config_that_is_not_an_object_is_a_one_line_error(tmp_path, tiny_synth):
+    for text, kind in (("[1, 2]", "list"), ('"epochs=3"', "str")):
+        cfg = tmp_path / f"{kind}.json"
+        cfg.write_text(text)
+        _one_line_error(run_cli("train", "--data", tiny_synth, "--config", cfg), f"{kind}.json",
+                        f"expected a JSON object of settings, found a JSON {kind}")

@@ -167,3 +167,30 @@ def test_parallel_preprocessing_from_a_script_without_a_main_guard(tmp_path):
         "print(len(vols))\n")
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "3", r.stderr[-2000:]
+
+
+def test_cache_key_follows_the_code_that_computes_it(tmp_path, monkeypatch):
+    """A change to the preprocessing code makes new cache files; a version number does not matter."""
+    import hipseg_lib
+    import hipseg_lib.data as D
+
+    root = tmp_path / "d"
+    write_csiro_pair(root, "001", 0)
+    pair = find_pairs(root).pairs[0]
+    prep = Preprocessing(target_shape=(8, 8, 4))
+    key = D._key(pair, prep)
+    monkeypatch.setattr(hipseg_lib, "__version__", "9.9.9")
+    assert D._key(pair, prep) == key, "the version number is not what computes the cache"
+    assert set(D.CACHED_BY) == {"io", "preprocess"}
+    # the fingerprint reads the modules' source as it is now
+    fake = tmp_path / "lib"
+    fake.mkdir()
+    (fake / "preprocess.py").write_text("x = 1\n")
+    with monkeypatch.context() as m:
+        m.setattr(D, "__file__", str(fake / "data.py"))
+        before = D.code_fingerprint(("preprocess",))
+        (fake / "preprocess.py").write_text("x = 2\n")
+        assert D.code_fingerprint(("preprocess",)) != before
+    real = D.code_fingerprint()
+    monkeypatch.setattr(D, "code_fingerprint", lambda modules=D.CACHED_BY: real[::-1])
+    assert D._key(pair, prep) != key, "other code, other key"

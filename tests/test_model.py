@@ -52,7 +52,12 @@ def test_width_and_depth_change_parameters_and_table():
     deep = ResUNet3D(ModelConfig(base_channels=4, depth=4))
     assert count_parameters(small) < count_parameters(wide)
     assert count_parameters(small) < count_parameters(deep)
+    small.train()
     rows = layer_table(small, (16, 16, 8))
+    assert small.training, "layer_table hands the model back in the mode it had"
+    small.eval()
+    layer_table(small, (16, 16, 8))
+    assert not small.training
     assert [r["layer"] for r in rows][:2] == ["stem", "encoder.0"]
     assert rows[-1]["output shape"] == (6, 16, 16, 8)
     assert rows[[r["layer"] for r in rows].index("bottleneck")]["output shape"] == (16, 4, 4, 2)
