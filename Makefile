@@ -6,11 +6,12 @@ STAMP  := $(VENV)/.hipseg-installed
 DATA   ?= data/synthetic
 PRESET ?= auto
 
-.PHONY: setup test book lab data bench gpu-check gpu-wheels clean help
+.PHONY: setup test test-fast book lab data bench gpu-check gpu-wheels clean help
 
 help:
 	@echo "make setup   create .venv and install pinned dependencies + hipseg_lib (editable)"
 	@echo "make test    run the whole test suite"
+	@echo "make test-fast  the suite without the slow end-to-end tests (book build, browser, torchrun, kill/resume, benchmarks)"
 	@echo "make data    generate the default synthetic data set in $(DATA)"
 	@echo "make book    make the data, execute every chapter with papermill, build _build/html"
 	@echo "make lab     JupyterLab on book/ (127.0.0.1, token) with the hipseg kernel; prints the URL"
@@ -30,6 +31,9 @@ setup: $(STAMP)
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 data: setup
 	@if [ -d "$(DATA)" ]; then echo "$(DATA) exists: kept as it is"; \

@@ -69,3 +69,27 @@ def tiny_model(tiny_synth, tmp_path_factory) -> Path:
                       cache_dir=str(tmp_path_factory.getbasetemp() / "cache"))
     train(cfg, tiny_synth, out, progress=False, log=lambda s: None)
     return out / "new_model.pth"
+
+
+def in_ci() -> bool:
+    """CI sets CI=true (as .ci/run's callers do)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def chromium_path() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture
+def chromium() -> str:
+    """Debian's chromium for the real-browser tests. Missing: skipped on a developer's machine,
+    a failure in CI, so that a green CI run cannot hide a browser check that never ran."""
+    path = chromium_path()
+    if path is None:
+        message = "Debian's chromium is not installed (apt-get install chromium); this test drives it"
+        if in_ci():
+            pytest.fail(message + "; in CI a missing browser fails instead of skipping")
+        pytest.skip(message)
+    return path

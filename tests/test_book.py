@@ -47,6 +47,7 @@ def built_book(tiny_synth, tmp_path_factory):
     return out, html
 
 
+@pytest.mark.slow  # the book built with papermill
 def test_book_executes_and_builds(built_book):
     out, html = built_book
     pages = sorted(p.name for p in (html / "book").glob("*.html"))
@@ -66,6 +67,7 @@ def test_book_executes_and_builds(built_book):
     assert metrics["cases"] and "hd95" in metrics["summary"]
 
 
+@pytest.mark.slow  # the book built with papermill
 def test_executed_notebooks_used_the_injected_parameters(built_book, tiny_synth):
     out, _ = built_book
     nb = nbformat.read(out / "_build" / "executed" / "book" / "04_training.ipynb", as_version=4)
@@ -74,6 +76,7 @@ def test_executed_notebooks_used_the_injected_parameters(built_book, tiny_synth)
     assert (out / "model" / "train_log.jsonl").exists()
 
 
+@pytest.mark.slow  # the book built with papermill
 def test_code_and_text_output_fit_the_column(built_book):
     """The theme's content column holds about 80 characters: no code line and no printed line of an
     executed chapter is wider, so nothing scrolls sideways."""
@@ -93,6 +96,7 @@ def test_code_and_text_output_fit_the_column(built_book):
     assert not wide, "\n".join(wide[:20])
 
 
+@pytest.mark.slow  # the book built with papermill
 def test_landing_page_shows_this_runs_result_and_references_resolve(built_book):
     out, html = built_book
     index = (html / "book" / "index.html").read_text()
@@ -106,16 +110,15 @@ def test_landing_page_shows_this_runs_result_and_references_resolve(built_book):
     assert 'href="references.html#' in ch3, "citations link to the bibliography"
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed "
-                    "(apt-get install chromium); this check reads the pages in a browser")
-def test_no_code_block_scrolls_sideways_in_a_browser(built_book):
+@pytest.mark.slow  # the book built with papermill
+def test_no_code_block_scrolls_sideways_in_a_browser(built_book, chromium):
     """What a reader sees at 1280 px: every code block and printed output fits its column."""
     from playwright.sync_api import sync_playwright
 
     _, html = built_book
     overflowing = {}
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=shutil.which("chromium"), headless=True,
+        browser = pw.chromium.launch(executable_path=chromium, headless=True,
                                      args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         for path in sorted((html / "book").glob("*.html")):
@@ -128,6 +131,7 @@ def test_no_code_block_scrolls_sideways_in_a_browser(built_book):
     assert not overflowing, f"code blocks with a horizontal scrollbar: {overflowing}"
 
 
+@pytest.mark.slow  # the book built with papermill
 def test_static_sliders_open_on_the_prostate(built_book):
     out, html = built_book
     for page in ("01_data_exploration.html", "05_evaluation.html"):

@@ -2,7 +2,8 @@
 JupyterLab, and the live slice slider answers the keyboard with a new image.
 
 Drives Debian's chromium (`apt-get install chromium`) with Playwright's Python package; nothing
-is downloaded. Skipped, with the reason, where chromium is missing (`.ci/run` installs it).
+is downloaded. Skipped, with the reason, where chromium is missing, except in CI (`CI=true`),
+where that fails the run (`.ci/run` installs it).
 """
 from __future__ import annotations
 
@@ -20,10 +21,16 @@ from pathlib import Path
 
 import pytest
 
+from conftest import chromium_path
+
+pytestmark = pytest.mark.slow  # JupyterLab in a real browser: `make test-fast` leaves it out
+
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
-                                "(apt-get install chromium); the browser test needs it")
+
+
+@pytest.fixture(autouse=True)
+def _needs_chromium(chromium):
+    """Every test here drives chromium: skipped without it, failed in CI (conftest.chromium)."""
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -87,7 +94,7 @@ def test_live_slider_in_jupyterlab(tiny_synth, tmp_path):
     assert f":{taken}/" not in url, "a port in use is skipped"
     try:
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            browser = pw.chromium.launch(executable_path=chromium_path(), args=ARGS, headless=True)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url, timeout=90_000)
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)

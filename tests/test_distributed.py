@@ -8,10 +8,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from hipseg_lib.checkpoint import read_checkpoint
 from hipseg_lib.config import make_config
 from hipseg_lib.train import train
+
+pytestmark = pytest.mark.slow  # torchrun processes: `make test-fast` leaves it out
 
 
 def test_two_gloo_processes_match_single_process(tiny_synth, tmp_path):

@@ -8,8 +8,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from hipseg_lib.checkpoint import read_checkpoint
 
+pytestmark = pytest.mark.slow  # training killed and resumed: `make test-fast` leaves it out
 
 EPOCHS = 24
 
