@@ -111,6 +111,49 @@ def test_tta_undoes_the_flip_known_answer():
     np.testing.assert_allclose(tta[1], 0.5, atol=1e-5)
 
 
+def half_sure(x):
+    """Class 1 has logit 4 on the first half of axis 0 and 0 on the other, class 0 logit 0: one copy
+    is sure (p = 0.982), its mirror undecided (p = 0.5)."""
+    out = torch.full((x.shape[0], NUM_CLASSES, *x.shape[2:]), -30.0)
+    out[:, 0] = 0
+    out[:, 1] = 0
+    out[:, 1, : x.shape[2] // 2] = 4.0
+    return out
+
+
+def test_tta_averages_the_probabilities_not_the_logits():
+    """Mean of softmax: (0.982 + 0.5) / 2 = 0.741. The mean of the logits (or a geometric mean of
+    the probabilities) would give 0.881: this stub tells them apart, where the ramp cannot."""
+    tta = predict_probabilities(Stub(half_sure), scan(), np.eye(4), PREP, tta=True)
+    sure = 1 / (1 + np.exp(-4.0))
+    away_from_the_middle = np.r_[0:7, 13:20]  # axis 0 of the 20-voxel scan; the step blurs between
+    np.testing.assert_allclose(tta[1][away_from_the_middle], (sure + 0.5) / 2, atol=1e-4)
+    assert abs(float(tta[1][away_from_the_middle].mean()) - 1 / (1 + np.exp(-2.0))) > 0.1
+
+
+def test_gaussian_blending_is_the_weighted_mean_of_the_windows_known_answer():
+    """A stub whose output depends on the window: class 1 scores the voxel's index inside its window.
+    Two windows of 8 along axis 0 (starts 0 and 4) overlap on voxels 4..7: there the blend is
+    sum(g * index) / sum(g) with nnU-Net's Gaussian, sigma = 1/8 of the window (= 1 voxel)."""
+    def local_index(x):
+        out = torch.zeros(x.shape[0], NUM_CLASSES, *x.shape[2:])
+        out[:, 1] = torch.arange(x.shape[2], dtype=torch.float32)[:, None, None]
+        return out
+
+    x = torch.zeros(1, 1, 12, 1, 1)
+    with torch.no_grad():
+        got = sliding_window_logits(Stub(local_index), x, (8, 1, 1), overlap=0.5)[0, 1, :, 0, 0].numpy()
+    g = np.exp(-0.5 * ((np.arange(8) - 3.5) / (8 * 0.125)) ** 2)
+    expected = []
+    for v in range(12):
+        parts = [(g[v - s], v - s) for s in (0, 4) if 0 <= v - s < 8]
+        expected.append(sum(w * i for w, i in parts) / sum(w for w, _ in parts))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    flat = sliding_window_logits(Stub(local_index), x, (8, 1, 1), overlap=0.5, blend="constant")[0, 1, :, 0, 0]
+    np.testing.assert_allclose(flat[4:8].numpy(), [2.0, 3.0, 4.0, 5.0], atol=1e-6)  # (v + (v - 4)) / 2
+    assert not np.allclose(got[4:8], flat[4:8].numpy(), atol=1e-3), "the Gaussian weighs the window centres"
+
+
 def test_probabilities_sum_to_one_and_match_the_label(tiny_model, tiny_synth):
     from hipseg_lib.checkpoint import load_model
 
