@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from hipseg_lib.checkpoint import read_checkpoint
 
@@ -71,3 +72,10 @@ def test_sigkill_at_several_points_then_resume(tiny_synth, tmp_path):
     assert log == list(range(1, EPOCHS + 1))
     assert not list(out.glob(".*.tmp")), "no temporary files left"
     read_checkpoint(out / "new_model.pth")
+    # Killed four times and resumed, the run ends with the weights of a run never interrupted
+    # (fp32 on the CPU: exactly the same numbers), and the same losses on the way.
+    straight = subprocess.run(_train_cmd(tiny_synth, tmp_path / "straight"), capture_output=True, text=True, env=env)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    other = read_checkpoint(tmp_path / "straight" / "last.pth")
+    assert all(torch.equal(ck["model_state"][k], other["model_state"][k]) for k in other["model_state"])
+    assert [h["loss"] for h in ck["history"]] == [h["loss"] for h in other["history"]]
