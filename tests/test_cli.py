@@ -221,3 +221,8 @@ def test_train_config_that_is_not_an_object_is_a_one_line_error(tmp_path, tiny_s
         cfg.write_text(text)
         _one_line_error(run_cli("train", "--data", tiny_synth, "--config", cfg), f"{kind}.json",
                         f"expected a JSON object of settings, found a JSON {kind}")
+
+
+def test_book_with_an_unknown_chapter_is_a_one_line_error(tmp_path, tiny_synth):
+    _one_line_error(run_cli("book", "--data", tiny_synth, "--chapter", "06_nowhere", "--no-build"),
+                    "unknown chapter(s): 06_nowhere", "choose from 01_data_exploration")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from hipseg_lib.loss import DiceCELoss
 from hipseg_lib.model import Conv3d, ConvBlock, ModelConfig, ResidualBlock, ResUNet3D, count_parameters, layer_table
@@ -203,3 +204,39 @@ def test_conv3d_keeps_a_single_fp32_volume_in_onednn_and_does_1x1x1_as_products(
     assert "aten::mkldnn_convolution" in _kernels(plain, torch.randn(2, 48, 16, 16, 12))
     head = _kernels(Conv3d(24, 6, 1), torch.randn(1, 24, 16, 16, 12))
     assert "aten::mm" in head and not any("convolution" in k for k in head)
+
+
+@pytest.mark.parametrize("config", [ModelConfig(base_channels=4, depth=3),
+                                    ModelConfig(base_channels=4, depth=4, deep_supervision=True, light_levels=2,
+                                                top_kernel=0),
+                                    ModelConfig(base_channels=4, depth=3, downsample="maxpool", light_levels=0)])
+def test_every_convolution_is_hipsegs_conv3d(config):
+    """model.Conv3d's CPU kernels apply to the whole network: no plain nn.Conv3d is left."""
+    convs = [m for m in ResUNet3D(config).modules() if isinstance(m, nn.Conv3d)]
+    assert convs and all(type(m) is Conv3d for m in convs), {type(m).__name__ for m in convs}
+
+
+def test_a_checkpoint_of_the_seeds_design_predicts(tmp_path):
+    """An older checkpoint (max pooling, residual blocks at full resolution, no such settings saved)
+    loads and segments a scan, with the labels its own network gives."""
+    import numpy as np
+
+    from hipseg_lib.checkpoint import load_model, save_checkpoint
+    from hipseg_lib.predict import predict_array
+    from hipseg_lib.preprocess import Preprocessing
+
+    old = {"in_channels": 1, "num_classes": 6, "base_channels": 4, "depth": 3, "dropout": 0.0,
+           "deep_supervision": False}
+    torch.manual_seed(0)
+    seed_design = ResUNet3D(ModelConfig(**old, downsample="maxpool", light_levels=0)).eval()
+    prep = Preprocessing(target_shape=(16, 16, 8))
+    path = save_checkpoint(tmp_path / "old.pth", seed_design, seed_design.config, prep)
+    ck = torch.load(path, weights_only=True)
+    ck["model_config"] = old  # as written before downsample and light_levels existed
+    torch.save(ck, path)
+    model, _ = load_model(path)
+    assert model.config.downsample == "maxpool" and model.config.light_levels == 0
+    image = np.random.default_rng(0).normal(100, 20, (20, 18, 10)).astype(np.float32)
+    got = predict_array(model, image, np.eye(4), prep, tta=False)
+    want = predict_array(seed_design, image, np.eye(4), prep, tta=False)
+    assert got.shape == image.shape and np.array_equal(got, want)
