@@ -214,7 +214,9 @@ def test_error_entropy_share():
 def test_predict_files_writes_probabilities_and_refuses_to_overwrite(tiny_model, tiny_synth, tmp_path):
     pair = find_pairs(tiny_synth).pairs[0]
     out = tmp_path / "pred"
-    written = predict_files(tiny_model, [pair.image], out, device="cpu", progress=False, probabilities=True)
+    # without post-processing the label map is the arg-max of the probabilities written beside it
+    written = predict_files(tiny_model, [pair.image], out, device="cpu", progress=False, probabilities=True,
+                            postprocess=False)
     label = nib.load(written[0])
     probs_path = out / probabilities_name(pair.image)
     probs = nib.load(probs_path)
@@ -254,7 +256,7 @@ def test_compare_inference_scores_every_variant(tiny_model, tiny_synth):
     prep = Preprocessing.from_dict(ckpt["preprocessing"])
     pairs = find_pairs(tiny_synth).pairs[:2]
     comp = compare_inference(model, prep, pairs)
-    assert list(comp["results"]) == [n for n, _, _ in VARIANTS] and DEFAULT_VARIANT == "TTA"
+    assert list(comp["results"]) == [n for n, _, _ in VARIANTS] and DEFAULT_VARIANT == "TTA + post-processing"
     for name, tta, post in VARIANTS:
         rows = comp["results"][name]
         assert [r["id"] for r in rows] == [str(p.id) for p in pairs]
