@@ -8,7 +8,8 @@ seconds (``--slice``), so that the machine's speed, which drifts on a shared mac
 for all of them.
 
 Prints and saves (``benchmarks/results/models_<device>.json`` and ``.md``) a table: parameters,
-train step time, inference time per volume, peak memory, and test Dice per class after the budget.
+train step time, inference time per volume, peak memory, and validation Dice per class after the budget
+(the validation cases: a design is chosen on them, never on the test cases).
 
     .venv/bin/python benchmarks/bench_models.py --minutes 3            # CPU, about 10 minutes
     .venv/bin/python benchmarks/bench_models.py --preset full --minutes 5   # on a GPU
@@ -177,12 +178,12 @@ class Trainer:
             self.active += t2 - t0
 
     def finish(self, minutes: float) -> dict:
-        """Test Dice and inference time after the budget; the row of the table."""
+        """Validation Dice and inference time after the budget; the row of the table."""
         cfg, device = self.cfg, self.device
         self.model.eval()
         infer, dices = [], []
         with torch.no_grad():
-            for v in self.vols["test"]:
+            for v in self.vols["val"]:  # choices are made on validation cases, not on test cases
                 img, lab = v.load()
                 x = torch.from_numpy(np.array(img, dtype=np.float32))[None, None].to(device)
                 t = time.perf_counter()
@@ -200,7 +201,7 @@ class Trainer:
                 "inference_s_per_volume": float(np.median(infer[1:] or infer)),
                 "peak_memory_gb": peak_memory_gb(device),
                 "memory_kind": "GPU allocated" if device.type == "cuda" else "process RSS",
-                "test_dice": [float(x) for x in np.nanmean(dices, axis=0)],
+                "val_dice": [float(x) for x in np.nanmean(dices, axis=0)],
                 "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                            else f"CPU x{torch.get_num_threads()} threads"),
                 "preset": cfg.preset, "target_shape": list(cfg.preprocessing.target_shape),
@@ -246,12 +247,12 @@ class Worker:
 
 def table(rows: list[dict]) -> str:
     head = ("| network | parameters | train step (s) | data wait | inference (s/vol) | peak memory (GB) | "
-            + " | ".join(CLASS_NAMES) + " |")
+            + " | ".join(f"{n} (val)" for n in CLASS_NAMES) + " |")
     lines = [head, "|" + "---|" * (6 + len(CLASS_NAMES))]
     for r in rows:
         lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.2f} M | {r['train_step_s']:.3f} | "
                      f"{100 * r['data_fraction']:.1f}% | {r['inference_s_per_volume']:.3f} | "
-                     f"{r['peak_memory_gb']:.2f} | " + " | ".join(f"{d:.3f}" for d in r["test_dice"]) + " |")
+                     f"{r['peak_memory_gb']:.2f} | " + " | ".join(f"{d:.3f}" for d in r["val_dice"]) + " |")
     return "\n".join(lines)
 
 

@@ -1,8 +1,9 @@
-"""Which cpu recipe: train each candidate to its end and score the test cases at their original grid.
+"""Which cpu recipe: train each candidate to its end and score the validation cases at their original grid
+(a recipe is chosen on them, never on the test cases).
 
 The candidates differ in one thing each from the `cpu` preset (whole volumes at 64x64x48):
 patches with foreground oversampling, a finer grid with patches. Every run uses the same seed,
-split and 12 epochs; the printed table gives test Dice per class and training time.
+split and 12 epochs; the printed table gives validation Dice per class and training time.
 
     .venv/bin/python benchmarks/bench_recipes.py [--amp off] [--recipes cpu patches fine-patches]
 
@@ -42,8 +43,8 @@ def run(name: str, data: Path, amp: str | None, out: Path, epochs: int = 12) -> 
     result = train(cfg, data, out / name, progress=False, log=lambda s: None)
     seconds = time.perf_counter() - t
     model, ckpt = load_model(out / name / "new_model.pth")
-    test = split_by_case(find_pairs(data).pairs, seed=cfg.split_seed)["test"]
-    rows = evaluate_pairs(model, Preprocessing.from_dict(ckpt["preprocessing"]), test, torch.device("cpu"))
+    val = split_by_case(find_pairs(data).pairs, seed=cfg.split_seed)["val"]
+    rows = evaluate_pairs(model, Preprocessing.from_dict(ckpt["preprocessing"]), val, torch.device("cpu"))
     dice = np.nanmean([r["metrics"]["dice"] for r in rows], axis=0)
     steps = sum(h["steps"] for h in result.history)
     return {"recipe": name, "steps": steps, "minutes": seconds / 60, "dice": dice}

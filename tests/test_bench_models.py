@@ -25,7 +25,7 @@ def test_networks_train_in_turns_of_the_same_budget(tmp_path, tiny_synth):
         assert r["turns"] == 3, "3 s of training in turns of 1 s"
         # Each network trains its budget and stops at the first step that reaches it.
         assert r["trained_s"] - r["last_step_s"] < 3.0 <= r["trained_s"]
-        assert r["steps"] > 0 and len(r["test_dice"]) == 6 and r["seed"] == 3
+        assert r["steps"] > 0 and len(r["val_dice"]) == 6 and r["seed"] == 3
     assert "in turns of 1 s, seed 3" in (out / "models_cpu.md").read_text()
 
 
