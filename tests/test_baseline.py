@@ -24,12 +24,14 @@ def test_nearest_label_copies_the_most_similar_image():
 
 def test_split_leak_case_split_never_copies_the_same_patient(tiny_synth, tmp_path):
     vols = _volumes(tiny_synth, tmp_path)
-    rows = split_leak_experiment(vols, split_seeds=range(3))
-    assert [r["repeat"] for r in rows] == [0, 1, 2]
+    rows = split_leak_experiment(vols, split_seeds=range(5), test_fraction=0.3)
+    assert [r["repeat"] for r in rows] == [0, 1, 2, 3, 4]
     for r in rows:
         assert r["case split: same patient"] == 0.0, "a case-level split shares no patient"
-        for key in ("volume split: Dice", "case split: Dice", "volume split: same patient"):
-            assert 0.0 <= r[key] <= 1.0
+    # the leak the chapter measures: a volume-level split lets the copy-nearest model copy the same
+    # patient's other week, and so scores higher than the case-level split
+    assert max(r["volume split: same patient"] for r in rows) > 0
+    assert np.mean([r["volume split: Dice"] for r in rows]) > np.mean([r["case split: Dice"] for r in rows])
 
 
 def test_intensity_baseline_finds_background_but_not_organs(tiny_synth, tmp_path):

@@ -150,8 +150,8 @@ def test_live_slider_in_jupyterlab(tiny_synth, tmp_path):
     (tmp_path / "latency.json").write_text(json.dumps({"ms": latencies, "median_ms": median}))
     print(f"\nslider input-to-image latency: median {median:.0f} ms over 10 moves "
           f"(min {min(latencies):.0f}, max {max(latencies):.0f}); screenshot {tmp_path / 'slider.png'}")
-    # A generous sanity bound (timing figures belong in the README, not in a flaky assertion).
-    assert median < 2000
+    # The latency is a printed figure (the README quotes it), not an assertion: what the user sees
+    # (the image and the slice label change) is asserted above.
     deadline = time.time() + 15
     while time.time() < deadline:  # killed kernels may take a moment to be reaped
         try:
