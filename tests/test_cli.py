@@ -17,9 +17,16 @@ from conftest import make_pair_arrays, write_csiro_pair, write_nifti
 VERBS = ["synth", "check", "train", "predict", "evaluate", "book"]
 
 
-def run_cli(*args, cwd=None):
+def run_cli(*args, cwd=None, env=None):
+    """``python -m hipseg_lib ARGS``; ``env`` adds variables (None removes one)."""
+    full = {k: v for k, v in os.environ.items() if k != "HIPSEG_PLAIN_PROGRESS"}
+    for k, v in (env or {}).items():
+        if v is None:
+            full.pop(k, None)
+        else:
+            full[k] = v
     return subprocess.run([sys.executable, "-m", "hipseg_lib", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={k: v for k, v in os.environ.items() if k != "HIPSEG_PLAIN_PROGRESS"})
+                          cwd=cwd, env=full)
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -226,3 +233,14 @@ def test_train_config_that_is_not_an_object_is_a_one_line_error(tmp_path, tiny_s
 def test_book_with_an_unknown_chapter_is_a_one_line_error(tmp_path, tiny_synth):
     _one_line_error(run_cli("book", "--data", tiny_synth, "--chapter", "06_nowhere", "--no-build"),
                     "unknown chapter(s): 06_nowhere", "choose from 01_data_exploration")
+
+
+def test_under_torchrun_the_default_set_is_not_generated(tmp_path):
+    """Every process would make it at once: under torchrun (WORLD_SIZE set) it must exist already."""
+    project = tmp_path / "project"
+    (project / "book").mkdir(parents=True)
+    (project / "_config.yml").write_text("title: x\n")
+    env = {"HIPSEG_ROOT": str(project), "WORLD_SIZE": "2", "RANK": "0", "HIPSEG_DATA": None}
+    r = run_cli("train", "--preset", "smoke", "--out", tmp_path / "m", env=env)
+    _one_line_error(r, "no data yet", "hipseg synth --out")
+    assert not (project / "data").exists(), "nothing generated"

@@ -57,11 +57,30 @@ def test_predict_files_writes_uint8_with_input_geometry(tiny_model, tiny_synth, 
 
 
 def test_predict_any_dtype_and_big_endian(tiny_model, tiny_synth, tmp_path):
+    """The same scan stored big-endian gets the same labels as in native byte order, and the label
+    map keeps the input's header: geometry codes, voxel size, units, description."""
     vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
-    p = tmp_path / "be.nii"
-    nib.save(nib.Nifti1Image(vol.array.astype(">i2"), vol.affine, header=nib.Nifti1Header(endianness=">")), p)
-    written = predict_files(tiny_model, [p], tmp_path / "o", device="cpu", progress=False)
-    assert nib.load(written[0]).shape == vol.shape
+    arr = np.rint(vol.array).astype(np.int16)
+    paths = {}
+    for order in ("<", ">"):
+        img = nib.Nifti1Image(arr.astype(order + "i2"), vol.affine, header=nib.Nifti1Header(endianness=order))
+        img.header.set_qform(vol.affine, code=1)
+        img.header.set_sform(vol.affine, code=2)
+        img.header.set_xyzt_units("mm", "sec")
+        img.header["descrip"] = b"scanner 7, protocol T2"
+        paths[order] = tmp_path / f"scan_{'be' if order == '>' else 'le'}.nii"
+        nib.save(img, paths[order])
+    assert nib.load(paths[">"]).header.endianness == ">"
+    out = {o: predict_files(tiny_model, [p], tmp_path / f"o{i}", device="cpu", progress=False)[0]
+           for i, (o, p) in enumerate(paths.items())}
+    labels = {o: np.asanyarray(nib.load(f).dataobj) for o, f in out.items()}
+    assert labels[">"].shape == vol.shape and np.array_equal(labels[">"], labels["<"])
+    src, got = nib.load(paths[">"]).header, nib.load(out[">"]).header
+    assert got.get_data_dtype().kind == "u" and got.get_data_dtype().itemsize == 1
+    assert int(got["qform_code"]) == 1 and int(got["sform_code"]) == 2
+    assert got.get_zooms() == src.get_zooms() and got.get_xyzt_units() == ("mm", "sec")
+    assert bytes(got["descrip"]).rstrip(b"\0") == b"scanner 7, protocol T2"
+    np.testing.assert_allclose(nib.load(out[">"]).affine, vol.affine)
 
 
 def test_checkpoint_refusals(tiny_model, tmp_path):
