@@ -89,6 +89,13 @@ class Affine:
     matrix: tuple[tuple[float, float, float], ...]
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
+    @classmethod
+    def rotation(cls, angles: Sequence[float], scale: float = 1.0,
+                 spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> "Affine":
+        """Rotation by ``angles`` (radians, about axes 0, 1, 2) and ``scale``: :func:`rotation_matrix`."""
+        matrix = rotation_matrix(angles, scale)
+        return cls(tuple(tuple(float(v) for v in row) for row in matrix), tuple(float(v) for v in spacing))
+
     def theta(self, shape: Sequence[int]) -> torch.Tensor:
         """The ``(3, 4)`` matrix of ``F.affine_grid`` for a grid of ``shape`` (X, Y, Z).
 
@@ -341,9 +348,7 @@ class RandomAugmentation:
         if rotate or scale:
             angles = self.rotation_angles(rng, spacing) if rotate else [0.0, 0.0, 0.0]
             s = float(rng.uniform(*self.scaling)) if scale else 1.0
-            matrix = rotation_matrix(angles, s)
-            spatial = Affine(tuple(tuple(float(v) for v in row) for row in matrix),
-                             tuple(float(v) for v in spacing))
+            spatial = Affine.rotation(angles, s, spacing)
         intensity: list = []
         if rng.random() < self.p_noise:
             intensity.append(GaussianNoise(float(rng.uniform(*self.noise_std)), int(rng.integers(2**62))))

@@ -8,7 +8,7 @@ import torch
 
 from hipseg_lib.augment import (ANISO_THRESHOLD, Affine, Augmentation, Brightness, Contrast, Crop, FLIP_AXES, Gamma,
                                 GaussianBlur, GaussianNoise, LowResolution, Mirror, RandomAugmentation, RandomPatch,
-                                augment_batch, rotation_matrix)
+                                augment_batch)
 
 
 def _pair(shape=(16, 16, 8)):
@@ -22,7 +22,7 @@ def _pair(shape=(16, 16, 8)):
 
 
 def _affine(angles=(0.0, 0.0, 0.0), scale=1.0, spacing=(1.0, 1.0, 1.0)) -> Affine:
-    return Affine(tuple(map(tuple, rotation_matrix(angles, scale))), spacing)
+    return Affine.rotation(angles, scale, spacing)
 
 
 def _identities():
