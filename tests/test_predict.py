@@ -138,3 +138,35 @@ def test_evaluate_folders_pairs_by_name(tiny_model, tiny_synth, tmp_path):
         (perfect / p.label.name.replace("_SEMANTIC", "")).write_bytes(p.label.read_bytes())
     doc = evaluate_folders(perfect, truth)
     assert doc["summary"]["dice"]["body"]["mean"] == 1.0 and doc["summary"]["hd95"]["body"]["mean"] == 0.0
+
+
+def test_a_patch_trained_network_validates_and_predicts_in_windows(tiny_synth, tmp_path, monkeypatch):
+    """Trained on 8x8x8 patches of a 16x16x8 grid, the network is validated during training and
+    run by ``predict_files`` in sliding windows of that patch size, never on the whole grid."""
+    import hipseg_lib.predict as P
+    from hipseg_lib.config import make_config
+    from hipseg_lib.train import train
+
+    windows = []
+    real = P.sliding_window_logits
+
+    def spy(model, x, patch, *args, **kwargs):
+        windows.append((tuple(patch), tuple(x.shape[2:])))
+        return real(model, x, patch, *args, **kwargs)
+
+    monkeypatch.setattr(P, "sliding_window_logits", spy)
+    cfg = make_config("smoke", target_shape=(16, 16, 8), patch_shape=(8, 8, 8), base_channels=4, depth=2,
+                      epochs=1, amp="off", cache_dir=str(tmp_path / "cache"))
+    train(cfg, tiny_synth, tmp_path / "m", progress=False, log=lambda s: None)
+    from hipseg_lib.data import split_folder
+    n_val = len(split_folder(tiny_synth, cfg.split_seed)["val"])
+    assert n_val > 0 and len(windows) == n_val, "the one validation ran every volume in windows"
+    assert set(windows) == {((8, 8, 8), (16, 16, 8))}
+
+    windows.clear()
+    model, _ = load_model(tmp_path / "m" / "new_model.pth")
+    assert model.inference_patch == (8, 8, 8)
+    image = find_pairs(tiny_synth).pairs[0].image
+    written = predict_files(tmp_path / "m" / "new_model.pth", [image], tmp_path / "out", tta=False)
+    assert len(written) == 1 and nib.load(written[0]).shape == load_volume(image).shape
+    assert windows == [((8, 8, 8), (16, 16, 8))], "prediction ran in windows of the patch size"
