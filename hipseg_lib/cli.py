@@ -207,7 +207,9 @@ def _add_predict(sub) -> None:
     pr = sub.add_parser("predict", help="segment NIfTI scans with a checkpoint", description=(
         "Segment .nii/.nii.gz files (or folders of them); writes <name>_pred.nii.gz uint8 label maps "
         "with each input's shape, affine and header. Windows (when used) are blended with Gaussian "
-        "weights. Defaults for --tta and --postprocess were chosen by chapter 5's measurement on the validation cases."))
+        "weights. Every input is read and checked before the first output is written: a bad one "
+        "(missing, corrupt, not 3D, NaN or constant) stops the run with its name and nothing written. "
+        "Defaults for --tta and --postprocess were chosen by chapter 5's measurement on the validation cases."))
     pr.add_argument("inputs", nargs="+", metavar="INPUT")
     pr.add_argument("--checkpoint", default=f"model/{BEST_NAME}")
     pr.add_argument("--out", required=True, help="output folder")

@@ -278,6 +278,27 @@ def _save_probabilities(probs: np.ndarray, affine: np.ndarray, path: Path, overw
     save_nifti_atomic(quantised, affine, path, header=header, overwrite=overwrite, scale=1 / 65535)
 
 
+def _check_inputs(files: Sequence[Path], progress: bool) -> None:
+    """Read every input once, so that a bad one is named before any output is written.
+
+    Raises one :class:`HipsegError` naming the first bad file and how many more there are."""
+    problems = []
+    it = files
+    if progress and len(files) > 1:
+        from .progress import progress as tqdm
+        it = tqdm(files, desc="check", unit="vol")
+    for f in it:
+        try:
+            problem = constant_image_problem(load_volume(f, "image"))
+        except HipsegError as exc:
+            problem = str(exc)
+        if problem:
+            problems.append(problem)
+    if problems:
+        more = f" (and {len(problems) - 1} more bad input(s))" if len(problems) > 1 else ""
+        raise HipsegError(problems[0] + more + "; nothing was written")
+
+
 def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                   device: str = "auto", overwrite: bool = False, progress: bool = True, tta: bool = DEFAULT_TTA,
                   postprocess: bool = DEFAULT_POSTPROCESS, probabilities: bool = False) -> list[Path]:
@@ -285,9 +306,11 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
     and with ``probabilities`` also ``<name>_probs.nii.gz``: the per-class probabilities as a 4D
     image (x, y, z, class) on the input's grid.
 
-    Everything is checked before the first file is written: inputs exist and are NIfTI,
-    the checkpoint loads, the output folder is writable and no output exists (unless
-    ``overwrite``). Each output is written atomically. Returns the label maps written.
+    Everything is checked before the first file is written: every input is read in full (a
+    truncated or corrupt file, a non-3D or non-finite or constant image stops the run, naming
+    it, with nothing written; the volumes are read again to predict, which costs little next to
+    the network), the checkpoint loads, the output folder is writable and no output exists
+    (unless ``overwrite``). Each output is written atomically. Returns the label maps written.
     """
     from .runtime import resolve_device
 
@@ -305,6 +328,7 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
         for t in targets + prob_targets:
             if t.exists():
                 raise HipsegError(f"{t}: already exists (use --overwrite to replace it)")
+    _check_inputs(files, progress)
     it = list(zip(files, targets))
     if progress:
         from .progress import progress as tqdm
@@ -312,9 +336,6 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
     written = []
     for n, (f, target) in enumerate(it):
         vol = load_volume(f, "image")
-        constant = constant_image_problem(vol)
-        if constant:
-            raise HipsegError(constant)
         probs = predict_probabilities(model, vol.array, vol.affine, prep, dev, tta=tta)
         label = labels_from_probabilities(probs, postprocess)
         header = vol.header.copy() if vol.header is not None else None

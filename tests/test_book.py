@@ -139,6 +139,25 @@ def test_static_sliders_open_on_the_prostate(built_book):
         assert re.search(r"anim\w+\.set_frame\(\d+\);", text), page
 
 
+@pytest.mark.slow  # chapter 4 run a second time with papermill
+def test_chapter_4_run_twice_moves_the_earlier_run_to_previous(built_book, tiny_synth, tmp_path):
+    out, _ = built_book
+    model = out / "model"
+    first = {n: (model / n).read_bytes() for n in ("new_model.pth", "last.pth", "train_log.jsonl")}
+    assert not (model / "previous").exists()
+    stage = run_book(preset="smoke", data_dir=str(tiny_synth), root=ROOT, build=False,
+                     chapters_only=["04_training"], build_dir=tmp_path / "_build",
+                     model_dir=str(model), results_dir=str(tmp_path / "results"), log=lambda s: None)
+    archived = list((model / "previous").iterdir())
+    assert len(archived) == 1, archived
+    for name, data in first.items():
+        assert (archived[0] / name).read_bytes() == data, f"{name} of the first run is kept as it was"
+        assert (model / name).exists(), f"the second run wrote its own {name}"
+    nb = nbformat.read(stage / "book" / "04_training.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert f"earlier run moved to {archived[0]}" in printed
+
+
 def test_project_root_is_found():
     assert (project_root() / "_config.yml").exists()
 

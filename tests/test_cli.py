@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +160,23 @@ def test_predict_bad_inputs(tiny_model, tmp_path, make, needles):
     r = run_cli("predict", "--checkpoint", tiny_model, inp, "--out", out, "--device", "cpu")
     _one_line_error(r, *needles)
     assert not out.exists() or not any(out.iterdir()), "no partial output"
+
+
+def test_predict_checks_every_input_before_writing_any(tiny_model, tiny_synth, tmp_path):
+    """Good scans first, bad ones last in the folder's order: the run stops naming the first bad
+    file and counting the rest, and writes no label map at all (not the good ones before it)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for img in sorted((tiny_synth / "semantic_MRs_anon").iterdir())[:2]:
+        shutil.copy(img, folder / img.name)
+    image, _ = make_pair_arrays((32, 32, 16))
+    bad = write_nifti(folder / "zz_trunc.nii.gz", image)
+    bad.write_bytes(bad.read_bytes()[:2000])
+    write_nifti(folder / "zz_zconst.nii.gz", np.full((16, 16, 8), 7, np.float32))
+    out = tmp_path / "out"
+    r = run_cli("predict", "--checkpoint", tiny_model, folder, "--out", out, "--device", "cpu")
+    _one_line_error(r, "zz_trunc.nii.gz", "truncated or corrupt", "and 1 more bad input", "nothing was written")
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
 
 
 def _write(p, data):
