@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,7 @@ from hipseg_lib.augment import RandomAugmentation  # noqa: E402
 from hipseg_lib.config import make_config  # noqa: E402
 from hipseg_lib.data import TrainingBatches, TrainingSet, cache_pairs, split_folder  # noqa: E402
 from hipseg_lib.plan import BF16_PEAK_TFLOPS, step_flops  # noqa: E402
-from hipseg_lib.runtime import cpu_has_bf16  # noqa: E402
+from provenance import markdown_line, provenance  # noqa: E402
 
 BGV2 = "batchgeneratorsv2==0.3.6"
 # what batchgeneratorsv2's transforms import beyond torch, numpy and scipy (its blur imports skimage, its spatial transform pandas)
@@ -53,30 +52,6 @@ BGV2_NEEDS = ("scikit-image==0.26.0", "lazy_loader==0.6", "imageio==2.38.1", "ti
               "pandas==3.1.1", "tzdata==2026.6")
 MFUS = (0.10, 0.20, 0.40)
 PEAK = BF16_PEAK_TFLOPS["H100 SXM"]  # = H200's: the same tensor cores
-
-
-def provenance(argv) -> dict:
-    """What a reader needs to rerun a row: commit, versions, machine, threads, date, command."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        commit += " with uncommitted changes" if dirty else ""
-    except OSError:
-        commit = "unknown"
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"commit": commit, "torch": torch.__version__, "cpu": cpu, "cpu_native_bf16": cpu_has_bf16(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-            "command": " ".join(["python benchmarks/bench_loader.py", *argv])}
 
 
 def import_bgv2(cache: Path):
@@ -308,7 +283,7 @@ def main(argv=None) -> int:
             ds = NnUNetDataset(vols, path)
             for w in a.workers:
                 row(f"nnU-Net (batchgeneratorsv2), {w} worker{'s' if w > 1 else ''}", time_loader(ds, b, w, a.seconds))
-    prov = provenance(argv)
+    prov = provenance([__file__, *argv])
     write(rows, plans, prov, a.out, notes)
     return 0
 
@@ -317,9 +292,7 @@ def write(rows, plans, prov, out=None, notes=()) -> Path:
     slug = "cuda" if prov["gpu"] else "cpu"
     path = Path(out) if out else ROOT / "benchmarks" / "results" / f"loader_{slug}.md"
     lines = ["# Augmented training volumes per second", "",
-             f"Commit {prov['commit']}, {prov['date']}, torch {prov['torch']}; CPU: {prov['cpu']} (native bf16: "
-             f"{prov['cpu_native_bf16']}), {prov['threads']} threads" + (f"; GPU: {prov['gpu']}" if prov["gpu"] else "")
-             + f". Command: `{prov['command']}`.", "",
+             markdown_line(prov), "",
              f"What a GPU eats: the step's FLOPs (PyTorch's count) at a share of {PEAK:.0f} TFLOP/s "
              "(H100 SXM / H200 dense bf16), as augmented volumes per second:", "",
              "| grid | batch | TFLOP per step | " + " | ".join(f"at {int(100 * m)} % MFU" for m in MFUS) + " |",

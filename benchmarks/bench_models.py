@@ -45,6 +45,8 @@ from hipseg_lib.metrics import dice_per_class
 from hipseg_lib.model import Conv3d, ResUNet3D, count_parameters
 from hipseg_lib.config import make_config, parse_settings
 from hipseg_lib.data import load_split_volumes
+
+from provenance import markdown_line, provenance
 from hipseg_lib.runtime import autocast_for, resolve_device, seed_everything
 
 MODELS = ("hipseg-ResUNet3D", "monai-UNet", "monai-BasicUNet")
@@ -205,7 +207,7 @@ class Trainer:
                 "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                            else f"CPU x{torch.get_num_threads()} threads"),
                 "preset": cfg.preset, "target_shape": list(cfg.preprocessing.target_shape),
-                "batch_size": cfg.batch_size, "amp": str(autocast_for(device, cfg.amp)[1]), "minutes": minutes,
+                "batch_size": cfg.batch_size, "amp": precision_name(autocast_for(device, cfg.amp)[1]), "minutes": minutes,
                 "seed": self.seed}
 
 
@@ -243,6 +245,11 @@ class Worker:
         self.proc.wait()
         raise RuntimeError(f"bench_models: the {self.name} worker ended (exit {self.proc.returncode}); "
                            "its error is above")
+
+
+def precision_name(dtype) -> str:
+    """What the step computed in: ``fp32`` (autocast off), ``bf16`` or ``fp16``."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def table(rows: list[dict]) -> str:
@@ -321,8 +328,9 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if rows[0]["device"] and not rows[0]["device"].startswith("CPU") else "cpu"
-    (out / f"models_{tag}.json").write_text(json.dumps(rows, indent=2))
-    md = (f"Device: {rows[0]['device']}; preset {rows[0]['preset']}, grid {rows[0]['target_shape']}, "
+    prov = provenance()
+    (out / f"models_{tag}.json").write_text(json.dumps({"provenance": prov, "rows": rows}, indent=2))
+    md = (markdown_line(prov) + "\n\n" + f"Device: {rows[0]['device']}; preset {rows[0]['preset']}, grid {rows[0]['target_shape']}, "
           f"batch {rows[0]['batch_size']}, amp {rows[0]['amp']}, {args.minutes:g} min of training each, "
           f"in turns of {args.slice:g} s, seed {args.seed}.\n\n" + table(rows))
     (out / f"models_{tag}.md").write_text(md + "\n")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -21,21 +20,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from provenance import cpu_model, markdown_line, provenance  # noqa: E402
+
 # name: (predict_array options, memory the network may use in GB; None = what is free)
 OPTIONS = {"plain": (dict(tta=False, postprocess=False), None),
            "TTA": (dict(tta=True, postprocess=False), None),
            "TTA + post-processing": (dict(tta=True, postprocess=True), None),
            "TTA, windows": (dict(tta=True, postprocess=False), 0)}  # 0: windows of half the grid
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def one(preset_name: str, option: str, shape: tuple[int, int, int]) -> dict:
@@ -89,8 +80,8 @@ def main() -> int:
                 return 1
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    lines = [f"# predict_array on one {shape[0]}x{shape[1]}x{shape[2]} scan, CPU ({cpu_name()}, "
-             f"{os.cpu_count()} cores, 2 threads)", "",
+    lines = [f"# predict_array on one {shape[0]}x{shape[1]}x{shape[2]} scan, CPU ({cpu_model()}, "
+             f"{os.cpu_count()} cores, 2 threads)", "", markdown_line(provenance()), "",
              "Peak resident memory of the whole process (Python, torch and the model included); random weights; "
              "the second of two calls is timed. \"windows\": Gaussian-weighted windows of half the grid per axis.", "",
              "| preset (network grid) | inference | s/volume | peak RSS (GB) |", "|---|---|---|---|"]

@@ -44,6 +44,7 @@ from hipseg_lib.model import ResUNet3D, count_parameters  # noqa: E402
 from hipseg_lib.config import make_config  # noqa: E402
 from hipseg_lib.runtime import autocast_for  # noqa: E402
 from hipseg_lib.plan import peak_tflops, plan_run, step_flops  # noqa: E402
+from provenance import markdown_line, provenance  # noqa: E402
 
 # Every figure the results file must hold (a test checks the dry run's file for each).
 FIGURES = ("device", "torch", "data set", "synthesis s", "chapter 4 s", "chapter 5 s", "full preset grid",
@@ -275,6 +276,7 @@ def models_figure(data: Path, cfg, dry: bool, minutes: float) -> str:
 
 
 def write_results(figures: dict, failures: list[str], path: Path) -> None:
+    prov = provenance()
     def fmt(v):
         if isinstance(v, float):
             return "nan" if math.isnan(v) else f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
@@ -282,7 +284,7 @@ def write_results(figures: dict, failures: list[str], path: Path) -> None:
 
     lines = [f"# GPU check: {figures.get('device', '?')}", "",
              "Written by `make gpu-check` (`benchmarks/gpu_check.py`); every figure was measured in this run.",
-             "", "| figure | value |", "|---|---|"]
+             "", markdown_line(prov), "", "| figure | value |", "|---|---|"]
     for k in FIGURES:
         if k in ("models table", "loader table"):
             continue
@@ -295,7 +297,7 @@ def write_results(figures: dict, failures: list[str], path: Path) -> None:
         lines += ["## Failed stages", ""] + [f"- {f}" for f in failures] + [""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
-    path.with_suffix(".json").write_text(json.dumps({**figures, "failures": failures}, indent=2, default=str))
+    path.with_suffix(".json").write_text(json.dumps({"provenance": prov, **figures, "failures": failures}, indent=2, default=str))
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,12 @@ def test_networks_train_in_turns_of_the_same_budget(tmp_path, tiny_synth):
                            "--models", "hipseg-ResUNet3D", "monai-UNet"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads((out / "models_cpu.json").read_text())
+    doc = json.loads((out / "models_cpu.json").read_text())
+    rows = doc["rows"]
+    assert doc["provenance"]["command"].startswith("python benchmarks/bench_models.py --preset smoke")
+    from hipseg_lib.runtime import cpu_has_bf16
+    assert {r["amp"] for r in rows} == {"bf16" if cpu_has_bf16() else "fp32"}, "amp=auto, named"
+    assert (out / "models_cpu.md").read_text().startswith("Provenance: commit ")
     assert [r["model"] for r in rows] == ["hipseg-ResUNet3D", "monai-UNet"]
     for r in rows:
         assert r["turns"] == 3, "3 s of training in turns of 1 s"

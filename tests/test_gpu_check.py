@@ -46,6 +46,8 @@ def test_dry_run_writes_every_figure(tmp_path):
     text = out.read_text()
     figures = json.loads(out.with_suffix(".json").read_text())
     assert figures["failures"] == []
+    assert figures["provenance"]["command"].startswith("python benchmarks/gpu_check.py --dry-run")
+    assert "Provenance: commit " in text
     for name in gpu_check.FIGURES:
         assert name in figures, f"missing figure {name!r}"
         assert "missing" not in str(figures[name]) and "failed" not in str(figures[name]), (name, figures[name])

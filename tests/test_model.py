@@ -202,6 +202,13 @@ def test_conv3d_keeps_a_single_fp32_volume_in_onednn_and_does_1x1x1_as_products(
     assert "aten::slow_conv3d_forward" not in kernels and "aten::mkldnn_convolution" in kernels
     # ... and a batch of two to oneDNN already.
     assert "aten::mkldnn_convolution" in _kernels(plain, torch.randn(2, 48, 16, 16, 12))
+    # The threshold hipseg copies from PyTorch (model._NATIVE_BELOW), at its edge: N*C*D*H = 20480
+    # still goes native (and hipseg moves it), one more row of H goes to oneDNN by itself.
+    edge, past = torch.randn(1, 40, 16, 32, 4), torch.randn(1, 40, 16, 33, 4)
+    plain, ours = torch.nn.Conv3d(40, 8, 3, padding=1), Conv3d(40, 8, 3, padding=1)
+    assert "aten::slow_conv3d_forward" in _kernels(plain, edge)
+    assert "aten::slow_conv3d_forward" not in _kernels(plain, past)
+    assert "aten::slow_conv3d_forward" not in _kernels(ours, edge)
     head = _kernels(Conv3d(24, 6, 1), torch.randn(1, 24, 16, 16, 12))
     assert "aten::mm" in head and not any("convolution" in k for k in head)
 
