@@ -1,6 +1,8 @@
 """The command line: every verb has --help; bad input gives one line, exit 1, no traceback, no output file."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -18,16 +20,34 @@ from conftest import make_pair_arrays, write_csiro_pair, write_nifti
 VERBS = ["synth", "check", "train", "predict", "evaluate", "book"]
 
 
-def run_cli(*args, cwd=None, env=None):
-    """``python -m hipseg_lib ARGS``; ``env`` adds variables (None removes one)."""
-    full = {k: v for k, v in os.environ.items() if k != "HIPSEG_PLAIN_PROGRESS"}
-    for k, v in (env or {}).items():
-        if v is None:
-            full.pop(k, None)
-        else:
-            full[k] = v
-    return subprocess.run([sys.executable, "-m", "hipseg_lib", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=full)
+def run_cli(*args, cwd=None, env=None, process=False):
+    """``hipseg ARGS``: its exit status, stdout and stderr.
+
+    In this process (``main(ARGS)``; a torch import spared per call) unless ``process`` or a
+    ``cwd`` or ``env`` is given: then ``python -m hipseg_lib ARGS`` in its own process, where
+    ``env`` adds variables (None removes one). An unexpected exception raises here either way
+    (a traceback in the child's stderr, or the exception itself), so both fail a test alike."""
+    if process or cwd is not None or env is not None:
+        full = {k: v for k, v in os.environ.items() if k != "HIPSEG_PLAIN_PROGRESS"}
+        for k, v in (env or {}).items():
+            if v is None:
+                full.pop(k, None)
+            else:
+                full[k] = v
+        return subprocess.run([sys.executable, "-m", "hipseg_lib", *map(str, args)], capture_output=True,
+                              text=True, cwd=cwd, env=full)
+    out, err = io.StringIO(), io.StringIO()
+    saved = os.environ.pop("HIPSEG_PLAIN_PROGRESS", None)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:  # argparse's own errors
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        if saved is not None:
+            os.environ["HIPSEG_PLAIN_PROGRESS"] = saved
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -162,6 +182,15 @@ def test_predict_bad_inputs(tiny_model, tmp_path, make, needles):
     assert not out.exists() or not any(out.iterdir()), "no partial output"
 
 
+def test_a_bad_input_in_a_real_process_is_one_line_and_exit_1(tiny_model, tmp_path):
+    """The cases above run in this process; one of them again as the user runs it."""
+    out = tmp_path / "out"
+    r = run_cli("predict", "--checkpoint", tiny_model, _truncated(tmp_path), "--out", out, "--device", "cpu",
+                process=True)
+    _one_line_error(r, "trunc.nii.gz", "truncated or corrupt")
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_predict_checks_every_input_before_writing_any(tiny_model, tiny_synth, tmp_path):
     """Good scans first, bad ones last in the folder's order: the run stops naming the first bad
     file and counting the rest, and writes no label map at all (not the good ones before it)."""
@@ -233,11 +262,12 @@ def test_train_outside_a_project_checkout_says_where_to_point_data(tmp_path, mon
     checkout there is no default to make, and the error says so."""
     monkeypatch.setenv("HIPSEG_ROOT", str(tmp_path))  # a folder that is not a hipseg checkout
     monkeypatch.delenv("HIPSEG_DATA", raising=False)
-    r = run_cli("train", "--preset", "smoke", "--out", tmp_path / "m", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("train", "--preset", "smoke", "--out", tmp_path / "m")
     _one_line_error(r, "no hipseg project checkout", "--data")
     assert not (tmp_path / "data").exists() and not (tmp_path / "m").exists()
     monkeypatch.setenv("HIPSEG_DATA", str(tmp_path / "nowhere"))
-    _one_line_error(run_cli("train", "--preset", "smoke", cwd=tmp_path), "nowhere: no such folder")
+    _one_line_error(run_cli("train", "--preset", "smoke"), "nowhere: no such folder")
 
 
 def test_train_config_that_is_not_an_object_is_a_one_line_error(tmp_path, tiny_synth):
