@@ -164,10 +164,22 @@ def test_probabilities_sum_to_one_and_match_the_label(tiny_model, tiny_synth):
         probs = predict_probabilities(model, vol.array, vol.affine, prep, tta=tta)
         assert probs.shape == (NUM_CLASSES, *vol.shape) and probs.dtype == np.float32
         np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
-        assert probs.min() >= 0
         u = entropy(probs)
-        assert u.shape == vol.shape and 0 <= u.min() and u.max() <= 1 + 1e-6
+        assert u.shape == vol.shape
+        np.testing.assert_allclose(u, -(probs * np.log(np.clip(probs, 1e-12, 1))).sum(0) / np.log(NUM_CLASSES),
+                                   atol=1e-5)
     np.testing.assert_array_equal(labels_from_probabilities(probs, postprocess=False), probs.argmax(0))
+
+
+def test_entropy_is_zero_when_certain_and_one_when_all_classes_are_equally_likely():
+    certain = np.zeros((NUM_CLASSES, 2, 2, 2), np.float32)
+    certain[3] = 1
+    uniform = np.full((NUM_CLASSES, 2, 2, 2), 1 / NUM_CLASSES, np.float32)
+    two = np.zeros((NUM_CLASSES, 1), np.float32)
+    two[:2] = 0.5  # two classes at even odds: log 2 / log 6
+    np.testing.assert_allclose(entropy(certain), 0, atol=1e-6)
+    np.testing.assert_allclose(entropy(uniform), 1, rtol=1e-6)
+    np.testing.assert_allclose(entropy(two), np.log(2) / np.log(NUM_CLASSES), rtol=1e-6)
 
 
 def test_keep_largest_component_per_class_and_never_other_classes():
