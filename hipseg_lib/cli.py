@@ -1,6 +1,6 @@
 """The ``hipseg`` command line (also ``python -m hipseg_lib``).
 
-Verbs: ``synth``, ``check``, ``train``, ``predict``, ``evaluate``, ``book``, ``lab``. Errors about user
+Verbs: ``synth``, ``check``, ``train``, ``predict``, ``export``, ``evaluate``, ``book``, ``lab``. Errors about user
 input print one line ``hipseg: error: <file>: <problem>`` and exit with status 1.
 """
 from __future__ import annotations
@@ -95,13 +95,30 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from .predict import predict_files
+    common = dict(overwrite=a.overwrite, progress=not a.quiet, tta=a.tta, postprocess=a.postprocess,
+                  probabilities=a.probabilities)
+    if a.model:
+        if a.checkpoint:
+            raise HipsegError("give --checkpoint or --model, not both")
+        if Path(a.model).suffix.lower() != ".onnx":
+            raise HipsegError(f"{a.model}: --model takes an .onnx file written by hipseg export")
+        from .portable import predict_files_onnx  # ONNX Runtime only: torch is never imported
 
-    written = predict_files(a.checkpoint, a.inputs, a.out, device=a.device, overwrite=a.overwrite,
-                            progress=not a.quiet, tta=a.tta, postprocess=a.postprocess,
-                            probabilities=a.probabilities)
+        written = predict_files_onnx(a.model, a.inputs, a.out, **common)
+    else:
+        from .predict import predict_files
+
+        written = predict_files(a.checkpoint or f"model/{BEST_NAME}", a.inputs, a.out, device=a.device, **common)
     extra = " and probability maps" if a.probabilities else ""
     print(f"wrote {len(written)} label map(s){extra} to {a.out}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import describe, export_model
+
+    model_file, json_file = export_model(a.checkpoint, a.format, a.out, overwrite=a.overwrite)
+    print(f"wrote {model_file} and {json_file.name} ({describe(json_file)})")
     return 0
 
 
@@ -141,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hipseg", description="3D segmentation of pelvic MRI with a residual 3D U-Net.")
     p.add_argument("--version", action="version", version=f"hipseg {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for add in (_add_synth, _add_check, _add_train, _add_predict, _add_evaluate, _add_book, _add_lab):
+    for add in (_add_synth, _add_check, _add_train, _add_predict, _add_export, _add_evaluate, _add_book, _add_lab):
         add(sub)
     return p
 
@@ -211,7 +228,9 @@ def _add_predict(sub) -> None:
         "(missing, corrupt, not 3D, NaN or constant) stops the run with its name and nothing written. "
         "Defaults for --tta and --postprocess were chosen by chapter 5's measurement on the validation cases."))
     pr.add_argument("inputs", nargs="+", metavar="INPUT")
-    pr.add_argument("--checkpoint", default=f"model/{BEST_NAME}")
+    pr.add_argument("--checkpoint", default=None, help=f"a hipseg checkpoint (default: model/{BEST_NAME})")
+    pr.add_argument("--model", default=None, help="instead, an .onnx file from hipseg export, run by ONNX Runtime "
+                    "(no PyTorch needed; --device does not apply)")
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("--device", default="auto")
     pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=DEFAULT_TTA,
@@ -223,6 +242,19 @@ def _add_predict(sub) -> None:
     pr.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_predict)
+
+
+def _add_export(sub) -> None:
+    ex = sub.add_parser("export", help="a checkpoint to ONNX or TorchScript, for tools without hipseg", description=(
+        "Write the checkpoint's network as ONNX (opset 17) or TorchScript into --out, with a JSON file beside "
+        "it that says how to prepare its input and read its output. The exported model is run beside "
+        "PyTorch on a synthetic scan first and must give the same labels and logits within 1e-4; "
+        "otherwise nothing is written."))
+    ex.add_argument("--checkpoint", default=f"model/{BEST_NAME}")
+    ex.add_argument("--format", choices=("onnx", "torchscript"), required=True)
+    ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--overwrite", action="store_true", help="replace existing files")
+    ex.set_defaults(func=cmd_export)
 
 
 def _add_evaluate(sub) -> None:

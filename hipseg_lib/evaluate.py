@@ -16,8 +16,9 @@ from ._atomic import write_json_atomic
 from .io import Pair, load_pair, load_volume, volume_id_in
 from .metrics import METRICS, evaluate_case, summarise
 from .model import ResUNet3D
-from .predict import (DEFAULT_POSTPROCESS, DEFAULT_TTA, _stem, collect_inputs, entropy,
-                      labels_from_probabilities, predict_array, predict_probabilities)
+from . import DEFAULT_POSTPROCESS, DEFAULT_TTA
+from .portable import _stem, collect_inputs, entropy, labels_from_probabilities
+from .predict import predict_array, predict_probabilities
 from .preprocess import Preprocessing
 
 __all__ = ["evaluate_pairs", "evaluate_folders", "results_document", "write_json_atomic", "format_summary",

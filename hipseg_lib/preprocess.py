@@ -8,14 +8,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
-import torch
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
-import torch.nn.functional as F
 from scipy import ndimage
 
 from . import HipsegError
 
-__all__ = ["Preprocessing", "normalise_intensity", "resize_image", "resize_label", "foreground_box", "crop",
+__all__ = ["Preprocessing", "normalise_intensity", "resize_image", "resize_linear", "resize_label",
+           "foreground_box", "crop",
            "preprocess_image", "preprocess_pair",
            "Reorientation", "reorient"]
 
@@ -98,21 +97,63 @@ def normalise_intensity(image: np.ndarray, clip_percentiles: tuple[float, float]
     return ((img - img.mean()) / std).astype(np.float32)
 
 
+def _torch():
+    """torch when installed; None on a PyTorch-free install (the ONNX path, :mod:`.portable`)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
 def resize_image(image: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Trilinear resize of a 3D float array to ``shape``."""
+    """Trilinear resize of a 3D float array to ``shape`` (PyTorch's ``interpolate``, or
+    :func:`resize_linear`, the same to float rounding, where torch is not installed)."""
     if tuple(image.shape) == tuple(shape):
         return np.asarray(image, dtype=np.float32)
+    torch = _torch()
+    if torch is None:
+        return resize_linear(image, shape)
     t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-    out = F.interpolate(t, size=tuple(shape), mode="trilinear", align_corners=False)
+    out = torch.nn.functional.interpolate(t, size=tuple(shape), mode="trilinear", align_corners=False)
     return out[0, 0].numpy()
+
+
+def resize_linear(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Linear resize of the last ``len(shape)`` axes of a float array in numpy, with PyTorch's
+    ``interpolate(mode="trilinear", align_corners=False)`` sampling: output voxel ``i`` reads the
+    input at ``(i + 0.5) * in / out - 0.5``, clamped to the edges. One axis at a time.
+
+    Example:
+        >>> resize_linear(np.array([0.0, 1.0]), (4,)).tolist()
+        [0.0, 0.25, 0.75, 1.0]
+    """
+    out = np.asarray(array, dtype=np.float32)
+    lead = out.ndim - len(shape)
+    for k, n_out in enumerate(shape):
+        axis, n_in = lead + k, out.shape[lead + k]
+        if n_in == n_out:
+            continue
+        scale = np.float32(n_in / n_out)
+        src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
+        i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        w = (src - i0).astype(np.float32)
+        view = [1] * out.ndim
+        view[axis] = n_out
+        w = w.reshape(view)
+        out = np.take(out, i0, axis=axis) * (1 - w) + np.take(out, i1, axis=axis) * w
+    return out.astype(np.float32, copy=False)
 
 
 def resize_label(label: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """Nearest-neighbour resize of a label map: every output value is an input value."""
     if tuple(label.shape) == tuple(shape):
         return np.asarray(label, dtype=np.uint8)
+    import torch  # training only: prediction never resizes a label
+
     t = torch.from_numpy(np.ascontiguousarray(label, dtype=np.uint8))[None, None]
-    out = F.interpolate(t, size=tuple(shape), mode="nearest-exact")
+    out = torch.nn.functional.interpolate(t, size=tuple(shape), mode="nearest-exact")
     return out[0, 0].numpy().astype(np.uint8)
 
 

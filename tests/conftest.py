@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -93,3 +99,49 @@ def chromium() -> str:
             pytest.fail(message + "; in CI a missing browser fails instead of skipping")
         pytest.skip(message)
     return path
+
+
+def start_lab(book: Path, data: Path, port: int, env: dict | None = None) -> tuple[subprocess.Popen, str, list[str]]:
+    """``hipseg lab --dir book --port port`` in its own process group, as ``make lab`` runs it;
+    returns once the server listens: the process, the URL it printed and every line it printed.
+    Jupyter's config and runtime folders are kept beside ``book``; ``env`` adds variables."""
+    full = {**os.environ, "HIPSEG_DATA": str(data), "JUPYTER_CONFIG_DIR": str(book.parent / "jcfg"),
+            "JUPYTER_RUNTIME_DIR": str(book.parent / "jrun"), "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "hipseg_lib", "lab", "--dir", str(book), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full,
+                            start_new_session=True)
+    url, seen = None, []
+    deadline = time.time() + 120
+    while time.time() < deadline and url is None:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        m = re.search(r"open (http://\S+)", line)
+        url = m.group(1) if m else None
+    assert url, "".join(seen)
+    listen = int(re.search(r":(\d+)/", url).group(1))
+    while time.time() < deadline:  # the URL is printed before the server listens
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", listen)) == 0:
+                return proc, url, seen
+        assert proc.poll() is None, "JupyterLab exited: " + proc.stdout.read()
+        time.sleep(0.5)
+    raise AssertionError(f"JupyterLab did not listen on {listen} within 120 s")
+
+
+def stop_lab(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (it shuts its kernels down), SIGKILL after 20 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+    time.sleep(0.5)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # any kernel left behind in the group
+    except ProcessLookupError:
+        pass

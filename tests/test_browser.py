@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import chromium_path
+from conftest import chromium_path, start_lab, stop_lab
 
 pytestmark = pytest.mark.slow  # JupyterLab in a real browser: `make test-fast` leaves it out
 
@@ -36,49 +36,6 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def _start_lab(book: Path, data: Path, port: int) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "HIPSEG_DATA": str(data), "JUPYTER_CONFIG_DIR": str(book.parent / "jcfg"),
-           "JUPYTER_RUNTIME_DIR": str(book.parent / "jrun"), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "hipseg_lib", "lab", "--dir", str(book), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    url, seen = None, []
-    deadline = time.time() + 120
-    while time.time() < deadline and url is None:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        m = re.search(r"open (http://127\.0\.0\.1:\d+/lab/tree/\S+\?token=\w+)", line)
-        url = m.group(1) if m else None
-    assert url, "".join(seen)
-    port = int(re.search(r":(\d+)/", url).group(1))
-    while time.time() < deadline:  # the URL is printed before the server listens
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, url
-        assert proc.poll() is None, "JupyterLab exited: " + proc.stdout.read()
-        time.sleep(0.5)
-    raise AssertionError(f"JupyterLab did not listen on {port} within 120 s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (it shuts its kernels down), SIGKILL after 20 s."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-    time.sleep(0.5)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # any kernel left behind in the group
-    except ProcessLookupError:
-        pass
-
-
 def test_live_slider_in_jupyterlab(tiny_synth, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -90,7 +47,7 @@ def test_live_slider_in_jupyterlab(tiny_synth, tmp_path):
     blocker.bind(("127.0.0.1", free_port(18888)))  # the first port is taken: lab must move on
     blocker.listen(1)
     taken = blocker.getsockname()[1]
-    proc, url = _start_lab(book, tiny_synth, taken)
+    proc, url, _ = start_lab(book, tiny_synth, taken)
     assert f":{taken}/" not in url, "a port in use is skipped"
     try:
         with sync_playwright() as pw:
@@ -142,7 +99,7 @@ def test_live_slider_in_jupyterlab(tiny_synth, tmp_path):
             latencies = page.evaluate("() => window.__moves")
             browser.close()
     finally:
-        _stop(proc)
+        stop_lab(proc)
         blocker.close()
     assert final_src != start_src and srcs[1] != srcs[0], "the image changed when the slider moved"
     assert (tmp_path / "slider.png").stat().st_size > 10_000

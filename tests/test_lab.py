@@ -4,12 +4,8 @@ The server is started for real (as ``make lab`` does) and asked over HTTP; nothi
 """
 from __future__ import annotations
 
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from hipseg_lib.lab import HOST, free_port
+
+from conftest import start_lab, stop_lab
 
 
 def _listening_addresses(port: int) -> set[str]:
@@ -59,52 +57,24 @@ def test_lab_binds_loopback_with_a_token_on_the_next_free_port(tiny_synth, tmp_p
     browser = tmp_path / "browser.sh"
     browser.write_text(f"#!/bin/sh\ntouch {opened}\n")
     browser.chmod(0o755)
-    env = {**os.environ, "BROWSER": str(browser), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
-           "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_DATA_DIR": str(tmp_path / "jdata")}
-    books = tmp_path / "book"
-    books.mkdir()
+    book = tmp_path / "book"
+    book.mkdir()
     with socket.socket() as held:  # someone already listens on the port asked for
         held.bind((HOST, 0))
         held.listen()
         taken = held.getsockname()[1]
-        proc = subprocess.Popen([sys.executable, "-m", "hipseg_lib", "lab", "--port", str(taken),
-                                 "--data", str(tiny_synth), "--dir", str(books)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)
+        proc, url, printed = start_lab(book, tiny_synth, taken, env={"BROWSER": str(browser)})
         try:
-            lines, url = [], None
-            deadline = time.monotonic() + 60
-            while url is None and time.monotonic() < deadline:
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                lines.append(line)
-                m = re.search(r"open (http://\S+)", line)
-                url = m.group(1) if m else None
-            assert url, "".join(lines)
-            assert f"port {taken} is in use" in "".join(lines)
+            assert f"port {taken} is in use" in "".join(printed)
             m = re.match(r"http://127\.0\.0\.1:(\d+)/lab/tree/\S+\?token=([0-9a-f]{48})$", url)
             assert m, url
             port, token = int(m.group(1)), m.group(2)
             assert port > taken
-            status = None
-            while time.monotonic() < deadline:
-                try:
-                    status = _get(f"http://{HOST}:{port}/api/status?token={token}")
-                    break
-                except (urllib.error.URLError, ConnectionError):
-                    time.sleep(0.5)
-            assert status == 200, "JupyterLab answers with the printed token"
+            assert _get(f"http://{HOST}:{port}/api/status?token={token}") == 200, "it answers the token"
             assert _get(f"http://{HOST}:{port}/api/status") == 403, "and refuses without it"
             assert _get(f"http://{HOST}:{port}/api/status?token={'0' * 48}") == 403
             assert _listening_addresses(port) == {"0100007F"}, "bound to 127.0.0.1 only"
             time.sleep(3)  # Jupyter would open the browser right after starting
             assert not opened.exists(), "no browser is opened (--no-browser)"
         finally:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            proc.stdout.close()
+            stop_lab(proc)
