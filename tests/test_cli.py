@@ -17,7 +17,7 @@ from hipseg_lib.cli import main
 
 from conftest import make_pair_arrays, write_csiro_pair, write_nifti
 
-VERBS = ["synth", "check", "train", "predict", "export", "evaluate", "book"]
+VERBS = ["synth", "check", "train", "predict", "export", "convert", "evaluate", "book"]
 
 
 def run_cli(*args, cwd=None, env=None, process=False):

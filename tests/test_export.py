@@ -66,6 +66,7 @@ def test_onnx_and_torchscript_give_pytorchs_logits_and_labels(tmp_path, preset):
     assert meta["preprocessing"] == prep.to_dict() and meta["input"]["grid"] == list(prep.target_shape)
     assert meta["input"]["divisible_by"] == model.divisor
     assert [r["labels_equal"] for r in meta["checked_against_pytorch"]] == [True, True]
+    assert all(r["max_abs_logit_difference"] <= 1e-4 for r in meta["checked_against_pytorch"])
     assert json.loads(ts_json.read_text())["model_format"] == "torchscript"
 
 
