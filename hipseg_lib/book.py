@@ -19,7 +19,7 @@ from . import HipsegError, first_line
 from ._atomic import atomic_path
 
 __all__ = ["project_root", "resolve_data_dir", "resolve_output_dir", "chapters", "run_book",
-           "execute_chapter", "build_html", "write_landing"]
+           "execute_chapter", "build_html", "write_landing", "publishing_config"]
 
 
 def project_root() -> Path:
@@ -183,12 +183,33 @@ def write_landing(results_dir: str | os.PathLike, figure, rows: Sequence[dict], 
     return out / LANDING_MD
 
 
-def _stage(root: Path, stage: Path, results_dir: Path | None = None) -> None:
+def publishing_config(config: dict, repository: str, branch: str = "main") -> dict:
+    """``config`` (the parsed ``_config.yml``) with Jupyter Book's ``repository`` block for
+    ``repository`` and its buttons on: the repository link, Binder and Colab launch buttons (Colab
+    only for a GitHub repository), the .ipynb download. Without a repository the book has none of
+    them, so a local build links nowhere it cannot reach."""
+    url = repository.rstrip("/")
+    out = {**config, "repository": {"url": url, "path_to_book": "", "branch": branch}}
+    launch = {"notebook_interface": "jupyterlab", "binderhub_url": "https://mybinder.org"}
+    if url.startswith("https://github.com/"):
+        launch["colab_url"] = "https://colab.research.google.com"
+    out["launch_buttons"] = launch
+    out["html"] = {**config.get("html", {}), "use_repository_button": True, "use_download_button": True}
+    return out
+
+
+def _stage(root: Path, stage: Path, results_dir: Path | None = None, repository: str | None = None) -> None:
     """Copy the book's non-notebook sources (config, toc, markdown, images, bibliography) beside the
-    executed copies, and the landing page's result (``book/_landing.md``) from ``results_dir``."""
+    executed copies, and the landing page's result (``book/_landing.md``) from ``results_dir``;
+    with ``repository``, the config gets :func:`publishing_config`."""
+    import yaml
+
     stage.mkdir(parents=True, exist_ok=True)
     for name in ("_config.yml", "_toc.yml", "references.bib"):
         shutil.copy2(root / name, stage / name)
+    if repository:
+        config = yaml.safe_load((root / "_config.yml").read_text())
+        (stage / "_config.yml").write_text(yaml.safe_dump(publishing_config(config, repository), sort_keys=False))
     if (root / "_static").is_dir():
         shutil.copytree(root / "_static", stage / "_static", dirs_exist_ok=True)
     for src in (root / "book").rglob("*"):
@@ -222,7 +243,7 @@ def build_html(source: Path, output: Path, strict: bool = True) -> Path:
 def run_book(preset: str = "auto", data_dir: str | None = None, build: bool = True,
              chapters_only: Sequence[str] | None = None, root: Path | None = None,
              build_dir: Path | None = None, model_dir: str | None = None, results_dir: str | None = None,
-             amp: str | None = None, log=print) -> Path:
+             amp: str | None = None, repository: str | None = None, log=print) -> Path:
     """Execute every chapter in order with papermill, then build the HTML book.
 
     Args:
@@ -234,6 +255,8 @@ def run_book(preset: str = "auto", data_dir: str | None = None, build: bool = Tr
         build_dir: where ``executed/`` and ``html/`` go (default ``<root>/_build``).
         model_dir, results_dir: where chapter 4 saves checkpoints and chapter 5 its metrics.
         amp: chapter 4's mixed precision (None: the preset's); ``"off"`` is the fp32 path.
+        repository: the book's public repository URL (the publishing workflow passes its own):
+            launch, repository and download buttons (:func:`publishing_config`); None: none.
 
     Returns:
         The HTML folder (or the executed-notebook folder when ``build`` is false).
@@ -266,7 +289,7 @@ def run_book(preset: str = "auto", data_dir: str | None = None, build: bool = Tr
         log(f"  executing {nb.relative_to(root)} ...")
         secs = execute_chapter(nb, out, params)
         log(f"  {nb.stem}: {secs:.0f} s")
-    _stage(root, stage, Path(params["results_dir"]))
+    _stage(root, stage, Path(params["results_dir"]), repository)
     if not build:
         return stage
     missing = [nb for nb in chapters(root) if not (stage / nb.relative_to(root)).exists()]

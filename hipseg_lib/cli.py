@@ -160,7 +160,8 @@ def cmd_lab(a: argparse.Namespace) -> int:
 def cmd_book(a: argparse.Namespace) -> int:
     from .book import run_book
 
-    run_book(preset=a.preset, data_dir=a.data, build=not a.no_build, chapters_only=a.chapter, amp=a.amp)
+    run_book(preset=a.preset, data_dir=a.data, build=not a.no_build, chapters_only=a.chapter, amp=a.amp,
+             repository=a.repository)
     return 0
 
 
@@ -303,6 +304,9 @@ def _add_book(sub) -> None:
     b.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=None,
                    help="mixed precision for chapter 4 (default: the preset's); 'off' trains in fp32, "
                         "as a CPU without native bf16 does")
+    b.add_argument("--repository", default=None, metavar="URL",
+                   help="the book's public repository (the publishing workflow passes its own): adds the "
+                        "repository, Binder and Colab buttons and the .ipynb download; default: none")
     b.set_defaults(func=cmd_book)
 
 

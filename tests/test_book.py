@@ -158,6 +158,31 @@ def test_chapter_4_run_twice_moves_the_earlier_run_to_previous(built_book, tiny_
     assert f"earlier run moved to {archived[0]}" in printed
 
 
+@pytest.mark.slow  # the HTML built a second time
+def test_launch_buttons_only_with_a_repository(built_book, tmp_path):
+    """Built as the publishing workflow builds it (--repository URL): the repository, Binder and
+    Colab links point at that repository's notebooks, and the .ipynb download is there. Built
+    without one (the local book): none of those links."""
+    from hipseg_lib.book import _stage, build_html
+
+    out, local = built_book
+    url = "https://github.com/someone/hipseg"
+    stage = tmp_path / "executed"
+    shutil.copytree(out / "_build" / "executed", stage)
+    _stage(ROOT, stage, out / "results", repository=url)
+    html = build_html(stage, tmp_path)
+    page = (html / "book" / "01_data_exploration.html").read_text()
+    assert f"https://colab.research.google.com/github/someone/hipseg/blob/main/book/01_data_exploration.ipynb" \
+        in page
+    assert "https://mybinder.org/v2/gh/someone/hipseg/main?urlpath=lab/tree/book/01_data_exploration.ipynb" in page
+    assert f'href="{url}"' in page, "the repository button"
+    assert "_sources/book/01_data_exploration.ipynb" in page, "the .ipynb download"
+    for name in ("01_data_exploration.html", "04_training.html", "index.html"):
+        text = (local / "book" / name).read_text()
+        assert "colab.research.google.com" not in text and "mybinder.org" not in text, name
+        assert url not in text and "github.com/executablebooks/jupyter-book" not in text, name
+
+
 def test_project_root_is_found():
     assert (project_root() / "_config.yml").exists()
 
