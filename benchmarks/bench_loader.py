@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="at least this long to time each row")
     p.add_argument("--out", default=None, help="results file (default benchmarks/results/loader_<device>.md)")
     a = p.parse_args(argv)
-    from hipseg_lib.book import resolve_data_dir
+    from hipseg_lib.locations import resolve_data_dir
     from hipseg_lib.data import default_cache_dir
 
     data = resolve_data_dir(a.data)

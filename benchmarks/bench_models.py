@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from hipseg_lib import CLASS_NAMES, NUM_CLASSES
-from hipseg_lib.book import resolve_data_dir
+from hipseg_lib.locations import resolve_data_dir
 from hipseg_lib.data import TrainingBatches, TrainingSet
 from hipseg_lib.augment import augmentation_named
 from hipseg_lib.loss import DiceCELoss
@@ -137,7 +137,7 @@ class Trainer:
         self.model = model.to(device)
         self.loss_fn = DiceCELoss(NUM_CLASSES)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.amp = lambda: autocast_for(device, cfg.amp)[0]
+        self.amp = lambda: autocast_for(device, cfg.amp).context
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self.batches = self._batches()
@@ -207,7 +207,7 @@ class Trainer:
                 "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                            else f"CPU x{torch.get_num_threads()} threads"),
                 "preset": cfg.preset, "target_shape": list(cfg.preprocessing.target_shape),
-                "batch_size": cfg.batch_size, "amp": precision_name(autocast_for(device, cfg.amp)[1]), "minutes": minutes,
+                "batch_size": cfg.batch_size, "amp": autocast_for(device, cfg.amp).name, "minutes": minutes,
                 "seed": self.seed}
 
 
@@ -245,11 +245,6 @@ class Worker:
         self.proc.wait()
         raise RuntimeError(f"bench_models: the {self.name} worker ended (exit {self.proc.returncode}); "
                            "its error is above")
-
-
-def precision_name(dtype) -> str:
-    """What the step computed in: ``fp32`` (autocast off), ``bf16`` or ``fp16``."""
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def table(rows: list[dict]) -> str:

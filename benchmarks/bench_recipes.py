@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from hipseg_lib import CLASS_NAMES
-from hipseg_lib.book import resolve_data_dir
+from hipseg_lib.locations import resolve_data_dir
 from hipseg_lib.checkpoint import load_model
 from hipseg_lib.data import split_by_case
 from hipseg_lib.io import find_pairs

@@ -41,7 +41,7 @@ def time_steps(cfg, device, amp: str, channels_last: bool, compile_: bool, steps
     loss_fn = DiceCELoss(NUM_CLASSES)
 
     def step():
-        with autocast_for(device, amp)[0]:
+        with autocast_for(device, amp).context:
             out = net(x)
         loss = loss_fn(out, y)
         opt.zero_grad(set_to_none=True)
@@ -125,8 +125,8 @@ def main() -> int:
         return 0
     cfg = make_config(a.preset)
     device = resolve_device(cfg.device)
-    _, best = autocast_for(device, "auto")
-    best_amp = "bf16" if best == torch.bfloat16 else ("fp16" if best == torch.float16 else "off")
+    best = autocast_for(device, "auto").name
+    best_amp = "off" if best == "fp32" else best
     variants = [("fp32", "off", False, False), (f"{best_amp} autocast", best_amp, False, False),
                 (f"{best_amp} + channels-last 3D", best_amp, True, False)]
     if not a.no_compile:

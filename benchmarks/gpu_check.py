@@ -201,7 +201,7 @@ def inference_figures(cfg, data: Path, device, dry: bool) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t = time.perf_counter()
-            with autocast_for(device, "auto")[0]:
+            with autocast_for(device, "auto").context:
                 predict_array(model, vol.array, vol.affine, cfg.preprocessing, device, memory_bytes=memory,
                               tta=tta)
             if device.type == "cuda":

@@ -15,7 +15,7 @@ import numpy as np
 
 from hipseg_lib import CLASS_NAMES
 from hipseg_lib.baseline import intensity_baseline_dice
-from hipseg_lib.book import resolve_data_dir
+from hipseg_lib.locations import resolve_data_dir
 from hipseg_lib.config import make_config
 from hipseg_lib.data import load_split_volumes
 

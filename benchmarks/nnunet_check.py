@@ -52,7 +52,7 @@ def main() -> int:
     p.add_argument("--data", default=None, help="a hipseg data folder (default: the project's synthetic set)")
     p.add_argument("--out", default=None, help="also write the outcome here (Markdown)")
     a = p.parse_args()
-    from hipseg_lib.book import resolve_data_dir
+    from hipseg_lib.locations import resolve_data_dir
     from hipseg_lib.convert import to_nnunet
     from hipseg_lib.data import default_cache_dir
 

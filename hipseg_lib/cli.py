@@ -83,7 +83,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     from .train import train
 
-    from .book import resolve_data_dir
+    from .locations import resolve_data_dir
 
     # Under torchrun every process would make the default set at once: there it must exist.
     data = resolve_data_dir(a.data, make_default="WORLD_SIZE" not in os.environ)

@@ -54,7 +54,7 @@ def lab_url(port: int, token: str, notebook: str = "01_data_exploration.ipynb") 
 
 def run_lab(port: int = 8888, data_dir: str | None = None, notebook_dir: str | None = None) -> int:
     """Start JupyterLab on the book (blocks until it stops); returns its exit status."""
-    from .book import project_root, resolve_data_dir
+    from .locations import project_root, resolve_data_dir
 
     try:
         import jupyterlab  # noqa: F401

@@ -12,6 +12,7 @@ import os
 import random
 import time
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -53,6 +54,25 @@ def seed_everything(seed: int) -> None:
 
 
 @functools.lru_cache(maxsize=None)
+def version_banner() -> str:
+    """The versions a chapter ran with, on two lines (each chapter prints it first).
+
+    Example:
+        >>> version_banner().splitlines()[1].startswith("numpy ")
+        True
+    """
+    import platform
+
+    import matplotlib
+    import nibabel
+
+    from . import __version__
+
+    first = [f"python {platform.python_version()}", f"torch {torch.__version__}", f"nibabel {nibabel.__version__}"]
+    second = [f"numpy {np.__version__}", f"matplotlib {matplotlib.__version__}", f"hipseg {__version__}"]
+    return " | ".join(first) + "\n" + " | ".join(second)
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU has native bf16 (AVX512-BF16/AMX), where bf16 autocast speeds training up."""
     try:
@@ -61,11 +81,27 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def autocast_for(device: torch.device, amp: str):
+class Autocast(NamedTuple):
+    """What :func:`autocast_for` chose: the context to compute in and its dtype (None: fp32)."""
+
+    context: contextlib.AbstractContextManager
+    dtype: torch.dtype | None
+
+    @property
+    def name(self) -> str:
+        """``fp32``, ``bf16`` or ``fp16``."""
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+
+def autocast_for(device: torch.device, amp: str) -> Autocast:
     """The autocast context and dtype for ``amp`` on ``device`` (``nullcontext`` and None when off).
 
     ``"auto"``: bf16 on a CUDA device that supports it, else fp16; bf16 on a CPU with native bf16,
     else off (fp32).
+
+    Example:
+        >>> autocast_for(torch.device("cpu"), "off").name
+        'fp32'
     """
     if amp == "auto":
         if device.type == "cuda":
@@ -73,11 +109,11 @@ def autocast_for(device: torch.device, amp: str):
         elif device.type == "cpu" and cpu_has_bf16():
             amp = "bf16"
         else:
-            return contextlib.nullcontext(), None
+            amp = "off"
     if amp == "off":
-        return contextlib.nullcontext(), None
+        return Autocast(contextlib.nullcontext(), None)
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype), dtype
+    return Autocast(torch.autocast(device_type=device.type, dtype=dtype), dtype)
 
 
 class CompiledOrEager:

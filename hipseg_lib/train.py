@@ -158,7 +158,7 @@ def _validate(net, loader, run: "_Run") -> np.ndarray:
     counts = torch.zeros(NUM_CLASSES, dtype=torch.float64)
     for image, label in loader:
         image = run.to_device(image)
-        with autocast_for(device, cfg.amp)[0]:
+        with autocast_for(device, cfg.amp).context:
             patch = cfg.patch_shape
             logits = sliding_window_logits(net, image, patch) if patch else net(image)
             pred = logits.argmax(1).cpu().numpy()
@@ -301,7 +301,7 @@ def _build(run: _Run):
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * run.steps_per_epoch
     sched = PolySchedule(opt, total_steps, warmup=min(50, total_steps // 10 + 1))
-    amp_dtype = autocast_for(run.device, cfg.amp)[1]
+    amp_dtype = autocast_for(run.device, cfg.amp).dtype
     scaler = torch.amp.GradScaler(run.device.type, enabled=amp_dtype == torch.float16)
     run.loss_fn = DiceCELoss(NUM_CLASSES).to(run.device)
     return model, opt, sched, scaler
@@ -342,7 +342,7 @@ def _restore(run: _Run, model, opt, sched, scaler) -> None:
 
 
 def _announce(run: _Run, model) -> None:
-    amp_dtype = autocast_for(run.device, run.cfg.amp)[1]
+    amp_dtype = autocast_for(run.device, run.cfg.amp).dtype
     amp_name = str(amp_dtype).replace("torch.", "") if amp_dtype else "off"
     n_params = sum(p.numel() for p in model.parameters())
     dist_, cfg = run.dist, run.cfg
@@ -408,7 +408,7 @@ def _train_epoch(run: _Run, model, step_net, optim, epoch: int, bar) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         data_s += time.perf_counter() - t0
-        with autocast_for(device, cfg.amp)[0]:
+        with autocast_for(device, cfg.amp).context:
             logits = step_net(image)
         loss = run.loss_fn(logits, label)
         opt.zero_grad(set_to_none=True)

@@ -10,7 +10,8 @@ import nbformat
 import papermill as pm
 import pytest
 
-from hipseg_lib.book import chapters, project_root, run_book
+from hipseg_lib.book import chapters, run_book
+from hipseg_lib.locations import project_root
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,6 +182,13 @@ def test_launch_buttons_only_with_a_repository(built_book, tmp_path):
         text = (local / "book" / name).read_text()
         assert "colab.research.google.com" not in text and "mybinder.org" not in text, name
         assert url not in text and "github.com/executablebooks/jupyter-book" not in text, name
+
+
+def test_every_chapter_opens_with_the_one_version_banner():
+    for nb in chapters(ROOT):
+        code = [c for c in nbformat.read(nb, as_version=4).cells if c.cell_type == "code"]
+        assert code[0].id == "install" and "print(version_banner())" in code[1].source, nb.name
+        assert "versions = [" not in "".join(c.source for c in code), nb.name
 
 
 def test_project_root_is_found():

@@ -37,11 +37,13 @@ def test_presets_are_valid_and_overridable():
 
 
 def test_autocast_choices_on_cpu():
-    ctx, dtype = autocast_for(torch.device("cpu"), "off")
-    assert dtype is None
-    ctx, dtype = autocast_for(torch.device("cpu"), "bf16")
-    assert dtype == torch.bfloat16
-    with ctx:
+    off = autocast_for(torch.device("cpu"), "off")
+    assert off.dtype is None and off.name == "fp32"
+    bf16 = autocast_for(torch.device("cpu"), "bf16")
+    assert bf16.dtype == torch.bfloat16 and bf16.name == "bf16"
+    from hipseg_lib.runtime import cpu_has_bf16
+    assert autocast_for(torch.device("cpu"), "auto").name == ("bf16" if cpu_has_bf16() else "fp32")
+    with bf16.context:
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16
     assert resolve_device("cpu").type == "cpu"
     if not torch.cuda.is_available():
