@@ -194,6 +194,14 @@ class _Run:
     n_val: int = 0
     batches: TrainingBatches | None = None
     data_note: str = ""
+    # set by _build: the network (``net``: its DDP wrapper, ``step_net``: compiled or eager), Adam,
+    # the learning-rate schedule and the fp16 gradient scaler
+    model: ResUNet3D | None = None
+    net: torch.nn.Module | None = None
+    step_net: Callable | None = None
+    opt: torch.optim.Optimizer | None = None
+    sched: "PolySchedule | None" = None
+    scaler: torch.amp.GradScaler | None = None
 
     @property
     def reduce_device(self) -> torch.device:
@@ -243,20 +251,20 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathL
         dist_.main_first(lambda: check_run_folder(run.out, resume), then_others=False)
         seed_everything(cfg.seed + dist_.rank)
         val_loader = _data(run, data_dir, progress)
-        model, opt, sched, scaler = _build(run)
+        _build(run)
         if resume:
-            _restore(run, model, opt, sched, scaler)
+            _restore(run)
         result = TrainResult(best_path=run.out / BEST_NAME, last_path=run.out / LAST_NAME)
         if run.start_epoch >= cfg.epochs:
             result.history, result.stopped_because = run.history, "already complete"
             return result
-        net = model
+        run.net = run.model
         if dist_.enabled:
-            net = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-        step_net = CompiledOrEager(net, cfg.compile)
-        _announce(run, model)
-        stop = _epochs(run, model, net, step_net, (opt, sched, scaler), val_loader, progress)
+            run.net = torch.nn.parallel.DistributedDataParallel(
+                run.model, device_ids=[device.index] if device.type == "cuda" else None)
+        run.step_net = CompiledOrEager(run.net, cfg.compile)
+        _announce(run)
+        stop = _epochs(run, val_loader, progress)
         result.history, result.stopped_because = run.history, stop
         result.best_val_dice = run.best_dice
         result.seconds = time.perf_counter() - t_start
@@ -292,8 +300,9 @@ def _data(run: _Run, data_dir, progress: bool):
     return DataLoader(val_part, batch_size=1, num_workers=0)
 
 
-def _build(run: _Run):
-    """The network, Adam, the warm-up + polynomial schedule over the planned steps, the fp16 scaler."""
+def _build(run: _Run) -> None:
+    """The network, Adam, the warm-up + polynomial schedule over the planned steps, the fp16 scaler,
+    the loss: on ``run``."""
     cfg = run.cfg
     model = ResUNet3D(cfg.model).to(run.device)
     if cfg.channels_last:
@@ -304,10 +313,10 @@ def _build(run: _Run):
     amp_dtype = autocast_for(run.device, cfg.amp).dtype
     scaler = torch.amp.GradScaler(run.device.type, enabled=amp_dtype == torch.float16)
     run.loss_fn = DiceCELoss(NUM_CLASSES).to(run.device)
-    return model, opt, sched, scaler
+    run.model, run.opt, run.sched, run.scaler = model, opt, sched, scaler
 
 
-def _restore(run: _Run, model, opt, sched, scaler) -> None:
+def _restore(run: _Run) -> None:
     """Continue from ``last.pth``: weights, optimiser, schedule, history, best score, RNG.
 
     The network and the preprocessing must be the ones the run was started with.
@@ -322,11 +331,11 @@ def _restore(run: _Run, model, opt, sched, scaler) -> None:
             k = sorted(diff)[0]
             raise HipsegError(f"{path}: was trained with {k}={diff[k]}, not {mine.to_dict()[k]} ({name} "
                               "settings differ); resume with the same settings")
-    model.load_state_dict(ck["model_state"])
-    opt.load_state_dict(ck["optimizer_state"])
-    sched.load_state_dict(ck["scheduler_state"])
+    run.model.load_state_dict(ck["model_state"])
+    run.opt.load_state_dict(ck["optimizer_state"])
+    run.sched.load_state_dict(ck["scheduler_state"])
     if ck.get("scaler_state"):
-        scaler.load_state_dict(ck["scaler_state"])
+        run.scaler.load_state_dict(ck["scaler_state"])
     run.start_epoch = int(ck["epoch"]) + 1
     run.history = list(ck.get("history", []))
     run.best_score = float(ck.get("best_score", -math.inf))
@@ -337,14 +346,14 @@ def _restore(run: _Run, model, opt, sched, scaler) -> None:
     cfg = run.cfg
     if int(ck.get("planned_epochs", cfg.epochs)) != cfg.epochs and run.start_epoch < cfg.epochs:
         # A run the time limit shortened: carry on to the planned end, decaying over the rest.
-        sched.replan((cfg.epochs - run.start_epoch) * run.steps_per_epoch)
+        run.sched.replan((cfg.epochs - run.start_epoch) * run.steps_per_epoch)
     run.say(f"resumed from {path} at epoch {run.start_epoch + 1}")
 
 
-def _announce(run: _Run, model) -> None:
+def _announce(run: _Run) -> None:
     amp_dtype = autocast_for(run.device, run.cfg.amp).dtype
     amp_name = str(amp_dtype).replace("torch.", "") if amp_dtype else "off"
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in run.model.parameters())
     dist_, cfg = run.dist, run.cfg
     run.say(f"training {n_params / 1e6:.2f} M parameters on {run.device} x {dist_.world}"
             + (f" ({dist_.backend})" if dist_.enabled else "") + f", amp {amp_name};\n"
@@ -352,7 +361,7 @@ def _announce(run: _Run, model) -> None:
             f"batch {cfg.batch_size};\n{run.data_note}")
 
 
-def _epochs(run: _Run, model, net, step_net, optim, val_loader, progress) -> str:
+def _epochs(run: _Run, val_loader, progress) -> str:
     """The epochs from ``run.start_epoch``: train, validate, re-plan for the time limit, save, log.
     Returns why the run stopped."""
     cfg = run.cfg
@@ -364,24 +373,24 @@ def _epochs(run: _Run, model, net, step_net, optim, val_loader, progress) -> str
         bar = tqdm(total=(run.planned - run.start_epoch) * run.steps_per_epoch, unit="step", leave=True)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    model.train()
+    run.model.train()
     stop = ""
     for epoch in range(run.start_epoch, cfg.epochs):
         t_wall = time.perf_counter()
         if bar is not None:
             bar.total = (run.planned - run.start_epoch) * run.steps_per_epoch
             bar.set_description(f"epoch {epoch + 1}/{run.planned}")
-        record = {"epoch": epoch + 1, **_train_epoch(run, model, step_net, optim, epoch, bar)}
+        record = {"epoch": epoch + 1, **_train_epoch(run, epoch, bar)}
         improved = False
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-            improved, stop = _score(run, record, _validate(net, val_loader, run))
+            improved, stop = _score(run, record, _validate(run.net, val_loader, run))
         record["wall_seconds"] = time.perf_counter() - t_wall
         run.history.append(record)
-        limit = _replan(run, epoch, optim[1])
+        limit = _replan(run, epoch)
         stop = stop or limit
         record["planned_epochs"] = run.planned
         if run.dist.main:
-            _save(run, model, optim, record, improved, stop)
+            _save(run, record, improved, stop)
             _log_epoch(run, epoch, record)
         if stop:
             break
@@ -393,10 +402,10 @@ def _epochs(run: _Run, model, net, step_net, optim, val_loader, progress) -> str
     return stop
 
 
-def _train_epoch(run: _Run, model, step_net, optim, epoch: int, bar) -> dict:
+def _train_epoch(run: _Run, epoch: int, bar) -> dict:
     """One pass over the epoch's training batches; the epoch's record (loss summed over ranks,
     timings: ``data_fraction`` is the share of the epoch spent drawing and augmenting batches)."""
-    opt, sched, scaler = optim
+    opt, sched, scaler = run.opt, run.sched, run.scaler
     cfg, device = run.cfg, run.device
     t_epoch = time.perf_counter()
     data_s, losses = 0.0, []
@@ -409,13 +418,13 @@ def _train_epoch(run: _Run, model, step_net, optim, epoch: int, bar) -> dict:
             torch.cuda.synchronize(device)
         data_s += time.perf_counter() - t0
         with autocast_for(device, cfg.amp).context:
-            logits = step_net(image)
+            logits = run.step_net(image)
         loss = run.loss_fn(logits, label)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
         scaler.step(opt)
         scaler.update()
         sched.step()
@@ -448,7 +457,7 @@ def _score(run: _Run, record: dict, val: np.ndarray) -> tuple[bool, str]:
     return improved, early_stop_reason(val, run.since_best, run.cfg.early_stop_dice, run.cfg.patience)
 
 
-def _replan(run: _Run, epoch: int, sched: "PolySchedule") -> str:
+def _replan(run: _Run, epoch: int) -> str:
     """The time limit is a safety net: when the epochs timed so far show that the planned ones will
     not fit, shorten the run and let the learning rate reach zero at its new end. Returns the stop
     reason when this epoch is the (shortened) run's last."""
@@ -459,7 +468,7 @@ def _replan(run: _Run, epoch: int, sched: "PolySchedule") -> str:
     if fits != run.planned:  # shorter, or back towards the plan once epochs turn out faster
         run.planned = fits
         if epoch + 1 < fits:
-            sched.replan((fits - epoch - 1) * run.steps_per_epoch)
+            run.sched.replan((fits - epoch - 1) * run.steps_per_epoch)
         run.say(f"WARNING: time limit of {cfg.max_minutes:g} min: at the speed measured so far this "
                 f"machine fits {fits} of {cfg.epochs} epochs; the learning rate now decays to "
                 f"zero over {fits}")
@@ -469,9 +478,9 @@ def _replan(run: _Run, epoch: int, sched: "PolySchedule") -> str:
     return ""
 
 
-def _save(run: _Run, model, optim, record: dict, improved: bool, stop: str) -> None:
+def _save(run: _Run, record: dict, improved: bool, stop: str) -> None:
     """``last.pth`` every epoch, ``new_model.pth`` when validation improved, then the log."""
-    opt, sched, scaler = optim
+    opt, sched, scaler, model = run.opt, run.sched, run.scaler, run.model
     cfg = run.cfg
     extra = dict(train_config=cfg.to_dict(), epoch=record["epoch"] - 1, history=run.history,
                  best_score=run.best_score, since_best=run.since_best, best_val_dice=run.best_dice,
