@@ -26,7 +26,6 @@ from hipseg_lib.checkpoint import load_model
 from hipseg_lib.data import split_by_case
 from hipseg_lib.io import find_pairs
 from hipseg_lib.evaluate import evaluate_pairs
-from hipseg_lib.preprocess import Preprocessing
 from hipseg_lib.config import make_config
 from hipseg_lib.train import train
 
@@ -42,9 +41,9 @@ def run(name: str, data: Path, amp: str | None, out: Path, epochs: int = 12) -> 
     t = time.perf_counter()
     result = train(cfg, data, out / name, progress=False, log=lambda s: None)
     seconds = time.perf_counter() - t
-    model, ckpt = load_model(out / name / "new_model.pth")
+    loaded = load_model(out / name / "new_model.pth")
     val = split_by_case(find_pairs(data).pairs, seed=cfg.split_seed)["val"]
-    rows = evaluate_pairs(model, Preprocessing.from_dict(ckpt["preprocessing"]), val, torch.device("cpu"))
+    rows = evaluate_pairs(loaded.network, loaded.preprocessing, val, torch.device("cpu"), window=loaded.window)
     dice = np.nanmean([r["metrics"]["dice"] for r in rows], axis=0)
     steps = sum(h["steps"] for h in result.history)
     return {"recipe": name, "steps": steps, "minutes": seconds / 60, "dice": dice}

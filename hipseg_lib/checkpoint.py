@@ -9,7 +9,7 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -18,9 +18,11 @@ from ._atomic import atomic_path
 from .model import ModelConfig, ResUNet3D
 from .preprocess import Preprocessing
 
-__all__ = ["FORMAT", "save_checkpoint", "read_checkpoint", "load_model"]
+__all__ = ["FORMAT", "save_checkpoint", "read_checkpoint", "load_model", "LoadedModel"]
 
-FORMAT = "hipseg-checkpoint-v1"
+# v2: every network and preprocessing setting stored by its own name (v1, before the first
+# release, left out settings that did not exist yet and is not read any more)
+FORMAT = "hipseg-checkpoint-v2"
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, model_config: ModelConfig,
@@ -73,6 +75,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise HipsegError(f"{path}: refused to load (not plain weights; {first_line(exc, 120)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise HipsegError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc, 120)})") from None
+    if isinstance(ckpt, dict) and ckpt.get("format") == "hipseg-checkpoint-v1":
+        raise HipsegError(f"{path}: made by a pre-release hipseg (format v1), which this version does not "
+                          "read; train it again (hipseg train)")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise HipsegError(f"{path}: not a hipseg checkpoint (no '{FORMAT}' format marker)")
     for key in ("model_config", "preprocessing", "model_state"):
@@ -81,8 +86,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+class LoadedModel(NamedTuple):
+    """What :func:`load_model` gives: everything prediction needs from a checkpoint."""
+
+    network: ResUNet3D  # in eval mode, on the device asked for
+    preprocessing: Preprocessing  # what its inputs went through in training
+    window: tuple[int, int, int] | None  # trained on patches: predict in windows of this size
+    checkpoint: dict  # the rest: epoch, metrics, train_config, ...
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-               expect_classes: int | None = None) -> tuple[ResUNet3D, dict]:
+               expect_classes: int | None = None) -> LoadedModel:
     """Rebuild the network stored in a checkpoint and load its weights.
 
     Args:
@@ -91,12 +105,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         expect_classes: if given, refuse a checkpoint with another number of classes.
 
     Returns:
-        ``(model in eval mode, checkpoint dict)``.
+        The network with its preprocessing and inference window (:class:`LoadedModel`).
     """
     ckpt = read_checkpoint(path)
     try:
         cfg = ModelConfig.from_dict(ckpt["model_config"])
         model = ResUNet3D(cfg)
+        prep = Preprocessing.from_dict(ckpt["preprocessing"])
     except (TypeError, ValueError) as exc:
         raise HipsegError(f"{path}: unusable model configuration ({exc})") from None
     if expect_classes is not None and cfg.num_classes != expect_classes:
@@ -107,6 +122,4 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise HipsegError(f"{path}: weights do not fit a ResUNet3D of its stated configuration "
                           f"({first_line(exc, 120)})") from None
     patch = (ckpt.get("train_config") or {}).get("patch_shape")
-    # Trained on patches: predict in sliding windows of that size (see predict_array).
-    model.inference_patch = tuple(patch) if patch else None
-    return model.to(device).eval(), ckpt
+    return LoadedModel(model.to(device).eval(), prep, tuple(patch) if patch else None, ckpt)

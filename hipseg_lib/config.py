@@ -14,7 +14,7 @@ import torch
 
 from . import HipsegError
 from .augment import augmentation_named
-from .model import RENAMED, ModelConfig
+from .model import ModelConfig
 from .preprocess import Preprocessing
 
 __all__ = ["TrainConfig", "PRESETS", "make_config", "parse_settings"]
@@ -162,11 +162,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        """Inverse of :meth:`to_dict`; also reads the flat dicts of older checkpoints."""
+        """Inverse of :meth:`to_dict`."""
         d = dict(d)
-        model = ModelConfig.from_dict(d.pop("model", {k: d.pop(k) for k in list(d)
-                                                      if k in _MODEL_KEYS or k in RENAMED}))
-        prep = Preprocessing.from_dict(d.pop("preprocessing", {k: d.pop(k) for k in list(d) if k in _PREP_KEYS}))
+        model = ModelConfig.from_dict(d.pop("model"))
+        prep = Preprocessing.from_dict(d.pop("preprocessing"))
         return cls(model=model, preprocessing=prep).replace(**d)
 
 

@@ -42,8 +42,9 @@ def _progress(items, progress: bool):
 def evaluate_pairs(model: ResUNet3D, preprocessing: Preprocessing, pairs: Sequence[Pair],
                    device: str | torch.device = "cpu", keep_predictions: bool = False,
                    progress: bool = False, tta: bool = DEFAULT_TTA,
-                   postprocess: bool = DEFAULT_POSTPROCESS) -> list[dict]:
-    """Predict each pair's image with ``model`` and score it against its label on the original grid.
+                   postprocess: bool = DEFAULT_POSTPROCESS, window: Sequence[int] | None = None) -> list[dict]:
+    """Predict each pair's image with ``model`` and score it against its label on the original grid
+    (``window``: as :func:`~hipseg_lib.predict.predict_probabilities`).
 
     Returns one dict per pair: ``id``, ``metrics`` (dice, iou, hd95, asd per class) and, with
     ``keep_predictions``, the ``image``, ``truth`` and ``pred`` arrays.
@@ -52,7 +53,7 @@ def evaluate_pairs(model: ResUNet3D, preprocessing: Preprocessing, pairs: Sequen
     for pair in _progress(pairs, progress):
         image, truth = load_pair(pair)
         pred = predict_array(model, image.array, image.affine, preprocessing, device,
-                             tta=tta, postprocess=postprocess)
+                             tta=tta, postprocess=postprocess, window=window)
         results.append(_row(pair, image, truth, pred, evaluate_case(pred, truth.array, image.spacing),
                             keep_predictions))
     return results
@@ -82,7 +83,8 @@ def error_entropy_share(uncertainty: np.ndarray, wrong: np.ndarray, region: np.n
 
 
 def compare_inference(model: ResUNet3D, preprocessing: Preprocessing, pairs: Sequence[Pair],
-                      device: str | torch.device = "cpu", variants=VARIANTS, progress: bool = False) -> dict:
+                      device: str | torch.device = "cpu", variants=VARIANTS, progress: bool = False,
+                      window: Sequence[int] | None = None) -> dict:
     """Score every inference variant (see :data:`VARIANTS`) on each pair, with seconds per volume.
 
     The network runs once without and once with mirroring; post-processing reuses those
@@ -101,7 +103,8 @@ def compare_inference(model: ResUNet3D, preprocessing: Preprocessing, pairs: Seq
         probs, net_time = {}, {}
         for tta in sorted({t for _, t, _ in variants}):
             start = time.perf_counter()
-            probs[tta] = predict_probabilities(model, image.array, image.affine, preprocessing, device, tta=tta)
+            probs[tta] = predict_probabilities(model, image.array, image.affine, preprocessing, device, tta=tta,
+                                               window=window)
             net_time[tta] = time.perf_counter() - start
         scored: list[tuple[np.ndarray, dict]] = []  # a label map equal to an earlier one is not re-scored
         for name, tta, post in variants:

@@ -26,7 +26,7 @@ import torch
 from . import CLASS_NAMES, DEFAULT_POSTPROCESS, DEFAULT_TTA, NUM_CLASSES, HipsegError, __version__, first_line
 from ._atomic import atomic_path, write_json_atomic
 from .augment import FLIP_AXES
-from .checkpoint import load_model
+from .checkpoint import LoadedModel, load_model
 from .portable import EXPORT_FORMAT, SINGLE_ORGANS, OnnxModel, sidecar_path
 from .preprocess import Preprocessing, preprocess_image
 
@@ -59,10 +59,9 @@ def _example_input(prep: Preprocessing) -> torch.Tensor:
     return torch.from_numpy(x)[None, None]
 
 
-def _sidecar(ckpt: dict, model: torch.nn.Module, prep: Preprocessing, fmt: str, model_file: Path,
-             checkpoint: Path, checked: list[dict]) -> dict:
+def _sidecar(loaded: LoadedModel, fmt: str, model_file: Path, checkpoint: Path, checked: list[dict]) -> dict:
+    model, prep, window, ckpt = loaded
     cfg = model.config
-    window = getattr(model, "inference_patch", None)
     return {
         "format": EXPORT_FORMAT, "hipseg_version": __version__, "torch_version": torch.__version__,
         "exported_from": checkpoint.name, "model_file": model_file.name, "model_format": fmt,
@@ -152,9 +151,9 @@ def export_model(checkpoint: str | os.PathLike, fmt: str, out_dir: str | os.Path
         for f in (model_file, json_file):
             if f.exists():
                 raise HipsegError(f"{f}: already exists (use --overwrite to replace it)")
-    model, ckpt = load_model(checkpoint, "cpu", expect_classes=NUM_CLASSES)
-    prep = Preprocessing.from_dict(ckpt["preprocessing"])
-    x = _example_input(prep)
+    loaded = load_model(checkpoint, "cpu", expect_classes=NUM_CLASSES)
+    model = loaded.network
+    x = _example_input(loaded.preprocessing)
     model_file.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(model_file) as tmp:
         try:
@@ -162,7 +161,7 @@ def export_model(checkpoint: str | os.PathLike, fmt: str, out_dir: str | os.Path
         except Exception as exc:  # the exporters raise many types; name the step and the reason
             raise HipsegError(f"{checkpoint}: export to {fmt} failed ({first_line(exc, 160)})") from None
         checked = _check(model, _runner(fmt, tmp), x)
-    write_json_atomic(_sidecar(ckpt, model, prep, fmt, model_file, checkpoint, checked), json_file)
+    write_json_atomic(_sidecar(loaded, fmt, model_file, checkpoint, checked), json_file)
     return model_file, json_file
 
 

@@ -159,11 +159,6 @@ class UpBlock(nn.Module):
         return self.block(torch.cat([self.up(x), skip], dim=1))
 
 
-# What a checkpoint saved before these settings existed was built with (the seed's design).
-LEGACY = {"downsample": "maxpool", "light_levels": 0, "top_kernel": 3}
-# Settings older checkpoints saved under another name: old name -> (today's name, conversion).
-RENAMED = {"light_top": ("light_levels", int)}  # a bool: one light level, or none
-
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -233,16 +228,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        """Inverse of :meth:`to_dict`; settings missing from an older checkpoint take the values
-        that checkpoint was built with (:data:`LEGACY`), not today's defaults."""
-        d = dict(d)
-        for old, (new, convert) in RENAMED.items():
-            if old in d:
-                d[new] = convert(d.pop(old))
+        """Inverse of :meth:`to_dict` (a checkpoint stores every setting)."""
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown network settings: {', '.join(sorted(unknown))}")
-        return cls(**{**LEGACY, **d})
+        return cls(**d)
 
 
 class ResUNet3D(nn.Module):

@@ -83,9 +83,10 @@ def _flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [c for n in range(len(axes) + 1) for c in itertools.combinations(axes, n)]
 
 
-def _network_log_probabilities(model, xt: torch.Tensor, budget: int, tta_axes: Sequence[int]) -> torch.Tensor:
+def _network_log_probabilities(model, xt: torch.Tensor, budget: int, tta_axes: Sequence[int],
+                                window: Sequence[int] | None = None) -> torch.Tensor:
     """log of the class probabilities on the network grid, averaged over the mirrored copies."""
-    patch = getattr(model, "inference_patch", None)  # a network trained on patches sees patches
+    patch = window  # a network trained on patches sees patches
     if not patch and _inference_bytes(model, xt.shape[2:]) > budget:
         div = model.divisor
         patch = [max(div, (s // 2) // div * div) for s in xt.shape[2:]]
@@ -107,7 +108,7 @@ def _network_log_probabilities(model, xt: torch.Tensor, budget: int, tta_axes: S
 @torch.no_grad()
 def predict_probabilities(model: ResUNet3D, image: np.ndarray, affine: np.ndarray, preprocessing: Preprocessing,
                           device: str | torch.device = "cpu", memory_bytes: int | None = None,
-                          tta: bool = DEFAULT_TTA) -> np.ndarray:
+                          tta: bool = DEFAULT_TTA, window: Sequence[int] | None = None) -> np.ndarray:
     """Class probabilities ``(C, *image.shape)`` (float32, summing to 1 per voxel) in the file's voxel order.
 
     Args:
@@ -120,6 +121,8 @@ def predict_probabilities(model: ResUNet3D, image: np.ndarray, affine: np.ndarra
             volume needs more, Gaussian-weighted sliding windows of half the size are used.
         tta: also run the left-right mirrored input (the flip the training augmentation used) and
             average the two softmax outputs.
+        window: the patch a network trained on patches was trained on (:class:`LoadedModel`'s
+            ``window``): it then always runs in Gaussian-weighted windows of that size.
     """
     device = torch.device(device)
     turn = reorient(affine, preprocessing.orientation)
@@ -127,7 +130,7 @@ def predict_probabilities(model: ResUNet3D, image: np.ndarray, affine: np.ndarra
     x, box = preprocess_image(arr, preprocessing)
     xt = torch.from_numpy(x)[None, None].to(device)
     budget = memory_bytes if memory_bytes is not None else available_bytes(device) // 2
-    logp = _network_log_probabilities(model, xt, budget, FLIP_AXES if tta else ())
+    logp = _network_log_probabilities(model, xt, budget, FLIP_AXES if tta else (), window)
     # Resizing log-probabilities then normalising equals resizing the logits (a per-voxel shift
     # does not change a softmax), so plain inference is unchanged by averaging in probability.
     crop_shape = tuple(b - a for a, b in box)
@@ -144,14 +147,14 @@ def predict_probabilities(model: ResUNet3D, image: np.ndarray, affine: np.ndarra
 def predict_array(model: ResUNet3D, image: np.ndarray, affine: np.ndarray, preprocessing: Preprocessing,
                   device: str | torch.device = "cpu", memory_bytes: int | None = None,
                   tta: bool = DEFAULT_TTA, postprocess: bool = DEFAULT_POSTPROCESS,
-                  return_probabilities: bool = False):
+                  return_probabilities: bool = False, window: Sequence[int] | None = None):
     """Segment one image array; the result is a uint8 label map with ``image``'s shape.
 
     Arguments as :func:`predict_probabilities`; ``postprocess`` keeps the largest piece of each
     single-organ class (:data:`SINGLE_ORGANS`). With ``return_probabilities``, returns
     ``(label, probabilities)``.
     """
-    probs = predict_probabilities(model, image, affine, preprocessing, device, memory_bytes, tta)
+    probs = predict_probabilities(model, image, affine, preprocessing, device, memory_bytes, tta, window)
     label = labels_from_probabilities(probs, postprocess)
     return (label, probs) if return_probabilities else label
 
@@ -171,8 +174,10 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
 
     files = collect_inputs(inputs)
     dev = resolve_device(device)
-    model, ckpt = load_model(checkpoint, dev, expect_classes=NUM_CLASSES)
-    prep = Preprocessing.from_dict(ckpt["preprocessing"])
-    return write_predictions(files, out_dir, lambda v: predict_probabilities(model, v.array, v.affine, prep, dev,
-                                                                            tta=tta),
-                             overwrite, progress, postprocess, probabilities)
+    loaded = load_model(checkpoint, dev, expect_classes=NUM_CLASSES)
+
+    def probabilities_of(v):
+        return predict_probabilities(loaded.network, v.array, v.affine, loaded.preprocessing, dev, tta=tta,
+                                     window=loaded.window)
+
+    return write_predictions(files, out_dir, probabilities_of, overwrite, progress, postprocess, probabilities)

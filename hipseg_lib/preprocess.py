@@ -65,17 +65,11 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
-        """Inverse of :meth:`to_dict`. Settings missing from an older checkpoint take the values that
-        checkpoint was made with (:data:`LEGACY`: no body crop, no reorientation beyond LPS), not
-        today's defaults, so an old model keeps seeing what it was trained on."""
+        """Inverse of :meth:`to_dict` (a checkpoint stores every setting)."""
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown preprocessing settings: {', '.join(sorted(unknown))}")
-        return cls(**{**LEGACY, **d})
-
-
-# What a checkpoint saved before these settings existed was preprocessed with.
-LEGACY = {"crop_foreground": False, "orientation": "LPS"}
+        return cls(**d)
 
 
 def normalise_intensity(image: np.ndarray, clip_percentiles: tuple[float, float] = (0.5, 99.5),

@@ -58,19 +58,14 @@ def test_each_config_validates_itself():
         Preprocessing.from_dict({"target_shape": [8, 8, 8], "colour": 1})
 
 
-def test_older_checkpoints_keep_the_settings_they_were_made_with():
-    # Saved before these settings existed: no body crop, max pooling, residual top level.
-    prep = Preprocessing.from_dict({"target_shape": [64, 64, 32], "clip_percentiles": [0.5, 99.5]})
-    assert prep.crop_foreground is False and Preprocessing().crop_foreground is True
-    model = ModelConfig.from_dict({"base_channels": 4, "depth": 3})
-    assert (model.downsample, model.light_levels, model.top_kernel) == ("maxpool", 0, 3)
-    # The flat training settings of older checkpoints still read.
-    flat = {"preset": "smoke", "target_shape": [32, 32, 16], "base_channels": 4, "depth": 3, "epochs": 2,
-            "downsample": "conv", "light_top": True}
-    cfg = TrainConfig.from_dict(flat)
-    assert cfg.model.base_channels == 4 and cfg.preprocessing.target_shape == (32, 32, 16)
-    assert cfg.epochs == 2 and cfg.preprocessing.crop_foreground is False
-    assert (cfg.model.light_levels, cfg.model.top_kernel) == (1, 3), "light_top=True was one light level"
+def test_only_todays_settings_are_read():
+    """The pre-release readers are gone: a setting under an old name, or a flat dict of training
+    settings, is refused rather than guessed at."""
+    with pytest.raises(ValueError, match="unknown network settings: light_top"):
+        ModelConfig.from_dict({"base_channels": 4, "depth": 3, "light_top": True})
+    flat = {"preset": "smoke", "target_shape": [32, 32, 16], "base_channels": 4, "depth": 3, "epochs": 2}
+    with pytest.raises(KeyError):
+        TrainConfig.from_dict(flat)
 
 
 def test_augmentation_is_a_named_set_or_changes_to_nnunets():

@@ -15,8 +15,7 @@ from hipseg_lib.preprocess import Preprocessing
 
 
 def test_evaluate_pairs_scores_what_predict_array_predicts(tiny_model, tiny_synth):
-    model, ckpt = load_model(tiny_model)
-    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    model, prep, _, ckpt = load_model(tiny_model)
     pairs = find_pairs(tiny_synth).pairs[:2]
     rows = evaluate_pairs(model, prep, pairs, keep_predictions=True, tta=False)
     assert [r["id"] for r in rows] == [str(p.id) for p in pairs]

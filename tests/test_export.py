@@ -45,8 +45,7 @@ def test_onnx_and_torchscript_give_pytorchs_logits_and_labels(tmp_path, preset):
     from hipseg_lib.export import export_model
 
     ckpt = _checkpoint(tmp_path, preset)
-    model, saved = load_model(ckpt)
-    prep = Preprocessing.from_dict(saved["preprocessing"])
+    model, prep, _, saved = load_model(ckpt)
     assert model.config.deep_supervision == (preset == "cpu"), "the cpu network's coarse heads are exported too"
     x = _scan_input(prep, seed=5)  # not the scan the export checked itself on
     with torch.no_grad():
@@ -130,10 +129,9 @@ def test_onnx_windows_match_pytorchs_windows(tiny_model, tiny_synth, tmp_path):
     from hipseg_lib.portable import OnnxModel, onnx_probabilities
 
     onnx_file, _ = export_model(tiny_model, "onnx", tmp_path / "exported")
-    model, ckpt = load_model(tiny_model)
+    model, prep, _, _ = load_model(tiny_model)
     vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
-    ref = predict_probabilities(model, vol.array, vol.affine, Preprocessing.from_dict(ckpt["preprocessing"]),
-                                memory_bytes=1, tta=True)
+    ref = predict_probabilities(model, vol.array, vol.affine, prep, memory_bytes=1, tta=True)
     got = onnx_probabilities(OnnxModel(onnx_file), vol.array, vol.affine, tta=True, memory_bytes=1)
     assert got.shape == ref.shape
     assert float(np.abs(got - ref).max()) <= 1e-4

@@ -157,8 +157,7 @@ def test_gaussian_blending_is_the_weighted_mean_of_the_windows_known_answer():
 def test_probabilities_sum_to_one_and_match_the_label(tiny_model, tiny_synth):
     from hipseg_lib.checkpoint import load_model
 
-    model, ckpt = load_model(tiny_model)
-    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    model, prep, _, ckpt = load_model(tiny_model)
     vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
     for tta in (False, True):
         probs = predict_probabilities(model, vol.array, vol.affine, prep, tta=tta)
@@ -264,8 +263,7 @@ def test_compare_inference_scores_every_variant(tiny_model, tiny_synth):
     from hipseg_lib.checkpoint import load_model
     from hipseg_lib.evaluate import DEFAULT_VARIANT, VARIANTS, compare_inference, inference_table
 
-    model, ckpt = load_model(tiny_model)
-    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    model, prep, _, ckpt = load_model(tiny_model)
     pairs = find_pairs(tiny_synth).pairs[:2]
     comp = compare_inference(model, prep, pairs)
     assert list(comp["results"]) == [n for n, _, _ in VARIANTS] and DEFAULT_VARIANT == "TTA + post-processing"

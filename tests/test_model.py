@@ -94,17 +94,10 @@ def test_overfits_one_small_volume(design):
     assert (net(x).argmax(1) == y).float().mean() > 0.95
 
 
-def test_config_round_trip_and_legacy_checkpoints_keep_their_design():
-    cfg = ModelConfig(base_channels=12, depth=5)
+def test_config_round_trip_keeps_every_setting():
+    cfg = ModelConfig(base_channels=12, depth=5, downsample="maxpool", light_levels=0, top_kernel=3)
+    assert set(cfg.to_dict()) == {f.name for f in __import__("dataclasses").fields(ModelConfig)}
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
-    # A checkpoint saved before downsample/light_levels existed was built with max pooling and
-    # residual blocks at full resolution: its weights must fit that network, not today's default.
-    old = {"in_channels": 1, "num_classes": 6, "base_channels": 4, "depth": 3, "dropout": 0.0,
-           "deep_supervision": False}
-    legacy = ModelConfig.from_dict(old)
-    assert legacy.downsample == "maxpool" and legacy.light_levels == 0
-    seed_design = ResUNet3D(ModelConfig(**old, downsample="maxpool", light_levels=0))
-    ResUNet3D(legacy).load_state_dict(seed_design.state_dict())
     with pytest.raises(ValueError, match="downsample"):
         ModelConfig(downsample="avgpool")
 
@@ -133,11 +126,6 @@ def test_light_levels_replace_the_finest_residual_blocks():
     assert net.decoder[-1].block.conv.kernel_size == (1, 1, 1)
     assert net.decoder[-2].block.conv.kernel_size == (3, 3, 3)
     assert net(torch.zeros(1, 1, 16, 16, 8)).shape == (1, 6, 16, 16, 8)
-    # Checkpoints of the one-light-level design saved it as light_top=True: same network, same weights.
-    old = {**ModelConfig(base_channels=4, depth=4).to_dict(), "light_top": True}
-    del old["light_levels"], old["top_kernel"]
-    assert ModelConfig.from_dict(old) == ModelConfig(base_channels=4, depth=4, light_levels=1, top_kernel=3)
-    ResUNet3D(ModelConfig.from_dict(old)).load_state_dict(ResUNet3D(ModelConfig(base_channels=4, depth=4)).state_dict())
     for bad in (dict(light_levels=4), dict(top_kernel=2), dict(top_kernel=0, light_levels=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ModelConfig(depth=4, **bad)
@@ -224,8 +212,9 @@ def test_every_convolution_is_hipsegs_conv3d(config):
 
 
 def test_a_checkpoint_of_the_seeds_design_predicts(tmp_path):
-    """An older checkpoint (max pooling, residual blocks at full resolution, no such settings saved)
-    loads and segments a scan, with the labels its own network gives."""
+    """A checkpoint of the seed's design (max pooling, residual blocks at full resolution) loads and
+    segments a scan with the labels its own network gives; a pre-release (v1) checkpoint is refused
+    with one line that says what to do."""
     import numpy as np
 
     from hipseg_lib.checkpoint import load_model, save_checkpoint
@@ -237,13 +226,17 @@ def test_a_checkpoint_of_the_seeds_design_predicts(tmp_path):
     torch.manual_seed(0)
     seed_design = ResUNet3D(ModelConfig(**old, downsample="maxpool", light_levels=0)).eval()
     prep = Preprocessing(target_shape=(16, 16, 8))
-    path = save_checkpoint(tmp_path / "old.pth", seed_design, seed_design.config, prep)
-    ck = torch.load(path, weights_only=True)
-    ck["model_config"] = old  # as written before downsample and light_levels existed
-    torch.save(ck, path)
-    model, _ = load_model(path)
+    path = save_checkpoint(tmp_path / "seed.pth", seed_design, seed_design.config, prep)
+    model = load_model(path).network
     assert model.config.downsample == "maxpool" and model.config.light_levels == 0
     image = np.random.default_rng(0).normal(100, 20, (20, 18, 10)).astype(np.float32)
     got = predict_array(model, image, np.eye(4), prep, tta=False)
     want = predict_array(seed_design, image, np.eye(4), prep, tta=False)
     assert got.shape == image.shape and np.array_equal(got, want)
+    from hipseg_lib import HipsegError
+
+    ck = torch.load(path, weights_only=True)
+    ck["format"] = "hipseg-checkpoint-v1"
+    torch.save(ck, tmp_path / "v1.pth")
+    with pytest.raises(HipsegError, match="v1.pth: made by a pre-release hipseg .* train it again"):
+        load_model(tmp_path / "v1.pth")

@@ -16,8 +16,7 @@ from hipseg_lib.preprocess import Preprocessing
 
 
 def test_predict_array_shape_and_orientation_round_trip(tiny_model, tiny_synth):
-    model, ckpt = load_model(tiny_model)
-    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    model, prep, _, ckpt = load_model(tiny_model)
     vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
     pred = predict_array(model, vol.array, vol.affine, prep)
     assert pred.shape == vol.shape and pred.dtype == np.uint8
@@ -30,8 +29,7 @@ def test_predict_array_shape_and_orientation_round_trip(tiny_model, tiny_synth):
 
 
 def test_sliding_window_matches_whole_volume_shape(tiny_model, tiny_synth):
-    model, ckpt = load_model(tiny_model)
-    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    model, prep, _, ckpt = load_model(tiny_model)
     vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
     whole = predict_array(model, vol.array, vol.affine, prep)
     windows = predict_array(model, vol.array, vol.affine, prep, memory_bytes=1)
@@ -164,8 +162,8 @@ def test_a_patch_trained_network_validates_and_predicts_in_windows(tiny_synth, t
     assert set(windows) == {((8, 8, 8), (16, 16, 8))}
 
     windows.clear()
-    model, _ = load_model(tmp_path / "m" / "new_model.pth")
-    assert model.inference_patch == (8, 8, 8)
+    loaded = load_model(tmp_path / "m" / "new_model.pth")
+    assert loaded.window == (8, 8, 8) and not hasattr(loaded.network, "inference_patch")
     image = find_pairs(tiny_synth).pairs[0].image
     written = predict_files(tmp_path / "m" / "new_model.pth", [image], tmp_path / "out", tta=False)
     assert len(written) == 1 and nib.load(written[0]).shape == load_volume(image).shape
