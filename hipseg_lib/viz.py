@@ -17,7 +17,8 @@ from . import BODY, BONES, CLASS_NAMES, PROSTATE
 
 __all__ = ["CLASS_COLOURS", "label_cmap", "show_slice", "orthogonal_views", "prostate_slice", "three_panel",
            "uncertainty_panel", "overlay_rgba", "class_legend", "per_class_text",
-           "static_slider", "live_slider", "SliceViewer", "slice_browser", "html_table"]
+           "static_slider", "live_slider", "SliceViewer", "slice_browser", "html_table", "network_levels",
+           "network_diagram"]
 
 CLASS_COLOURS = ["#00000000", "#4daf4a", "#ffff33", "#377eb8", "#ff7f00", "#e41a1c"]
 
@@ -420,3 +421,97 @@ def html_table(rows: Sequence[dict], columns: Sequence[str] | None = None, float
     body = "".join("<tr>" + "".join(f"<td>{escape(fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
     cap = f"<caption>{escape(caption)}</caption>" if caption else ""
     return HTML(f'<table class="hipseg-table">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
+
+
+def _block_name(block, side: str) -> str:
+    kind = type(block).__name__
+    if kind == "Identity":  # encoder: the stem is the level's only convolution; decoder: none
+        return "stem only" if side == "encoder" else "no conv: head reads concat"
+    if kind == "ResidualBlock":
+        return "residual block"
+    if kind == "ConvBlock":
+        k = block.conv.kernel_size[0]
+        return f"one {k}x{k}x{k} conv"
+    return kind
+
+
+def network_levels(model) -> list[dict]:
+    """What :func:`network_diagram` draws, read from the built network (so the picture cannot
+    drift from the code): per level, its channels, the encoder and decoder blocks, how it is
+    reached from the level above, and whether a deep-supervision head reads it.
+
+    Example:
+        >>> from hipseg_lib.model import ModelConfig, ResUNet3D
+        >>> [r["channels"] for r in network_levels(ResUNet3D(ModelConfig(base_channels=4, depth=3)))]
+        [4, 8, 16]
+    """
+    c = model.config
+    depth = c.depth
+    widths = [c.base_channels * 2 ** i for i in range(depth)]
+    aux = len(model.aux_heads) if model.aux_heads is not None else 0
+    rows = []
+    for i in range(depth):
+        down = None if i == 0 else ("stride-2 conv" if type(model.down[i - 1]).__name__ == "DownConv"
+                                    else "2x2x2 max pool")
+        if i == depth - 1:
+            enc, dec = "2 residual blocks (bottleneck)", None
+        else:
+            enc = _block_name(model.encoder[i], "encoder")
+            enc = ("stem conv + " + enc) if i == 0 and enc != "stem only" else enc
+            dec = _block_name(model.decoder[depth - 2 - i].block, "decoder")
+        rows.append({"level": i, "channels": widths[i], "down": down, "encoder": enc, "decoder": dec,
+                     "deep_supervision": 1 <= i <= aux})
+    return rows
+
+
+def network_diagram(model, title: str = ""):
+    """The U of ``model`` (a :class:`~hipseg_lib.model.ResUNet3D`): one box per level and side
+    with its channels and block, the downsampling between levels, the skip connections, the
+    deep-supervision heads and the 1x1x1 head. Returns the figure."""
+    from matplotlib.patches import FancyBboxPatch
+
+    rows = network_levels(model)
+    depth = len(rows)
+    fig, ax = plt.subplots(figsize=(11, 1.0 * depth + 0.9))
+    ax.set_xlim(0, 11)
+    ax.set_ylim(-depth + 0.45, 1.0)
+    ax.axis("off")
+
+    def box(x, y, w, text, colour):
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - 0.32), w, 0.64, boxstyle="round,pad=0.02",
+                                    fc=colour, ec="#444444", lw=1))
+        ax.text(x, y, text, ha="center", va="center", fontsize=9)
+
+    def arrow(x0, y0, x1, y1, text="", style="-|>", ls="-"):
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
+                    arrowprops=dict(arrowstyle=style, lw=1, ls=ls, color="#444444"))
+        if text:
+            ax.text((x0 + x1) / 2 + 0.1, (y0 + y1) / 2, text, fontsize=8, va="center", color="#333333")
+
+    enc_x, dec_x = 2.3, 7.3
+    for r in rows:
+        y = -r["level"]
+        last = r["level"] == depth - 1
+        x = (enc_x + dec_x) / 2 if last else enc_x
+        box(x, y, 3.3, f"level {r['level']}: {r['channels']} ch\n{r['encoder']}", "#dbe9f6")
+        if r["down"]:
+            above = -(r["level"] - 1)
+            arrow(enc_x, above - 0.34, x - (0.9 if last else 0), y + 0.34, r["down"])
+        if not last:
+            box(dec_x, y, 3.3, f"level {r['level']}: {r['channels']} ch\n{r['decoder']}", "#fde2c8")
+            arrow(enc_x + 1.68, y, dec_x - 1.68, y, ls="--")
+            ax.text((enc_x + dec_x) / 2, y + 0.1, "skip: concatenate", fontsize=8, ha="center", color="#333333")
+            below = -(r["level"] + 1)
+            from_x = (enc_x + dec_x) / 2 + 0.9 if r["level"] + 1 == depth - 1 else dec_x
+            arrow(from_x, below + 0.34, dec_x, y - 0.34, "transposed conv")
+            if r["deep_supervision"]:
+                box(10.0, y, 1.7, "1x1x1 head\n(deep supervision)", "#e5f5e0")
+                arrow(dec_x + 1.68, y, 10.0 - 0.87, y)
+    box(10.0, 0.0, 1.7, f"1x1x1 head\n{model.config.num_classes} classes", "#e5f5e0")
+    arrow(dec_x + 1.68, 0.0, 10.0 - 0.87, 0.0)
+    ax.text(enc_x, 0.75, "encoder", ha="center", fontsize=10, weight="bold")
+    ax.text(dec_x, 0.75, "decoder", ha="center", fontsize=10, weight="bold")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig

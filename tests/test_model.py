@@ -240,3 +240,23 @@ def test_a_checkpoint_of_the_seeds_design_predicts(tmp_path):
     torch.save(ck, tmp_path / "v1.pth")
     with pytest.raises(HipsegError, match="v1.pth: made by a pre-release hipseg .* train it again"):
         load_model(tmp_path / "v1.pth")
+
+
+def test_the_network_diagram_is_read_from_the_network():
+    from hipseg_lib.config import make_config
+    from hipseg_lib.viz import network_diagram, network_levels
+
+    cpu = network_levels(ResUNet3D(make_config("cpu").model))
+    assert [r["channels"] for r in cpu] == [12, 24, 48, 96, 192]
+    assert [r["encoder"] for r in cpu] == ["stem only", "one 3x3x3 conv", "one 3x3x3 conv", "residual block",
+                                           "2 residual blocks (bottleneck)"]
+    assert [r["decoder"] for r in cpu] == ["no conv: head reads concat", "one 3x3x3 conv", "one 3x3x3 conv",
+                                           "residual block", None]
+    assert [r["deep_supervision"] for r in cpu] == [False, True, True, True, False]
+    assert [r["down"] for r in cpu] == [None] + ["stride-2 conv"] * 4
+    seed = network_levels(ResUNet3D(ModelConfig(base_channels=16, depth=4, downsample="maxpool", light_levels=0)))
+    assert [r["down"] for r in seed] == [None] + ["2x2x2 max pool"] * 3
+    assert seed[0]["encoder"] == "stem conv + residual block" and not any(r["deep_supervision"] for r in seed)
+    fig = network_diagram(ResUNet3D(make_config("cpu").model))
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert sum("deep supervision" in t for t in texts) == 3 and "level 4: 192 ch" in " ".join(texts)
