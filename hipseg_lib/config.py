@@ -45,6 +45,8 @@ class TrainConfig:
         lr: peak learning rate of Adam; decays polynomially (power 0.9) to 0, after a short warm-up.
         weight_decay: Adam weight decay.
         grad_clip: gradient-norm clipping threshold (0 = off).
+        dice_weight, ce_weight: weights of the soft Dice and the cross-entropy terms of the loss
+            (:class:`~hipseg_lib.loss.DiceCELoss`); one may be 0, not both.
         amp: mixed precision: "auto" (bf16 on a CUDA device that supports it, fp16 on other CUDA
             devices; bf16 on a CPU with native bf16, else off), "bf16", "fp16" or "off".
         channels_last: use the channels-last 3D memory format.
@@ -86,6 +88,8 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-5
     grad_clip: float = 5.0
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
     amp: str = "auto"
     channels_last: bool = False
     compile: bool = False
@@ -113,6 +117,9 @@ class TrainConfig:
         if not 0.0 <= self.foreground_fraction <= 1.0:
             raise ValueError(f"foreground_fraction must be in [0, 1], got {self.foreground_fraction}")
         augmentation_named(self.augmentation)  # raises ValueError for an unknown set or setting
+        if min(self.dice_weight, self.ce_weight) < 0 or self.dice_weight + self.ce_weight == 0:
+            raise ValueError(f"dice_weight and ce_weight must be >= 0 and not both 0, got "
+                             f"{self.dice_weight} and {self.ce_weight}")
         if self.data_on not in ("auto", "device", "host"):
             raise ValueError(f"data_on must be auto, device or host, got {self.data_on!r}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
@@ -153,6 +160,19 @@ class TrainConfig:
         d["model"], d["preprocessing"] = self.model.to_dict(), self.preprocessing.to_dict()
         d["patch_shape"] = list(self.patch_shape) if self.patch_shape is not None else None
         return d
+
+    def key_settings(self, always: tuple[str, ...] = ("preset", "epochs", "batch_size", "lr",
+                                                        "target_shape", "base_channels", "depth", "amp",
+                                                        "augmentation")) -> dict:
+        """The settings a reader of this run needs first: ``always``, then every other setting whose
+        value differs from :class:`TrainConfig`'s default (what the preset or an override chose).
+
+        Example:
+            >>> "weight_decay" in TrainConfig().key_settings()
+            False
+        """
+        flat, default = self.flat_dict(), TrainConfig().flat_dict()
+        return {k: v for k, v in flat.items() if k in always or v != default[k]}
 
     def flat_dict(self) -> dict:
         """Every setting by its own name, the network's and the preprocessing's included: one row

@@ -312,7 +312,7 @@ def _build(run: _Run) -> None:
     sched = PolySchedule(opt, total_steps, warmup=min(50, total_steps // 10 + 1))
     amp_dtype = autocast_for(run.device, cfg.amp).dtype
     scaler = torch.amp.GradScaler(run.device.type, enabled=amp_dtype == torch.float16)
-    run.loss_fn = DiceCELoss(NUM_CLASSES).to(run.device)
+    run.loss_fn = DiceCELoss(NUM_CLASSES, dice_weight=cfg.dice_weight, ce_weight=cfg.ce_weight).to(run.device)
     run.model, run.opt, run.sched, run.scaler = model, opt, sched, scaler
 
 

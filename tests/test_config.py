@@ -83,3 +83,15 @@ def test_augmentation_is_a_named_set_or_changes_to_nnunets():
         make_config("cpu", augmentation="heavy")
     with pytest.raises(ValueError, match="data_on must be auto, device or host"):
         make_config("cpu", data_on="disk")
+
+
+def test_key_settings_are_the_presets_choices_and_the_loss_weights_are_checked():
+    key = make_config("cpu").key_settings()
+    assert {"preset", "epochs", "lr", "target_shape", "base_channels", "depth", "amp"} <= set(key)
+    assert key["augmentation"] == "light" and key["light_levels"] == 3, "what the cpu preset changed"
+    assert "weight_decay" not in key and "dice_weight" not in key, "left at the defaults"
+    assert make_config("cpu", dice_weight=0.0).key_settings()["dice_weight"] == 0.0
+    with pytest.raises(ValueError, match="not both 0"):
+        make_config("cpu", dice_weight=0.0, ce_weight=0.0)
+    with pytest.raises(ValueError, match="dice_weight and ce_weight"):
+        make_config("cpu", dice_weight=-1.0)

@@ -221,3 +221,21 @@ def test_each_epoch_trains_on_fresh_augmentations(tiny_synth, tmp_path, monkeypa
     assert len(first) == len(second) == n > 4
     repeated = sum(any(torch.equal(x, y) for y in first) for x in second)
     assert repeated <= n // 3, f"{repeated} of {n} inputs of epoch 2 repeat epoch 1"
+
+
+def test_the_loss_weights_reach_the_loss(tiny_synth, tmp_path, monkeypatch):
+    """``--set dice_weight=0`` (chapter 4's first exercise) trains on cross-entropy alone."""
+    import hipseg_lib.train as T
+
+    seen = []
+    real = T.DiceCELoss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "DiceCELoss", spy)
+    base = train(_smoke(epochs=1), tiny_synth, tmp_path / "a", progress=False, log=lambda s: None)
+    ce = train(_smoke(epochs=1, dice_weight=0.0), tiny_synth, tmp_path / "b", progress=False, log=lambda s: None)
+    assert seen == [{"dice_weight": 1.0, "ce_weight": 1.0}, {"dice_weight": 0.0, "ce_weight": 1.0}]
+    assert ce.history[0]["loss"] < base.history[0]["loss"], "no Dice term: the loss lacks its (1 - Dice) part"
