@@ -196,12 +196,9 @@ PRESETS: dict[str, dict] = {
     # 2 CPU cores: the body crop at 64x64x48, whole volumes, batch 1, a fixed 12 epochs (948 steps)
     # on every CPU. The network spends little at the three finest levels (stride-2 convolutions, one
     # convolution instead of a residual block on each side, no convolution after the last
-    # concatenation; model.Conv3d picks faster CPU kernels): measured 0.26 s/step in fp32 and
-    # 0.18 s/step in bf16 on 2 cores, 0.90x and 1.08x MONAI's UNet at the same parameter count.
-    # Deep supervision (Isensee et al. 2017) costs no measurable time and brings the small organs
-    # in early: after 5 minutes of fp32 training the prostate was at test Dice 0.92 with it, 0.00
-    # without. 25 minutes is a safety net only; if it is hit, the run is shortened loudly and still
-    # decays to zero.
+    # concatenation); deep supervision (Isensee et al. 2017) brings the small organs in early. What
+    # each choice measured: benchmarks/results/HISTORY.md. 25 minutes is a safety net only; if it is
+    # hit, the run is shortened loudly and still decays to zero.
     "cpu": dict(target_shape=(64, 64, 48), base_channels=12, depth=5, batch_size=1, epochs=12,
                 lr=2e-3, patience=0, early_stop_dice=0.0, max_minutes=25.0, deep_supervision=True,
                 light_levels=3, top_kernel=0, augmentation="light"),
@@ -209,8 +206,8 @@ PRESETS: dict[str, dict] = {
     # (192x160 of ~1.8 mm voxels covers the ~350x280 mm body), 128 slices, batch 2, bf16, a fixed
     # schedule, the best validation checkpoint kept (nnU-Net's way; the seed's "stop once every
     # class reaches 0.7" is early_stop_dice, off). 600 epochs of the real set's ~169 training volumes
-    # (84 steps of 2.4 TFLOP) are planned to take about 20 minutes on an H100 at 10 % of its bf16
-    # peak (hipseg_lib.plan.plan_run; measured MFU: make gpu-check). max_minutes is a safety net.
+    # are planned by hipseg_lib.plan.plan_run at an assumed MFU (make gpu-check measures the real
+    # one). max_minutes is a safety net.
     "full": dict(target_shape=(192, 160, 128), base_channels=16, depth=5, batch_size=2, epochs=600,
                  lr=1e-3, patience=0, early_stop_dice=0.0, val_every=5, amp="auto", max_minutes=60.0,
                  deep_supervision=True, dropout=0.1),

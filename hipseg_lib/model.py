@@ -30,14 +30,15 @@ class Conv3d(nn.Conv3d):
     The layer, its parameters and its results are those of ``nn.Conv3d`` (checkpoints are the
     same); only the kernel that computes them differs:
 
-    - a 1x1x1 convolution is a matrix product over the channels, one per volume. oneDNN's
-      kernel took 2-3x as long for the head at full resolution (24 to 6 channels at 64x64x48:
-      21 ms against 10 ms for forward and backward in fp32, 13 against 5 in bf16).
+    - a 1x1x1 convolution is a matrix product over the channels, one per volume, where PyTorch
+      would call oneDNN's general convolution kernel.
     - a fp32 convolution of a single volume at the deep levels runs in oneDNN. PyTorch sends
-      it to its native ``slow_conv3d`` whenever N * C * D * H <= 20480, which here was 3-4x slower
-      (48 channels at 16x16x12: 23 ms against 7 ms for forward and backward, on 2 cores).
+      it to its native ``slow_conv3d`` whenever N * C * D * H <= 20480, a slower kernel there.
       Handing oneDNN the input as one of its own tensors (``to_mkldnn``) makes PyTorch keep its
       kernel, backward pass included.
+
+    What each choice measured on which CPU: ``benchmarks/results/HISTORY.md``; ``bench_step.py
+    --kernels-only`` measures both again (on AVX2 only, the 1x1x1 path is no faster).
 
     Example:
         >>> conv = Conv3d(4, 2, 1)

@@ -18,7 +18,7 @@ from . import BODY, BONES, CLASS_NAMES, PROSTATE
 __all__ = ["CLASS_COLOURS", "label_cmap", "show_slice", "orthogonal_views", "prostate_slice", "three_panel",
            "uncertainty_panel", "overlay_rgba", "class_legend", "per_class_text",
            "static_slider", "live_slider", "SliceViewer", "slice_browser", "html_table", "network_levels",
-           "network_diagram"]
+           "network_diagram", "head_predictions", "deep_supervision_panel"]
 
 CLASS_COLOURS = ["#00000000", "#4daf4a", "#ffff33", "#377eb8", "#ff7f00", "#e41a1c"]
 
@@ -514,4 +514,58 @@ def network_diagram(model, title: str = ""):
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def head_predictions(model, x) -> list[tuple[str, np.ndarray]]:
+    """What each output head of ``model`` predicts for ``x`` (N=1): ``[(name, labels)]``, the coarse
+    deep-supervision heads first (their own arg-max at their own grid, repeated to the input's
+    grid for display), then the network's output (the final head plus the upsampled coarse ones).
+
+    Example:
+        >>> import torch
+        >>> from hipseg_lib.model import ModelConfig, ResUNet3D
+        >>> net = ResUNet3D(ModelConfig(base_channels=4, depth=4, deep_supervision=True)).eval()
+        >>> [name for name, _ in head_predictions(net, torch.zeros(1, 1, 16, 16, 8))]
+        ['level 2 head (1/4 grid)', 'level 1 head (1/2 grid)', 'output']
+    """
+    import torch
+
+    heads = list(model.aux_heads or [])
+    seen: list = [None] * len(heads)
+    hooks = [h.register_forward_hook(lambda m, i, o, j=j: seen.__setitem__(j, o.detach()))
+             for j, h in enumerate(heads)]
+    try:
+        with torch.no_grad():
+            out = model(x).float()
+    finally:
+        for h in hooks:
+            h.remove()
+    size = x.shape[2:]
+    rows = []
+    for j, logits in enumerate(seen):
+        level = len(heads) - j  # aux_heads run from the coarsest decoder level up
+        factor = size[0] // logits.shape[2]
+        lab = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        full = lab.repeat(factor, 0).repeat(factor, 1).repeat(factor, 2)
+        rows.append((f"level {level} head (1/{factor} grid)", full))
+    rows.append(("output", out.argmax(1)[0].cpu().numpy().astype(np.uint8)))
+    return rows
+
+
+def deep_supervision_panel(model, image, truth, index: int | None = None):
+    """One axial slice: the truth, then what each deep-supervision head and the output predict
+    (:func:`head_predictions`). ``image`` and ``truth`` are a preprocessed volume and its labels
+    on the network's grid. Returns the figure."""
+    import torch
+
+    x = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None, None]
+    x = x.to(next(model.parameters()).device)
+    rows = [("truth", np.asarray(truth))] + head_predictions(model, x)
+    index = prostate_slice(np.asarray(truth)) if index is None else index
+    fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 3.0))
+    for ax, (name, lab) in zip(np.atleast_1d(axes), rows):
+        show_slice(ax, image, lab, axis=2, index=index, title=name)
+    class_legend(fig)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig

@@ -260,3 +260,28 @@ def test_the_network_diagram_is_read_from_the_network():
     fig = network_diagram(ResUNet3D(make_config("cpu").model))
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert sum("deep supervision" in t for t in texts) == 3 and "level 4: 192 ch" in " ".join(texts)
+
+
+def test_each_deep_supervision_head_is_shown_at_its_own_grid():
+    import numpy as np
+
+    from hipseg_lib.viz import deep_supervision_panel, head_predictions
+
+    torch.manual_seed(0)
+    net = ResUNet3D(ModelConfig(base_channels=4, depth=4, deep_supervision=True)).eval()
+    x = torch.randn(1, 1, 16, 16, 8)
+    rows = head_predictions(net, x)
+    assert [n for n, _ in rows] == ["level 2 head (1/4 grid)", "level 1 head (1/2 grid)", "output"]
+    with torch.no_grad():
+        want = net(x).argmax(1)[0].numpy()
+        coarse = net.aux_heads[0](torch.zeros(1, 16, 4, 4, 2))  # a level-2 head reads 4x4x2 maps
+    assert coarse.shape[2:] == (4, 4, 2)
+    assert all(lab.shape == (16, 16, 8) for _, lab in rows)
+    np.testing.assert_array_equal(rows[-1][1], want)
+    level2 = rows[0][1]
+    assert (level2.reshape(4, 4, 4, 4, 2, 4) == level2[::4, ::4, ::4][:, None, :, None, :, None]).all(), \
+        "a coarse head's voxel covers 4x4x4 input voxels"
+    truth = np.zeros((16, 16, 8), np.uint8)
+    truth[6:10, 6:10, 3:5] = 5
+    fig = deep_supervision_panel(net, x[0, 0].numpy(), truth)
+    assert [a.get_title() for a in fig.axes if a.get_title()] == ["truth"] + [n for n, _ in rows]

@@ -26,7 +26,7 @@ def _provenance_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("Provenance")]
 
 
-@pytest.mark.parametrize("path", sorted(RESULTS.glob("*.md")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(RESULTS.rglob("*.md")), ids=lambda p: str(p.relative_to(RESULTS)))
 def test_every_markdown_result_names_its_provenance(path):
     lines = _provenance_lines(path.read_text())
     assert lines, f"{path.name}: no Provenance line"
@@ -34,7 +34,7 @@ def test_every_markdown_result_names_its_provenance(path):
     assert LINE.match(lines[0]), lines[0]
 
 
-@pytest.mark.parametrize("path", sorted(RESULTS.glob("*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(RESULTS.rglob("*.json")), ids=lambda p: str(p.relative_to(RESULTS)))
 def test_every_json_result_names_its_provenance(path):
     doc = json.loads(path.read_text())
     assert isinstance(doc, dict) and isinstance(doc.get("provenance"), dict), path.name
