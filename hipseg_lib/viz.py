@@ -13,12 +13,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 
-from . import BODY, BONES, CLASS_NAMES, PROSTATE
+from . import BLADDER, BODY, BONES, CLASS_NAMES, PROSTATE, RECTUM
 
 __all__ = ["CLASS_COLOURS", "label_cmap", "show_slice", "orthogonal_views", "prostate_slice", "three_panel",
            "uncertainty_panel", "overlay_rgba", "class_legend", "per_class_text",
            "static_slider", "live_slider", "SliceViewer", "slice_browser", "html_table", "network_levels",
-           "network_diagram", "head_predictions", "deep_supervision_panel"]
+           "network_diagram", "head_predictions", "deep_supervision_panel", "class_surfaces", "surface_view"]
 
 CLASS_COLOURS = ["#00000000", "#4daf4a", "#ffff33", "#377eb8", "#ff7f00", "#e41a1c"]
 
@@ -568,4 +568,62 @@ def deep_supervision_panel(model, image, truth, index: int | None = None):
         show_slice(ax, image, lab, axis=2, index=index, title=name)
     class_legend(fig)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return fig
+
+
+def class_surfaces(label: np.ndarray, spacing: Sequence[float], classes: Sequence[int] = (BONES, BLADDER, RECTUM,
+                                                                                        PROSTATE),
+                   step: int = 2) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """The surface of each class present in ``label``: ``{class: (vertices in mm, triangles)}``, by
+    marching cubes (scikit-image) on the class mask, every ``step``-th voxel. Voxel ``i`` is
+    centred at ``i * spacing``; the surface runs half a voxel outside the class's outer voxels.
+
+    Example:
+        >>> lab = np.zeros((12, 12, 12), np.uint8); lab[2:10, 2:10, 2:10] = 5
+        >>> v, f = class_surfaces(lab, (1.0, 1.0, 2.0), classes=(5,), step=1)[5]
+        >>> [round(float(x), 1) for x in v.min(0)], [round(float(x), 1) for x in v.max(0)]
+        ([1.5, 1.5, 3.0], [9.5, 9.5, 19.0])
+    """
+    from skimage.measure import marching_cubes
+
+    out = {}
+    for c in classes:
+        mask = np.asarray(label) == c
+        if mask.sum() < 8:
+            continue
+        padded = np.pad(mask, 1).astype(np.float32)  # closed surfaces at the volume's border
+        verts, faces, _, _ = marching_cubes(padded, 0.5, spacing=tuple(float(s) for s in spacing),
+                                            step_size=step)
+        out[c] = (verts - np.asarray(spacing, float), faces)
+    return out
+
+
+def surface_view(truth: np.ndarray, pred: np.ndarray, spacing: Sequence[float], title: str = ""):
+    """Truth and prediction of one scan in 3D, side by side: the surfaces of bones (faint),
+    bladder, rectum and prostate (:func:`class_surfaces`), in mm, seen from the front and above.
+    Returns the figure."""
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+
+    surfaces = [class_surfaces(label, spacing) for label in (truth, pred)]
+    points = np.concatenate([v for s in surfaces for v, _ in s.values()] or [np.zeros((1, 3))])
+    lo, hi = points.min(0) - 5, points.max(0) + 5  # the organs' box, 5 mm around
+    fig = plt.figure(figsize=(11, 5))
+    for k, (name, found) in enumerate(zip(("truth", "prediction"), surfaces)):
+        ax = fig.add_subplot(1, 2, k + 1, projection="3d")
+        for c, (verts, faces) in found.items():
+            mesh = Poly3DCollection(verts[faces], alpha=0.2 if c == BONES else 0.9, linewidths=0,
+                                    facecolors=CLASS_COLOURS[c], shade=True)
+            mesh.hipseg_class = c
+            ax.add_collection3d(mesh)
+        ax.set_xlim(lo[0], hi[0])
+        ax.set_ylim(lo[1], hi[1])
+        ax.set_zlim(lo[2], hi[2])
+        ax.set_box_aspect(hi - lo)
+        ax.view_init(elev=15, azim=-100)
+        ax.set_axis_off()
+        ax.set_title(name, fontsize=10)
+    class_legend(fig)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig

@@ -1,0 +1,27 @@
+"""Figures drawn from the real objects: the 3D surfaces of truth and prediction."""
+from __future__ import annotations
+
+import numpy as np
+
+from hipseg_lib import BLADDER, BONES, PROSTATE
+from hipseg_lib.viz import class_surfaces, surface_view
+
+
+def test_surfaces_are_in_millimetres_and_one_per_class_present():
+    truth = np.zeros((20, 20, 12), np.uint8)
+    truth[4:16, 4:16, 2:10] = BLADDER
+    truth[8:12, 8:12, 4:6] = PROSTATE
+    pred = truth.copy()
+    pred[pred == PROSTATE] = BLADDER  # the prediction misses the prostate
+    spacing = (1.5, 1.5, 3.0)
+    found = class_surfaces(truth, spacing, step=1)
+    assert set(found) == {BLADDER, PROSTATE} and BONES not in found
+    verts, faces = found[PROSTATE]
+    # the surface runs half a voxel outside the outer voxels: x 8..11 -> 7.5..11.5 voxels, in mm
+    np.testing.assert_allclose(verts.min(0), [7.5 * 1.5, 7.5 * 1.5, 3.5 * 3.0], atol=1e-6)
+    np.testing.assert_allclose(verts.max(0), [11.5 * 1.5, 11.5 * 1.5, 5.5 * 3.0], atol=1e-6)
+    assert faces.max() < len(verts)
+    fig = surface_view(truth, pred, spacing)
+    drawn = [sorted(getattr(c, "hipseg_class", -1) for c in ax.collections) for ax in fig.axes[:2]]
+    assert drawn == [[BLADDER, PROSTATE], [BLADDER]], "each side draws the classes it has"
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["truth", "prediction"]
