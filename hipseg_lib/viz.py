@@ -592,9 +592,14 @@ def class_surfaces(label: np.ndarray, spacing: Sequence[float], classes: Sequenc
         if mask.sum() < 8:
             continue
         padded = np.pad(mask, 1).astype(np.float32)  # closed surfaces at the volume's border
-        verts, faces, _, _ = marching_cubes(padded, 0.5, spacing=tuple(float(s) for s in spacing),
-                                            step_size=step)
-        out[c] = (verts - np.asarray(spacing, float), faces)
+        for stride in dict.fromkeys((step, 1)):  # a part one voxel thin can fall between strides
+            try:
+                verts, faces, _, _ = marching_cubes(padded, 0.5, spacing=tuple(float(s) for s in spacing),
+                                                    step_size=stride)
+            except RuntimeError:  # "no surface found" at this stride
+                continue
+            out[c] = (verts - np.asarray(spacing, float), faces)
+            break
     return out
 
 

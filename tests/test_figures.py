@@ -25,3 +25,12 @@ def test_surfaces_are_in_millimetres_and_one_per_class_present():
     drawn = [sorted(getattr(c, "hipseg_class", -1) for c in ax.collections) for ax in fig.axes[:2]]
     assert drawn == [[BLADDER, PROSTATE], [BLADDER]], "each side draws the classes it has"
     assert [ax.get_title() for ax in fig.axes[:2]] == ["truth", "prediction"]
+
+
+def test_a_part_one_voxel_thin_still_gets_a_surface():
+    """Marching cubes on every second voxel can step over a one-voxel-thin part: the surface is
+    then taken on every voxel (as the GPU check's tiny dry run met)."""
+    thin = np.zeros((12, 12, 12), np.uint8)
+    thin[4, 4:12, 3] = BLADDER
+    found = class_surfaces(thin, (1.0, 1.0, 1.0), step=2)
+    assert set(found) == {BLADDER} and len(found[BLADDER][1]) > 0
