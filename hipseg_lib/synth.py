@@ -15,6 +15,7 @@ Files are written in the CSIRO release layout::
 """
 from __future__ import annotations
 
+import cmath
 import json
 import math
 import os
@@ -54,6 +55,15 @@ _T = {
     "prostate_tz": (0.40, 0.06),
     "prostate_stroma": (0.24, 0.04),
     "bowel": (0.50, 0.20),
+    "bowel_wall": (0.30, 0.04),
+    "fluid": (0.90, 0.05),
+    "seminal": (0.82, 0.06),
+    "nodule": (0.47, 0.08),
+    "cartilage": (0.40, 0.05),
+    "disc": (0.52, 0.08),
+    "csf": (0.95, 0.03),
+    "vessel": (0.07, 0.03),
+    "vein": (0.55, 0.12),
 }
 TISSUES: tuple[str, ...] = tuple(_T)  # index of each tissue in the map that render_volume can return
 
@@ -75,106 +85,201 @@ class SynthSpec:
 
 
 def make_case_anatomy(rng: np.random.Generator) -> dict:
-    """Sample one patient's anatomy (sizes and positions in mm)."""
+    """Sample one patient: where the pelvis lies in the field of view and its size, body habitus,
+    organ sizes, the course of the rectum and sigmoid, and a smooth deformation of a few mm."""
     n = rng.normal
-    body_scale = float(np.clip(n(1.0, 0.06), 0.85, 1.15))
+
+    def clip(mean, sd, lo, hi):
+        return float(np.clip(n(mean, sd), lo, hi))
+
+    size = clip(1.0, 0.05, 0.88, 1.12)
+    waves = []  # the deformation: three plane waves along each axis, wavelengths 11-22 cm
+    for axis in range(3):
+        for _ in range(3):
+            d = rng.normal(size=3)
+            waves.append((axis, d / np.linalg.norm(d) * 2 * math.pi / rng.uniform(110, 220),
+                          rng.uniform(0, 2 * math.pi), rng.uniform(0.8, 2.0)))
     return {
-        "body_a": 178.0 * body_scale * n(1.0, 0.03),
-        "body_b": 126.0 * body_scale * n(1.0, 0.04),
-        "body_y": n(6.0, 3.0),
-        "fat": float(np.clip(n(22.0, 6.0), 10.0, 38.0)),
-        "fh_x": 92.0 * body_scale * n(1.0, 0.03),
-        "fh_r": float(np.clip(n(24.0, 1.5), 20.0, 28.0)),
-        "fh_z": n(-32.0, 4.0),
-        "bone_scale": float(np.clip(n(1.0, 0.06), 0.85, 1.15)),
-        "prostate_scale": float(np.clip(n(1.1, 0.12), 0.8, 1.4)),
-        "prostate_y": n(-14.0, 3.0),
-        "prostate_z": n(-48.0, 4.0),
-        "rectum_r": float(np.clip(n(17.0, 2.0), 13.0, 22.0)),
-        "tilt": n(0.0, 0.04),
-        "bowel": [(n(0, 50), n(-50, 20), n(75, 12), abs(n(20, 6)) + 8) for _ in range(rng.integers(3, 7))],
-        "intensity_gain": float(np.clip(n(1.0, 0.08), 0.8, 1.2)),
+        "origin": (n(0.0, 2.0), n(2.0, 4.0), n(12.0, 6.0)),  # femoral heads' midpoint
+        "scale": tuple(size * clip(1.0, 0.025, 0.94, 1.06) for _ in range(3)),
+        "fat": clip(22.0, 7.0, 8.0, 42.0),
+        "body_ap": clip(1.0, 0.04, 0.9, 1.1),
+        "fh_r": clip(24.0, 1.5, 20.0, 28.0),
+        "sacrum_curve": clip(18.0, 5.0, 6.0, 30.0),
+        "prostate": clip(1.0, 0.13, 0.75, 1.4),
+        "prostate_at": (n(0.0, 1.5), n(-16.0, 2.5), n(-42.0, 4.0)),
+        "nodules": [(n(0, 0.35), n(-0.2, 0.3), n(0.1, 0.3), rng.uniform(0.15, 0.32))
+                    for _ in range(int(rng.integers(2, 7)))],
+        "bladder_ml": clip(230.0, 60.0, 110.0, 380.0),
+        "rectum_r": clip(18.0, 2.0, 14.0, 23.0),
+        "rectum_x": tuple(n(0.0, 6.0) for _ in range(4)),
+        "sigmoid": [tuple(n(0.0, 10.0, 3)) for _ in range(5)],
+        "waves": waves,
+        "fat_planes": [(*(d / np.linalg.norm(d) * 2 * math.pi / rng.uniform(70, 130)), rng.uniform(0, 2 * math.pi))
+                       for d in rng.normal(size=(3, 2))],
+        "intensity_gain": clip(1.0, 0.08, 0.8, 1.2),
     }
 
 
-def _rot(axis: str, angle: float) -> np.ndarray:
-    c, s = math.cos(angle), math.sin(angle)
-    if axis == "z":
-        return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
-    if axis == "x":
-        return np.array([[1.0, 0, 0], [0, c, -s], [0, s, c]])
-    return np.array([[c, 0, s], [0, 1.0, 0], [-s, 0, c]])
+# Shapes are signed distances in mm (negative inside): each primitive returns its bounds in the
+# pelvis frame and a function of the box's x, y, z arrays.
+
+def _capsules(points, radii):
+    """A tube along a polyline whose radius changes linearly between the points."""
+    pts = np.asarray(points, float)
+    r = np.broadcast_to(np.asarray(radii, float), (len(pts),))
+
+    def sdf(x, y, z):
+        out = None
+        for a, b, ra, rb in zip(pts[:-1], pts[1:], r[:-1], r[1:]):
+            d = b - a
+            px, py, pz = x - a[0], y - a[1], z - a[2]
+            t = np.clip((px * d[0] + py * d[1] + pz * d[2]) / max(float(d @ d), 1e-9), 0.0, 1.0)
+            s = np.sqrt((px - t * d[0]) ** 2 + (py - t * d[1]) ** 2 + (pz - t * d[2]) ** 2) - (ra + (rb - ra) * t)
+            out = s if out is None else np.minimum(out, s)
+        return out
+    return (pts - r[:, None]).min(0), (pts + r[:, None]).max(0), sdf
 
 
-class _Canvas:
-    """Voxel grid with patient-frame coordinates; shapes are evaluated in bounding boxes."""
+def _ellipsoid(centre, semi):
+    c, e = np.asarray(centre, float), np.asarray(semi, float)
 
-    def __init__(self, spec: SynthSpec, shift_mm: np.ndarray):
+    def sdf(x, y, z):
+        return (np.sqrt(((x - c[0]) / e[0]) ** 2 + ((y - c[1]) / e[1]) ** 2 + ((z - c[2]) / e[2]) ** 2) - 1) * e.min()
+    return c - e, c + e, sdf
+
+
+def _unit(v):
+    v = np.asarray(v, float)
+    return v / np.linalg.norm(v)
+
+
+def _plate(centre, eu, ev, semi, thick, bend):
+    """A curved plate: outline an ellipse of semi-axes ``semi`` in the plane (eu, ev), thickness
+    growing from ``thick[0]`` at its lower edge to ``thick[1]`` at its upper one, the surface
+    bent by ``bend * u**2`` along its normal."""
+    c, eu = np.asarray(centre, float), _unit(eu)
+    ev = _unit(np.asarray(ev, float) - (np.asarray(ev, float) @ eu) * eu)
+    ew = np.cross(eu, ev)
+    (a, b), (t0, t1) = semi, thick
+    ext = max(a, b) + max(t0, t1) + abs(bend) * a * a
+
+    def sdf(x, y, z):
+        dx, dy, dz = x - c[0], y - c[1], z - c[2]
+        u = dx * eu[0] + dy * eu[1] + dz * eu[2]
+        v = dx * ev[0] + dy * ev[1] + dz * ev[2]
+        w = dx * ew[0] + dy * ew[1] + dz * ew[2]
+        half = 0.5 * (t0 + (t1 - t0) * np.clip((v / b + 1) / 2, 0.0, 1.0))
+        return np.maximum(np.abs(w - bend * u * u) - half, (np.sqrt((u / a) ** 2 + (v / b) ** 2) - 1) * min(a, b))
+    return c - ext, c + ext, sdf, ew
+
+
+def _cup(centre, r_in, r_out, opening, cos_open):
+    """A spherical shell open in the direction ``opening`` (the acetabulum around a femoral head)."""
+    c, o = np.asarray(centre, float), _unit(opening)
+    mid, half = (r_in + r_out) / 2, (r_out - r_in) / 2
+
+    def sdf(x, y, z):
+        dx, dy, dz = x - c[0], y - c[1], z - c[2]
+        d = np.sqrt(dx * dx + dy * dy + dz * dz)
+        return np.maximum(np.abs(d - mid) - half, dx * o[0] + dy * o[1] + dz * o[2] - cos_open * d)
+    return c - r_out, c + r_out, sdf
+
+
+def _sacrum(curve):
+    """The sacrum, lofted slice by slice: wide alae at S1 narrowing to its tip, concave in front."""
+    top, bottom = 98.0, 5.0
+
+    def sdf(x, y, z):
+        s = np.clip((top - z) / (top - bottom), 0.0, 1.0)
+        yc = 50.0 + 42.0 * s + curve * 4.0 * s * (1.0 - s)
+        half_w = 55.0 - 41.0 * _along(s, lambda v: v ** 0.8)
+        half_t = (24.0 - 15.0 * s) * (1.0 - 0.45 * np.clip((np.abs(x) - 22.0) / np.maximum(half_w - 22.0, 1.0), 0, 1))
+        q = np.sqrt(np.sqrt(np.square(np.square(x / half_w)) + np.square(np.square((y - yc) / half_t))))
+        return np.maximum((q - 1.0) * half_t, np.maximum(z - top, bottom - z))
+    return np.array([-56.0, 26.0, bottom]), np.array([56.0, 125.0, top]), sdf
+
+
+def _sacral_canal(curve, z):
+    """Where the sacral canal runs at height z: a third of the way back inside the bone."""
+    s = min(max((98.0 - z) / 93.0, 0.0), 1.0)
+    return (0.0, 50.0 + 42.0 * s + curve * 4.0 * s * (1.0 - s) + 0.45 * (24.0 - 15.0 * s), z)
+
+
+class _Frame:
+    """One scan's voxels in the case's pelvis frame (mm from the femoral heads' midpoint; x to the
+    patient's left, y posterior, z superior) after the week's shift. Shapes are painted on this
+    regular grid; :meth:`warp` then moves every voxel by the case's smooth deformation."""
+
+    def __init__(self, spec: SynthSpec, anat: dict, shift_mm: np.ndarray):
         self.shape = spec.shape
-        self.axes = [
-            (np.arange(n) - (n - 1) / 2) * s - d for n, s, d in zip(spec.shape, spec.spacing, shift_mm)
-        ]
+        scale = np.asarray(anat["scale"])
+        self.axes = [(((np.arange(n) - (n - 1) / 2) * s - d - o) / k).astype(np.float32)
+                     for n, s, d, o, k in zip(spec.shape, spec.spacing, shift_mm, anat["origin"], scale)]
+        self.q = [a.reshape([-1 if i == j else 1 for j in range(3)]) for i, a in enumerate(self.axes)]
+        self.step = np.asarray(spec.spacing) / scale
+        self.waves = anat["waves"]
 
-    def box(self, center, bound):
-        sl, coords = [], []
-        for ax, (c, b) in enumerate(zip(center, bound)):
-            a = self.axes[ax]
-            lo, hi = np.searchsorted(a, c - b), np.searchsorted(a, c + b)
-            sl.append(slice(int(lo), int(hi)))
-            shp = [1, 1, 1]
-            shp[ax] = -1
-            coords.append((a[lo:hi] - c).reshape(shp))
-        return tuple(sl), coords
+    def box(self, lo, hi):
+        sl = tuple(slice(int(np.searchsorted(a, l)), int(np.searchsorted(a, h)))
+                   for a, l, h in zip(self.axes, lo, hi))
+        return sl, [q[tuple(s if i == j else slice(None) for j in range(3))] for i, (q, s) in enumerate(zip(self.q, sl))]
 
-    def ellipsoid(self, center, semi, rot: np.ndarray | None = None, shell: float = 0.0):
-        """Return (slices, mask) of an ellipsoid; with ``shell`` > 0 also the inner mask."""
-        bound = [max(semi)] * 3 if rot is not None else list(semi)
-        sl, (dx, dy, dz) = self.box(center, bound)
-        if rot is not None:
-            r = rot
-            lx = r[0, 0] * dx + r[1, 0] * dy + r[2, 0] * dz
-            ly = r[0, 1] * dx + r[1, 1] * dy + r[2, 1] * dz
-            lz = r[0, 2] * dx + r[1, 2] * dy + r[2, 2] * dz
-        else:
-            lx, ly, lz = dx, dy, dz
-        q = (lx / semi[0]) ** 2 + (ly / semi[1]) ** 2 + (lz / semi[2]) ** 2
-        q = np.broadcast_to(q, tuple(s.stop - s.start for s in sl))
-        if shell <= 0:
-            return sl, q <= 1.0
-        inner = [max(s - shell, 1e-3) for s in semi]
-        qi = (lx / inner[0]) ** 2 + (ly / inner[1]) ** 2 + (lz / inner[2]) ** 2
-        return sl, q <= 1.0, np.broadcast_to(qi, q.shape) <= 1.0
+    def warp(self, label: np.ndarray, kind: np.ndarray):
+        """Label and tissue maps moved by the deformation (nearest voxel): each voxel takes what
+        lies at its position plus the displacement, a sum of plane waves in the pelvis frame."""
+        coords = np.indices(self.shape, np.float32)
+        for axis, k, phase, amp in self.waves:
+            e = [_along(self.axes[i], lambda v: cmath.exp(1j * (k[i] * v + (phase if i == 0 else 0.0))),
+                        np.complex64) for i in range(3)]
+            coords[axis] += np.float32(amp / self.step[axis]) * ((e[0][:, None, None] * e[1][None, :, None])
+                                                                * e[2][None, None, :]).imag
+        code = kind.astype(np.uint16) * 8 + label
+        moved = ndimage.map_coordinates(code, coords, order=0, mode="nearest")
+        return (moved % 8).astype(np.uint8), (moved // 8).astype(np.uint8)
 
+    def sdf(self, shape):
+        """(box, signed distance) of a primitive."""
+        lo, hi, fn = shape[:3]
+        sl, (x, y, z) = self.box(lo, hi)
+        return sl, np.broadcast_to(fn(x, y, z), tuple(t.stop - t.start for t in sl))
 
-def _muscle_groups(anat: dict) -> list[tuple[tuple, tuple, np.ndarray | None]]:
-    """(centre, semi-axes, rotation) of the muscles either side: gluteus maximus, gluteus medius,
-    iliopsoas, obturator internus and the thigh muscles, then rectus abdominis (mm)."""
-    fx, fz = anat["fh_x"], anat["fh_z"]
-    out = []
-    for sign in (-1, 1):
-        out += [((sign * (fx - 2), 78, fz - 5), (62, 32, 85), _rot("z", -sign * 0.45)),   # gluteus maximus
-                ((sign * (fx + 28), 28, fz + 60), (36, 46, 55), None),                    # gluteus medius
-                ((sign * (fx - 18), -40, fz + 35), (26, 24, 80), None),                   # iliopsoas
-                ((sign * (fx - 32), 22, fz - 14), (13, 44, 30), None),                    # obturator internus
-                ((sign * (fx + 12), 0, fz - 105), (62, 70, 62), None)]                    # thigh
-    out.append(((0, -112 + anat["body_y"], 60), (48, 10, 120), None))                      # rectus abdominis
-    return out
+    def union(self, shapes) -> np.ndarray:
+        """Signed distance of a union of primitives over the whole grid (large outside all)."""
+        field = np.full(self.shape, 1e3, np.float32)
+        for s in shapes:
+            sl, d = self.sdf(s)
+            if d.size:
+                np.minimum(field[sl], d, out=field[sl])
+        return field
 
 
 class _Painter:
-    """The label, tissue-intensity and tissue-kind maps of one scan, painted object by object."""
+    """The label and tissue-kind maps of one scan, painted object by object (later wins)."""
 
-    def __init__(self, spec: SynthSpec, level: dict):
-        self.label = np.zeros(spec.shape, np.uint8)
-        self.tissue = np.zeros(spec.shape, np.float32)
-        self.kind = np.zeros(spec.shape, np.uint8)
-        self.level = level
+    def __init__(self, frame: _Frame):
+        self.frame = frame
+        self.label = np.zeros(frame.shape, np.uint8)
+        self.kind = np.zeros(frame.shape, np.uint8)
 
-    def __call__(self, sl, mask, name, cls=None):
+    def mask(self, sl, mask, kind, cls=None):
         if cls is not None:
             self.label[sl][mask] = cls
-        self.tissue[sl][mask] = self.level[name]
-        self.kind[sl][mask] = TISSUES.index(name)
+        self.kind[sl][mask] = TISSUES.index(kind)
+
+    def solid(self, shape, kind, cls=None, inner=None, wall=0.0):
+        """Paint a primitive; with ``inner``, voxels deeper than ``wall`` mm get that tissue."""
+        sl, d = self.frame.sdf(shape)
+        if d.size:
+            self.mask(sl, d <= 0, kind, cls)
+            if inner is not None:
+                self.mask(sl, d <= -wall, inner)
+
+    def bone(self, shapes, cortex=2.5):
+        """A bone as the union of primitives: dark cortex around fatty marrow."""
+        d = self.frame.union(shapes)
+        self.mask(Ellipsis, d <= 0, "cortex", BONES)
+        self.mask(Ellipsis, d <= -cortex, "marrow")
 
 
 def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator,
@@ -184,110 +289,275 @@ def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator,
     Args:
         anat: the case's anatomy from :func:`make_case_anatomy`.
         spec: grid shape and spacing.
-        week_rng: randomness of this week (filling, shift, noise).
+        week_rng: randomness of this week (filling, bowel, shift, noise).
         return_tissue: also return a uint8 map of the tissue drawn at each voxel (an index into
             :data:`TISSUES`), before blur and noise.
     """
     n = week_rng.normal
     shift = np.array([n(0, 2.0), n(0, 2.0), n(0, 3.0)])
-    cv = _Canvas(spec, shift)
+    frame = _Frame(spec, anat, shift)
     tex_rng = np.random.default_rng(week_rng.integers(2**32))
-    paint = _Painter(spec, {name: mean + sd * tex_rng.standard_normal() for name, (mean, sd) in _T.items()})
-    body = _paint_body(cv, anat, spec, paint)
-    _paint_bones(cv, anat, paint)
-    _paint_rectum(cv, anat, week_rng, paint)
-    _paint_bladder_and_prostate(cv, anat, week_rng, paint)
-    label, tissue, kind = paint.label, paint.tissue, paint.kind
+    level = np.array([mean + sd * tex_rng.standard_normal() for mean, sd in _T.values()], np.float32)
+    paint = _Painter(frame)
+    body = _paint_body_wall(paint, anat)
+    _paint_muscles(paint, anat)
+    _paint_bowel(paint, anat, week_rng)
+    _paint_rectum(paint, anat, week_rng)
+    _paint_bladder_and_prostate(paint, anat, week_rng)
+    _paint_skeleton(paint, anat)
+    label, kind = paint.label, paint.kind
     label[~body] = BACKGROUND
-    tissue[~body] = 0.0
     kind[~body] = 0
-    image = _acquire(tissue, kind, spec, cv, anat, tex_rng)
+    label, kind = frame.warp(label, kind)
+    image = _acquire(level[kind], kind, spec, frame, anat, tex_rng)
     return (image, label, kind) if return_tissue else (image, label)
 
 
-def _paint_body(cv: "_Canvas", anat: dict, spec: SynthSpec, paint: _Painter) -> np.ndarray:
-    """Subcutaneous fat around everything, muscle groups, the levator ani and bowel loops; pelvic
-    fat fills what no organ or muscle takes. Returns the body mask."""
-    x, y, z = cv.axes[0][:, None, None], cv.axes[1][None, :, None], cv.axes[2][None, None, :]
-    taper = 1.0 + 0.0005 * z + anat["tilt"] * z / 100.0
-    a, b = anat["body_a"] * taper, anat["body_b"] * taper
-    p = 2.4
-    body = np.broadcast_to((np.abs(x / a) ** p + np.abs((y - anat["body_y"]) / b) ** p) <= 1.0, spec.shape)
-    everywhere = (slice(None),) * 3
-    paint(everywhere, body, "fat", BODY)
-    # Muscles, each a group of bundles separated by thin bright fat septa.
-    for centre, semi, rot in _muscle_groups(anat):
-        sl, m = cv.ellipsoid(centre, semi, rot)
-        paint(sl, m, "muscle")
+def _along(values, fn, dtype=np.float32):
+    """``fn`` of each element of a small array, in Python's math: NumPy's vectorised
+    transcendental functions differ in the last bits between CPUs (AVX2, AVX-512), and a label
+    map must not, so shapes use them only through this (and otherwise + - * / sqrt)."""
+    return np.array([fn(float(v)) for v in np.ravel(values)], dtype).reshape(np.shape(values))
+
+
+def _ellipse_radius(x, y, rho, a, b):
+    """Distance from the centre to the ellipse of semi-axes a (x) and b (y), in the direction of
+    the point (x, y) at distance rho."""
+    return rho / np.maximum(np.sqrt((x / a) ** 2 + (y / b) ** 2), 1e-6)
+
+
+# The pelvic and lower abdominal cavity slice by slice (z in mm): half-width, front and back.
+# Between it and the subcutaneous fat lie muscles; inside it viscera, vessels and pelvic fat.
+_CAVITY_Z = np.array([-110.0, -75.0, -45.0, -15.0, 20.0, 60.0, 100.0, 150.0, 200.0])
+_CAVITY_HALF_WIDTH = np.array([0.0, 32.0, 46.0, 52.0, 60.0, 74.0, 92.0, 98.0, 98.0])
+_CAVITY_BACK = np.array([55.0, 62.0, 70.0, 76.0, 78.0, 70.0, 30.0, 12.0, 12.0])
+_CAVITY_FRONT = np.array([-20.0, -30.0, -50.0, -46.0, -70.0, -200.0, -200.0, -200.0, -200.0])
+
+
+def _paint_body_wall(paint: _Painter, anat: dict) -> np.ndarray:
+    """The body outline slice by slice (hips, buttocks with the gluteal cleft, the thighs parting
+    below the perineum), subcutaneous fat, and muscle between it and the pelvic cavity, divided
+    by fat planes. Pelvic fat fills the cavity where no organ takes it. Returns the body mask."""
+    x, y, z = paint.frame.q
     f = anat["fat"]
-    inside = (np.abs(x / (a - f)) ** p + np.abs((y - anat["body_y"]) / (b - f * 0.8)) ** p) <= 1.0
-    kind = paint.kind
-    kind[body & ~np.broadcast_to(inside, spec.shape) & (kind == TISSUES.index("muscle"))] = TISSUES.index("fat")
-    paint.tissue[kind == TISSUES.index("fat")] = paint.level["fat"]
-    # Levator ani: a thin muscular sling under the prostate, around the rectum.
-    sl, outer, inner = cv.ellipsoid((0, 34, anat["prostate_z"] - 22), (44, 40, 26), shell=4.0)
-    paint(sl, outer & ~inner & (cv.axes[2][sl[2]][None, None, :] < anat["prostate_z"] - 8), "muscle")
-    for cx, cy, cz, r in anat["bowel"]:  # bowel loops above the bladder (class body)
-        sl, m = cv.ellipsoid((cx, cy, cz), (r, r * 0.8, r * 0.9))
-        paint(sl, m, "bowel")
+    yc = 22.0
+    crotch = np.clip((z + 106.0) / 28.0, 0.0, 1.0)  # the trunk ends between the thighs
+    rho = np.sqrt(x * x + (y - yc) ** 2)
+    cos_front = (yc - y) / np.maximum(rho, 1e-3)  # 1 straight in front, -1 straight behind
+    a = (150.0 + f) * (1.0 - 0.08 * np.clip((z - 40.0) / 80.0, 0.0, 1.0)) * crotch
+    b = (108.0 + 0.9 * f) * anat["body_ap"] * crotch
+    radius = _ellipse_radius(x, y - yc, rho, a + 1e-3, b + 1e-3)
+    buttocks = np.clip(1.0 - ((cos_front + 0.74) / 0.4) ** 2, 0.0, 1.0) ** 2
+    radius = radius + (12.0 + 0.5 * f) * _along(z, lambda v: math.exp(-((v + 25.0) / 50.0) ** 2)) * buttocks * crotch
+    cleft = np.clip(1.0 - (x / 12.0) ** 2, 0.0, 1.0) * (y > yc)
+    radius = radius - (30.0 + f) * np.clip((-5.0 - z) / 40.0, 0.0, 1.0) * cleft
+    depth = radius - rho
+    fat_trunk = f * (1.0 + 0.45 * np.clip(-cos_front, 0.0, None))
+    inner = depth > fat_trunk
+    zf = z.ravel()
+    half_w = np.interp(zf, _CAVITY_Z, _CAVITY_HALF_WIDTH).reshape(z.shape)
+    front = np.maximum(np.interp(zf, _CAVITY_Z, _CAVITY_FRONT).reshape(z.shape), yc - b + f + 12.0)
+    back_y = np.interp(zf, _CAVITY_Z, _CAVITY_BACK).reshape(z.shape)
+    cy, cb = (front + back_y) / 2, np.maximum((back_y - front) / 2, 1e-3)
+    cavity = (x / (half_w + 1e-3)) ** 2 + ((y - cy) / cb) ** 2 <= 1.0
+    muscle = inner & ~cavity
+    grow = np.sqrt(np.clip((-20.0 - z) / 40.0, 0.0, 1.0))
+    for side in (-1, 1):
+        tx, ty = x - side * 100.0, y - 8.0
+        rho_t = np.sqrt(tx * tx + ty * ty)
+        d_t = _ellipse_radius(tx, ty, rho_t, (62.0 + 0.7 * f) * grow + 1e-3, (70.0 + 0.8 * f) * grow + 1e-3) - rho_t
+        depth = np.maximum(depth, d_t)
+        muscle |= (d_t > 0.7 * f) & (z < -45.0)
+    # fat planes between muscle groups: where a smooth random field of the axial plane crosses
+    # zero (wavy lines about 3.5 mm thick), and the plane under gluteus maximus
+    field = sum((_along(x, lambda v: cmath.exp(1j * (kx * v + ph)), np.complex64)
+                 * _along(y, lambda v: cmath.exp(1j * ky * v), np.complex64)).imag
+                for kx, ky, ph in anat["fat_planes"])
+    muscle &= np.abs(field) > 1.8 * 2 * math.pi / 100.0 * 1.2
+    under_glut = fat_trunk + 30.0 * _along(z, lambda v: math.exp(-((v + 5.0) / 55.0) ** 2))
+    muscle &= ~((cos_front < -0.32) & (np.abs(depth - under_glut) < 1.8))
+    body = depth >= 0
+    every = (slice(None),) * 3
+    paint.mask(every, body, "fat", BODY)
+    paint.mask(every, np.broadcast_to(muscle, paint.frame.shape), "muscle")
+    paint.subcutaneous = body & ~inner
     return body
 
 
-def _paint_bones(cv: "_Canvas", anat: dict, paint: _Painter) -> None:
-    """Femora, hip bones, sacrum and coccyx: a black cortex around fatty marrow."""
-    bs = anat["bone_scale"]
-
-    def bone(center, semi, rot=None):
-        semi = [s * bs for s in semi]
-        sl, outer, inner = cv.ellipsoid(center, semi, rot, shell=2.5)
-        paint(sl, outer, "cortex", BONES)
-        paint(sl, inner, "marrow")
-
-    for sign in (-1, 1):
-        fx, fz, fr = sign * anat["fh_x"], anat["fh_z"], anat["fh_r"]
-        bone((fx, 4, fz), (fr, fr, fr))  # femoral head
-        bone((sign * (anat["fh_x"] + 22), 8, fz - 22), (34, 15, 15), _rot("y", sign * 0.7))  # neck
-        bone((sign * (anat["fh_x"] + 40), 12, fz - 80), (16, 16, 60))  # shaft
-        bone((sign * (anat["fh_x"] - 6), 14, fz + 22), (30, 24, 20))  # acetabular roof
-        bone((sign * (anat["fh_x"] - 4), 40, fz + 75), (10, 62, 58), _rot("z", -sign * 0.55))  # ilium
-        bone((sign * 42, -52, fz - 10), (42, 10, 13), _rot("z", sign * 0.35))  # pubic ramus
-        bone((sign * 58, 38, fz - 28), (13, 22, 26))  # ischium
-    bone((0, 88, 48), (44, 18, 58), _rot("x", 0.5))  # sacrum
-    bone((0, 96, -8), (10, 9, 16))  # coccyx
-
-
-def _paint_rectum(cv: "_Canvas", anat: dict, week_rng: np.random.Generator, paint: _Painter) -> None:
-    """A tube curving posteriorly upwards, with a dark wall and gas or stool inside (weekly)."""
-    fill_r = float(np.clip(week_rng.normal(1.0, 0.18), 0.7, 1.4))
-    rr = anat["rectum_r"] * fill_r
-    content = "gas" if week_rng.random() < 0.4 else "stool"
-    for zc in np.arange(-85.0, 30.0, 3.0):
-        yc = 26 + 0.22 * max(zc + 35, 0) + 0.004 * max(zc + 35, 0) ** 2
-        sl, outer, inner = cv.ellipsoid((0.0, yc, zc), (rr * 1.15, rr, 4.0), shell=3.5)
-        paint(sl, outer, "rectal_wall", RECTUM)
-        paint(sl, inner, content)
+def _paint_muscles(paint: _Painter, anat: dict) -> None:
+    """Iliopsoas, iliacus, the gluteus medius and minimus, obturator internus and externus,
+    piriformis, the erector spinae and the levator ani; subcutaneous fat stays fat."""
+    shapes = []
+    for s in (-1, 1):
+        shapes += [
+            _capsules([(s * 28, 32, 175), (s * 40, 28, 130), (s * 55, 10, 85), (s * 68, -14, 42),
+                       (s * 78, -30, 10), (s * 92, -30, -20), (s * 108, 2, -55)], [14, 19, 22, 21, 17, 14, 9]),
+            _capsules([(s * 56, -30, -28), (s * 58, -5, -12), (s * 56, 22, -22), (s * 52, 34, -40)], [10, 12, 12, 9]),
+            _capsules([(s * 56, 34, -30), (s * 95, 40, -20), (s * 128, 26, -18)], 6),
+            _capsules([(s * 22, 82, 48), (s * 60, 66, 30), (s * 95, 44, 8), (s * 128, 24, -8)], [10, 13, 11, 7]),
+        ]
+        wing = _wing(s)
+        c, eu, ev, medial = wing["centre"], wing["eu"], wing["ev"], wing["medial"]
+        shapes.append(_plate(c + medial * 13, eu, ev, (64, 44), (14, 20), wing["bend"]))   # iliacus
+    for shape in shapes:
+        paint.solid(shape, "muscle")
+    # levator ani: a funnel from the pelvic side walls to the anorectal junction
+    lo, hi = np.array([-75.0, -35.0, -66.0]), np.array([75.0, 80.0, -8.0])
+    sl, (x, y, z) = paint.frame.box(lo, hi)
+    r = 16.0 + 40.0 * np.clip((z + 64.0) / 54.0, 0.0, 1.0)
+    funnel = (np.abs(np.sqrt((x / 1.15) ** 2 + (y - 18.0) ** 2) - r) < 3.0) & (y > -30.0) & (z > -64) & (z < -10)
+    paint.mask(sl, funnel, "muscle")
+    paint.kind[paint.subcutaneous & (paint.kind == TISSUES.index("muscle"))] = TISSUES.index("fat")
+    for s in (-1, 1):  # external iliac and femoral vessels (dark flow voids), the veins beside them
+        path = np.array([(s * 38, 10, 150), (s * 52, -8, 95), (s * 66, -36, 40), (s * 78, -52, 5),
+                         (s * 82, -56, -25), (s * 80, -50, -110)])
+        paint.solid(_capsules(path - (s * 9, -2, 0), 6.5), "vein")
+        paint.solid(_capsules(path, 4.5), "vessel")
+        paint.solid(_capsules([(s * 45, 5, 100), (s * 50, 35, 60), (s * 48, 50, 30)], 3.5), "vessel")
 
 
-def _paint_bladder_and_prostate(cv: "_Canvas", anat: dict, week_rng: np.random.Generator,
-                                paint: _Painter) -> None:
-    """The bladder (weekly filling; urine the brightest, a thin dark wall) on the prostate: an
-    intermediate transition zone, a bright peripheral zone behind and to the sides, dark
+def _wing(s: int) -> dict:
+    eu = _unit((s * 0.55, -0.83, 0.05))
+    ev = np.array([s * 0.35, 0.0, 0.94])
+    c = np.array([s * 94.0, 16.0, 80.0])
+    lo, hi, fn, ew = _plate(c, eu, ev, (72, 46), (10, 16), 0.0)
+    medial = ew if ew[0] * s < 0 else -ew
+    return {"centre": c, "eu": eu, "ev": ev, "medial": medial, "bend": 0.003 * float(np.sign(medial @ ew))}
+
+
+def _paint_bowel(paint: _Painter, anat: dict, week_rng: np.random.Generator) -> None:
+    """Small-bowel loops above the bladder (new each week) and the sigmoid winding from the
+    rectum: a dark wall around fluid, gas or chyme (class body)."""
+    rng = week_rng
+    lo, hi = np.array([-85.0, -90.0, 55.0]), np.array([85.0, 20.0, 170.0])
+    for _ in range(int(rng.integers(3, 7))):
+        p = rng.uniform(lo, hi)
+        d = _unit(rng.normal(size=3))
+        pts = [p]
+        for _ in range(5):
+            d = _unit(d + 0.8 * rng.normal(size=3))
+            p = np.clip(p + 22.0 * d, lo, hi)
+            pts.append(p)
+        content = ("urine", "bowel", "gas", "bowel")[int(rng.integers(4))]
+        paint.solid(_capsules(pts, rng.uniform(10, 15)), "bowel_wall", inner=content if content != "urine" else "fluid", wall=2.5)
+    top = _rectum_path(anat)[-1]
+    pts = [top, top + (18, -12, 14)] + [np.array(p) + j for p, j in
+                                        zip([(45, -20, 70), (35, -55, 78), (0, -50, 85), (-25, -15, 95), (-5, 25, 110)],
+                                            anat["sigmoid"])]
+    paint.solid(_capsules(pts, 15.0), "rectal_wall", inner=("stool", "gas")[int(rng.random() < 0.3)], wall=3.0)
+
+
+def _rectum_path(anat: dict) -> np.ndarray:
+    x0, x1, x2, x3 = anat["rectum_x"]
+    return np.array([(0, 40, -98), (0, 29, -66), (x0, 20, -44), (x1, 30, -18), (x2, 44, 8), (x3, 50, 32), (0, 46, 55)],
+                    float)
+
+
+def _paint_rectum(paint: _Painter, anat: dict, week_rng: np.random.Generator) -> None:
+    """From the collapsed anal canal up the sacral curve: the ampulla's width follows the week's
+    filling, stool of varying size inside, gas rising to the front (the patient lies supine)."""
+    fill = float(np.clip(week_rng.normal(1.0, 0.18), 0.7, 1.4))
+    rr = anat["rectum_r"]
+    path = _rectum_path(anat)
+    outer = np.array([8, 10, 13, rr * fill, (rr + 2) * fill, (rr - 1) * fill, 14])
+    lumen = np.maximum(outer - 3.5, 1.0)
+    lumen[0] = 1.0
+    paint.solid(_capsules(path, outer), "rectal_wall", RECTUM)
+    lo, hi, fn = _capsules(path, lumen)
+    sl, (x, y, z) = paint.frame.box(lo, hi)
+    inside = np.broadcast_to(fn(x, y, z) <= 0, tuple(t.stop - t.start for t in sl))
+    paint.mask(sl, inside, "stool")
+    gas_level = week_rng.uniform(-1.0, 0.6)  # how far back (in lumen radii) the gas reaches
+    centre_y = np.interp(z, path[::-1, 2], path[::-1, 1])
+    radius = np.interp(z, path[::-1, 2], lumen[::-1])
+    paint.mask(sl, inside & (y < centre_y + gas_level * radius) & (z > -50), "gas")
+    for _ in range(int(week_rng.integers(0, 4))):  # gas bubbles in the stool
+        c = path[int(week_rng.integers(2, 6))] + week_rng.normal(0, 5, 3)
+        bubble = (x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 <= week_rng.uniform(3, 8) ** 2
+        paint.mask(sl, inside & bubble, "gas")
+
+
+def _paint_bladder_and_prostate(paint: _Painter, anat: dict, week_rng: np.random.Generator) -> None:
+    """Seminal vesicles; the bladder, its shape following the week's filling (flattened and
+    dented on top when nearly empty, rounder when full), on the prostate with its zones: a
+    bright peripheral zone behind and at the apex, the transition zone with nodules, dark
     fibromuscular stroma in front."""
-    fill = float(np.clip(week_rng.normal(1.0, 0.22), 0.5, 1.5))
-    ps = anat["prostate_scale"]
-    pz = anat["prostate_z"]
-    semi_b = np.array([46.0, 34.0, 34.0]) * fill ** (1 / 3)
-    zb = pz + 20 * ps + semi_b[2] - 6
-    sl, outer, inner = cv.ellipsoid((0.0, -38.0 + 4 * (1 - fill), zb), semi_b, shell=3.0)
-    paint(sl, outer, "bladder_wall", BLADDER)
-    paint(sl, inner, "urine")
-    semi_p = np.array([26.0, 20.0, 22.0]) * ps
-    py = anat["prostate_y"]
-    sl, outer, inner = cv.ellipsoid((0.0, py, pz), semi_p, shell=6.0)
-    yy = np.broadcast_to(cv.axes[1][sl[1]][None, :, None] - py, outer.shape)
-    paint(sl, outer, "prostate_tz", PROSTATE)
-    paint(sl, outer & ~inner & (yy > -0.2 * semi_p[1]), "prostate_pz")
-    paint(sl, outer & ~inner & (yy < -0.6 * semi_p[1]), "prostate_stroma")
+    ps = anat["prostate"]
+    px, py, pz = anat["prostate_at"]
+    semi_p = np.array([24.0, 17.0, 20.0]) * ps
+    for s in (-1, 1):
+        paint.solid(_capsules([(px + s * 4, py + 12, pz + 16), (px + s * 16, py + 24, pz + 26),
+                               (px + s * 32, py + 26, pz + 32), (px + s * 42, py + 22, pz + 33)], [5, 7, 7, 5]), "seminal")
+    volume = anat["bladder_ml"] * float(np.clip(week_rng.normal(0.9, 0.35), 0.25, 1.6)) * 1000.0
+    round_ = min(volume / 300000.0, 1.0)
+    q = 0.55 + 0.4 * round_
+    k = (volume / (4 / 3 * math.pi * 1.3 * q)) ** (1 / 3)
+    a, b, c = 1.3 * k, k, q * k
+    centre = np.array([px, -46.0 + 0.92 * b, pz + 0.8 * semi_p[2] + 0.75 * c])
+    dent = 0.8 * max(0.0, 0.7 - round_)
+    wall = 2.5 + 2.0 * (1.0 - round_)
+
+    def bladder(x, y, z):
+        dx, dy, dz = x - centre[0], y - centre[1], z - centre[2]
+        e = (dx / a) ** 2 + (dy / b) ** 2
+        dz = dz + dent * c * np.clip(1.0 - e, 0.0, 1.0) ** 2 * (dz > 0)
+        return (np.sqrt(e + (dz / c) ** 2) - 1.0) * min(a, b, c)
+    ext = np.array([a, b, c])
+    paint.solid((centre - ext, centre + ext, bladder), "bladder_wall", BLADDER, inner="urine", wall=wall)
+    pc = np.array([px, py, pz])
+
+    def prostate(x, y, z):
+        dz = (z - pz) / semi_p[2]
+        taper = 0.72 + 0.28 * np.clip((dz + 1) / 2, 0, 1)
+        return np.sqrt(((x - px) / (semi_p[0] * taper)) ** 2 + ((y - py) / (semi_p[1] * taper)) ** 2 + dz * dz)
+    sl, (x, y, z) = paint.frame.box(pc - semi_p, pc + semi_p)
+    e = prostate(x, y, z)
+    gland = e <= 1.0
+    paint.mask(sl, gland, "prostate_tz", PROSTATE)
+    yy, zz = (y - py) / semi_p[1], (z - pz) / semi_p[2]
+    paint.mask(sl, gland & (((e > 1 - 6.0 / semi_p[1]) & (yy > -0.15)) | ((zz < -0.45) & (e > 0.45))), "prostate_pz")
+    for u, v, w, r in anat["nodules"]:
+        cn = pc + np.array([u, v, w]) * semi_p * 0.6
+        d = np.sqrt(((x - cn[0]) / (r * semi_p[0])) ** 2 + ((y - cn[1]) / (r * semi_p[1])) ** 2
+                    + ((z - cn[2]) / (r * semi_p[2])) ** 2)
+        paint.mask(sl, gland & (d <= 1.0) & (e < 0.8), "nodule")
+    paint.mask(sl, gland & (yy < -0.55) & (e > 0.55), "prostate_stroma")
+
+
+def _paint_skeleton(paint: _Painter, anat: dict) -> None:
+    """Femora in the acetabula (a thin layer of cartilage between), the hip bones as the ring
+    they are (iliac wings, acetabula, pubic rami meeting at the symphysis, ischia), sacrum and
+    coccyx, the lowest lumbar vertebrae with their discs and the spinal canal."""
+    r = anat["fh_r"]
+    for s in (-1, 1):
+        head = (s * 88.0, 0.0, 0.0)
+        paint.solid(_ellipsoid(head, [r + 2.5] * 3), "cartilage")
+        paint.bone([_ellipsoid(head, [r] * 3),
+                    _capsules([head, (s * 125, 6, -28)], [16, 17]),
+                    _ellipsoid((s * 138, 12, -20), (15, 18, 20)),
+                    _capsules([(s * 128, 6, -35), (s * 122, 4, -120), (s * 112, 0, -220)], [17, 14, 13]),
+                    _capsules([(s * 118, 10, -55), (s * 104, 18, -58)], [9, 6])], cortex=3.0)
+        wing = _wing(s)
+        paint.bone([_cup(head, r + 2.5, r + 12.5, (s * 0.72, -0.3, -0.62), 0.26),
+                    _capsules([(s * 72, 12, 22), (s * 70, 30, 58), (s * 52, 62, 72)], [17, 16, 14]),
+                    _plate(wing["centre"], wing["eu"], wing["ev"], (72, 46), (10, 16), wing["bend"])[:3],
+                    _capsules([(s * 122, -40, 68), (s * 128, 0, 100), (s * 110, 40, 105), (s * 60, 70, 80)], [7, 8, 8, 10]),
+                    _capsules([(s * 74, -22, -2), (s * 45, -45, -14), (s * 17, -56, -22)], [12, 10, 10]),
+                    _ellipsoid((s * 13, -56, -33), (9, 12, 19)),
+                    _capsules([(s * 15, -50, -48), (s * 35, -28, -63), (s * 52, 2, -66), (s * 58, 24, -56)], [8, 8, 9, 15]),
+                    _capsules([(s * 58, 24, -56), (s * 66, 24, -25), (s * 72, 18, -5)], [15, 15, 16]),
+                    _capsules([(s * 62, 30, -18), (s * 46, 40, -20)], [7, 4])])
+    curve = anat["sacrum_curve"]
+    paint.bone([_sacrum(curve), _capsules([(0, 92, 5), (0, 86, -15), (0, 74, -30)], [9, 7, 5])])
+    vertebrae = [_ellipsoid((0, 32, 125), (25, 19, 13)), _ellipsoid((0, 26, 163), (25, 19, 13))]
+    for zv in (125.0, 163.0):
+        vertebrae += [_capsules([(s * 10, 50, zv), (s * 14, 66, zv - 2), (0, 74, zv - 4)], 6) for s in (-1, 1)]
+        vertebrae.append(_capsules([(0, 74, zv - 4), (0, 100, zv - 14)], 7))
+    paint.bone(vertebrae)
+    paint.solid(_ellipsoid((0, 38, 106), (23, 17, 5.5)), "disc")
+    paint.solid(_ellipsoid((0, 28, 144), (24, 18, 5.5)), "disc")
+    paint.solid(_capsules([(0, 60, 190), (0, 60, 110), _sacral_canal(curve, 90), _sacral_canal(curve, 45)],
+                          [9, 8, 6, 3]), "csf")
 
 
 def _smooth_noise(rng: np.random.Generator, shape, sigma) -> np.ndarray:
@@ -295,7 +565,7 @@ def _smooth_noise(rng: np.random.Generator, shape, sigma) -> np.ndarray:
     return field / (field.std() + 1e-6)
 
 
-def _acquire(tissue, kind, spec: SynthSpec, cv: _Canvas, anat: dict, rng: np.random.Generator) -> np.ndarray:
+def _acquire(tissue, kind, spec: SynthSpec, cv: "_Frame", anat: dict, rng: np.random.Generator) -> np.ndarray:
     """Texture, fat septa in muscle, partial-volume blur, bias field and Rician noise."""
     vox = np.array(spec.spacing)
     muscle = kind == TISSUES.index("muscle")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from hipseg_lib import HipsegError
 from hipseg_lib.check import audit_folder
@@ -107,7 +108,12 @@ def test_tissues_are_t2_like():
                                        np.random.default_rng([seed, 0]), return_tissue=True)
         mean = {t: float(img[kind == i].mean()) for i, t in enumerate(TISSUES) if (kind == i).sum() > 20}
         rows.append(mean)
-        assert mean["urine"] > mean["fat"] > mean["muscle"] > mean["cortex"]
+        # The bias field is smooth but strong (it can make fat at the skin brighter than urine in
+        # the middle), so contrast is compared where the tissues meet: within ~2 cm of the bladder.
+        near = ndimage.binary_dilation(lab == 3, iterations=6)
+        local = {t: float(img[(kind == i) & near].mean()) for i, t in enumerate(TISSUES)
+                 if ((kind == i) & near).sum() > 20}
+        assert local["urine"] > local["fat"] > local["muscle"] > local["cortex"]
         assert mean["marrow"] > 2 * mean["cortex"] and mean["prostate_pz"] > mean["prostate_tz"]
         assert (lab[kind == TISSUES.index("urine")] == 3).all() and (lab[kind == TISSUES.index("muscle")] == 1).all()
     # muscle is not flat: its bundles and fat septa give it texture
