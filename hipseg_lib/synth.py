@@ -1,12 +1,20 @@
 """A synthetic stand-in for the HipMRI study: axial male pelvis T2-like MR with 6 classes.
 
-Anatomy is defined in millimetres in a patient frame (x to the patient's left, y to
-posterior, z to superior) and sampled on each volume's own grid, so volumes of one data
-set differ in shape and voxel spacing just as the real ones do. Each case has its own
-anatomy; its weekly scans share it, with different bladder and rectum filling and a
-small shift. Intensities are T2-like with overlapping class distributions, a smooth
-bias field, partial-volume blur and Rician noise, so that intensity alone cannot
-segment it.
+Anatomy is defined in millimetres in a pelvis frame (origin between the femoral heads; x to the
+patient's left, y posterior, z superior) and sampled on each volume's own grid, so volumes of one
+data set differ in shape and voxel spacing just as the real ones do. Shapes are signed-distance
+primitives (tubes along paths, curved plates, cups, a lofted sacrum) combined into the pelvic ring
+(iliac wings, acetabula, pubic rami meeting at the symphysis, ischia, sacrum and coccyx), femora
+with necks and trochanters, the lowest lumbar vertebrae, muscle filling the space between the
+subcutaneous fat and the pelvic cavity, a winding rectum and sigmoid, a bladder shaped by its
+filling and a prostate with its zones. Proportions follow published adult male measurements
+(``book/references.bib``: femoral head centre 95 mm from the midline, head diameter about 48 mm,
+neck-shaft angle about 129 degrees, prostate volume by the ellipsoid formula).
+
+Each case has its own size, habitus, organ sizes and a smooth random deformation of a few mm; its
+weekly scans share them, with different bladder and rectum filling, gas, stool and bowel loops and
+a small shift. Intensities are T2-like with overlapping class distributions, a smooth bias field,
+partial-volume blur and Rician noise, so that intensity alone cannot segment it.
 
 Files are written in the CSIRO release layout::
 
@@ -344,7 +352,7 @@ def _paint_body_wall(paint: _Painter, anat: dict) -> np.ndarray:
     crotch = np.clip((z + 106.0) / 28.0, 0.0, 1.0)  # the trunk ends between the thighs
     rho = np.sqrt(x * x + (y - yc) ** 2)
     cos_front = (yc - y) / np.maximum(rho, 1e-3)  # 1 straight in front, -1 straight behind
-    a = (150.0 + f) * (1.0 - 0.08 * np.clip((z - 40.0) / 80.0, 0.0, 1.0)) * crotch
+    a = (158.0 + f) * (1.0 - 0.08 * np.clip((z - 40.0) / 80.0, 0.0, 1.0)) * crotch
     b = (108.0 + 0.9 * f) * anat["body_ap"] * crotch
     radius = _ellipse_radius(x, y - yc, rho, a + 1e-3, b + 1e-3)
     buttocks = np.clip(1.0 - ((cos_front + 0.74) / 0.4) ** 2, 0.0, 1.0) ** 2
@@ -363,7 +371,7 @@ def _paint_body_wall(paint: _Painter, anat: dict) -> np.ndarray:
     muscle = inner & ~cavity
     grow = np.sqrt(np.clip((-20.0 - z) / 40.0, 0.0, 1.0))
     for side in (-1, 1):
-        tx, ty = x - side * 100.0, y - 8.0
+        tx, ty = x - side * 106.0, y - 8.0
         rho_t = np.sqrt(tx * tx + ty * ty)
         d_t = _ellipse_radius(tx, ty, rho_t, (62.0 + 0.7 * f) * grow + 1e-3, (70.0 + 0.8 * f) * grow + 1e-3) - rho_t
         depth = np.maximum(depth, d_t)
@@ -391,7 +399,7 @@ def _paint_muscles(paint: _Painter, anat: dict) -> None:
     for s in (-1, 1):
         shapes += [
             _capsules([(s * 28, 32, 175), (s * 40, 28, 130), (s * 55, 10, 85), (s * 68, -14, 42),
-                       (s * 78, -30, 10), (s * 92, -30, -20), (s * 108, 2, -55)], [14, 19, 22, 21, 17, 14, 9]),
+                       (s * 82, -30, 10), (s * 97, -30, -20), (s * 114, 2, -55)], [14, 19, 22, 21, 17, 14, 9]),
             _capsules([(s * 56, -30, -28), (s * 58, -5, -12), (s * 56, 22, -22), (s * 52, 34, -40)], [10, 12, 12, 9]),
             _capsules([(s * 56, 34, -30), (s * 95, 40, -20), (s * 128, 26, -18)], 6),
             _capsules([(s * 22, 82, 48), (s * 60, 66, 30), (s * 95, 44, 8), (s * 128, 24, -8)], [10, 13, 11, 7]),
@@ -530,13 +538,13 @@ def _paint_skeleton(paint: _Painter, anat: dict) -> None:
     coccyx, the lowest lumbar vertebrae with their discs and the spinal canal."""
     r = anat["fh_r"]
     for s in (-1, 1):
-        head = (s * 88.0, 0.0, 0.0)
+        head = (s * 95.0, 0.0, 0.0)
         paint.solid(_ellipsoid(head, [r + 2.5] * 3), "cartilage")
         paint.bone([_ellipsoid(head, [r] * 3),
-                    _capsules([head, (s * 125, 6, -28)], [16, 17]),
-                    _ellipsoid((s * 138, 12, -20), (15, 18, 20)),
-                    _capsules([(s * 128, 6, -35), (s * 122, 4, -120), (s * 112, 0, -220)], [17, 14, 13]),
-                    _capsules([(s * 118, 10, -55), (s * 104, 18, -58)], [9, 6])], cortex=3.0)
+                    _capsules([head, (s * 132, 6, -28)], [16, 17]),
+                    _ellipsoid((s * 145, 12, -20), (15, 18, 20)),
+                    _capsules([(s * 135, 6, -35), (s * 129, 4, -120), (s * 119, 0, -220)], [17, 14, 13]),
+                    _capsules([(s * 125, 10, -55), (s * 111, 18, -58)], [9, 6])], cortex=3.0)
         wing = _wing(s)
         paint.bone([_cup(head, r + 2.5, r + 12.5, (s * 0.72, -0.3, -0.62), 0.26),
                     _capsules([(s * 72, 12, 22), (s * 70, 30, 58), (s * 52, 62, 72)], [17, 16, 14]),

@@ -64,7 +64,12 @@ def test_onnx_and_torchscript_give_pytorchs_logits_and_labels(tmp_path, preset):
     assert meta["class_names"] == list(CLASS_NAMES) and meta["class_indices"]["prostate"] == 5
     assert meta["preprocessing"] == prep.to_dict() and meta["input"]["grid"] == list(prep.target_shape)
     assert meta["input"]["divisible_by"] == model.divisor
-    assert [r["labels_equal"] for r in meta["checked_against_pytorch"]] == [True, True]
+    # The export's own check scan: labels equal but at ties (top-two logits closer than twice the
+    # difference; the cpu network has one such voxel on today's scan), a handful at most.
+    for r in meta["checked_against_pytorch"]:
+        voxels = int(np.prod(r["input"]))
+        assert r["labels_equal"] == (r["labels_differing_at_ties"] == 0)
+        assert r["labels_differing_at_ties"] <= r["tied_voxels"] <= voxels // 10000
     assert all(r["max_abs_logit_difference"] <= 1e-4 for r in meta["checked_against_pytorch"])
     assert json.loads(ts_json.read_text())["model_format"] == "torchscript"
 
