@@ -114,8 +114,8 @@ def make_case_anatomy(rng: np.random.Generator) -> dict:
         "body_ap": clip(1.0, 0.04, 0.9, 1.1),
         "fh_r": clip(24.0, 1.5, 20.0, 28.0),
         "sacrum_curve": clip(18.0, 5.0, 6.0, 30.0),
-        "prostate": clip(1.0, 0.13, 0.75, 1.4),
-        "prostate_at": (n(0.0, 1.5), n(-16.0, 2.5), n(-42.0, 4.0)),
+        "prostate": clip(1.1, 0.13, 0.8, 1.45),
+        "prostate_at": (n(0.0, 1.5), n(-18.0, 2.5), n(-42.0, 4.0)),
         "nodules": [(n(0, 0.35), n(-0.2, 0.3), n(0.1, 0.3), rng.uniform(0.15, 0.32))
                     for _ in range(int(rng.integers(2, 7)))],
         "bladder_ml": clip(230.0, 60.0, 110.0, 380.0),
@@ -492,7 +492,7 @@ def _paint_bladder_and_prostate(paint: _Painter, anat: dict, week_rng: np.random
     fibromuscular stroma in front."""
     ps = anat["prostate"]
     px, py, pz = anat["prostate_at"]
-    semi_p = np.array([24.0, 17.0, 20.0]) * ps
+    semi_p = np.array([29.0, 21.0, 25.0]) * ps
     for s in (-1, 1):
         paint.solid(_capsules([(px + s * 4, py + 12, pz + 16), (px + s * 16, py + 24, pz + 26),
                                (px + s * 32, py + 26, pz + 32), (px + s * 42, py + 22, pz + 33)], [5, 7, 7, 5]), "seminal")
