@@ -392,7 +392,7 @@ AUGMENTATIONS: dict[str, RandomAugmentation] = {
     "nnunet": RandomAugmentation(),
     # The same code with the lighter ranges and probabilities of hipseg's earlier set (rotation up to
     # 10 degrees in 30 % of samples, brightness 0.9-1.1 and gamma 0.74-1.35 each in 30 %, mirroring):
-    # for the cpu preset's 948 steps, where nnU-Net's set cost validation Dice. Chosen on the
+    # for the cpu preset's short run, where nnU-Net's set cost validation Dice. Chosen on the
     # validation cases: benchmarks/results/augmentation.md.
     "light": RandomAugmentation(p_rotation=0.3, max_rotation_degrees=10.0, p_scaling=0.0, p_noise=0.0, p_blur=0.0,
                                 p_brightness=0.3, brightness=(0.9, 1.1), p_contrast=0.0, p_low_resolution=0.0,

@@ -193,13 +193,13 @@ PRESETS: dict[str, dict] = {
     # Seconds: for tests and a first look.
     "smoke": dict(target_shape=(32, 32, 16), base_channels=4, depth=3, batch_size=2, epochs=2,
                   lr=2e-3, patience=0, early_stop_dice=0.0, augment=True),
-    # 2 CPU cores: the body crop at 64x64x48, whole volumes, batch 1, a fixed 12 epochs (948 steps)
+    # 2 CPU cores: the body crop at 64x64x48, whole volumes, batch 1, a fixed 16 epochs (1264 steps)
     # on every CPU. The network spends little at the three finest levels (stride-2 convolutions, one
     # convolution instead of a residual block on each side, no convolution after the last
     # concatenation); deep supervision (Isensee et al. 2017) brings the small organs in early. What
     # each choice measured: benchmarks/results/HISTORY.md. 25 minutes is a safety net only; if it is
     # hit, the run is shortened loudly and still decays to zero.
-    "cpu": dict(target_shape=(64, 64, 48), base_channels=12, depth=5, batch_size=1, epochs=12,
+    "cpu": dict(target_shape=(64, 64, 48), base_channels=12, depth=5, batch_size=1, epochs=16,
                 lr=2e-3, patience=0, early_stop_dice=0.0, max_minutes=25.0, deep_supervision=True,
                 light_levels=3, top_kernel=0, augmentation="light"),
     # One modern GPU at the seed's scale: the body crop at about native in-plane resolution

@@ -152,7 +152,7 @@ def test_train_override_order_is_preset_config_flags_set(tmp_path):
         return _train_config(build_parser().parse_args(["train", "--preset", "cpu", *map(str, extra)]))
 
     base = parse()
-    assert (base.epochs, base.lr, base.model.depth) == (12, 2e-3, 5), "the cpu preset"
+    assert (base.epochs, base.lr, base.model.depth) == (16, 2e-3, 5), "the cpu preset"
     c = parse("--config", cfg)
     assert (c.epochs, c.lr, c.model.depth, c.batch_size) == (3, 0.1, 4, 5), "--config over the preset"
     c = parse("--config", cfg, "--epochs", 4, "--depth", 5)
