@@ -8,8 +8,9 @@ primitives (tubes along paths, curved plates, cups, a lofted sacrum) combined in
 with necks and trochanters, the lowest lumbar vertebrae, muscle filling the space between the
 subcutaneous fat and the pelvic cavity, a winding rectum and sigmoid, a bladder shaped by its
 filling and a prostate with its zones. Proportions follow published adult male measurements
-(``book/references.bib``: femoral head centre 95 mm from the midline, head diameter about 48 mm,
-neck-shaft angle about 129 degrees, prostate volume by the ellipsoid formula).
+(``references.bib``: femoral head centre 95 mm from the midline, head diameter about 48 mm,
+neck-shaft angle about 129 degrees); the prostate (median 54 ml in the default set) is sized so
+that background voxels outnumber it about 700 to 1, near the real set's 600.
 
 Each case has its own size, habitus, organ sizes and a smooth random deformation of a few mm; its
 weekly scans share them, with different bladder and rectum filling, gas, stool and bowel loops and
