@@ -24,7 +24,6 @@ Files are written in the CSIRO release layout::
 """
 from __future__ import annotations
 
-import cmath
 import json
 import math
 import os
@@ -239,10 +238,8 @@ class _Frame:
         lies at its position plus the displacement, a sum of plane waves in the pelvis frame."""
         coords = np.indices(self.shape, np.float32)
         for axis, k, phase, amp in self.waves:
-            e = [_along(self.axes[i], lambda v: cmath.exp(1j * (k[i] * v + (phase if i == 0 else 0.0))),
-                        np.complex64) for i in range(3)]
-            coords[axis] += np.float32(amp / self.step[axis]) * ((e[0][:, None, None] * e[1][None, :, None])
-                                                                * e[2][None, None, :]).imag
+            wave = _plane_wave([k[i] * self.axes[i] + (phase if i == 0 else 0.0) for i in range(3)])
+            coords[axis] += np.float32(amp / self.step[axis]) * wave
         code = kind.astype(np.uint16) * 8 + label
         moved = ndimage.map_coordinates(code, coords, order=0, mode="nearest")
         return (moved % 8).astype(np.uint8), (moved // 8).astype(np.uint8)
@@ -322,6 +319,20 @@ def render_volume(anat: dict, spec: SynthSpec, week_rng: np.random.Generator,
     return (image, label, kind) if return_tissue else (image, label)
 
 
+def _plane_wave(phases) -> np.ndarray:
+    """sin(a + b + c) on the grid, from the phases a, b, c along each axis, by the angle-sum
+    identity: sines and cosines in Python's math (1D), then products and sums only, each rounded
+    as IEEE arithmetic is on every CPU (a complex product may use fused multiply-adds on one CPU
+    and not on another)."""
+    axes = [np.asarray(p, float) for p in phases]
+    sin = [_along(p, math.sin).reshape([-1 if i == j else 1 for j in range(len(axes))]) for i, p in enumerate(axes)]
+    cos = [_along(p, math.cos).reshape([-1 if i == j else 1 for j in range(len(axes))]) for i, p in enumerate(axes)]
+    if len(axes) == 2:
+        return sin[0] * cos[1] + cos[0] * sin[1]
+    return ((sin[0] * cos[1]) * cos[2] + (cos[0] * sin[1]) * cos[2]
+            + (cos[0] * cos[1]) * sin[2] - (sin[0] * sin[1]) * sin[2])
+
+
 def _along(values, fn, dtype=np.float32):
     """``fn`` of each element of a small array, in Python's math: NumPy's vectorised
     transcendental functions differ in the last bits between CPUs (AVX2, AVX-512), and a label
@@ -379,8 +390,7 @@ def _paint_body_wall(paint: _Painter, anat: dict) -> np.ndarray:
         muscle |= (d_t > 0.7 * f) & (z < -45.0)
     # fat planes between muscle groups: where a smooth random field of the axial plane crosses
     # zero (wavy lines about 3.5 mm thick), and the plane under gluteus maximus
-    field = sum((_along(x, lambda v: cmath.exp(1j * (kx * v + ph)), np.complex64)
-                 * _along(y, lambda v: cmath.exp(1j * ky * v), np.complex64)).imag
+    field = sum(_plane_wave([kx * x.ravel() + ph, ky * y.ravel()])[..., None]
                 for kx, ky, ph in anat["fat_planes"])
     muscle &= np.abs(field) > 1.8 * 2 * math.pi / 100.0 * 1.2
     under_glut = fat_trunk + 30.0 * _along(z, lambda v: math.exp(-((v + 5.0) / 55.0) ** 2))
@@ -571,7 +581,7 @@ def _paint_skeleton(paint: _Painter, anat: dict) -> None:
 
 def _smooth_noise(rng: np.random.Generator, shape, sigma) -> np.ndarray:
     field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
-    return field / (field.std() + 1e-6)
+    return field / np.float32(field.std(dtype=np.float64) + 1e-6)  # float64: the same on every CPU
 
 
 def _acquire(tissue, kind, spec: SynthSpec, cv: "_Frame", anat: dict, rng: np.random.Generator) -> np.ndarray:
