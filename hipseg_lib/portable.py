@@ -68,7 +68,9 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
 
 def keep_largest_component(label: np.ndarray, classes: Sequence[int] = SINGLE_ORGANS,
                            probabilities: np.ndarray | None = None, fill: int = BODY) -> np.ndarray:
-    """Keep only the largest connected piece (26-neighbourhood) of each class in ``classes``.
+    """Keep only the largest connected piece (26-neighbourhood) of each class in ``classes``; when
+    several pieces tie for largest, all of them, so that the result does not depend on the order
+    in which the voxels are stored (a scan in another orientation gets the same labels).
 
     Voxels of the smaller pieces take their next most probable class when ``probabilities``
     ``(C, *label.shape)`` are given, else ``fill``. Classes not listed are never removed.
@@ -86,7 +88,7 @@ def keep_largest_component(label: np.ndarray, classes: Sequence[int] = SINGLE_OR
         if n <= 1:
             continue
         sizes = np.bincount(parts.ravel())[1:]
-        drop = mask & (parts != 1 + int(np.argmax(sizes)))
+        drop = mask & ~np.isin(parts, 1 + np.flatnonzero(sizes == sizes.max()))
         if probabilities is not None:
             p = probabilities[:, drop].copy()
             p[c] = -1.0

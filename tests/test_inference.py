@@ -201,6 +201,20 @@ def test_keep_largest_component_per_class_and_never_other_classes():
     assert (keep_largest_component(diag, (BLADDER,)) == diag).all()
 
 
+def test_largest_pieces_that_tie_are_all_kept_in_any_orientation():
+    """Two equal largest pieces both stay, whichever way the array is stored (keeping the first
+    found would keep a different one after a flip); a larger piece still wins over both."""
+    lab = np.zeros((9, 3, 3), np.uint8)
+    lab[0, 1, 1] = lab[4, 1, 1] = PROSTATE
+    out = keep_largest_component(lab, (PROSTATE,), fill=BODY)
+    assert out[0, 1, 1] == PROSTATE and out[4, 1, 1] == PROSTATE
+    flipped = keep_largest_component(lab[::-1].copy(), (PROSTATE,), fill=BODY)
+    np.testing.assert_array_equal(flipped[::-1], out)
+    lab[6:9, 1, 1] = PROSTATE  # now one piece of 3 is the largest: the two single voxels go
+    out = keep_largest_component(lab, (PROSTATE,), fill=BODY)
+    assert out[0, 1, 1] == out[4, 1, 1] == BODY and (out[6:9, 1, 1] == PROSTATE).all()
+
+
 def test_removed_voxels_take_their_next_most_probable_class():
     lab = np.zeros((10, 1, 1), np.uint8)
     lab[0:4] = BLADDER
