@@ -457,8 +457,8 @@ def _paint_bowel(paint: _Painter, anat: dict, week_rng: np.random.Generator) -> 
             d = _unit(d + 0.8 * rng.normal(size=3))
             p = np.clip(p + 22.0 * d, lo, hi)
             pts.append(p)
-        content = ("urine", "bowel", "gas", "bowel")[int(rng.integers(4))]
-        paint.solid(_capsules(pts, rng.uniform(10, 15)), "bowel_wall", inner=content if content != "urine" else "fluid", wall=2.5)
+        content = ("fluid", "bowel", "gas", "bowel")[int(rng.integers(4))]
+        paint.solid(_capsules(pts, rng.uniform(10, 15)), "bowel_wall", inner=content, wall=2.5)
     top = _rectum_path(anat)[-1]
     pts = [top, top + (18, -12, 14)] + [np.array(p) + j for p, j in
                                         zip([(45, -20, 70), (35, -55, 78), (0, -50, 85), (-25, -15, 95), (-5, 25, 110)],
