@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
@@ -85,12 +86,17 @@ def show_slice(ax, image: np.ndarray, label: np.ndarray | None = None, axis: int
     return im, lab
 
 
-def class_legend(fig, loc: str = "lower center", ncol: int = 5) -> None:
-    """Colour legend of the foreground classes under a figure."""
+def class_legend(fig, loc: str = "lower center", ncol: int = 5, classes: Sequence[int] | None = None) -> None:
+    """Colour legend of the foreground classes under a figure: body as an outline and every other
+    class, or only the (solid) ``classes`` given."""
     from matplotlib.patches import Patch
 
-    handles = [Patch(facecolor="none", edgecolor=CLASS_COLOURS[BODY], linewidth=1.5, label=f"{CLASS_NAMES[BODY]} (outline)")]
-    handles += [Patch(color=c, label=n) for c, n in zip(CLASS_COLOURS[BONES:], CLASS_NAMES[BONES:])]
+    handles = []
+    if classes is None:
+        handles = [Patch(facecolor="none", edgecolor=CLASS_COLOURS[BODY], linewidth=1.5,
+                         label=f"{CLASS_NAMES[BODY]} (outline)")]
+        classes = range(BONES, len(CLASS_NAMES))
+    handles += [Patch(color=CLASS_COLOURS[c], label=CLASS_NAMES[c]) for c in classes]
     fig.legend(handles=handles, loc=loc, ncol=ncol, frameon=False, fontsize=9)
 
 
@@ -179,6 +185,18 @@ def _interesting_range(labels: Sequence[np.ndarray | None], depth: int, pad: int
     return max(0, min(int(h[0]) for h in hits) - pad), min(depth, max(int(h[-1]) for h in hits) + 1 + pad)
 
 
+_FONT_AWESOME_CDN = re.compile(r'<link rel="stylesheet"\s+href="https://[^"]*font-awesome[^"]*">\s*')
+
+
+def _player(anim, mode: str) -> str:
+    """matplotlib's JavaScript player of ``anim`` with nothing fetched from the network: its
+    stylesheet link to Font Awesome on a CDN is dropped (the book's theme ships the icons)."""
+    html, found = _FONT_AWESOME_CDN.subn("", anim.to_jshtml(default_mode=mode))
+    if found != 1:
+        raise RuntimeError("matplotlib's jshtml player changed: its Font Awesome link was not found")
+    return html
+
+
 def static_slider(image: np.ndarray, labels: Sequence[np.ndarray | None] = (None,), titles: Sequence[str] = ("",),
                   spacing: Sequence[float] | None = None, max_frames: int = 24, size: float = 3.2, dpi: int = 72):
     """A JavaScript slider over axial slices that works in static HTML (no kernel, no network).
@@ -215,7 +233,7 @@ def static_slider(image: np.ndarray, labels: Sequence[np.ndarray | None] = (None
         return []
 
     anim = animation.FuncAnimation(fig, update, frames=frames, interval=200, blit=False)
-    html = anim.to_jshtml(default_mode="once")
+    html = _player(anim, "once")
     plt.close(fig)
     # matplotlib's player opens on its first frame: open it on the prostate slice instead.
     html, found = re.subn(r"(anim(\w+) = new Animation\([^;]*\);)",
@@ -603,16 +621,19 @@ def class_surfaces(label: np.ndarray, spacing: Sequence[float], classes: Sequenc
     return out
 
 
-def surface_view(truth: np.ndarray, pred: np.ndarray, spacing: Sequence[float], title: str = ""):
-    """Truth and prediction of one scan in 3D, side by side: the surfaces of bones (faint),
-    bladder, rectum and prostate (:func:`class_surfaces`), in mm, seen from the front and above.
-    Returns the figure."""
+SURFACE_CLASSES = (BONES, BLADDER, RECTUM, PROSTATE)
+
+
+def _surface_figure(truth: np.ndarray, pred: np.ndarray, spacing: Sequence[float], title: str,
+                    figsize: tuple[float, float], dpi: float | None = None):
+    """The figure of :func:`surface_view`; returns it and its two 3D axes."""
     from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
-    surfaces = [class_surfaces(label, spacing) for label in (truth, pred)]
+    surfaces = [class_surfaces(label, spacing, SURFACE_CLASSES) for label in (truth, pred)]
     points = np.concatenate([v for s in surfaces for v, _ in s.values()] or [np.zeros((1, 3))])
     lo, hi = points.min(0) - 5, points.max(0) + 5  # the organs' box, 5 mm around
-    fig = plt.figure(figsize=(11, 5))
+    fig = plt.figure(figsize=figsize, dpi=dpi)
+    axes = []
     for k, (name, found) in enumerate(zip(("truth", "prediction"), surfaces)):
         ax = fig.add_subplot(1, 2, k + 1, projection="3d")
         for c, (verts, faces) in found.items():
@@ -623,12 +644,51 @@ def surface_view(truth: np.ndarray, pred: np.ndarray, spacing: Sequence[float], 
         ax.set_xlim(lo[0], hi[0])
         ax.set_ylim(lo[1], hi[1])
         ax.set_zlim(lo[2], hi[2])
-        ax.set_box_aspect(hi - lo)
+        ax.set_box_aspect(hi - lo, zoom=1.25)
         ax.view_init(elev=15, azim=-100)
         ax.set_axis_off()
         ax.set_title(name, fontsize=10)
-    class_legend(fig)
+        axes.append(ax)
+    class_legend(fig, classes=SURFACE_CLASSES, ncol=len(SURFACE_CLASSES))
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    return fig
+    return fig, axes
+
+
+def surface_view(truth: np.ndarray, pred: np.ndarray, spacing: Sequence[float], title: str = ""):
+    """Truth and prediction of one scan in 3D, side by side: the surfaces of bones (faint),
+    bladder, rectum and prostate (:func:`class_surfaces`), in mm, seen from the front and above.
+    Returns the figure."""
+    return _surface_figure(truth, pred, spacing, title, figsize=(11, 5))[0]
+
+
+def surface_turntable(truth: np.ndarray, pred: np.ndarray, spacing: Sequence[float], title: str = "",
+                      frames: int = 24, size: tuple[float, float] = (9, 4.2), dpi: int = 80):
+    """:func:`surface_view`, turning: a slider with play buttons rotates truth and prediction
+    together about the head-foot axis, ``360 / frames`` degrees a frame, from
+    :func:`surface_view`'s front view. It works in static HTML with no kernel and no network
+    (matplotlib's JavaScript player; frames as JPEG, about 20 KB each at the default size).
+
+    Returns:
+        ``IPython.display.HTML`` (inside ``div.hipseg-turntable``) with ``azimuths``, the
+        viewing angle of each frame in degrees.
+    """
+    from IPython.display import HTML
+    from matplotlib import animation
+
+    fig, axes = _surface_figure(truth, pred, spacing, title, figsize=size, dpi=dpi)
+    azimuths = [-100 + k * 360 / frames for k in range(frames)]
+
+    def turn(azim):
+        for ax in axes:
+            ax.view_init(elev=15, azim=azim)
+        return []
+
+    anim = animation.FuncAnimation(fig, turn, frames=azimuths, interval=150, blit=False)
+    with matplotlib.rc_context({"animation.frame_format": "jpeg"}):
+        html = _player(anim, "loop")
+    plt.close(fig)
+    out = HTML(f'<div class="hipseg-turntable">{html}</div>')
+    out.azimuths = azimuths
+    return out

@@ -133,6 +133,42 @@ def test_no_code_block_scrolls_sideways_in_a_browser(built_book, chromium):
 
 
 @pytest.mark.slow  # the book built with papermill
+def test_built_pages_work_with_the_network_off(built_book, chromium):
+    """Every page opened with every request outside the build refused: none is attempted, the
+    players' icons are drawn (the theme's own Font Awesome), and chapter 5's 3D view turns."""
+    from playwright.sync_api import sync_playwright
+
+    _, html = built_book
+    refused = []
+
+    def offline(route):
+        if route.request.url.startswith("file:"):
+            return route.continue_()
+        refused.append(route.request.url)
+        return route.abort()
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True,
+                                     args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.route("**/*", offline)
+        for path in sorted((html / "book").glob("*.html")):
+            page.goto(path.as_uri())
+            if path.name.startswith(("01_", "05_")):
+                page.wait_for_selector(".anim-buttons svg", timeout=20_000)  # icons drawn
+            if path.name.startswith("05_"):
+                turntable = page.locator(".hipseg-turntable")
+                turntable.scroll_into_view_if_needed()
+                image = turntable.locator("img")
+                first = image.get_attribute("src")
+                turntable.locator('button[title="Next frame"]').click()
+                page.wait_for_function("([el, s]) => el.src !== s", arg=[image.element_handle(), first])
+                assert image.get_attribute("src").startswith("data:image/jpeg")
+        browser.close()
+    assert not refused, f"pages asked the network for: {sorted(set(refused))}"
+
+
+@pytest.mark.slow  # the book built with papermill
 def test_static_sliders_open_on_the_prostate(built_book):
     out, html = built_book
     for page in ("01_data_exploration.html", "05_evaluation.html"):

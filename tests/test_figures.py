@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from hipseg_lib import BLADDER, BONES, PROSTATE
-from hipseg_lib.viz import class_surfaces, surface_view
+from hipseg_lib.viz import class_surfaces, surface_turntable, surface_view
 
 
 def test_surfaces_are_in_millimetres_and_one_per_class_present():
@@ -34,3 +34,23 @@ def test_a_part_one_voxel_thin_still_gets_a_surface():
     thin[4, 4:12, 3] = BLADDER
     found = class_surfaces(thin, (1.0, 1.0, 1.0), step=2)
     assert set(found) == {BLADDER} and len(found[BLADDER][1]) > 0
+
+
+def test_turntable_turns_both_sides_in_jpeg_frames_of_a_static_page():
+    """The rotating 3D view: one JPEG frame per angle, starting at the still's front view, and
+    each frame shows the scene from a new side (the view really turns)."""
+    import base64
+    import re
+
+    truth = np.zeros((20, 16, 12), np.uint8)
+    truth[4:16, 4:9, 2:10] = BLADDER  # not symmetric about the vertical axis: every angle differs
+    truth[10:14, 10:14, 3:6] = PROSTATE
+    out = surface_turntable(truth, truth, (1.5, 1.5, 3.0), frames=4, size=(4, 2), dpi=40)
+    assert out.azimuths == [-100, -10, 80, 170]
+    assert out.data.startswith('<div class="hipseg-turntable">')
+    frames = re.findall(r'data:image/jpeg;base64,([^"]+)"', out.data)
+    assert len(frames) == 4, "one embedded JPEG per angle"
+    images = [base64.b64decode(re.sub(r"\\\s", "", f)) for f in frames]
+    assert all(im.startswith(b"\xff\xd8") for im in images), "JPEG data"
+    assert len(set(images)) == 4, "every angle is a different picture"
+    assert "https://" not in out.data, "nothing is fetched from the network"
