@@ -13,7 +13,7 @@ help:
 	@echo "make setup   create .venv and install pinned dependencies + hipseg_lib (editable)"
 	@echo "make test    run the whole test suite"
 	@echo "make test-fast  the suite without the slow end-to-end tests (book build, browser, torchrun, kill/resume, benchmarks)"
-	@echo "make data    generate the default synthetic data set in $(DATA)"
+	@echo "make data    generate the default synthetic data set in $(DATA) (remade if an older generator made it)"
 	@echo "make book    make the data, execute every chapter with papermill, build _build/html"
 	@echo "make lab     JupyterLab on book/ (127.0.0.1, token) with the hipseg kernel; prints the URL"
 	@echo "make bench   ResUNet3D vs MONAI UNet/BasicUNet benchmark"
@@ -38,7 +38,9 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 data: setup
-	@if [ -d "$(DATA)" ]; then echo "$(DATA) exists: kept as it is"; \
+	@if [ "$(DATA)" = data/synthetic ]; then \
+	  $(BIN)/python -c "from hipseg_lib.locations import resolve_data_dir; print(resolve_data_dir())"; \
+	elif [ -d "$(DATA)" ]; then echo "$(DATA) exists: kept as it is"; \
 	else $(BIN)/hipseg synth --out $(DATA); fi
 
 book: setup

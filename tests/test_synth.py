@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import functools
+import json
+import shutil
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -9,7 +13,7 @@ from hipseg_lib.check import audit_folder
 from hipseg_lib.data import split_by_case
 from hipseg_lib.io import find_pairs, load_volume
 from hipseg_lib.metrics import dice_per_class
-from hipseg_lib.synth import SynthSpec, make_case_anatomy, make_dataset, render_volume
+from hipseg_lib.synth import ANATOMY, SynthSpec, anatomy_of, make_case_anatomy, make_dataset, render_volume
 
 
 def test_layout_and_validity(tiny_synth):
@@ -141,11 +145,12 @@ def test_same_seed_same_bytes(tmp_path):
     assert da == db
 
 
-# The arrays of a small set as this code makes it. Shapes use only arithmetic that rounds alike on
-# every x86 CPU (see synth._along and synth._plane_wave), so a machine that gets other arrays from
-# this synth.py computes differently, which is a bug to report. Changing synth.py on purpose
-# changes them: then record the new digest printed by the failure.
-ARRAYS_SEED3 = "05843a1bd5a999043f9945ce170a2c73966078ae0bc05afb08d905541b155b6f"
+# The arrays of a small set as this code makes it, by anatomy generation (synth.ANATOMY). Shapes
+# use only arithmetic that rounds alike on every x86 CPU (see synth._along and
+# synth._plane_wave), so a machine that gets other arrays from this synth.py computes
+# differently, which is a bug to report. Changing the arrays on purpose: add one to
+# synth.ANATOMY (so default sets made before are remade) and record the digest printed here.
+RECORDED_ARRAYS = {2: "05843a1bd5a999043f9945ce170a2c73966078ae0bc05afb08d905541b155b6f"}
 
 
 def test_same_arrays_as_recorded(tmp_path):
@@ -156,4 +161,57 @@ def test_same_arrays_as_recorded(tmp_path):
     for pair in find_pairs(root).pairs:
         h.update(np.ascontiguousarray(load_volume(pair.image).array).tobytes())
         h.update(np.ascontiguousarray(load_volume(pair.label, "label").array).tobytes())
-    assert h.hexdigest() == ARRAYS_SEED3, f"arrays differ from the recorded ones: {h.hexdigest()}"
+    assert ANATOMY in RECORDED_ARRAYS, f"anatomy {ANATOMY}: record its digest {h.hexdigest()}"
+    assert h.hexdigest() == RECORDED_ARRAYS[ANATOMY], (
+        f"arrays differ from those recorded for anatomy {ANATOMY}: if on purpose, add one to "
+        f"synth.ANATOMY and record {h.hexdigest()}")
+
+
+def test_a_set_records_its_anatomy_generation(tmp_path):
+    root = make_dataset(tmp_path / "s", seed=1, cases=1, shape=(16, 16, 16), weeks=(1, 1), workers=1)
+    assert anatomy_of(root) == ANATOMY
+    meta = json.loads((root / "synth.json").read_text())
+    del meta["anatomy"]  # as sets made before the generation was recorded
+    (root / "synth.json").write_text(json.dumps(meta))
+    assert anatomy_of(root) == 1
+    assert anatomy_of(tmp_path) is None, "a folder without synth.json is not a hipseg set"
+    (tmp_path / "synth.json").write_text("[1]")
+    assert anatomy_of(tmp_path) is None
+
+
+def test_a_default_set_of_an_older_anatomy_is_moved_aside_and_made_anew(tmp_path, monkeypatch, capsys):
+    """An updated checkout must not teach from the stand-in an older generator made: the default
+    set is remade, and the old one is kept beside it (nothing is lost)."""
+    from hipseg_lib import synth
+    from hipseg_lib.locations import resolve_data_dir
+
+    project = tmp_path / "project"
+    (project / "book").mkdir(parents=True)
+    (project / "_config.yml").write_text("title: x\n")
+    monkeypatch.setenv("HIPSEG_ROOT", str(project))
+    monkeypatch.delenv("HIPSEG_DATA", raising=False)
+    small = functools.partial(make_dataset, seed=1, cases=1, shape=(16, 16, 16), weeks=(1, 1), workers=1)
+    monkeypatch.setattr(synth, "make_dataset", small)
+    default = project / "data" / "synthetic"
+
+    def old_set():
+        default.mkdir(parents=True)
+        (default / "synth.json").write_text(json.dumps({"generator": "hipseg synth", "seed": 0}))
+        (default / "notes.txt").write_text("mine")
+
+    old_set()
+    with pytest.raises(HipsegError, match="older generator .anatomy 1, now"):
+        resolve_data_dir(make_default=False)  # under torchrun: stop, make nothing
+    assert anatomy_of(default) == 1
+    assert resolve_data_dir() == default
+    assert anatomy_of(default) == ANATOMY and find_pairs(default).pairs
+    assert (project / "data" / "synthetic.anatomy-1" / "notes.txt").read_text() == "mine"
+    assert "older generator (anatomy 1" in capsys.readouterr().out
+    stamp = (default / "synth.json").stat().st_mtime_ns
+    assert resolve_data_dir() == default and (default / "synth.json").stat().st_mtime_ns == stamp, \
+        "a set of this generation is used as it is"
+    shutil.rmtree(default)
+    old_set()
+    resolve_data_dir()
+    assert (project / "data" / "synthetic.anatomy-1-2" / "notes.txt").exists(), "an earlier one is kept too"
+    assert (project / "data" / "synthetic.anatomy-1" / "notes.txt").exists()
