@@ -113,7 +113,7 @@ def test_landing_page_shows_this_runs_result_and_references_resolve(built_book):
 
 @pytest.mark.slow  # the book built with papermill
 def test_no_code_block_scrolls_sideways_in_a_browser(built_book, chromium):
-    """What a reader sees at 1280 px: every code block and printed output fits its column."""
+    """What a reader sees at 1280 px: every code block, printed output and table fits its column."""
     from playwright.sync_api import sync_playwright
 
     _, html = built_book
@@ -126,10 +126,12 @@ def test_no_code_block_scrolls_sideways_in_a_browser(built_book, chromium):
             page.goto(path.as_uri())
             n = page.evaluate("""() => [...document.querySelectorAll('div.highlight pre, div.output pre')]
                 .filter(e => e.innerText.trim() && e.scrollWidth > e.clientWidth + 1).length""")
+            n += page.evaluate("""() => [...document.querySelectorAll('table.hipseg-table')]
+                .filter(t => t.scrollWidth > t.parentElement.clientWidth + 1).length""")
             if n:
                 overflowing[path.name] = n
         browser.close()
-    assert not overflowing, f"code blocks with a horizontal scrollbar: {overflowing}"
+    assert not overflowing, f"code blocks or tables wider than the column: {overflowing}"
 
 
 @pytest.mark.slow  # the book built with papermill
