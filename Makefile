@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.hipseg-installed
-DATA   ?= data/synthetic
+DEFAULT_DATA := data/synthetic
+DATA   ?= $(DEFAULT_DATA)
 PRESET ?= auto
 REPOSITORY ?=
 
@@ -38,7 +39,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 data: setup
-	@if [ "$(DATA)" = data/synthetic ]; then \
+	@if [ "$(DATA)" = "$(DEFAULT_DATA)" ]; then \
 	  $(BIN)/python -c "from hipseg_lib.locations import resolve_data_dir; print(resolve_data_dir())"; \
 	elif [ -d "$(DATA)" ]; then echo "$(DATA) exists: kept as it is"; \
 	else $(BIN)/hipseg synth --out $(DATA); fi

@@ -589,8 +589,10 @@ def deep_supervision_panel(model, image, truth, index: int | None = None):
     return fig
 
 
-def class_surfaces(label: np.ndarray, spacing: Sequence[float], classes: Sequence[int] = (BONES, BLADDER, RECTUM,
-                                                                                        PROSTATE),
+SURFACE_CLASSES = (BONES, BLADDER, RECTUM, PROSTATE)  # what the 3D views draw
+
+
+def class_surfaces(label: np.ndarray, spacing: Sequence[float], classes: Sequence[int] = SURFACE_CLASSES,
                    step: int = 2) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """The surface of each class present in ``label``: ``{class: (vertices in mm, triangles)}``, by
     marching cubes (scikit-image) on the class mask, every ``step``-th voxel. Voxel ``i`` is
@@ -621,15 +623,12 @@ def class_surfaces(label: np.ndarray, spacing: Sequence[float], classes: Sequenc
     return out
 
 
-SURFACE_CLASSES = (BONES, BLADDER, RECTUM, PROSTATE)
-
-
 def _surface_figure(truth: np.ndarray, pred: np.ndarray, spacing: Sequence[float], title: str,
                     figsize: tuple[float, float], dpi: float | None = None):
     """The figure of :func:`surface_view`; returns it and its two 3D axes."""
     from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
-    surfaces = [class_surfaces(label, spacing, SURFACE_CLASSES) for label in (truth, pred)]
+    surfaces = [class_surfaces(label, spacing) for label in (truth, pred)]
     points = np.concatenate([v for s in surfaces for v, _ in s.values()] or [np.zeros((1, 3))])
     lo, hi = points.min(0) - 5, points.max(0) + 5  # the organs' box, 5 mm around
     fig = plt.figure(figsize=figsize, dpi=dpi)

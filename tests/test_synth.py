@@ -30,16 +30,6 @@ def test_layout_and_validity(tiny_synth):
     assert all(r.spacing[2] != r.spacing[0] for r in audit.rows)
 
 
-def test_deterministic_from_seed(tmp_path):
-    a = make_dataset(tmp_path / "a", seed=3, cases=2, shape=(24, 24, 16), weeks=(1, 1), workers=1)
-    b = make_dataset(tmp_path / "b", seed=3, cases=2, shape=(24, 24, 16), weeks=(1, 1), workers=2)
-    pa, pb = find_pairs(a).pairs, find_pairs(b).pairs
-    assert [p.id for p in pa] == [p.id for p in pb]
-    for x, y in zip(pa, pb):
-        np.testing.assert_array_equal(load_volume(x.image).array, load_volume(y.image).array)
-        np.testing.assert_array_equal(load_volume(x.label, "label").array, load_volume(y.label, "label").array)
-
-
 def test_refuses_to_overwrite(tmp_path):
     out = tmp_path / "user_data"
     out.mkdir()
