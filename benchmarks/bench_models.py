@@ -16,7 +16,7 @@ train step time, inference time per volume, peak memory, and validation Dice per
     # a variant of ours beside the preset's, in the same run (network settings after "+"):
     .venv/bin/python benchmarks/bench_models.py --amp off --models hipseg-ResUNet3D \
         hipseg-ResUNet3D+light_levels=2+top_kernel=1 monai-UNet
-    # MONAI's network with hipseg's convolution kernels (hipseg_lib.model.Conv3d) beside it:
+    # MONAI's network with hipseg's convolution kernels (hipseg_lib.cpu_kernels.CPUConv3d) beside it:
     .venv/bin/python benchmarks/bench_models.py --amp off --models hipseg-ResUNet3D monai-UNet \
         monai-UNet+conv=hipseg
 
@@ -42,7 +42,8 @@ from hipseg_lib.data import TrainingBatches, TrainingSet
 from hipseg_lib.augment import augmentation_named
 from hipseg_lib.loss import DiceCELoss
 from hipseg_lib.metrics import dice_per_class
-from hipseg_lib.model import Conv3d, ResUNet3D, count_parameters
+from hipseg_lib.cpu_kernels import use_cpu_kernels
+from hipseg_lib.model import ResUNet3D, count_parameters
 from hipseg_lib.config import make_config, parse_settings
 from hipseg_lib.data import load_split_volumes
 
@@ -69,7 +70,7 @@ def split_variant(name: str) -> tuple[str, dict]:
     """``"hipseg-ResUNet3D+light_levels=3+top_kernel=0"`` -> the network and its settings: a variant
     of ours in the same run (MONAI's width still follows the network of the preset and ``--set``).
     ``"monai-UNet+conv=hipseg"``: MONAI's network computing its convolutions with hipseg's
-    :class:`~hipseg_lib.model.Conv3d` (the same layers and weights, other CPU kernels)."""
+    the convolution kernels of :func:`~hipseg_lib.cpu_kernels.use_cpu_kernels` (the same layers and weights, other CPU kernels)."""
     base, *settings = name.split("+")
     if base in MODELS and base != "hipseg-ResUNet3D" and settings == ["conv=hipseg"]:
         return base, {"conv": "hipseg"}
@@ -79,18 +80,10 @@ def split_variant(name: str) -> tuple[str, dict]:
     return base, parse_settings(settings)
 
 
-def with_hipseg_convolutions(model: torch.nn.Module) -> torch.nn.Module:
-    """Every ``nn.Conv3d`` of ``model`` computed as hipseg's ``Conv3d`` computes it (same weights)."""
-    for m in model.modules():
-        if type(m) is torch.nn.Conv3d:
-            m.__class__ = Conv3d
-    return model
-
-
 def build(name: str, cfg) -> torch.nn.Module:
     """The network; MONAI's get the base width that brings their parameter count nearest ours."""
     if name == "hipseg-ResUNet3D":
-        return ResUNet3D(cfg.model)
+        return use_cpu_kernels(ResUNet3D(cfg.model))  # as training runs it
     if name not in MODELS:
         raise ValueError(name)
     target = count_parameters(ResUNet3D(cfg.model))
@@ -127,7 +120,7 @@ class Trainer:
         seed_everything(args.seed)
         model = build(base, cfg)
         if hipseg_conv:
-            model = with_hipseg_convolutions(model)
+            model = use_cpu_kernels(model)
         self.name, self.cfg, self.budget, self.seed = name, cfg, args.minutes * 60, args.seed
         self.device = device = resolve_device(cfg.device)
         self.vols = load_split_volumes(resolve_data_dir(args.data), cfg)

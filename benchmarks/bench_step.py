@@ -4,9 +4,9 @@ Variants: fp32, bf16 autocast, channels-last 3D, and torch.compile (each alone o
 preset's best precision). Prints seconds per step and the ratio to fp32, so the comparison holds
 on a shared machine. Decides what the presets turn on.
 
-On a CPU it then times the two kernel choices of ``hipseg_lib.model.Conv3d`` against the kernel
+On a CPU it then times the two kernel choices of ``hipseg_lib.cpu_kernels.CPUConv3d`` against the kernel
 PyTorch picks by itself (``nn.Conv3d``), forward and backward, at the shapes the ``cpu`` preset
-meets, and names the aten kernel each ran (PyTorch's profiler). ``Conv3d`` leans on a threshold
+meets, and names the aten kernel each ran (PyTorch's profiler). ``CPUConv3d`` leans on a threshold
 inside PyTorch (``_NATIVE_BELOW``) and on ``to_mkldnn``: after a torch upgrade these lines show
 whether PyTorch still sends that convolution to ``slow_conv3d`` and whether hipseg's choice is
 still the faster one (ratio above 1).
@@ -23,7 +23,8 @@ import torch
 
 from hipseg_lib import NUM_CLASSES
 from hipseg_lib.loss import DiceCELoss
-from hipseg_lib.model import Conv3d, ResUNet3D
+from hipseg_lib.cpu_kernels import CPUConv3d, use_cpu_kernels
+from hipseg_lib.model import ResUNet3D
 from hipseg_lib.config import make_config
 from hipseg_lib.runtime import autocast_for, resolve_device
 
@@ -31,6 +32,8 @@ from hipseg_lib.runtime import autocast_for, resolve_device
 def time_steps(cfg, device, amp: str, channels_last: bool, compile_: bool, steps: int) -> tuple[float, float]:
     torch.manual_seed(0)
     model = ResUNet3D(cfg.model).to(device)
+    if device.type == "cpu":
+        use_cpu_kernels(model)  # as training runs it
     x = torch.randn(cfg.batch_size, 1, *cfg.preprocessing.target_shape, device=device)
     y = torch.randint(0, NUM_CLASSES, (cfg.batch_size, *cfg.preprocessing.target_shape), device=device)
     if channels_last:
@@ -84,12 +87,12 @@ def _time_fn(fn, x, steps: int) -> float:
 
 
 def conv_kernel_rows(steps: int = 20) -> list[dict]:
-    """For each case: the kernels PyTorch's ``nn.Conv3d`` and hipseg's ``Conv3d`` ran (fp32,
+    """For each case: the kernels PyTorch's ``nn.Conv3d`` and hipseg's ``CPUConv3d`` ran (fp32,
     forward and backward) and their seconds; ``speedup`` = PyTorch's time / hipseg's."""
     rows = []
     for what, cin, cout, k, shape in KERNEL_CASES:
         torch.manual_seed(0)
-        conv = Conv3d(cin, cout, k, padding=k // 2)
+        conv = CPUConv3d(cin, cout, k, padding=k // 2)
         x = torch.randn(1, cin, *shape, requires_grad=True)
         plain = lambda v, c=conv: torch.nn.Conv3d.forward(c, v)  # noqa: E731
         row = {"case": what, "torch_kernels": _convolution_kernels(plain, x),
@@ -105,7 +108,7 @@ def conv_kernel_rows(steps: int = 20) -> list[dict]:
 
 
 def print_conv_kernels(steps: int) -> None:
-    print(f"\nhipseg_lib.model.Conv3d against PyTorch's own choice (fp32, forward + backward, "
+    print(f"\nhipseg_lib.cpu_kernels.CPUConv3d against PyTorch's own choice (fp32, forward + backward, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}):")
     for r in conv_kernel_rows(steps):
         print(f"  {r['case']:<34} PyTorch {1000 * r['torch_s']:6.1f} ms ({', '.join(r['torch_kernels'])})")
@@ -118,7 +121,7 @@ def main() -> int:
     p.add_argument("--preset", default="auto")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--kernels-only", action="store_true", help="only the Conv3d kernel lines (CPU)")
+    p.add_argument("--kernels-only", action="store_true", help="only the CPUConv3d kernel lines (CPU)")
     a = p.parse_args()
     if a.kernels_only:
         print_conv_kernels(a.steps * 2)

@@ -15,6 +15,7 @@ import torch
 
 from . import CLASS_NAMES, HipsegError, __version__, first_line
 from ._atomic import atomic_path
+from .cpu_kernels import use_cpu_kernels
 from .model import ModelConfig, ResUNet3D
 from .preprocess import Preprocessing
 
@@ -89,7 +90,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 class LoadedModel(NamedTuple):
     """What :func:`load_model` gives: everything prediction needs from a checkpoint."""
 
-    network: ResUNet3D  # in eval mode, on the device asked for
+    network: ResUNet3D  # in eval mode, on the device asked for (on a CPU with its CPU kernels)
     preprocessing: Preprocessing  # what its inputs went through in training
     window: tuple[int, int, int] | None  # trained on patches: predict in windows of this size
     checkpoint: dict  # the rest: epoch, metrics, train_config, ...
@@ -122,4 +123,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise HipsegError(f"{path}: weights do not fit a ResUNet3D of its stated configuration "
                           f"({first_line(exc, 120)})") from None
     patch = (ckpt.get("train_config") or {}).get("patch_shape")
-    return LoadedModel(model.to(device).eval(), prep, tuple(patch) if patch else None, ckpt)
+    model = model.to(device).eval()
+    if model.head.weight.device.type == "cpu":
+        use_cpu_kernels(model)  # the same layers, faster kernels (cpu_kernels.py)
+    return LoadedModel(model, prep, tuple(patch) if patch else None, ckpt)

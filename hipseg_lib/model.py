@@ -15,61 +15,8 @@ import torch.nn.functional as F
 
 from . import NUM_CLASSES
 
-__all__ = ["ModelConfig", "Conv3d", "ResidualBlock", "DownConv", "ConvBlock", "UpBlock", "ResUNet3D", "count_parameters", "layer_table",
+__all__ = ["ModelConfig", "ResidualBlock", "DownConv", "ConvBlock", "UpBlock", "ResUNet3D", "count_parameters", "layer_table",
            "activation_bytes", "saved_tensor_bytes"]
-
-
-# PyTorch runs a fp32 CPU convolution of one volume in its own slow_conv3d kernel, not oneDNN's,
-# when N * C * D * H is at most this (its "for some case, native is faster" rule in Convolution.cpp).
-_NATIVE_BELOW = 20480
-
-
-class Conv3d(nn.Conv3d):
-    """``nn.Conv3d`` with two kernel choices that PyTorch does not make by itself on a CPU.
-
-    The layer, its parameters and its results are those of ``nn.Conv3d`` (checkpoints are the
-    same); only the kernel that computes them differs:
-
-    - a 1x1x1 convolution is a matrix product over the channels, one per volume, where PyTorch
-      would call oneDNN's general convolution kernel.
-    - a fp32 convolution of a single volume at the deep levels runs in oneDNN. PyTorch sends
-      it to its native ``slow_conv3d`` whenever N * C * D * H <= 20480, a slower kernel there.
-      Handing oneDNN the input as one of its own tensors (``to_mkldnn``) makes PyTorch keep its
-      kernel, backward pass included.
-
-    What each choice measured on which CPU: ``benchmarks/results/HISTORY.md``; ``bench_step.py
-    --kernels-only`` measures both again (on AVX2 only, the 1x1x1 path is no faster).
-
-    Example:
-        >>> conv = Conv3d(4, 2, 1)
-        >>> x = torch.randn(1, 4, 3, 3, 3)
-        >>> torch.allclose(conv(x), nn.functional.conv3d(x, conv.weight, conv.bias), atol=1e-6)
-        True
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
-            return super().forward(x)  # exported graphs hold a plain convolution (hipseg export)
-        if (x.device.type == "cpu" and x.dim() == 5 and self.kernel_size == (1, 1, 1)
-                and self.stride == (1, 1, 1) and self.padding == (0, 0, 0) and self.groups == 1):
-            n, c = x.shape[:2]
-            w = self.weight.view(self.out_channels, c)
-            # one 2D product per volume: a batched product broadcasting the weight was slower
-            y = torch.stack([w @ v.reshape(c, -1) for v in x]).view(n, self.out_channels, *x.shape[2:])
-            return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1, 1)
-        if self._native_would_run(x):
-            return F.conv3d(x.to_mkldnn(), self.weight, self.bias, self.stride, self.padding,
-                            self.dilation, self.groups).to_dense()
-        return super().forward(x)
-
-    def _native_would_run(self, x: torch.Tensor) -> bool:
-        # PyTorch's rule sends strided convolutions to oneDNN already; a 4D input is unbatched
-        return (self.stride == (1, 1, 1) and x.device.type == "cpu" and x.dtype == torch.float32
-                and x.dim() == 5 and x.shape[0] == 1
-                and x.shape[1] * x.shape[2] * x.shape[3] <= _NATIVE_BELOW and x.is_contiguous()
-                and self.padding_mode == "zeros" and not torch.is_autocast_enabled("cpu")
-                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-                and not torch.compiler.is_compiling())
 
 
 def _norm(channels: int) -> nn.Module:
@@ -98,17 +45,17 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
         self.norm1, self.act1 = _norm(in_channels), _act()
-        self.conv1 = Conv3d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False)
         self.norm2, self.act2 = _norm(out_channels), _act()
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
         self.shortcut = (nn.Identity() if in_channels == out_channels
-                         else Conv3d(in_channels, out_channels, 1, bias=False))
+                         else nn.Conv3d(in_channels, out_channels, 1, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.act1(self.norm1(x)))
-        h = self.conv2(self.drop(self.act2(self.norm2(h))))
-        return h + self.shortcut(x)
+        h = self.conv1(self.act1(self.norm1(x)))             # norm, activation, 3x3x3 conv
+        h = self.conv2(self.drop(self.act2(self.norm2(h))))  # and again (dropout before the conv)
+        return h + self.shortcut(x)                          # the residual: add the input back
 
 
 class DownConv(nn.Module):
@@ -117,7 +64,7 @@ class DownConv(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.norm, self.act = _norm(in_channels), _act()
-        self.conv = Conv3d(in_channels, out_channels, 3, stride=2, padding=1, bias=False)
+        self.conv = nn.Conv3d(in_channels, out_channels, 3, stride=2, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self.act(self.norm(x)))
@@ -133,7 +80,7 @@ class ConvBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
         super().__init__()
         self.norm, self.act = _norm(in_channels), _act()
-        self.conv = Conv3d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self.act(self.norm(x)))
@@ -157,7 +104,9 @@ class UpBlock(nn.Module):
             self.block = nn.Identity()
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.block(torch.cat([self.up(x), skip], dim=1))
+        h = self.up(x)                       # double the grid, halve the channels
+        h = torch.cat([h, skip], dim=1)      # the skip connection: the encoder's map, same level
+        return self.block(h)                 # mix the two
 
 
 
@@ -255,34 +204,37 @@ class ResUNet3D(nn.Module):
             config = ModelConfig(**kwargs)
         elif kwargs:
             raise ValueError("pass either a ModelConfig or keyword arguments, not both")
-        c = config
-        self.config = c
-        widths = [c.base_channels * 2 ** i for i in range(c.depth)]
-        conv_down = c.downsample == "conv"
-        self.stem = Conv3d(c.in_channels, widths[0], 3, padding=1, bias=False)
-        # Level 0 works at full resolution; level i >= 1 starts with a downsampling.
-        self.down = nn.ModuleList([DownConv(widths[i - 1], widths[i]) if conv_down else nn.MaxPool3d(2)
+        c = self.config = config
+        widths = [c.base_channels * 2 ** i for i in range(c.depth)]  # channels: doubled per level
+        self.stem = nn.Conv3d(c.in_channels, widths[0], 3, padding=1, bias=False)
+        # Level i >= 1 starts by halving the grid: a stride-2 convolution that doubles the
+        # channels too, or (the seed's way) max pooling, after which the level's block doubles them.
+        pooled = c.downsample == "maxpool"
+        self.down = nn.ModuleList([nn.MaxPool3d(2) if pooled else DownConv(widths[i - 1], widths[i])
                                    for i in range(1, c.depth)])
-        first = (lambda i: widths[i]) if conv_down else (lambda i: widths[i - 1])
-        self.encoder = nn.ModuleList(
-            [nn.Identity() if c.light_levels else ResidualBlock(widths[0], widths[0], c.dropout)]
-            + [ConvBlock(first(i), widths[i]) if i < c.light_levels
-               else ResidualBlock(first(i), widths[i], c.dropout) for i in range(1, c.depth - 1)]
-        )
-        self.bottleneck = nn.Sequential(ResidualBlock(first(c.depth - 1), widths[-1], c.dropout),
+        entering = [widths[i - 1] if pooled and i else widths[i] for i in range(c.depth)]
+        self.encoder = nn.ModuleList([self._encoder_block(i, entering[i], widths[i])
+                                      for i in range(c.depth - 1)])
+        self.bottleneck = nn.Sequential(ResidualBlock(entering[-1], widths[-1], c.dropout),
                                         ResidualBlock(widths[-1], widths[-1], c.dropout))
-        self.decoder = nn.ModuleList(
-            [UpBlock(widths[i + 1], widths[i], widths[i], c.dropout, light=i < c.light_levels,
-                     kernel_size=c.top_kernel if i == 0 else 3)
-             for i in reversed(range(c.depth - 1))]
-        )
+        # The decoder runs from the coarsest level up: decoder[0] upsamples the bottleneck.
+        self.decoder = nn.ModuleList([UpBlock(widths[i + 1], widths[i], widths[i], c.dropout,
+                                              light=i < c.light_levels,
+                                              kernel_size=c.top_kernel if i == 0 else 3)
+                                      for i in reversed(range(c.depth - 1))])
         top = widths[0] if c.top_kernel else 2 * widths[0]  # no top convolution: the concatenation
         self.final_norm = nn.Sequential(_norm(top), _act())
-        self.head = Conv3d(top, c.num_classes, 1)
-        # Deep supervision: 1x1x1 segmentation layers on coarser decoder levels.
+        self.head = nn.Conv3d(top, c.num_classes, 1)
+        # Deep supervision: 1x1x1 segmentation layers on the coarser decoder levels, coarsest first.
         self.aux_heads = nn.ModuleList(
-            [Conv3d(widths[i], c.num_classes, 1) for i in reversed(range(1, c.depth - 1))]
+            [nn.Conv3d(widths[i], c.num_classes, 1) for i in reversed(range(1, c.depth - 1))]
         ) if c.deep_supervision else None
+
+    def _encoder_block(self, level: int, in_channels: int, out_channels: int) -> nn.Module:
+        """A residual block; at a light level one convolution (at full resolution none: the stem)."""
+        if level >= self.config.light_levels:
+            return ResidualBlock(in_channels, out_channels, self.config.dropout)
+        return nn.Identity() if level == 0 else ConvBlock(in_channels, out_channels)
 
     @property
     def divisor(self) -> int:
@@ -301,23 +253,32 @@ class ResUNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        # Encoder: each level's output is kept for the skip connection of the same level.
         h = self.stem(x)
         skips = []
         for i, block in enumerate(self.encoder):
-            h = block(h if i == 0 else self.down[i - 1](h))
+            if i > 0:
+                h = self.down[i - 1](h)  # halve the grid
+            h = block(h)
             skips.append(h)
+        # Bottleneck: the coarsest grid, where every voxel sees the most context.
         h = self.bottleneck(self.down[-1](h))
-        seg = None
+        # Decoder: upsample, concatenate the skip, mix; the coarse heads' scores are summed on the way.
+        deep = None
         for j, up in enumerate(self.decoder):
             h = up(h, skips[-1 - j])
             if self.aux_heads is not None and j < len(self.aux_heads):
-                s = self.aux_heads[j](h)
-                seg = s if seg is None else s + F.interpolate(seg, size=s.shape[2:], mode="trilinear",
-                                                              align_corners=False)
-        out = self.head(self.final_norm(h))
-        if seg is not None:
-            out = out + F.interpolate(seg, size=out.shape[2:], mode="trilinear", align_corners=False)
+                scores = self.aux_heads[j](h)
+                deep = scores if deep is None else scores + _upsample(deep, scores)
+        out = self.head(self.final_norm(h))  # one score per class and voxel
+        if deep is not None:
+            out = out + _upsample(deep, out)  # deep supervision: the coarse scores join the output
         return out
+
+
+def _upsample(scores: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``scores`` resized (trilinear) to the grid of ``like``."""
+    return F.interpolate(scores, size=like.shape[2:], mode="trilinear", align_corners=False)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -24,6 +24,7 @@ from . import BEST_NAME, LAST_NAME, NUM_CLASSES, HipsegError
 from .augment import RandomPatch, augmentation_named
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .cpu_kernels import use_cpu_kernels
 from .data import SegmentationDataset, TrainingBatches, TrainingSet, load_split_volumes
 from .loss import DiceCELoss
 from .metrics import dice_per_class
@@ -305,6 +306,8 @@ def _build(run: _Run) -> None:
     the loss: on ``run``."""
     cfg = run.cfg
     model = ResUNet3D(cfg.model).to(run.device)
+    if run.device.type == "cpu":
+        use_cpu_kernels(model)  # the same layers, faster kernels (cpu_kernels.py)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -37,7 +37,7 @@ def test_networks_train_in_turns_of_the_same_budget(tmp_path, tiny_synth):
 def test_monai_with_hipseg_convolutions_is_the_same_network(monkeypatch):
     import torch
 
-    from hipseg_lib.model import Conv3d
+    from hipseg_lib.cpu_kernels import CPUConv3d
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_models
@@ -47,7 +47,7 @@ def test_monai_with_hipseg_convolutions_is_the_same_network(monkeypatch):
     net = bench_models._monai(base, 4, 3).eval()
     x = torch.randn(1, 1, 16, 16, 8)
     before = net(x)
-    bench_models.with_hipseg_convolutions(net)
+    bench_models.use_cpu_kernels(net)
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
-    assert convs and all(type(m) is Conv3d for m in convs)
+    assert convs and all(type(m) is CPUConv3d for m in convs)
     assert torch.allclose(net(x), before, atol=1e-5)

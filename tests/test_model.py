@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from hipseg_lib.loss import DiceCELoss
-from hipseg_lib.model import Conv3d, ConvBlock, ModelConfig, ResidualBlock, ResUNet3D, count_parameters, layer_table
+from hipseg_lib.cpu_kernels import CPUConv3d, use_cpu_kernels, use_torch_kernels
+from hipseg_lib.model import ConvBlock, ModelConfig, ResidualBlock, ResUNet3D, count_parameters, layer_table
 
 
 @pytest.mark.parametrize("depth, shape", [(2, (8, 8, 4)), (3, (16, 16, 8)), (4, (32, 16, 8))])
@@ -147,8 +148,8 @@ def test_without_a_top_convolution_the_head_reads_the_concatenation():
                                                                           top_kernel=1)))
 
 
-def _same_as_nn_conv(conv: Conv3d, x: torch.Tensor) -> None:
-    """Output, input gradient and weight gradient of hipseg's Conv3d are nn.Conv3d's."""
+def _same_as_nn_conv(conv: CPUConv3d, x: torch.Tensor) -> None:
+    """Output, input gradient and weight gradient of hipseg's CPUConv3d are nn.Conv3d's."""
     ref = torch.nn.Conv3d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                           bias=conv.bias is not None)
     ref.load_state_dict(conv.state_dict())  # the same parameters, the same checkpoint keys
@@ -163,13 +164,13 @@ def _same_as_nn_conv(conv: Conv3d, x: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_conv3d_computes_what_nn_conv3d_does(batch):
+def test_cpu_conv3d_computes_what_nn_conv3d_does(batch):
     torch.manual_seed(0)
-    _same_as_nn_conv(Conv3d(8, 3, 1), torch.randn(batch, 8, 6, 4, 5))  # 1x1x1 with a bias: matrix products
-    _same_as_nn_conv(Conv3d(16, 16, 3, padding=1, bias=False), torch.randn(batch, 16, 8, 8, 6))
-    _same_as_nn_conv(Conv3d(4, 8, 3, stride=2, padding=1, bias=False), torch.randn(batch, 4, 8, 8, 6))
+    _same_as_nn_conv(CPUConv3d(8, 3, 1), torch.randn(batch, 8, 6, 4, 5))  # 1x1x1 with a bias: matrix products
+    _same_as_nn_conv(CPUConv3d(16, 16, 3, padding=1, bias=False), torch.randn(batch, 16, 8, 8, 6))
+    _same_as_nn_conv(CPUConv3d(4, 8, 3, stride=2, padding=1, bias=False), torch.randn(batch, 4, 8, 8, 6))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the dtype is nn.Conv3d's under autocast too
-        assert Conv3d(8, 3, 1)(torch.randn(batch, 8, 4, 4, 4)).dtype == torch.bfloat16
+        assert CPUConv3d(8, 3, 1)(torch.randn(batch, 8, 4, 4, 4)).dtype == torch.bfloat16
 
 
 def _kernels(layer: torch.nn.Module, x: torch.Tensor) -> set[str]:
@@ -180,24 +181,24 @@ def _kernels(layer: torch.nn.Module, x: torch.Tensor) -> set[str]:
     return {e.key for e in prof.key_averages()}
 
 
-def test_conv3d_keeps_a_single_fp32_volume_in_onednn_and_does_1x1x1_as_products():
+def test_cpu_conv3d_keeps_a_single_fp32_volume_in_onednn_and_does_1x1x1_as_products():
     x = torch.randn(1, 48, 16, 16, 12)  # a deep level of the cpu preset: 48 * 16 * 16 <= 20480
     plain = torch.nn.Conv3d(48, 48, 3, padding=1, bias=False)
-    ours = Conv3d(48, 48, 3, padding=1, bias=False)
-    # PyTorch's own rule sends this to its native kernel (what Conv3d exists to avoid) ...
+    ours = CPUConv3d(48, 48, 3, padding=1, bias=False)
+    # PyTorch's own rule sends this to its native kernel (what CPUConv3d exists to avoid) ...
     assert "aten::slow_conv3d_forward" in _kernels(plain, x)
     kernels = _kernels(ours, x)
     assert "aten::slow_conv3d_forward" not in kernels and "aten::mkldnn_convolution" in kernels
     # ... and a batch of two to oneDNN already.
     assert "aten::mkldnn_convolution" in _kernels(plain, torch.randn(2, 48, 16, 16, 12))
-    # The threshold hipseg copies from PyTorch (model._NATIVE_BELOW), at its edge: N*C*D*H = 20480
+    # The threshold hipseg copies from PyTorch (cpu_kernels._NATIVE_BELOW), at its edge: N*C*D*H = 20480
     # still goes native (and hipseg moves it), one more row of H goes to oneDNN by itself.
     edge, past = torch.randn(1, 40, 16, 32, 4), torch.randn(1, 40, 16, 33, 4)
-    plain, ours = torch.nn.Conv3d(40, 8, 3, padding=1), Conv3d(40, 8, 3, padding=1)
+    plain, ours = torch.nn.Conv3d(40, 8, 3, padding=1), CPUConv3d(40, 8, 3, padding=1)
     assert "aten::slow_conv3d_forward" in _kernels(plain, edge)
     assert "aten::slow_conv3d_forward" not in _kernels(plain, past)
     assert "aten::slow_conv3d_forward" not in _kernels(ours, edge)
-    head = _kernels(Conv3d(24, 6, 1), torch.randn(1, 24, 16, 16, 12))
+    head = _kernels(CPUConv3d(24, 6, 1), torch.randn(1, 24, 16, 16, 12))
     assert "aten::mm" in head and not any("convolution" in k for k in head)
 
 
@@ -205,10 +206,50 @@ def test_conv3d_keeps_a_single_fp32_volume_in_onednn_and_does_1x1x1_as_products(
                                     ModelConfig(base_channels=4, depth=4, deep_supervision=True, light_levels=2,
                                                 top_kernel=0),
                                     ModelConfig(base_channels=4, depth=3, downsample="maxpool", light_levels=0)])
-def test_every_convolution_is_hipsegs_conv3d(config):
-    """model.Conv3d's CPU kernels apply to the whole network: no plain nn.Conv3d is left."""
-    convs = [m for m in ResUNet3D(config).modules() if isinstance(m, nn.Conv3d)]
-    assert convs and all(type(m) is Conv3d for m in convs), {type(m).__name__ for m in convs}
+def test_cpu_kernels_swapped_into_a_network_change_no_result(config):
+    """The network is written with plain nn.Conv3d; use_cpu_kernels swaps CPUConv3d into every one of
+    them, and the network then gives the same outputs and gradients (and back again)."""
+    torch.manual_seed(0)
+    plain = ResUNet3D(config)
+    convs = [m for m in plain.modules() if isinstance(m, nn.Conv3d)]
+    assert convs and all(type(m) is nn.Conv3d for m in convs), "the definition uses torch.nn.Conv3d"
+    fast = ResUNet3D(config)
+    fast.load_state_dict(plain.state_dict())
+    assert use_cpu_kernels(fast) is fast
+    assert all(type(m) is CPUConv3d for m in fast.modules() if isinstance(m, nn.Conv3d))
+    assert list(fast.state_dict()) == list(plain.state_dict()), "the same checkpoint keys"
+    x = torch.randn(1, 1, 16, 16, 8)
+    grads = []
+    for net in (plain, fast):
+        xi = x.clone().requires_grad_()
+        y = net(xi)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        grads.append([y.detach(), xi.grad, torch.cat([p.grad.ravel() for p in net.parameters()])])
+    for a, b in zip(*grads):  # (a gradient that is zero but for rounding is judged on the scale of all)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+    use_torch_kernels(fast)
+    assert all(type(m) is nn.Conv3d for m in fast.modules() if isinstance(m, nn.Conv3d))
+
+
+def test_training_and_prediction_run_the_cpu_kernels(tiny_synth, tmp_path):
+    """A fp32 training run on the CPU computes its convolutions with CPUConv3d's kernels, and a
+    checkpoint loaded on the CPU predicts with them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hipseg_lib.checkpoint import load_model
+    from hipseg_lib.config import make_config
+    from hipseg_lib.train import train
+
+    cfg = make_config("smoke", target_shape=(16, 16, 8), base_channels=4, depth=3, epochs=1, batch_size=1,
+                      amp="off", device="cpu", augment=False)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = train(cfg, tiny_synth, tmp_path / "run", progress=False, log=lambda s: None)
+    kernels = {e.key for e in prof.key_averages()}
+    # the 1x1x1 head as matrix products (nothing else in a step multiplies matrices), the
+    # single-volume 3x3x3 convolutions in oneDNN
+    assert "aten::mm" in kernels and "aten::mkldnn_convolution" in kernels
+    net = load_model(result.best_path, "cpu").network
+    assert all(type(m) is CPUConv3d for m in net.modules() if isinstance(m, nn.Conv3d))
 
 
 def test_a_checkpoint_of_the_seeds_design_predicts(tmp_path):
