@@ -90,7 +90,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = _train_config(a)
     result = train(cfg, data, a.out, resume=a.resume, progress=not a.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"best checkpoint: {result.best_path}  last: {result.last_path}  ({result.stopped_because})")
+        best = f"best checkpoint: {result.best_path}" if result.best_path else "no validation, no best checkpoint"
+        print(f"{best}  last: {result.last_path}  ({result.stopped_because})")
     return 0
 
 

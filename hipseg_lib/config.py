@@ -64,7 +64,9 @@ class TrainConfig:
         max_minutes: a safety net on training time; 0 = no limit. When the epochs measured so far
             show that the planned ones will not fit, the run is shortened to the epochs that do,
             and the learning rate decays to zero over that shorter run; the log says so loudly.
-        val_every: validate every N epochs.
+        val_every: validate every N epochs (and always the run's last epoch).
+        save_every_epoch: write ``last.pth`` after every epoch; otherwise after each validation and at
+            the stop (a resumed run repeats at most the epochs since).
         data_on: where the training volumes live during the run (:class:`~hipseg_lib.data.TrainingSet`):
             "auto" (the training device when they take at most a quarter of its free memory, else
             the host), "device" or "host". Batches are augmented on the training device either way.
@@ -102,6 +104,7 @@ class TrainConfig:
     patience: int = 0
     max_minutes: float = 0.0
     val_every: int = 1
+    save_every_epoch: bool = False
     data_on: str = "auto"
     cache_dir: str | None = None
 

@@ -174,6 +174,14 @@ class Dist:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order (``[obj]`` in one process)."""
+        if not self.enabled:
+            return [obj]
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def min_int(self, value: int) -> int:
         """The smallest of every rank's ``value`` (so that all ranks take the same decision)."""
         if not self.enabled:

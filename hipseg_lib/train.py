@@ -31,9 +31,10 @@ from .metrics import dice_per_class
 from .model import ModelConfig, ResUNet3D
 from .preprocess import Preprocessing
 from .runs import check_run_folder, prepare_run_folder, write_log
-from .runtime import CompiledOrEager, Dist, autocast_for, resolve_device, seed_everything
+from .runtime import Autocast, CompiledOrEager, Dist, autocast_for, resolve_device, seed_everything
 
-__all__ = ["train", "TrainResult", "PolySchedule", "time_limited_epochs", "early_stop_reason"]
+__all__ = ["train", "TrainResult", "TrainingStep", "NonFiniteLoss", "PolySchedule", "time_limited_epochs",
+           "early_stop_reason"]
 
 
 @dataclass
@@ -46,6 +47,60 @@ class TrainResult:
     stopped_because: str = ""
     best_val_dice: list[float] | None = None
     seconds: float = 0.0
+
+
+class NonFiniteLoss(HipsegError):
+    """The training loss became NaN or infinite: the run stops, its checkpoints keep the last finite state."""
+
+
+@dataclass
+class TrainingStep:
+    """One optimisation step on one batch: what :func:`train` runs for every batch.
+
+    Args:
+        network: maps images ``(N, 1, X, Y, Z)`` to class scores ``(N, C, X, Y, Z)`` (the network, or
+            its compiled or DistributedDataParallel wrapper).
+        loss_fn: e.g. :class:`~hipseg_lib.loss.DiceCELoss`.
+        optimizer: holds the parameters it updates (e.g. Adam).
+        precision: the forward pass's autocast (:func:`~hipseg_lib.runtime.autocast_for`); fp32 by default.
+        grad_clip: the largest gradient norm allowed (0: no clipping).
+        scaler: fp16's gradient scaler (None: none; bf16 and fp32 need none).
+
+    Example:
+        >>> net = torch.nn.Conv3d(1, 2, 1)
+        >>> step = TrainingStep(net, torch.nn.CrossEntropyLoss(), torch.optim.SGD(net.parameters(), lr=0.1))
+        >>> loss = step(torch.randn(1, 1, 2, 2, 2), torch.zeros(1, 2, 2, 2, dtype=torch.long))
+        >>> loss.shape
+        torch.Size([])
+    """
+
+    network: Callable[[torch.Tensor], torch.Tensor]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    precision: Autocast = field(default_factory=lambda: autocast_for(torch.device("cpu"), "off"))
+    grad_clip: float = 0.0
+    scaler: torch.amp.GradScaler | None = None
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Update the parameters once; returns the batch's loss (on the device, not read back)."""
+        with self.precision.context:
+            logits = self.network(image)             # forward: class scores per voxel
+        loss = self.loss_fn(logits, label)           # Dice + cross-entropy, computed in fp32
+        self.optimizer.zero_grad(set_to_none=True)   # forget the previous step's gradients
+        if self.scaler is None:
+            loss.backward()                          # backward: the gradient of every weight
+        else:
+            self.scaler.scale(loss).backward()       # fp16: scaled, so small gradients survive
+            self.scaler.unscale_(self.optimizer)
+        if self.grad_clip > 0:                       # shorten a too-long gradient vector
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        if self.scaler is None:
+            self.optimizer.step()                    # Adam moves every weight
+        else:
+            self.scaler.step(self.optimizer)         # (skipped when fp16 overflowed)
+            self.scaler.update()
+        return loss.detach()
 
 
 def early_stop_reason(val_dice: np.ndarray, since_best: int, threshold: float, patience: int) -> str:
@@ -203,6 +258,7 @@ class _Run:
     opt: torch.optim.Optimizer | None = None
     sched: "PolySchedule | None" = None
     scaler: torch.amp.GradScaler | None = None
+    step: TrainingStep | None = None
 
     @property
     def reduce_device(self) -> torch.device:
@@ -264,9 +320,13 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathL
             run.net = torch.nn.parallel.DistributedDataParallel(
                 run.model, device_ids=[device.index] if device.type == "cuda" else None)
         run.step_net = CompiledOrEager(run.net, cfg.compile)
+        run.step = TrainingStep(run.step_net, run.loss_fn, run.opt, autocast_for(device, cfg.amp), cfg.grad_clip,
+                                run.scaler if run.scaler.is_enabled() else None)
         _announce(run)
         stop = _epochs(run, val_loader, progress)
         result.history, result.stopped_because = run.history, stop
+        if not result.best_path.exists():  # no validation happened: say so, name no file
+            result.best_path = None
         result.best_val_dice = run.best_dice
         result.seconds = time.perf_counter() - t_start
         return result
@@ -344,13 +404,25 @@ def _restore(run: _Run) -> None:
     run.best_score = float(ck.get("best_score", -math.inf))
     run.since_best = int(ck.get("since_best", 0))
     run.best_dice = ck.get("best_val_dice")
-    if "torch_rng" in ck:
-        torch.set_rng_state(ck["torch_rng"])
+    _restore_rng(run, ck)
     cfg = run.cfg
     if int(ck.get("planned_epochs", cfg.epochs)) != cfg.epochs and run.start_epoch < cfg.epochs:
         # A run the time limit shortened: carry on to the planned end, decaying over the rest.
         run.sched.replan((cfg.epochs - run.start_epoch) * run.steps_per_epoch)
     run.say(f"resumed from {path} at epoch {run.start_epoch + 1}")
+
+
+def _restore_rng(run: _Run, ck: dict) -> None:
+    """Each process takes back its own random state (CPU, and CUDA on a GPU) from the checkpoint."""
+    states = ck.get("rng_states") or ([{"cpu": ck["torch_rng"], "cuda": None}] if "torch_rng" in ck else [])
+    if len(states) != run.dist.world:
+        run.say(f"WARNING: the checkpoint holds the random states of {len(states)} process(es), this run has "
+                f"{run.dist.world}: dropout and other random draws will not repeat the interrupted run")
+        return
+    mine = states[run.dist.rank]
+    torch.set_rng_state(mine["cpu"])
+    if mine.get("cuda") is not None and run.device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda"], run.device)
 
 
 def _announce(run: _Run) -> None:
@@ -366,7 +438,8 @@ def _announce(run: _Run) -> None:
 
 def _epochs(run: _Run, val_loader, progress) -> str:
     """The epochs from ``run.start_epoch``: train, validate, re-plan for the time limit, save, log.
-    Returns why the run stopped."""
+    Returns why the run stopped. The run's last epoch is always validated, however it ends (as
+    planned, shortened by the time limit, or by a stopping rule), so its best checkpoint exists."""
     cfg = run.cfg
     # One bar for the whole run (its ETA is the run's) where someone watches it live; in the
     # executed book (plain progress) the one line per epoch, with its ETA, says the same.
@@ -384,16 +457,24 @@ def _epochs(run: _Run, val_loader, progress) -> str:
             bar.total = (run.planned - run.start_epoch) * run.steps_per_epoch
             bar.set_description(f"epoch {epoch + 1}/{run.planned}")
         record = {"epoch": epoch + 1, **_train_epoch(run, epoch, bar)}
+        validated = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
         improved = False
-        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+        if validated:
             improved, stop = _score(run, record, _validate(run.net, val_loader, run))
         record["wall_seconds"] = time.perf_counter() - t_wall
         run.history.append(record)
         limit = _replan(run, epoch)
+        if limit and not validated:  # the shortened run ends here: its last weights are a candidate
+            improved, _ = _score(run, record, _validate(run.net, val_loader, run))
+            validated = True
+            record["wall_seconds"] = time.perf_counter() - t_wall
         stop = stop or limit
         record["planned_epochs"] = run.planned
+        _check_weights(run, epoch)
+        write_last = validated or bool(stop) or cfg.save_every_epoch
+        rng_states = run.dist.gather(_rng_state(run.device)) if write_last else None  # every rank's
         if run.dist.main:
-            _save(run, record, improved, stop)
+            _save(run, record, improved, stop, rng_states)
             _log_epoch(run, epoch, record)
         if stop:
             break
@@ -406,45 +487,74 @@ def _epochs(run: _Run, val_loader, progress) -> str:
 
 
 def _train_epoch(run: _Run, epoch: int, bar) -> dict:
-    """One pass over the epoch's training batches; the epoch's record (loss summed over ranks,
-    timings: ``data_fraction`` is the share of the epoch spent drawing and augmenting batches)."""
-    opt, sched, scaler = run.opt, run.sched, run.scaler
-    cfg, device = run.cfg, run.device
-    t_epoch = time.perf_counter()
-    data_s, losses = 0.0, []
+    """One pass over the epoch's training batches (:class:`TrainingStep` on each); the epoch's record.
+
+    The losses stay on the device and are read once, at the end of the epoch (no host
+    synchronisation per step). A NaN or infinite loss on any process stops the run with
+    :class:`NonFiniteLoss`, before anything is saved. ``data_fraction`` is the share of the epoch
+    spent drawing and augmenting batches (timed with CUDA events on a GPU)."""
+    device, n = run.device, run.steps_per_epoch
+    timer = _Timer(device)
+    losses = torch.zeros(n, dtype=torch.float32, device=device)
     it = run.batches.epoch(epoch)
-    for _ in range(run.steps_per_epoch):
-        t0 = time.perf_counter()
+    for k in range(n):
+        mark = timer.mark()
         image, label = next(it)
         image = run.to_device(image)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        data_s += time.perf_counter() - t0
-        with autocast_for(device, cfg.amp).context:
-            logits = run.step_net(image)
-        loss = run.loss_fn(logits, label)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        losses.append(loss.item())
+        timer.data_done(mark)
+        losses[k] = run.step(image, label)
+        run.sched.step()
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    epoch_s = time.perf_counter() - t_epoch
-    total = run.dist.sum(torch.tensor([float(np.sum(losses)), float(len(losses))], device=run.reduce_device)).cpu()
-    record = {"loss": float(total[0] / total[1]), "lr": opt.param_groups[0]["lr"], "epoch_seconds": epoch_s,
-              "step_seconds": epoch_s / run.steps_per_epoch, "data_fraction": data_s / epoch_s,
-              "steps": run.steps_per_epoch, "world_size": run.dist.world, "steps_all_ranks": int(total[1])}
+            if k % 20 == 19 or k == n - 1:  # an occasional read of the loss, for the bar only
+                bar.set_postfix(loss=f"{losses[max(0, k - 9):k + 1].mean().item():.3f}")
+    epoch_s, data_s = timer.finish()
+    per_step = run.dist.sum(losses.to(run.reduce_device))  # every rank sees every rank's losses
+    bad = (~torch.isfinite(per_step)).nonzero()
+    if len(bad):
+        raise NonFiniteLoss(f"the training loss became {per_step[int(bad[0])].item()} at epoch {epoch + 1}, "
+                            f"step {int(bad[0]) + 1} of {n}; stopped, and the checkpoints keep the last "
+                            "finite state (a lower lr, grad_clip > 0 or amp=off may help)")
+    total = float(per_step.sum()) / run.dist.world
+    record = {"loss": total / n, "lr": run.opt.param_groups[0]["lr"], "epoch_seconds": epoch_s,
+              "step_seconds": epoch_s / n, "data_fraction": data_s / epoch_s,
+              "steps": n, "world_size": run.dist.world, "steps_all_ranks": n * run.dist.world}
     if device.type == "cuda":
         record["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return record
+
+
+class _Timer:
+    """An epoch's wall time and the part of it spent drawing batches: ``perf_counter`` on a CPU, CUDA
+    events on a GPU (recorded in the stream, read once at :meth:`finish`: no synchronisation per step)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.start = time.perf_counter()
+        self.data_s = 0.0
+        self.pairs: list = []
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def data_done(self, mark) -> None:
+        if not self.cuda:
+            self.data_s += time.perf_counter() - mark
+            return
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.pairs.append((mark, event))
+
+    def finish(self) -> tuple[float, float]:
+        """(seconds of the epoch, seconds drawing batches)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.data_s = sum(a.elapsed_time(b) for a, b in self.pairs) / 1000
+        return time.perf_counter() - self.start, self.data_s
 
 
 def _score(run: _Run, record: dict, val: np.ndarray) -> tuple[bool, str]:
@@ -481,17 +591,33 @@ def _replan(run: _Run, epoch: int) -> str:
     return ""
 
 
-def _save(run: _Run, record: dict, improved: bool, stop: str) -> None:
-    """``last.pth`` every epoch, ``new_model.pth`` when validation improved, then the log."""
+def _check_weights(run: _Run, epoch: int) -> None:
+    """Stop with :class:`NonFiniteLoss` when a weight is NaN or infinite (every rank holds the same
+    weights, so every rank stops), before anything is saved."""
+    finite = torch.stack([torch.isfinite(p.detach()).all() for p in run.model.parameters()]).all()
+    if not bool(finite):
+        raise NonFiniteLoss(f"the weights became NaN or infinite in epoch {epoch + 1}; stopped, and the "
+                            "checkpoints keep the last finite state (a lower lr or grad_clip > 0 may help)")
+
+
+def _rng_state(device: torch.device) -> dict:
+    """This process's random state: the CPU's and, on a GPU, the CUDA generator's (dropout draws there)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _save(run: _Run, record: dict, improved: bool, stop: str, rng_states: list | None) -> None:
+    """``new_model.pth`` when validation improved; ``last.pth`` when ``rng_states`` are given (at
+    validation epochs, at the stop, or every epoch with ``save_every_epoch``); the log every epoch."""
     opt, sched, scaler, model = run.opt, run.sched, run.scaler, run.model
     cfg = run.cfg
     extra = dict(train_config=cfg.to_dict(), epoch=record["epoch"] - 1, history=run.history,
                  best_score=run.best_score, since_best=run.since_best, best_val_dice=run.best_dice,
                  optimizer_state=opt.state_dict(), scheduler_state=sched.state_dict(),
                  scaler_state=scaler.state_dict() if scaler.is_enabled() else {},
-                 torch_rng=torch.get_rng_state(), metrics=record, planned_epochs=run.planned,
-                 stopped_because=stop)
-    save_checkpoint(run.out / LAST_NAME, model, cfg.model, cfg.preprocessing, **extra)
+                 rng_states=rng_states, metrics=record, planned_epochs=run.planned, stopped_because=stop)
+    if rng_states is not None:
+        save_checkpoint(run.out / LAST_NAME, model, cfg.model, cfg.preprocessing, **extra)
     if improved:
         save_checkpoint(run.out / BEST_NAME, model, cfg.model, cfg.preprocessing, **extra)
     write_log(run.out, run.history)
