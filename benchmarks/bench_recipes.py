@@ -2,10 +2,12 @@
 (a recipe is chosen on them, never on the test cases).
 
 The candidates differ in one thing each from the `cpu` preset (whole volumes at 64x64x48):
+each body crop resampled to one planned voxel spacing instead of resized to the grid ("spacing"),
 patches with foreground oversampling, a finer grid with patches. Every run uses the same seed,
-split and 12 epochs; the printed table gives validation Dice per class and training time.
+split and epochs; the printed table gives validation Dice and HD95 per foreground class (one
+plain pass: no mirroring, no post-processing) and training time.
 
-    .venv/bin/python benchmarks/bench_recipes.py [--amp off] [--recipes cpu patches fine-patches]
+    .venv/bin/python benchmarks/bench_recipes.py [--amp off] [--recipes cpu spacing patches fine-patches]
 
 About 5-10 minutes per recipe on 2 CPU cores.
 """
@@ -31,22 +33,27 @@ from hipseg_lib.train import train
 
 RECIPES = {
     "cpu": {},
+    "shape": dict(resample="shape"),
+    "spacing": dict(resample="spacing"),
     "patches": dict(patch_shape=(48, 48, 32), foreground_fraction=0.33, batch_size=2),
     "fine-patches": dict(target_shape=(96, 96, 64), patch_shape=(64, 64, 48), foreground_fraction=0.33),
 }
 
 
-def run(name: str, data: Path, amp: str | None, out: Path, epochs: int = 12) -> dict:
+def run(name: str, data: Path, amp: str | None, out: Path, epochs: int = 16) -> dict:
     cfg = make_config("cpu", amp=amp, max_minutes=0, epochs=epochs, **RECIPES[name])
     t = time.perf_counter()
     result = train(cfg, data, out / name, progress=False, log=lambda s: None)
     seconds = time.perf_counter() - t
     loaded = load_model(out / name / "new_model.pth")
     val = split_by_case(find_pairs(data).pairs, seed=cfg.split_seed)["val"]
-    rows = evaluate_pairs(loaded.network, loaded.preprocessing, val, torch.device("cpu"), window=loaded.window)
+    rows = evaluate_pairs(loaded.network, loaded.preprocessing, val, torch.device("cpu"), window=loaded.window,
+                          tta=False, postprocess=False)
     dice = np.nanmean([r["metrics"]["dice"] for r in rows], axis=0)
+    hd95 = np.nanmean([r["metrics"]["hd95"] for r in rows], axis=0)
     steps = sum(h["steps"] for h in result.history)
-    return {"recipe": name, "steps": steps, "minutes": seconds / 60, "dice": dice}
+    return {"recipe": name, "steps": steps, "minutes": seconds / 60, "dice": dice, "hd95": hd95,
+            "target_spacing": loaded.preprocessing.target_spacing}
 
 
 def main() -> int:
@@ -54,16 +61,20 @@ def main() -> int:
     p.add_argument("--data", default=None)
     p.add_argument("--amp", default=None, choices=("auto", "bf16", "off"), help="default: the preset's (auto)")
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    p.add_argument("--epochs", type=int, default=12, help="12 is the cpu preset's; fewer for a quick look")
+    p.add_argument("--epochs", type=int, default=16, help="16 is the cpu preset's; fewer for a quick look")
     a = p.parse_args()
     data = resolve_data_dir(a.data)
-    print("| recipe | steps | training (min) | " + " | ".join(CLASS_NAMES) + " | min |")
-    print("|---|---|---|" + "---|" * (len(CLASS_NAMES) + 1))
+    fg = CLASS_NAMES[1:]
+    print("| recipe | steps | training (min) | grid spacing (mm) | " + " | ".join(f"{n} Dice" for n in fg)
+          + " | mean Dice | " + " | ".join(f"{n} HD95" for n in fg) + " |")
+    print("|---|---|---|---|" + "---|" * (2 * len(fg) + 1))
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.recipes:
             r = run(name, data, a.amp, Path(tmp), a.epochs)
-            print(f"| {name} | {r['steps']} | {r['minutes']:.1f} | " + " | ".join(f"{d:.3f}" for d in r["dice"])
-                  + f" | {r['dice'].min():.3f} |", flush=True)
+            spacing = "x".join(f"{v:.2f}" for v in r["target_spacing"]) if r["target_spacing"] else "per scan"
+            print(f"| {name} | {r['steps']} | {r['minutes']:.1f} | {spacing} | "
+                  + " | ".join(f"{d:.3f}" for d in r["dice"][1:]) + f" | {np.mean(r['dice'][1:]):.3f} | "
+                  + " | ".join(f"{d:.1f}" for d in r["hd95"][1:]) + " |", flush=True)
     return 0
 
 

@@ -22,13 +22,13 @@ from torch.utils.data import Dataset
 from . import HipsegError
 from ._atomic import atomic_path
 from .io import Pair, VolumeId, find_pairs, load_pair
-from .preprocess import Preprocessing, preprocess_pair, reorient
+from .preprocess import Placement, Preprocessing, foreground_box, preprocess_pair, reorient
 from .runtime import available_bytes
 
 __all__ = [
     "split_by_case", "split_folder", "cases_of", "default_cache_dir", "CachedVolume", "cache_pairs",
     "load_split_volumes", "SegmentationDataset", "TrainingSet", "TrainingBatches", "preprocessing_workers",
-    "grid_spacing",
+    "plan_target_spacing", "with_planned_spacing",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -104,15 +104,26 @@ def default_cache_dir() -> Path:
 @dataclass(frozen=True)
 class CachedVolume:
     """A preprocessed pair on disk; ``spacing`` and ``original_shape`` are those of the volume
-    turned to the preprocessing orientation, ``box`` the body crop, before resizing."""
+    turned to the preprocessing orientation; ``placement`` says where its grid came from (the body
+    crop ``box``, its resampled shape and how it sits in the grid)."""
 
     id: VolumeId
     image: Path
     label: Path
     spacing: tuple[float, float, float]
     original_shape: tuple[int, int, int]
-    box: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+    placement: Placement
     pair: Pair
+
+    @property
+    def box(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """The body crop, in voxels of the oriented volume."""
+        return self.placement.box
+
+    @property
+    def grid_spacing(self) -> tuple[float, float, float]:
+        """Voxel size (mm) of the preprocessed grid."""
+        return self.placement.crop_spacing(self.spacing)
 
     def load(self, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
         mode = "r" if mmap else None
@@ -155,11 +166,11 @@ def _cache_one(pair: Pair, cfg: Preprocessing, stem: str) -> dict:
     image, label = load_pair(pair)
     turn = reorient(image.affine, cfg.orientation)
     img_arr, lab_arr = turn.apply(image.array), turn.apply(label.array)
-    img, lab, box = preprocess_pair(img_arr, lab_arr, cfg, name=str(pair.image))
+    spacing = turn.spacing(image.spacing)
+    img, lab, where = preprocess_pair(img_arr, lab_arr, cfg, spacing, name=str(pair.image))
     _save_npy_atomic(img_path, img)
     _save_npy_atomic(lab_path, lab)
-    meta = {"spacing": list(turn.spacing(image.spacing)), "original_shape": list(img_arr.shape),
-            "box": [list(b) for b in box]}
+    meta = {"spacing": list(spacing), "original_shape": list(img_arr.shape), "placement": where.to_dict()}
     with atomic_path(meta_path) as tmp:
         Path(tmp).write_text(json.dumps(meta))
     return meta
@@ -245,19 +256,8 @@ def cache_pairs(pairs: Sequence[Pair], cfg: Preprocessing, cache_dir: str | os.P
         meta = metas[n]
         out.append(CachedVolume(pair.id, Path(f"{stems[n]}_image.npy"), Path(f"{stems[n]}_label.npy"),
                                 tuple(meta["spacing"]), tuple(meta["original_shape"]),
-                                tuple(tuple(b) for b in meta["box"]), pair))
+                                Placement.from_dict(meta["placement"]), pair))
     return out
-
-
-def grid_spacing(spacing, box, shape) -> tuple[float, float, float]:
-    """Voxel size (mm) after preprocessing: the body crop ``box`` of a volume with ``spacing``,
-    resized to ``shape``.
-
-    Example:
-        >>> grid_spacing((1.0, 1.0, 2.0), ((0, 128), (0, 64), (0, 32)), (64, 64, 64))
-        (2.0, 1.0, 1.0)
-    """
-    return tuple(float(s) * (b - a) / n for s, (a, b), n in zip(spacing, box, shape))  # type: ignore[return-value]
 
 
 class SegmentationDataset(Dataset):
@@ -334,8 +334,7 @@ class TrainingSet:
 
     def spacing(self, i: int) -> tuple[float, float, float]:
         """Voxel size (mm) of volume ``i`` on the training grid (what rotations are made in)."""
-        v = self.volumes[i]
-        return grid_spacing(v.spacing, v.box, self.shape)
+        return self.volumes[i].grid_spacing
 
     def take(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (float32) and labels (int64) of ``indices`` on the training device."""
@@ -402,8 +401,63 @@ class TrainingBatches:
             yield self.batch(epoch, indices)
 
 
+def _crop_geometry(pair: Pair, cfg: Preprocessing) -> list[float]:
+    """The oriented spacing (mm) of ``pair``'s image and the extent (mm) of its body crop: six numbers."""
+    from .io import load_volume
+
+    image = load_volume(pair.image, "image")
+    turn = reorient(image.affine, cfg.orientation)
+    arr = turn.apply(image.array)
+    spacing = turn.spacing(image.spacing)
+    box = foreground_box(arr) if cfg.crop_foreground else tuple((0, n) for n in arr.shape)
+    return list(spacing) + [(b - a) * s for (a, b), s in zip(box, spacing)]
+
+
+def plan_target_spacing(pairs: Sequence[Pair], cfg: Preprocessing, cache_dir: str | os.PathLike | None = None,
+                        ) -> tuple[float, float, float]:
+    """The voxel size (mm) every body crop is resampled to with ``resample="spacing"``, planned from
+    the training ``pairs`` as nnU-Net plans it: their median spacing, made coarser along an axis where
+    the largest body crop (in mm) would not fit in ``cfg.target_shape`` voxels. No training scan is
+    then cut; a larger scan met later is cut at the grid's edge in training, never in prediction.
+    The plan is cached (the files, the settings and this code decide it).
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    h = hashlib.sha256()
+    for pair in pairs:
+        st = pair.image.stat()
+        h.update(f"{pair.image.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    h.update(json.dumps({k: v for k, v in cfg.to_dict().items() if k != "target_spacing"}, sort_keys=True).encode())
+    h.update(code_fingerprint().encode())
+    path = cache / f"spacing-plan_{h.hexdigest()[:16]}.json"
+    if path.exists():
+        return tuple(json.loads(path.read_text())["target_spacing"])  # type: ignore[return-value]
+    if not pairs:
+        raise HipsegError("cannot plan a target spacing without training scans")
+    rows = np.array([_crop_geometry(p, cfg) for p in pairs])
+    median, largest = np.median(rows[:, :3], axis=0), rows[:, 3:].max(axis=0)
+    spacing = tuple(round(float(max(m, e / n)), 3) for m, e, n in zip(median, largest, cfg.target_shape))
+    cache.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps({"target_spacing": spacing, "median_spacing": median.tolist(),
+                                         "largest_crop_mm": largest.tolist(), "scans": len(pairs)}))
+    return spacing  # type: ignore[return-value]
+
+
+def with_planned_spacing(cfg, data_dir: str | os.PathLike):
+    """``cfg`` (a ``TrainConfig``) with its ``target_spacing`` planned from the training cases of
+    ``data_dir`` (:func:`plan_target_spacing`), when it resamples to a spacing not planned yet;
+    otherwise ``cfg`` itself. Training stores the planned value in its checkpoints."""
+    prep = cfg.preprocessing
+    if prep.resample != "spacing" or prep.target_spacing is not None:
+        return cfg
+    train_pairs = split_folder(data_dir, cfg.split_seed)["train"]
+    return cfg.replace(target_spacing=plan_target_spacing(train_pairs, prep, cfg.cache_dir))
+
+
 def load_split_volumes(data_dir: str | os.PathLike, cfg, progress: bool = False) -> dict[str, list[CachedVolume]]:
     """:func:`split_folder` with ``cfg.split_seed``, each part preprocessed with ``cfg.preprocessing``
-    (cached): ``{"train": [...], "val": [...], "test": [...]}``. ``cfg`` is a ``TrainConfig``."""
+    (cached, its target spacing planned first where needed: :func:`with_planned_spacing`):
+    ``{"train": [...], "val": [...], "test": [...]}``. ``cfg`` is a ``TrainConfig``."""
+    cfg = with_planned_spacing(cfg, data_dir)
     return {name: cache_pairs(pairs, cfg.preprocessing, cfg.cache_dir, progress=progress)
             for name, pairs in split_folder(data_dir, cfg.split_seed).items()}

@@ -27,7 +27,7 @@ from scipy import ndimage
 from . import (BLADDER, BODY, CLASS_NAMES, DEFAULT_POSTPROCESS, DEFAULT_TTA, NUM_CLASSES, PROSTATE, RECTUM,
                HipsegError, __version__, first_line)
 from .io import Volume, constant_image_problem, is_nifti, load_volume, save_nifti_atomic
-from .preprocess import Preprocessing, preprocess_image, reorient, resize_linear
+from .preprocess import Preprocessing, preprocess_image, reorient, resize_linear, voxel_spacing
 
 __all__ = ["SINGLE_ORGANS", "EXPORT_FORMAT", "keep_largest_component", "labels_from_probabilities", "entropy",
            "window_starts", "gaussian_weight_array", "collect_inputs", "prediction_name", "probabilities_name",
@@ -333,7 +333,8 @@ def onnx_probabilities(model: OnnxModel, image: np.ndarray, affine: np.ndarray, 
     prep = model.preprocessing
     turn = reorient(affine, prep.orientation)
     arr = turn.apply(np.asarray(image, dtype=np.float32))
-    x, box = preprocess_image(arr, prep)
+    x, where = preprocess_image(arr, prep, turn.spacing(voxel_spacing(affine)), divisor=model.divisor)
+    box = where.box
     x = x[None, None]
     budget = memory_bytes if memory_bytes is not None else _available_memory() // 2
     patch = model.window
@@ -350,7 +351,7 @@ def onnx_probabilities(model: OnnxModel, image: np.ndarray, affine: np.ndarray, 
             logp = np.flip(logp, dims)
         acc = logp if acc is None else np.logaddexp(acc, logp)
         n += 1
-    logp = resize_linear((acc - math.log(n))[0], tuple(b - a for a, b in box))
+    logp = resize_linear(where.from_grid((acc - math.log(n))[0]), tuple(b - a for a, b in box))
     probs = np.exp(_log_softmax(logp, axis=0))
     full = np.zeros((probs.shape[0], *arr.shape), dtype=np.float32)
     full[0] = 1.0  # outside the body crop: background

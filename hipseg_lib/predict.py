@@ -28,7 +28,7 @@ from .model import ResUNet3D
 from .portable import (SINGLE_ORGANS, collect_inputs, entropy, gaussian_weight_array, keep_largest_component,
                        labels_from_probabilities, prediction_name, probabilities_name, window_starts,
                        write_predictions)
-from .preprocess import Preprocessing, preprocess_image, reorient
+from .preprocess import Preprocessing, preprocess_image, reorient, voxel_spacing
 from .runtime import available_bytes
 
 __all__ = ["predict_array", "predict_probabilities", "labels_from_probabilities", "sliding_window_logits",
@@ -127,14 +127,15 @@ def predict_probabilities(model: ResUNet3D, image: np.ndarray, affine: np.ndarra
     device = torch.device(device)
     turn = reorient(affine, preprocessing.orientation)
     arr = turn.apply(np.asarray(image, dtype=np.float32))
-    x, box = preprocess_image(arr, preprocessing)
+    x, where = preprocess_image(arr, preprocessing, turn.spacing(voxel_spacing(affine)), divisor=model.divisor)
     xt = torch.from_numpy(x)[None, None].to(device)
     budget = memory_bytes if memory_bytes is not None else available_bytes(device) // 2
     logp = _network_log_probabilities(model, xt, budget, FLIP_AXES if tta else (), window)
     # Resizing log-probabilities then normalising equals resizing the logits (a per-voxel shift
     # does not change a softmax), so plain inference is unchanged by averaging in probability.
+    box = where.box
     crop_shape = tuple(b - a for a, b in box)
-    logp = F.interpolate(logp, size=crop_shape, mode="trilinear", align_corners=False)
+    logp = F.interpolate(where.from_grid(logp), size=crop_shape, mode="trilinear", align_corners=False)
     probs = torch.softmax(logp, 1)[0].cpu().numpy()
     del logp
     full = np.zeros((probs.shape[0], *arr.shape), dtype=np.float32)

@@ -1,7 +1,10 @@
-"""Preprocessing: orientation, cropping to the body, robust intensity normalisation, resizing.
+"""Preprocessing: orientation, cropping to the body, robust intensity normalisation, and the
+network's grid: each body crop either resized to one shape, or resampled to one voxel spacing in
+millimetres and padded (or cut) to that shape, keeping the anatomy's proportions.
 
 The same :class:`Preprocessing` is stored in every checkpoint, so prediction applies
-exactly what training saw.
+exactly what training saw; a :class:`Placement` says where a grid came from in its scan, so that a
+prediction can be put back on the scan's own voxels.
 """
 from __future__ import annotations
 
@@ -14,9 +17,13 @@ from scipy import ndimage
 from . import HipsegError
 
 __all__ = ["Preprocessing", "normalise_intensity", "resize_image", "resize_linear", "resize_label",
-           "foreground_box", "crop",
-           "preprocess_image", "preprocess_pair",
-           "Reorientation", "reorient"]
+           "foreground_box", "crop", "Placement", "place", "resampled_shape", "voxel_spacing",
+           "preprocess_image", "preprocess_pair", "Reorientation", "reorient", "RESAMPLING"]
+
+# How a body crop reaches the network's grid: "shape" resizes every crop to ``target_shape`` (each
+# scan then has its own millimetres per voxel); "spacing" resamples every crop to one
+# ``target_spacing`` and pads or cuts it, centred, to ``target_shape`` (nnU-Net's way).
+RESAMPLING = ("shape", "spacing")
 
 
 @dataclass(frozen=True)
@@ -24,12 +31,16 @@ class Preprocessing:
     """Preprocessing settings.
 
     Args:
-        target_shape: grid (x, y, z) every volume is resized to.
+        target_shape: the network's grid (x, y, z).
         clip_percentiles: intensities are clipped to these percentiles before z-scoring.
         crop_foreground: crop each volume to the body's bounding box (found from the image
             alone) before resizing, so the target grid is spent on the patient, not on air.
         orientation: voxel-axis codes every volume is turned to first (HipMRI is stored LPS),
             so a scan stored in another orientation reaches the network the same way.
+        resample: ``"shape"``: each body crop is resized to ``target_shape``; ``"spacing"``: it is
+            resampled to ``target_spacing`` and padded or cut (centred) to ``target_shape``.
+        target_spacing: voxel size in mm (x, y, z) of the grid for ``resample="spacing"``, planned
+            from the training set (:func:`hipseg_lib.data.plan_target_spacing`); None until then.
 
     Example:
         >>> Preprocessing(target_shape=(64, 64, 32)).to_dict()["target_shape"]
@@ -40,6 +51,8 @@ class Preprocessing:
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     crop_foreground: bool = True
     orientation: str = "LPS"
+    resample: str = "shape"
+    target_spacing: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(int(s) for s in self.target_shape)
@@ -56,11 +69,19 @@ class Preprocessing:
             raise ValueError(f"orientation must be three axis codes such as 'LPS', got {self.orientation!r}") from None
         if len(self.orientation) != 3:
             raise ValueError(f"orientation must be three axis codes such as 'LPS', got {self.orientation!r}")
+        if self.resample not in RESAMPLING:
+            raise ValueError(f"resample must be one of {', '.join(RESAMPLING)}, got {self.resample!r}")
+        if self.target_spacing is not None:
+            spacing = tuple(float(v) for v in self.target_spacing)
+            if len(spacing) != 3 or min(spacing) <= 0:
+                raise ValueError(f"target_spacing must be three sizes in mm > 0, got {self.target_spacing}")
+            object.__setattr__(self, "target_spacing", spacing)
 
     def to_dict(self) -> dict:
         """Plain JSON values (lists, not tuples): what a checkpoint stores."""
         d = asdict(self)
         d["target_shape"], d["clip_percentiles"] = list(self.target_shape), list(self.clip_percentiles)
+        d["target_spacing"] = list(self.target_spacing) if self.target_spacing is not None else None
         return d
 
     @classmethod
@@ -183,19 +204,118 @@ def crop(array: np.ndarray, box: Box) -> np.ndarray:
     return array[tuple(slice(a, b) for a, b in box)]
 
 
-def preprocess_image(image: np.ndarray, cfg: Preprocessing, name: str = "image") -> tuple[np.ndarray, Box]:
-    """Crop to the body (if ``cfg.crop_foreground``), normalise and resize; returns the array and its box."""
+def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """The voxel size in mm along each array axis: the length of each column of the affine.
+
+    Example:
+        >>> voxel_spacing(np.diag([-2.0, -2.0, 3.0, 1.0]))
+        (2.0, 2.0, 3.0)
+    """
+    return tuple(float(v) for v in np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0)))  # type: ignore
+
+
+def resampled_shape(shape, spacing, target_spacing) -> tuple[int, int, int]:
+    """The shape of an array of ``shape`` voxels of ``spacing`` mm, resampled to ``target_spacing``:
+    the same extent in mm, rounded to whole voxels.
+
+    Example:
+        >>> resampled_shape((100, 100, 40), (1.0, 1.0, 4.0), (2.0, 2.0, 2.0))
+        (50, 50, 80)
+    """
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing))  # type: ignore
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a preprocessed grid came from: the body crop ``box`` in the (reoriented) scan, the
+    crop's shape once resampled (``resampled``), and where that sits in the ``grid``: from
+    ``offset`` on, centred (a negative offset: that many voxels were cut at the start)."""
+
+    box: Box
+    resampled: tuple[int, int, int]
+    grid: tuple[int, int, int]
+
+    @property
+    def offset(self) -> tuple[int, int, int]:
+        return tuple((g - r) // 2 for g, r in zip(self.grid, self.resampled))  # type: ignore[return-value]
+
+    @property
+    def cut(self) -> tuple[int, int, int]:
+        """Voxels of the resampled crop that did not fit in the grid, per axis (0: nothing cut)."""
+        return tuple(max(0, r - g) for r, g in zip(self.resampled, self.grid))  # type: ignore[return-value]
+
+    def crop_spacing(self, spacing) -> tuple[float, float, float]:
+        """The grid's voxel size in mm, for a scan of ``spacing`` (as oriented)."""
+        return tuple(float(s) * (b - a) / n for s, (a, b), n in zip(spacing, self.box, self.resampled))  # type: ignore
+
+    def from_grid(self, array):
+        """The part of ``array`` (``(..., *grid)``, numpy or torch) that holds the resampled crop:
+        ``(..., *resampled)``. A prediction grid is never cut (see :func:`preprocess_image`)."""
+        if any(self.cut):
+            raise ValueError(f"this grid cut {self.cut} voxels off its crop: it cannot be put back whole")
+        lead = (slice(None),) * (array.ndim - 3)
+        return array[lead + tuple(slice(o, o + r) for o, r in zip(self.offset, self.resampled))]
+
+    def to_dict(self) -> dict:
+        return {"box": [list(b) for b in self.box], "resampled": list(self.resampled), "grid": list(self.grid)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Placement":
+        return cls(tuple(tuple(b) for b in d["box"]), tuple(d["resampled"]), tuple(d["grid"]))  # type: ignore
+
+
+def place(array: np.ndarray, grid, fill: float = 0) -> np.ndarray:
+    """``array`` centred in a new array of shape ``grid``: padded with ``fill`` where it is smaller,
+    cut (evenly on both sides) where it is larger.
+
+    Example:
+        >>> place(np.ones((2, 5, 1)), (4, 3, 1)).sum(axis=(1, 2)).tolist()
+        [0.0, 3.0, 3.0, 0.0]
+    """
+    out = np.full(tuple(grid), fill, dtype=array.dtype)
+    src, dst = [], []
+    for n, g in zip(array.shape, grid):
+        o = (g - n) // 2
+        src.append(slice(max(0, -o), max(0, -o) + min(n, g)))
+        dst.append(slice(max(0, o), max(0, o) + min(n, g)))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+def preprocess_image(image: np.ndarray, cfg: Preprocessing, spacing=(1.0, 1.0, 1.0), name: str = "image",
+                     divisor: int | None = None) -> tuple[np.ndarray, Placement]:
+    """Crop to the body (if ``cfg.crop_foreground``), normalise, and bring the crop to the grid.
+
+    With ``cfg.resample == "shape"`` the crop is resized to ``cfg.target_shape``. With ``"spacing"`` it
+    is resampled from ``spacing`` (mm, of the oriented image) to ``cfg.target_spacing`` and centred in
+    ``cfg.target_shape``, padded with the crop's lowest value (air); with ``divisor`` (prediction) it
+    is only padded, to the next multiples of ``divisor``, so nothing is ever cut.
+
+    Returns:
+        The array on the grid and its :class:`Placement`.
+    """
     box = foreground_box(image) if cfg.crop_foreground else tuple((0, n) for n in image.shape)
-    img = resize_image(normalise_intensity(crop(image, box), cfg.clip_percentiles, name), cfg.target_shape)
-    return img, box  # type: ignore[return-value]
+    norm = normalise_intensity(crop(image, box), cfg.clip_percentiles, name)
+    if cfg.resample == "shape":
+        shape = grid = cfg.target_shape
+    else:
+        if cfg.target_spacing is None:
+            raise ValueError("resample='spacing' needs a target_spacing (plan it: data.plan_target_spacing)")
+        shape = resampled_shape(norm.shape, spacing, cfg.target_spacing)
+        grid = cfg.target_shape if divisor is None else tuple(-(-n // divisor) * divisor for n in shape)
+    img = resize_image(norm, shape)
+    return place(img, grid, float(img.min())), Placement(box, tuple(shape), tuple(grid))  # type: ignore[arg-type]
 
 
-def preprocess_pair(image: np.ndarray, label: np.ndarray | None, cfg: Preprocessing,
-                    name: str = "image") -> tuple[np.ndarray, np.ndarray | None, Box]:
-    """Crop, normalise and resize an image, and crop and resize its label (if given) the same way."""
-    img, box = preprocess_image(image, cfg, name)
-    lab = resize_label(crop(label, box), cfg.target_shape) if label is not None else None
-    return img, lab, box
+def preprocess_pair(image: np.ndarray, label: np.ndarray | None, cfg: Preprocessing, spacing=(1.0, 1.0, 1.0),
+                    name: str = "image") -> tuple[np.ndarray, np.ndarray | None, Placement]:
+    """:func:`preprocess_image`, and the label (if given) cropped, resized (nearest neighbour) and
+    placed the same way."""
+    img, where = preprocess_image(image, cfg, spacing, name)
+    lab = None
+    if label is not None:
+        lab = place(resize_label(crop(label, where.box), where.resampled), where.grid, 0)
+    return img, lab, where
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from .augment import RandomPatch, augmentation_named
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .cpu_kernels import use_cpu_kernels
-from .data import SegmentationDataset, TrainingBatches, TrainingSet, load_split_volumes
+from .data import SegmentationDataset, TrainingBatches, TrainingSet, load_split_volumes, with_planned_spacing
 from .loss import DiceCELoss
 from .metrics import dice_per_class
 from .model import ModelConfig, ResUNet3D
@@ -342,7 +342,9 @@ def _data(run: _Run, data_dir, progress: bool):
     epochs. One order for one or many processes: the same seed gives the same global batches, so a
     run on N processes matches a single-process run of the same global batch.
     """
-    cfg, dist_ = run.cfg, run.dist
+    dist_ = run.dist
+    # resample="spacing": the grid's voxel size is planned from the training scans (stored in checkpoints)
+    run.cfg = cfg = dist_.main_first(lambda: with_planned_spacing(run.cfg, data_dir))
     vols = dist_.main_first(lambda: load_split_volumes(data_dir, cfg, progress=progress and dist_.main))
     if dist_.main:
         prepare_run_folder(run.out)

@@ -168,3 +168,29 @@ def test_a_patch_trained_network_validates_and_predicts_in_windows(tiny_synth, t
     written = predict_files(tmp_path / "m" / "new_model.pth", [image], tmp_path / "out", tta=False)
     assert len(written) == 1 and nib.load(written[0]).shape == load_volume(image).shape
     assert windows == [((8, 8, 8), (16, 16, 8))], "prediction ran in windows of the patch size"
+
+
+def test_a_model_trained_on_a_planned_spacing_predicts_on_each_scans_own_grid(tiny_synth, tmp_path):
+    """resample="spacing": training plans the grid's voxel size from the training scans and stores it
+    in the checkpoint; prediction resamples each scan to it and back, to the scan's own shape, in
+    either orientation, and the torch-free numpy path puts it back the same way."""
+    from hipseg_lib.config import make_config
+    from hipseg_lib.data import plan_target_spacing, split_folder
+    from hipseg_lib.predict import predict_probabilities
+    from hipseg_lib.train import train
+
+    cfg = make_config("smoke", target_shape=(32, 32, 16), base_channels=4, depth=3, epochs=1, amp="off",
+                      resample="spacing")
+    r = train(cfg, tiny_synth, tmp_path / "m", progress=False, log=lambda s: None)
+    model, prep, _, ckpt = load_model(r.best_path)
+    planned = plan_target_spacing(split_folder(tiny_synth)["train"], cfg.preprocessing)
+    assert prep.resample == "spacing" and prep.target_spacing == planned
+    vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
+    probs = predict_probabilities(model, vol.array, vol.affine, prep)
+    assert probs.shape == (6, *vol.shape) and np.allclose(probs.sum(0), 1, atol=1e-4)
+    pred = predict_array(model, vol.array, vol.affine, prep)
+    ras = vol.affine.copy()
+    ras[:, 0] *= -1
+    ras[:, 1] *= -1
+    np.testing.assert_array_equal(predict_array(model, vol.array[::-1, ::-1].copy(), ras, prep),
+                                  pred[::-1, ::-1])
