@@ -19,7 +19,8 @@ from . import HipsegError, first_line
 from ._atomic import atomic_path
 from .locations import project_root, resolve_data_dir
 
-__all__ = ["chapters", "run_book", "execute_chapter", "build_html", "write_landing", "publishing_config"]
+__all__ = ["chapters", "run_book", "execute_chapter", "build_html", "write_landing", "publishing_config",
+           "start_here"]
 
 
 def chapters(root: Path | None = None) -> list[Path]:
@@ -64,7 +65,21 @@ def execute_chapter(notebook: Path, output: Path, parameters: dict, timeout: int
             os.environ.pop("HIPSEG_PLAIN_PROGRESS", None)
         else:
             os.environ["HIPSEG_PLAIN_PROGRESS"] = env_before
+    _hide_injected_parameters(output)
     return time.perf_counter() - t
+
+
+def _hide_injected_parameters(path: Path) -> None:
+    """Tag papermill's injected-parameters cell ``remove-cell``: the values it sets (this machine's
+    folders among them) run but do not appear in the built page."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    for cell in nb.cells:
+        tags = cell.metadata.get("tags", [])
+        if "injected-parameters" in tags and "remove-cell" not in tags:
+            cell.metadata["tags"] = [*tags, "remove-cell"]
+    nbformat.write(nb, str(path))
 
 
 def _quiet_kernel_manager():
@@ -152,10 +167,39 @@ def publishing_config(config: dict, repository: str, branch: str = "main") -> di
     return out
 
 
+def start_here(repository: str | None) -> str:
+    """The landing page's "Start here" commands: how to get the code (its URL when the book knows its
+    repository) and the three ``make`` targets; launch buttons are mentioned only when the book has them.
+
+    Example:
+        >>> "git clone https://github.com/someone/hipseg" in start_here("https://github.com/someone/hipseg")
+        True
+        >>> "launch" in start_here(None)
+        False
+    """
+    url = (repository or "").rstrip("/")
+    clone = f"git clone {url} hipseg" if url else "git clone <the repository this book came from> hipseg"
+    lines = ["```bash", clone, "cd hipseg",
+             "make book   # sets up .venv, makes the data, runs every chapter, builds this HTML",
+             "make lab    # JupyterLab on the chapters, to run and change them yourself",
+             "make test   # the whole test suite", "```", ""]
+    if url:
+        where = "Binder or Colab" if url.startswith("https://github.com/") else "Binder"
+        lines += [f"The code is at <{url}>: the chapters in `book/`, the library they import in "
+                  f"`hipseg_lib/`. The launch button at the top of each chapter (the rocket) opens it on "
+                  f"{where}, where its first cell installs hipseg."]
+    else:
+        lines += ["The chapters are the notebooks in `book/` of that copy, and the library they import "
+                  "is its `hipseg_lib/` folder."]
+    return "\n".join(lines) + "\n"
+
+
 def _stage(root: Path, stage: Path, results_dir: Path | None = None, repository: str | None = None) -> None:
-    """Copy the book's non-notebook sources (config, toc, markdown, images, bibliography) beside the
-    executed copies, and the landing page's result (``book/_landing.md``) from ``results_dir``;
-    with ``repository``, the config gets :func:`publishing_config`."""
+    """Copy the book's non-notebook sources (config, toc, markdown, images, bibliography) and the
+    library's source (the chapters show it with ``literalinclude``) beside the executed copies; write
+    the landing page's result (``book/_landing.md``) from ``results_dir`` and its "Start here"
+    (``book/_start.md``, :func:`start_here`); with ``repository``, the config gets
+    :func:`publishing_config`."""
     import yaml
 
     stage.mkdir(parents=True, exist_ok=True)
@@ -166,6 +210,11 @@ def _stage(root: Path, stage: Path, results_dir: Path | None = None, repository:
         (stage / "_config.yml").write_text(yaml.safe_dump(publishing_config(config, repository), sort_keys=False))
     if (root / "_static").is_dir():
         shutil.copytree(root / "_static", stage / "_static", dirs_exist_ok=True)
+    (stage / "hipseg_lib").mkdir(exist_ok=True)
+    for src in (root / "hipseg_lib").glob("*.py"):
+        shutil.copy2(src, stage / "hipseg_lib" / src.name)
+    (stage / "book").mkdir(exist_ok=True)
+    (stage / "book" / "_start.md").write_text(start_here(repository))
     for src in (root / "book").rglob("*"):
         if src.is_file() and src.suffix != ".ipynb" and ".ipynb_checkpoints" not in src.parts:
             dst = stage / src.relative_to(root)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from hipseg_lib import BLADDER, BONES, PROSTATE
-from hipseg_lib.viz import class_surfaces, surface_turntable, surface_view
+from hipseg_lib.surfaces import class_surfaces, surface_turntable, surface_view
 
 
 def test_surfaces_are_in_millimetres_and_one_per_class_present():

@@ -285,7 +285,7 @@ def test_a_checkpoint_of_the_seeds_design_predicts(tmp_path):
 
 def test_the_network_diagram_is_read_from_the_network():
     from hipseg_lib.config import make_config
-    from hipseg_lib.viz import network_diagram, network_levels
+    from hipseg_lib.network_view import network_diagram, network_levels
 
     cpu = network_levels(ResUNet3D(make_config("cpu").model))
     assert [r["channels"] for r in cpu] == [12, 24, 48, 96, 192]
@@ -298,15 +298,19 @@ def test_the_network_diagram_is_read_from_the_network():
     seed = network_levels(ResUNet3D(ModelConfig(base_channels=16, depth=4, downsample="maxpool", light_levels=0)))
     assert [r["down"] for r in seed] == [None] + ["2x2x2 max pool"] * 3
     assert seed[0]["encoder"] == "stem conv + residual block" and not any(r["deep_supervision"] for r in seed)
-    fig = network_diagram(ResUNet3D(make_config("cpu").model))
+    fig = network_diagram(ResUNet3D(make_config("cpu").model), input_shape=(64, 64, 48))
     texts = [t.get_text() for t in fig.axes[0].texts]
-    assert sum("deep supervision" in t for t in texts) == 3 and "level 4: 192 ch" in " ".join(texts)
+    assert sum("1x1x1 head" in t for t in texts) == 4, "the output's head and three deep-supervision heads"
+    assert "+" in texts and any("added" in t for t in texts), "their scores are summed"
+    assert "level 4: 192 ch at 4x4x3" in " ".join(texts) and "level 0: 12 ch at 64x64x48" in " ".join(texts)
+    plain = [t.get_text() for t in network_diagram(ResUNet3D(ModelConfig(base_channels=4, depth=3))).axes[0].texts]
+    assert sum("1x1x1 head" in t for t in plain) == 1 and "+" not in plain
 
 
 def test_each_deep_supervision_head_is_shown_at_its_own_grid():
     import numpy as np
 
-    from hipseg_lib.viz import deep_supervision_panel, head_predictions
+    from hipseg_lib.network_view import deep_supervision_panel, head_predictions
 
     torch.manual_seed(0)
     net = ResUNet3D(ModelConfig(base_channels=4, depth=4, deep_supervision=True)).eval()

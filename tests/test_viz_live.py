@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from hipseg_lib import BODY, BONES, PROSTATE
-from hipseg_lib.viz import SliceViewer
+from hipseg_lib.players import SliceViewer
 
 
 def _case():
@@ -54,7 +54,8 @@ def test_static_slider_opens_on_the_prostate_with_mm_labels():
     import re
 
     from hipseg_lib import PROSTATE
-    from hipseg_lib.viz import prostate_slice, static_slider
+    from hipseg_lib.players import static_slider
+    from hipseg_lib.viz import prostate_slice
 
     image = np.random.default_rng(0).random((24, 24, 40)).astype(np.float32)
     label = np.zeros(image.shape, np.uint8)
