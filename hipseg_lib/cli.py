@@ -134,14 +134,15 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate_folders, format_summary, write_json_atomic
+    from ._atomic import write_json_atomic
+    from .evaluate import evaluate_folders, format_summary
 
     if a.json and Path(a.json).exists() and not a.overwrite:
         raise HipsegError(f"{a.json}: already exists (use --overwrite to replace it)")
     doc = evaluate_folders(a.pred, a.truth, progress=not a.quiet)
     print(f"{len(doc['cases'])} case(s) scored; {len(doc['truths_without_prediction'])} truth file(s) "
           "have no prediction")
-    print(format_summary(doc["summary"]))
+    print(format_summary(doc["summary"], per_patient=doc["per_patient"]))
     for u in doc["unmatched"][:10]:
         print(f"prediction with no truth: {u}")
     if len(doc["unmatched"]) > 10:

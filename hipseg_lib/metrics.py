@@ -7,6 +7,7 @@ means stay finite and a miss still counts against the model.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -15,7 +16,7 @@ from scipy import ndimage
 from . import CLASS_NAMES, NUM_CLASSES
 
 __all__ = ["dice_per_class", "iou_per_class", "surface_distances", "hd95", "average_surface_distance",
-           "evaluate_case", "summarise", "METRICS"]
+           "evaluate_case", "summarise", "METRICS", "patient_table", "bootstrap_interval", "per_patient_summary"]
 
 METRICS = ("dice", "iou", "hd95", "asd")
 
@@ -141,3 +142,89 @@ def summarise(cases: Sequence[dict[str, np.ndarray]], class_names: Sequence[str]
             }
         out[metric] = per_class
     return out
+
+
+def patient_table(rows: Sequence[dict], metric: str = "dice",
+                  classes: Sequence[int] = tuple(range(1, NUM_CLASSES))) -> tuple[list[str], np.ndarray]:
+    """One row per patient: the mean of ``metric`` over that patient's volumes, for ``classes`` (the
+    foreground by default). Weekly scans of one patient are not independent, so a patient, not a
+    volume, is the unit of a confidence interval.
+
+    Args:
+        rows: per-volume results, each with ``"case"`` and ``"metrics"`` (``{metric: [C values]}``).
+
+    Returns:
+        ``(patients, table)``: sorted patient IDs and a ``(patients, len(classes))`` array (NaN where a
+        class was absent from every volume of a patient).
+
+    Example:
+        >>> rows = [{"case": "a", "metrics": {"dice": [1, .8, .6]}}, {"case": "a", "metrics": {"dice": [1, .6, .6]}},
+        ...         {"case": "b", "metrics": {"dice": [1, .9, .3]}}]
+        >>> patient_table(rows, classes=(1, 2))[1].round(2).tolist()
+        [[0.7, 0.6], [0.9, 0.3]]
+    """
+    cases = sorted({r["case"] for r in rows})
+    table = np.full((len(cases), len(classes)), np.nan)
+    for i, case in enumerate(cases):
+        values = np.array([np.asarray(r["metrics"][metric], float)[list(classes)] for r in rows if r["case"] == case])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from all of a patient's scans
+            table[i] = np.nanmean(values, axis=0)
+    return cases, table
+
+
+def bootstrap_interval(table: np.ndarray, level: float = 0.95, resamples: int = 10000,
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile-bootstrap confidence interval of each column's mean, resampling the *rows* (the
+    independent units: patients) with replacement.
+
+    With few units the interval is wide and coarse: 3 patients allow only 10 different resamples, so
+    it says how far the mean could move with other patients of the same kind, not more.
+
+    Returns:
+        ``(low, high)`` per column.
+
+    Example:
+        >>> low, high = bootstrap_interval(np.array([[0.5], [0.5], [0.5]]))  # identical patients
+        >>> float(low[0]), float(high[0])
+        (0.5, 0.5)
+    """
+    table = np.asarray(table, float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(table), size=(resamples, len(table)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample where a column is all NaN
+        means = np.nanmean(table[idx], axis=1)
+    tail = 100 * (1 - level) / 2
+    low, high = np.nanpercentile(means, [tail, 100 - tail], axis=0)
+    return low, high
+
+
+def per_patient_summary(rows: Sequence[dict], metric: str = "dice", class_names: Sequence[str] = CLASS_NAMES,
+                        level: float = 0.95) -> dict:
+    """The foreground classes' ``metric`` as the field reports it: per class the mean over patients (each
+    patient the mean of its volumes), its ``level`` bootstrap interval over patients, the mean over
+    volumes, and each patient's value.
+
+    Returns:
+        ``{class: {"mean", "low", "high", "volume_mean", "patients": {case: value}}}``.
+    """
+    classes = tuple(range(1, len(class_names)))
+    cases, table = patient_table(rows, metric, classes)
+    low, high = bootstrap_interval(table, level)
+    volumes = np.array([np.asarray(r["metrics"][metric], float)[list(classes)] for r in rows])
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for k, c in enumerate(classes):
+            col = table[:, k]
+            out[class_names[c]] = {
+                "mean": _finite(np.nanmean(col)), "low": _finite(low[k]), "high": _finite(high[k]),
+                "volume_mean": _finite(np.nanmean(volumes[:, k])),
+                "patients": {case: _finite(v) for case, v in zip(cases, col)}}
+    return out
+
+
+def _finite(v) -> float | None:
+    v = float(v)
+    return v if np.isfinite(v) else None

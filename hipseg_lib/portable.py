@@ -134,19 +134,20 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def _stem(path: Path) -> str:
+def file_stem(path: Path) -> str:
+    """A NIfTI file's name without ``.nii.gz`` or ``.nii``."""
     name = path.name
     return name[:-7] if name.lower().endswith(".nii.gz") else name[:-4]
 
 
 def prediction_name(path: Path) -> str:
     """``Case_004_Week0_LFOV.nii.gz`` -> ``Case_004_Week0_LFOV_pred.nii.gz``."""
-    return f"{_stem(path)}_pred.nii.gz"
+    return f"{file_stem(path)}_pred.nii.gz"
 
 
 def probabilities_name(path: Path) -> str:
     """``Case_004_Week0_LFOV.nii.gz`` -> ``Case_004_Week0_LFOV_probs.nii.gz``."""
-    return f"{_stem(path)}_probs.nii.gz"
+    return f"{file_stem(path)}_probs.nii.gz"
 
 
 def check_output_folder(out: Path) -> None:

@@ -34,24 +34,30 @@ def _case(dice):
     return {m: np.array(dice if m in ("dice", "iou") else [1.0] * len(CLASS_NAMES)) for m in METRICS}
 
 
-def test_results_document_is_json_with_named_classes_and_no_nan():
-    rows = [{"id": "004_Week0", "metrics": _case([1.0, 0.9, 0.8, np.nan, 0.5, 0.25])},
-            {"id": "004_Week1", "metrics": _case([1.0, 0.7, 0.6, 0.4, 0.5, 0.75])}]
+def test_results_document_is_json_with_named_classes_per_patient_and_no_nan():
+    rows = [{"id": "004_Week0", "case": "004", "metrics": _case([1.0, 0.9, 0.8, np.nan, 0.5, 0.25])},
+            {"id": "004_Week1", "case": "004", "metrics": _case([1.0, 0.7, 0.6, 0.4, 0.5, 0.75])},
+            {"id": "007_Week0", "case": "007", "metrics": _case([1.0, 0.6, 0.6, 0.4, 0.9, 0.5])}]
     doc = json.loads(json.dumps(results_document(rows, {"preset": "cpu"})))
     assert doc["classes"] == list(CLASS_NAMES) and doc["preset"] == "cpu"
     assert doc["cases"][0]["metrics"]["dice"]["bladder"] is None  # NaN: absent from both
-    assert doc["cases"][1]["metrics"]["dice"]["prostate"] == 0.75
+    assert doc["cases"][1]["metrics"]["dice"]["prostate"] == 0.75 and doc["cases"][2]["case"] == "007"
     assert doc["summary"]["dice"]["prostate"]["mean"] == 0.5
-    assert doc["summary"]["dice"]["bladder"]["n"] == 1  # the NaN case does not count
+    assert doc["summary"]["dice"]["bladder"]["n"] == 2  # the NaN case does not count
+    body = doc["per_patient"]["dice"]["body"]
+    assert "background" not in doc["per_patient"]["dice"]
+    assert body["patients"] == {"004": 0.8, "007": 0.6} and abs(body["mean"] - 0.7) < 1e-9
+    assert body["low"] <= body["mean"] <= body["high"] and body["high"] > body["low"]
+    assert abs(body["volume_mean"] - 2.2 / 3) < 1e-9
 
 
-def test_format_summary_prints_every_metric_and_class():
+def test_format_summary_prints_every_metric_and_foreground_class():
     summary = summarise([_case([1.0, 0.9, 0.8, np.nan, 0.5, 0.25])])
     text = format_summary(summary).splitlines()
-    assert all(n in text[0] for n in CLASS_NAMES)
-    assert [line.split()[0] for line in text[2:]] == list(METRICS)
-    assert "0.250 (0.000)" in text[2] and "n/a" in text[2]  # dice row; bladder has no value
-    assert text[4].startswith("hd95 mm")
+    assert all(n in text[1] for n in CLASS_NAMES[1:]) and "background" not in text[1]
+    assert [line.split()[0] for line in text[3:]] == list(METRICS)
+    assert "0.250 (0.000)" in text[3] and "n/a" in text[3]  # dice row; bladder has no value
+    assert text[5].startswith("hd95 mm")
 
 
 def test_one_name_parser_pairs_predictions_with_truths():

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from hipseg_lib import BLADDER, BODY, BONES, NUM_CLASSES, PROSTATE, HipsegError
-from hipseg_lib.evaluate import error_entropy_share
 from hipseg_lib.io import find_pairs, load_volume
 from hipseg_lib.predict import (entropy, gaussian_weight, keep_largest_component, labels_from_probabilities,
                                 predict_files, predict_probabilities, prediction_name, probabilities_name,
@@ -227,15 +226,6 @@ def test_removed_voxels_take_their_next_most_probable_class():
     assert out[7, 0, 0] == BONES and (out[0:4] == BLADDER).all() and (out[[4, 5, 6, 8, 9]] == 0).all()
 
 
-def test_error_entropy_share():
-    unc = np.arange(100, dtype=np.float32).reshape(10, 10, 1)
-    wrong = np.zeros_like(unc, bool)
-    wrong.flat[[99, 98, 5]] = True   # two among the 10 most uncertain, one not
-    region = np.ones_like(wrong)
-    assert error_entropy_share(unc, wrong, region, top=0.10) == (2, 3)
-    assert error_entropy_share(unc, np.zeros_like(wrong), region) == (0, 0)
-
-
 def test_predict_files_writes_probabilities_and_refuses_to_overwrite(tiny_model, tiny_synth, tmp_path):
     pair = find_pairs(tiny_synth).pairs[0]
     out = tmp_path / "pred"
@@ -274,12 +264,13 @@ def test_predict_cli_options(tiny_model, tiny_synth, tmp_path):
 
 
 def test_compare_inference_scores_every_variant(tiny_model, tiny_synth):
+    from hipseg_lib.calibration import organ_uncertainty, reliability_counts
     from hipseg_lib.checkpoint import load_model
-    from hipseg_lib.evaluate import DEFAULT_VARIANT, VARIANTS, compare_inference, inference_table
+    from hipseg_lib.inference_options import DEFAULT_VARIANT, VARIANTS, compare_inference, inference_table
 
     model, prep, _, ckpt = load_model(tiny_model)
     pairs = find_pairs(tiny_synth).pairs[:2]
-    comp = compare_inference(model, prep, pairs)
+    comp = compare_inference(model, prep, pairs, reference="TTA")
     assert list(comp["results"]) == [n for n, _, _ in VARIANTS] and DEFAULT_VARIANT == "TTA + post-processing"
     for name, tta, post in VARIANTS:
         rows = comp["results"][name]
@@ -291,22 +282,51 @@ def test_compare_inference_scores_every_variant(tiny_model, tiny_synth):
             if single is not None:  # the same label map as predicting that way directly
                 np.testing.assert_array_equal(r["pred"], labels_from_probabilities(single, post))
     assert len(comp["entropy"]) == 2 and comp["entropy"][0].dtype == np.float16
-    # the pooled share: the default variant's wrong body voxels among each volume's 10 % most uncertain
-    hits = total = 0
-    for r, unc in zip(comp["results"][DEFAULT_VARIANT], comp["entropy"]):
-        h, n = error_entropy_share(unc.astype(np.float32), r["pred"] != r["truth"], (r["truth"] > 0) | (r["pred"] > 0))
-        hits, total = hits + h, total + n
-    got_hits, got_total = comp["entropy_share"]
-    assert got_total == total > 0
-    assert abs(got_hits - hits) <= 0.002 * total, "the same count, up to the float16 maps' rounding of ties"
+    # the reference variant's calibration counts and organ uncertainty, as computed directly
+    vol = load_volume(pairs[0].image)
+    probs = predict_probabilities(model, vol.array, vol.affine, prep, tta=True)
+    truth = comp["results"]["TTA"][0]["truth"]
+    pred = comp["results"]["TTA"][0]["pred"]
+    first = reliability_counts(probs, truth, (truth > 0) | (pred > 0))
+    assert comp["calibration"][:, 2].sum() > first[:, 2].sum() > 0, "two volumes' counts add up"
+    np.testing.assert_allclose(comp["organ_uncertainty"][0], organ_uncertainty(entropy(probs), pred, range(1, 6)),
+                               atol=1e-3)
     table = inference_table(comp, "dice")
     assert [r["inference"] for r in table] == [n for n, _, _ in VARIANTS]
+    assert "background" not in table[0], "foreground classes only"
     plain = np.nanmean([r["metrics"]["dice"] for r in comp["results"]["plain"]], axis=0)
-    np.testing.assert_allclose([table[0][n] for n in ("background", "body")], plain[:2])
+    np.testing.assert_allclose([table[0][n] for n in ("body", "bones")], plain[1:3])
+
+
+def _comparison(dice: dict, hd: dict, seconds=(1.0, 2.0, 1.0, 2.0)) -> dict:
+    """A compare_inference result whose four variants have the given mean foreground Dice and HD95."""
+    from hipseg_lib.inference_options import VARIANTS
+
+    out = {"results": {}, "seconds": {}}
+    for (name, _, _), s in zip(VARIANTS, seconds):
+        row = {"metrics": {"dice": np.array([1.0, *dice[name]]), "hd95": np.array([0.0, *hd[name]])}}
+        out["results"][name], out["seconds"][name] = [row], [s]
+    return out
+
+
+def test_the_inference_rule_decides_from_validation_numbers():
+    from hipseg_lib.inference_options import choose_inference
+
+    same = [0.9, 0.8, 0.9, 0.85, 0.8]
+    flat = {"plain": same, "TTA": same, "post-processing": same, "TTA + post-processing": same}
+    hd = {k: [3.0] * 5 for k in flat}
+    assert choose_inference(_comparison(flat, hd))[0] == "TTA", "post-processing that changes nothing stays off"
+    worse = dict(flat, TTA=[0.9, 0.8, 0.9, 0.85, 0.79])
+    assert choose_inference(_comparison(worse, hd))[0] == "plain", "mirroring that costs a class 0.01 stays off"
+    far = dict(hd, **{"post-processing": [3.0, 3.0, 3.0, 3.0, 1.0]})
+    name, reasons = choose_inference(_comparison(flat, far))
+    assert name == "TTA + post-processing" and "prostate" in reasons[1], "a stray piece removed: HD95 2 mm better"
+    hurt = dict(flat, **{"post-processing": [0.9, 0.8, 0.95, 0.85, 0.7]})
+    assert choose_inference(_comparison(hurt, hd))[0] == "TTA", "a gain elsewhere does not pay for a loss"
 
 
 def test_postprocessing_changes_lists_removed_pieces():
-    from hipseg_lib.evaluate import postprocessing_changes
+    from hipseg_lib.inference_options import postprocessing_changes
 
     before = np.full((6, 6, 4), BODY, np.uint8)
     before[0:3, 0:3, 0:2] = BLADDER

@@ -97,3 +97,30 @@ def test_hd95_and_asd_equal_monai(spacing):
         assert hd95(pred == c, truth == c, spacing) == pytest.approx(float(m_hd[c - 1]), rel=1e-5)
         assert average_surface_distance(pred == c, truth == c, spacing) == pytest.approx(
             float(m_asd[c - 1]), rel=1e-5)
+
+
+def test_a_bootstrap_over_identical_patients_has_zero_width():
+    from hipseg_lib.metrics import bootstrap_interval
+
+    low, high = bootstrap_interval(np.tile([[0.8, 0.6]], (4, 1)))
+    np.testing.assert_allclose(low, [0.8, 0.6])
+    np.testing.assert_allclose(high, [0.8, 0.6])
+
+
+def test_the_interval_resamples_patients_not_volumes():
+    """Four patients of five weekly volumes each, the volumes of one patient nearly alike: the
+    patient is the unit. Its interval is wider than one that (wrongly) resamples the 20 volumes as if
+    they were independent; and the mean over patients weighs each patient once."""
+    from hipseg_lib.metrics import bootstrap_interval, per_patient_summary
+
+    rng = np.random.default_rng(0)
+    level = {"p1": 0.60, "p2": 0.75, "p3": 0.85, "p4": 0.95}
+    rows = [{"case": case, "metrics": {"dice": np.array([1.0, v + rng.normal(0, 0.005), 0.9])}}
+            for case, v in level.items() for _ in range(5)]
+    rows += [{"case": "p4", "metrics": {"dice": np.array([1.0, 0.95, 0.9])}}]  # p4 has one more volume
+    body = per_patient_summary(rows, "dice", class_names=("background", "body", "bones"))["body"]
+    volumes = np.array([[r["metrics"]["dice"][1]] for r in rows])
+    v_low, v_high = bootstrap_interval(volumes)
+    assert body["high"] - body["low"] > 1.5 * float(v_high[0] - v_low[0])
+    assert body["mean"] == pytest.approx(np.mean(list(level.values())), abs=0.005)
+    assert set(body["patients"]) == set(level) and body["volume_mean"] > body["mean"]
