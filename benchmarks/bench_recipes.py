@@ -7,7 +7,8 @@ patches with foreground oversampling, a finer grid with patches. Every run uses 
 split and epochs; the printed table gives validation Dice and HD95 per foreground class (one
 plain pass: no mirroring, no post-processing) and training time.
 
-    .venv/bin/python benchmarks/bench_recipes.py [--amp off] [--recipes cpu spacing patches fine-patches]
+    .venv/bin/python benchmarks/bench_recipes.py [--amp off] [--recipes shape spacing patches fine-patches] \
+        [--out benchmarks/results/preprocessing_validation]   # writes .json and .md with provenance
 
 About 5-10 minutes per recipe on 2 CPU cores.
 """
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+import json
 
 from hipseg_lib import CLASS_NAMES
 from hipseg_lib.locations import resolve_data_dir
@@ -62,19 +65,35 @@ def main() -> int:
     p.add_argument("--amp", default=None, choices=("auto", "bf16", "off"), help="default: the preset's (auto)")
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--epochs", type=int, default=16, help="16 is the cpu preset's; fewer for a quick look")
+    p.add_argument("--out", default=None, help="write OUT.json and OUT.md (with provenance) as well")
     a = p.parse_args()
     data = resolve_data_dir(a.data)
     fg = CLASS_NAMES[1:]
     print("| recipe | steps | training (min) | grid spacing (mm) | " + " | ".join(f"{n} Dice" for n in fg)
           + " | mean Dice | " + " | ".join(f"{n} HD95" for n in fg) + " |")
     print("|---|---|---|---|" + "---|" * (2 * len(fg) + 1))
+    lines, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.recipes:
             r = run(name, data, a.amp, Path(tmp), a.epochs)
             spacing = "x".join(f"{v:.2f}" for v in r["target_spacing"]) if r["target_spacing"] else "per scan"
-            print(f"| {name} | {r['steps']} | {r['minutes']:.1f} | {spacing} | "
-                  + " | ".join(f"{d:.3f}" for d in r["dice"][1:]) + f" | {np.mean(r['dice'][1:]):.3f} | "
-                  + " | ".join(f"{d:.1f}" for d in r["hd95"][1:]) + " |", flush=True)
+            lines.append(f"| {name} | {r['steps']} | {r['minutes']:.1f} | {spacing} | "
+                         + " | ".join(f"{d:.3f}" for d in r["dice"][1:]) + f" | {np.mean(r['dice'][1:]):.3f} | "
+                         + " | ".join(f"{d:.1f}" for d in r["hd95"][1:]) + " |")
+            print(lines[-1], flush=True)
+            rows.append({"recipe": name, "steps": r["steps"], "minutes": r["minutes"],
+                         "target_spacing": r["target_spacing"], "classes": list(fg),
+                         "dice": [float(d) for d in r["dice"][1:]], "hd95": [float(d) for d in r["hd95"][1:]]})
+    if a.out:
+        from provenance import provenance, with_provenance
+
+        prov = provenance()
+        Path(a.out).with_suffix(".json").write_text(json.dumps({"provenance": prov, "rows": rows}, indent=1))
+        head = ("| recipe | steps | training (min) | grid spacing (mm) | " + " | ".join(f"{n} Dice" for n in fg)
+                + " | mean Dice | " + " | ".join(f"{n} HD95" for n in fg) + " |")
+        text = (f"# Recipes on the validation cases ({a.epochs} epochs each)\n\n{head}\n|---|---|---|---|"
+                + "---|" * (2 * len(fg) + 1) + "\n" + "\n".join(lines) + "\n")
+        Path(a.out).with_suffix(".md").write_text(with_provenance(text, prov))
     return 0
 
 

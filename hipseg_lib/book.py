@@ -141,12 +141,13 @@ def write_landing(results_dir: str | os.PathLike, figure, rows: Sequence[dict], 
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / LANDING_PNG, suffix=".png") as tmp:
-        figure.savefig(tmp, dpi=90, bbox_inches="tight", format="png")
+        figure.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
     cols = list(rows[0])
     lines = [f"| {' | '.join(cols)} |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
               for r in rows]
-    text = f"![A test scan, its truth and the prediction]({LANDING_PNG})\n\n{note}\n\n" + "\n".join(lines) + "\n"
+    text = (f":::{{div}} full-width\n![A test scan, its truth and the prediction]({LANDING_PNG})\n:::\n\n"
+            f"{note}\n\n" + "\n".join(lines) + "\n")
     with atomic_path(out / LANDING_MD, suffix=".md") as tmp:
         Path(tmp).write_text(text)
     return out / LANDING_MD

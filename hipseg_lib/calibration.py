@@ -98,6 +98,6 @@ def rank_correlation(x: Sequence[float], y: Sequence[float]) -> tuple[float, int
 
     x, y = np.asarray(x, float), np.asarray(y, float)
     ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3:
+    if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:  # too few, or a constant: undefined
         return float("nan"), int(ok.sum())
     return float(spearmanr(x[ok], y[ok]).statistic), int(ok.sum())

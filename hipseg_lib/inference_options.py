@@ -47,33 +47,36 @@ def _progress(items, progress: bool):
 
 def compare_inference(model: ResUNet3D, preprocessing: Preprocessing, pairs: Sequence[Pair],
                       device: str | torch.device = "cpu", variants=VARIANTS, progress: bool = False,
-                      window: Sequence[int] | None = None, reference: str | None = None) -> dict:
-    """Score every inference variant (see :data:`VARIANTS`) on each pair, with seconds per volume.
+                      window: Sequence[int] | None = None) -> dict:
+    """Score every inference variant (see :data:`VARIANTS`) on each pair, with seconds per volume, and
+    gather how reliable each variant's probabilities are.
 
     The network runs once without and once with mirroring; post-processing reuses those
-    probabilities, and its own time is added to theirs. For the ``reference`` variant (default: the
-    first given) it also gathers how reliable its probabilities are.
+    probabilities, and its own time is added to theirs.
 
     Returns:
         ``{"results": {variant: rows (id, case, metrics, image, truth, pred, spacing)},
-        "seconds": {variant: [s per volume]}, "entropy": [per pair, float16 normalised entropy],
-        "calibration": reliability counts over the voxels where truth or prediction is foreground
-        (:func:`~hipseg_lib.calibration.reliability_counts`), "organ_uncertainty": [per pair, the
-        mean entropy inside each predicted foreground class]}``, the last three for ``reference``.
+        "seconds": {variant: [s per volume]}, "entropy": {variant: [per pair, float16 normalised
+        entropy]}, "calibration": {variant: reliability counts over the voxels where truth or
+        prediction is foreground (:func:`~hipseg_lib.calibration.reliability_counts`)},
+        "organ_uncertainty": {variant: [per pair, the mean entropy inside each predicted foreground
+        class]}}``.
     """
-    results = {name: [] for name, _, _ in variants}
-    seconds = {name: [] for name, _, _ in variants}
-    chosen = reference or variants[0][0]
-    chosen_tta = next(t for n, t, _ in variants if n == chosen)
-    entropies, organs, counts = [], [], np.zeros((10, 3))
+    names = [name for name, _, _ in variants]
+    results = {name: [] for name in names}
+    seconds = {name: [] for name in names}
+    entropies = {name: [] for name in names}
+    organs = {name: [] for name in names}
+    counts = {name: np.zeros((10, 3)) for name in names}
     for pair in _progress(pairs, progress):
         image, truth = load_pair(pair)
-        probs, net_time = {}, {}
+        probs, net_time, unc = {}, {}, {}
         for tta in sorted({t for _, t, _ in variants}):
             start = time.perf_counter()
             probs[tta] = predict_probabilities(model, image.array, image.affine, preprocessing, device, tta=tta,
                                                window=window)
             net_time[tta] = time.perf_counter() - start
+            unc[tta] = entropy(probs[tta]).astype(np.float16)
         scored: list[tuple[np.ndarray, dict]] = []  # a label map equal to an earlier one is not re-scored
         for name, tta, post in variants:
             start = time.perf_counter()
@@ -86,14 +89,12 @@ def compare_inference(model: ResUNet3D, preprocessing: Preprocessing, pairs: Seq
             results[name].append({"id": str(pair.id), "case": pair.id.case, "metrics": metrics,
                                   "image": image.array, "truth": truth.array, "pred": pred,
                                   "spacing": image.spacing})
-        unc = entropy(probs[chosen_tta])
-        pred = results[chosen][-1]["pred"]
-        counts += reliability_counts(probs[chosen_tta], truth.array, (truth.array > 0) | (pred > 0))
-        organs.append(organ_uncertainty(unc, pred, range(1, len(CLASS_NAMES))))
-        entropies.append(unc.astype(np.float16))
+            counts[name] += reliability_counts(probs[tta], truth.array, (truth.array > 0) | (pred > 0))
+            organs[name].append(organ_uncertainty(unc[tta], pred, range(1, len(CLASS_NAMES))))
+            entropies[name].append(unc[tta])
         del probs
     return {"results": results, "seconds": seconds, "entropy": entropies, "calibration": counts,
-            "organ_uncertainty": organs, "reference": chosen}
+            "organ_uncertainty": organs}
 
 
 def inference_table(comparison: dict, metric: str = "dice") -> list[dict]:
@@ -137,15 +138,16 @@ def choose_inference(comparison: dict) -> tuple[str, list[str]]:
     worst = min(tta_dice, key=tta_dice.get)
     tta = tta_dice[worst] >= -TOLERANCE_DICE
     cost = np.mean(comparison["seconds"]["TTA"]) / np.mean(comparison["seconds"]["plain"])
-    reasons = [f"mirroring: {'on' if tta else 'off'}: its worst class, {worst}, moved by "
-               f"{tta_dice[worst]:+.4f} mean Dice, for {cost:.2f}x the time"]
+    reasons = [f"mirroring {'on' if tta else 'off'}: its worst class, {worst}, moved by "
+               f"{tta_dice[worst]:+.4f} mean Dice ({cost:.2f}x the time)"]
     post_dice, post_hd = change("post-processing")
     better = [c for c in classes if post_dice[c] > TOLERANCE_DICE or post_hd[c] > TOLERANCE_HD95_MM]
     worse = [c for c in classes if post_dice[c] < -TOLERANCE_DICE or post_hd[c] < -TOLERANCE_HD95_MM]
     post = bool(better) and not worse
-    detail = ", ".join(f"{c} {post_dice[c]:+.4f} Dice / {-post_hd[c]:+.1f} mm HD95" for c in (better + worse)) \
-        or "no class moved beyond the tolerances"
-    reasons.append(f"post-processing: {'on' if post else 'off'}: {detail}")
+    reasons.append(f"post-processing {'on' if post else 'off'}: "
+                   + (f"{len(better)} class(es) better, {len(worse)} worse" if better or worse
+                      else "no class moved beyond the tolerances"))
+    reasons += [f"  {c}: {post_dice[c]:+.4f} mean Dice, mean HD95 {-post_hd[c]:+.1f} mm" for c in better + worse]
     return variant_named(tta, post), reasons
 
 

@@ -270,7 +270,7 @@ def test_compare_inference_scores_every_variant(tiny_model, tiny_synth):
 
     model, prep, _, ckpt = load_model(tiny_model)
     pairs = find_pairs(tiny_synth).pairs[:2]
-    comp = compare_inference(model, prep, pairs, reference="TTA")
+    comp = compare_inference(model, prep, pairs)
     assert list(comp["results"]) == [n for n, _, _ in VARIANTS] and DEFAULT_VARIANT == "TTA + post-processing"
     for name, tta, post in VARIANTS:
         rows = comp["results"][name]
@@ -281,16 +281,16 @@ def test_compare_inference_scores_every_variant(tiny_model, tiny_synth):
                 if r["id"] == str(pairs[0].id) else None
             if single is not None:  # the same label map as predicting that way directly
                 np.testing.assert_array_equal(r["pred"], labels_from_probabilities(single, post))
-    assert len(comp["entropy"]) == 2 and comp["entropy"][0].dtype == np.float16
+    assert len(comp["entropy"]["TTA"]) == 2 and comp["entropy"]["TTA"][0].dtype == np.float16
     # the reference variant's calibration counts and organ uncertainty, as computed directly
     vol = load_volume(pairs[0].image)
     probs = predict_probabilities(model, vol.array, vol.affine, prep, tta=True)
     truth = comp["results"]["TTA"][0]["truth"]
     pred = comp["results"]["TTA"][0]["pred"]
     first = reliability_counts(probs, truth, (truth > 0) | (pred > 0))
-    assert comp["calibration"][:, 2].sum() > first[:, 2].sum() > 0, "two volumes' counts add up"
-    np.testing.assert_allclose(comp["organ_uncertainty"][0], organ_uncertainty(entropy(probs), pred, range(1, 6)),
-                               atol=1e-3)
+    assert comp["calibration"]["TTA"][:, 2].sum() > first[:, 2].sum() > 0, "two volumes' counts add up"
+    np.testing.assert_allclose(comp["organ_uncertainty"]["TTA"][0],
+                               organ_uncertainty(entropy(probs), pred, range(1, 6)), atol=1e-3)
     table = inference_table(comp, "dice")
     assert [r["inference"] for r in table] == [n for n, _, _ in VARIANTS]
     assert "background" not in table[0], "foreground classes only"
