@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .runtime import host_to
+
 __all__ = [
     "Mirror", "Affine", "GaussianNoise", "GaussianBlur", "Brightness", "Contrast", "LowResolution", "Gamma",
     "Augmentation", "augment_batch", "RandomAugmentation", "Crop", "RandomPatch", "FLIP_AXES",
@@ -129,7 +131,7 @@ def _sampling_grid(thetas: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 def _resample(images: torch.Tensor, labels: torch.Tensor, affines: Sequence[Affine]) -> Pair:
     """One ``grid_sample`` over the batch, each sample with its own matrix."""
     shape = images.shape[2:]
-    theta = torch.stack([a.theta(shape) for a in affines]).to(images.device)
+    theta = host_to(torch.stack([a.theta(shape) for a in affines]), images.device)
     grid = _sampling_grid(theta, shape)
     low = images.amin(dim=(1, 2, 3, 4), keepdim=True)
     out = F.grid_sample(images.float() - low, grid, mode="bilinear", padding_mode="zeros",
@@ -269,7 +271,7 @@ def augment_batch(images: torch.Tensor, labels: torch.Tensor, augmentations: Seq
     moved = [i for i, a in enumerate(augmentations) if a.spatial is not None]
     if moved:
         images, labels = images.clone(), labels.clone()
-        index = torch.tensor(moved, device=images.device)
+        index = host_to(torch.tensor(moved), images.device)
         imgs, labs = _resample(images[index], labels[index], [augmentations[i].spatial for i in moved])
         images[index], labels[index] = imgs, labs
     out_i, out_l = [], []

@@ -23,7 +23,7 @@ from . import HipsegError
 from ._atomic import atomic_path
 from .io import Pair, VolumeId, find_pairs, load_pair
 from .preprocess import Placement, Preprocessing, foreground_box, preprocess_pair, reorient
-from .runtime import available_bytes
+from .runtime import available_bytes, host_to
 
 __all__ = [
     "split_by_case", "split_folder", "cases_of", "default_cache_dir", "CachedVolume", "cache_pairs",
@@ -338,7 +338,7 @@ class TrainingSet:
 
     def take(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (float32) and labels (int64) of ``indices`` on the training device."""
-        index = torch.as_tensor(list(indices), dtype=torch.long, device=self.images.device)
+        index = host_to(torch.as_tensor(list(indices), dtype=torch.long), self.images.device)
         images, labels = self.images.index_select(0, index), self.labels.index_select(0, index)
         if images.device != self.device:
             images = images.to(self.device, non_blocking=True)

@@ -20,8 +20,12 @@ import torch.distributed as dist
 
 from . import HipsegError, first_line
 
-__all__ = ["available_bytes", "resolve_device", "seed_everything", "autocast_for", "cpu_has_bf16", "Dist", "wait_for_other_ranks",
-           "CompiledOrEager"]
+__all__ = ["available_bytes", "resolve_device", "seed_everything", "autocast_for", "cpu_has_bf16", "cuda_has_bf16",
+           "host_to", "Dist", "wait_for_other_ranks", "CompiledOrEager", "PROCESS_GROUP_TIMEOUT"]
+
+# How long a process waits in a collective: long enough for rank 0 to preprocess a cold cache of the
+# real set while the others wait (PyTorch's default, 10 minutes, is not).
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -73,6 +77,24 @@ def version_banner() -> str:
     return " | ".join(first) + "\n" + " | ".join(second)
 
 
+def host_to(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A small host tensor on ``device`` without a synchronising copy: pinned and non-blocking when
+    the device is a GPU, a plain ``.to`` otherwise."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type == "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def cuda_has_bf16() -> bool:
+    """Whether the current GPU computes bf16 natively (Ampere and newer); emulated bf16 does not count,
+    since it is slower than fp16 there."""
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # an older torch without the argument
+        return bool(torch.cuda.is_bf16_supported())
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU has native bf16 (AVX512-BF16/AMX), where bf16 autocast speeds training up."""
     try:
@@ -105,7 +127,7 @@ def autocast_for(device: torch.device, amp: str) -> Autocast:
     """
     if amp == "auto":
         if device.type == "cuda":
-            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            amp = "bf16" if cuda_has_bf16() else "fp16"
         elif device.type == "cpu" and cpu_has_bf16():
             amp = "bf16"
         else:
@@ -119,27 +141,52 @@ def autocast_for(device: torch.device, amp: str) -> Autocast:
 class CompiledOrEager:
     """Call ``torch.compile(net)``, or ``net`` itself once compiling fails (with one warning).
 
-    Compilation happens lazily, at the first call, so a failure can come from ``torch.compile``
-    or from that first call: either way the run goes on in eager mode.
+    Compilation happens lazily: the first call compiles the forward pass and, inside the same guard,
+    runs a backward pass through it (which compiles the backward graph), leaving no gradients behind.
+    A failure of either means eager from then on. Running out of memory and CUDA errors are not
+    compilation failures: they are raised. ``agree`` (e.g. ``Dist.min_int``) makes every process take
+    the same road: if compiling failed on one, all run eager.
     """
 
-    def __init__(self, net: torch.nn.Module, enabled: bool = True):
+    def __init__(self, net: torch.nn.Module, enabled: bool = True, agree=None):
         self.net = net
         self.compiled = None
+        self.agree = agree
+        self.warmed = False
         if enabled:
             try:
                 self.compiled = torch.compile(net)
-            except Exception as exc:  # noqa: BLE001 - any failure means: run eager
+            except Exception as exc:  # noqa: BLE001 - any failure to build means: run eager
                 warnings.warn(f"torch.compile unavailable ({first_line(exc, 200)}); running eager")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None and not self.warmed:
+            self._warm_up(x)
         if self.compiled is not None:
-            try:
-                return self.compiled(x)
-            except Exception as exc:  # noqa: BLE001
-                warnings.warn(f"torch.compile failed ({first_line(exc, 200)}); running eager")
-                self.compiled = None
+            return self.compiled(x)
         return self.net(x)
+
+    def _warm_up(self, x: torch.Tensor) -> None:
+        ok = True
+        try:
+            out = self.compiled(x)
+            if out.requires_grad:
+                out.float().sum().backward()
+        except (torch.OutOfMemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a compiler's failure comes in many types
+            if "CUDA" in str(exc) or "cuda" in type(exc).__name__.lower():
+                raise
+            warnings.warn(f"torch.compile failed ({first_line(exc, 200)}); running eager")
+            ok = False
+        finally:
+            for p in self.net.parameters():
+                p.grad = None
+        if self.agree is not None:
+            ok = bool(self.agree(int(ok)))
+        if not ok:
+            self.compiled = None
+        self.warmed = True
 
 
 class Dist:
@@ -154,7 +201,7 @@ class Dist:
             cuda = torch.cuda.is_available() and device_pref != "cpu"
             if cuda:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group(backend="nccl" if cuda else "gloo")
+            dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
             self.owns_group = True
         else:
             self.owns_group = False

@@ -304,6 +304,8 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathL
         device = resolve_device(cfg.device)
         if dist_.enabled and device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # the shapes are fixed: let cuDNN pick its fastest kernels
         run = _Run(cfg, Path(out_dir), dist_, device, log, planned=cfg.epochs)
         dist_.main_first(lambda: check_run_folder(run.out, resume), then_others=False)
         seed_everything(cfg.seed + dist_.rank)
@@ -319,7 +321,7 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathL
         if dist_.enabled:
             run.net = torch.nn.parallel.DistributedDataParallel(
                 run.model, device_ids=[device.index] if device.type == "cuda" else None)
-        run.step_net = CompiledOrEager(run.net, cfg.compile)
+        run.step_net = CompiledOrEager(run.net, cfg.compile, agree=dist_.min_int)
         run.step = TrainingStep(run.step_net, run.loss_fn, run.opt, autocast_for(device, cfg.amp), cfg.grad_clip,
                                 run.scaler if run.scaler.is_enabled() else None)
         _announce(run)
@@ -360,7 +362,7 @@ def _data(run: _Run, data_dir, progress: bool):
     run.steps_per_epoch, run.n_train, run.n_val = run.batches.steps_per_epoch, len(train_set), len(val_ds)
     run.data_note = (f"training volumes on the {train_set.where} ({train_set.nbytes / 2**20:.1f} MiB), "
                      f"augmented on {run.device.type}")
-    return DataLoader(val_part, batch_size=1, num_workers=0)
+    return DataLoader(val_part, batch_size=1, num_workers=0, pin_memory=run.device.type == "cuda")
 
 
 def _build(run: _Run) -> None:

@@ -1,0 +1,60 @@
+"""Where and how the network runs: the torch.compile guard."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hipseg_lib.runtime import CompiledOrEager
+
+
+class _BackwardFails(torch.autograd.Function):
+    """Identity forward; a backward that fails as a lazily compiled backward graph can."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("inductor: backward compilation failed")
+
+
+def _compile_to(monkeypatch, fn):
+    monkeypatch.setattr(torch, "compile", lambda module: fn)
+
+
+def test_a_backward_that_fails_to_compile_falls_back_to_eager_and_leaves_no_gradients(monkeypatch):
+    net = nn.Linear(2, 2)
+    _compile_to(monkeypatch, lambda x: _BackwardFails.apply(net(x)))
+    guarded = CompiledOrEager(net)
+    x = torch.randn(3, 2)
+    with pytest.warns(UserWarning, match="torch.compile failed .*backward compilation failed"):
+        out = guarded(x)
+    assert guarded.compiled is None and torch.allclose(out, net(x))
+    assert all(p.grad is None for p in net.parameters()), "the warm-up leaves no gradients"
+    out.sum().backward()  # the eager network trains on
+    assert net.weight.grad is not None
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
+                                   RuntimeError("CUDA error: an illegal memory access was encountered")])
+def test_memory_and_cuda_errors_are_raised_not_taken_for_a_compile_failure(monkeypatch, error):
+    def broken(x):
+        raise error
+
+    _compile_to(monkeypatch, broken)
+    with pytest.raises(type(error), match="CUDA"):
+        CompiledOrEager(nn.Linear(2, 2))(torch.randn(3, 2))
+
+
+def test_every_process_takes_the_same_road(monkeypatch):
+    """Compiling worked here, but another process reports a failure: this one runs eager too."""
+    net = nn.Linear(2, 2)
+    calls = []
+    _compile_to(monkeypatch, lambda x: calls.append(1) or net(x))
+    votes = []
+    guarded = CompiledOrEager(net, agree=lambda ok: votes.append(ok) or 0)
+    guarded(torch.randn(3, 2))
+    guarded(torch.randn(3, 2))
+    assert votes == [1] and guarded.compiled is None and calls == [1], "asked once, then eager"
