@@ -1,21 +1,30 @@
-"""Every GPU figure the project reports, from one command: ``make gpu-check``.
+"""Every GPU figure the project reports, from one command: ``make gpu-check``, in stages.
 
-On one CUDA GPU, within about 8 minutes and with nothing downloaded:
+Planned at about 8 minutes on one H100 with nothing downloaded. Correctness comes first, and each
+stage writes its figures to the results file as soon as it ends, so a command stopped at its time
+limit keeps what it measured:
 
-1. makes a full-size synthetic set (256x256x128, a fifth 144 deep);
-2. runs chapter 4 through papermill with the ``full`` preset for a short fixed budget, then
-   chapter 5 (the card's papermill-run full training, on the GPU);
-3. measures s/step, peak GPU memory, FLOPs per step (``FlopCounterMode``), achieved TFLOP/s and
-   MFU against the card's bf16 dense peak, eager / channels-last / ``torch.compile``;
-   inference s/volume at 256x256x128, whole-volume (plain and TTA) and sliding-window; a one-process
-   ``torchrun`` (NCCL); ResUNet3D against MONAI's UNet and BasicUNet (``bench_models.py``);
-4. writes ``benchmarks/results/gpu_<device>.md`` (and ``.json``), and exits non-zero with one
-   line per failed stage, or with one line when there is no GPU.
+1. ``versions``: torch, CUDA, cuDNN, NCCL, driver, the card, native bf16, TF32 settings;
+2. ``numerics``: bf16 against fp32 (TF32 off) on one 3x3x3 convolution and on the full network at
+   the full grid (relative error and arg-max agreement, with thresholds), and the convolution
+   kernels the profiler sees in forward and backward (a ``slow_conv3d``-like fallback fails it);
+3. ``speed``: s/step, TFLOP/s, MFU, peak memory; eager, channels-last, ``torch.compile`` (CUDA
+   events for timing). Not run when ``numerics`` failed: no speed is reported for wrong numbers;
+4. ``data``: a full-size synthetic set (256x256x128, a fifth 144 deep);
+5. ``chapters``: chapter 4 through papermill with the ``full`` preset for a short budget, then
+   chapter 5;
+6. ``resume``: a run with dropout killed after a checkpoint and resumed on the GPU ends with the
+   weights of a run never stopped (the CUDA random state is saved and restored);
+7. ``inference``: s/volume at 256x256x128, whole-volume (plain and mirrored) and sliding-window;
+8. ``torchrun``: one process under torchrun (NCCL);
+9. ``loader`` and 10. ``models``: the data pipeline and ResUNet3D against MONAI's networks.
 
-``--dry-run`` runs the same stages on the CPU at tiny sizes (``make test`` does), so the command
-cannot rot between the rare GPU sessions; the CUDA-only figures are then marked "n/a (CPU)".
+Each stage has a time budget; a stage that reaches it stops and records "cut at budget", and the
+whole check stops starting stages once ``--minutes`` are spent. ``--stages`` runs a subset.
+``--dry-run`` runs every stage on the CPU at tiny sizes (``make test`` does), so the command cannot
+rot between the rare GPU sessions.
 
-    python benchmarks/gpu_check.py [--dry-run] [--out FILE] [--train-minutes 1.5]
+    python benchmarks/gpu_check.py [--dry-run] [--stages numerics,speed] [--out FILE] [--minutes 8]
 """
 from __future__ import annotations
 
@@ -24,11 +33,13 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,284 +47,477 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_step
+sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_step, provenance
 
 from hipseg_lib import NUM_CLASSES  # noqa: E402
+from hipseg_lib.config import make_config  # noqa: E402
 from hipseg_lib.loss import DiceCELoss  # noqa: E402
 from hipseg_lib.model import ResUNet3D, count_parameters  # noqa: E402
-from hipseg_lib.config import make_config  # noqa: E402
-from hipseg_lib.runtime import autocast_for  # noqa: E402
 from hipseg_lib.plan import peak_tflops, plan_run, step_flops  # noqa: E402
+from hipseg_lib.runtime import cuda_has_bf16  # noqa: E402
 from provenance import markdown_line, provenance  # noqa: E402
 
-# Every figure the results file must hold (a test checks the dry run's file for each).
-FIGURES = ("device", "torch", "data set", "synthesis s", "chapter 4 s", "chapter 5 s", "full preset grid",
-           "parameters", "train s/step (papermill run)", "data wait (papermill run)",
-           "peak GPU memory (papermill run) GB", "test Dice (papermill run)", "training stopped",
-           "GFLOP per step", "s/step eager", "TFLOP/s eager", "MFU eager", "peak memory eager GB",
-           "s/step channels-last", "TFLOP/s channels-last", "MFU channels-last",
-           "s/step torch.compile", "TFLOP/s torch.compile", "MFU torch.compile", "compile s",
-           "inference whole-volume s/vol", "inference whole-volume TTA s/vol", "inference sliding-window s/vol",
-           "torchrun", "planned full run (10 % MFU, real set)",
-           "loader: device pipeline volumes/s", "augmentation share of the step",
-           "loader table", "models table")
+# The numerical stage's thresholds: bf16 against fp32 with TF32 off.
+CONV_RELATIVE_ERROR = 1e-2
+NETWORK_RELATIVE_ERROR = 5e-2
+ARGMAX_AGREEMENT = 0.95
+# Kernel names that mean a slow fallback for a 3D convolution on a GPU.
+SLOW_KERNELS = ("slow_conv3d", "slow_conv_dilated3d", "vol2col", "col2vol", "conv_depthwise3d")
 
 
-class Stages:
-    """Runs named stages, keeps going after a failure, and remembers one line for each."""
+class CutAtBudget(Exception):
+    """A stage reached its time budget: what it measured so far is kept."""
 
-    def __init__(self, log):
-        self.failures: list[str] = []
-        self.log = log
 
-    def run(self, name: str, fn, *args, **kwargs):
-        self.log(f"== {name}")
-        t = time.perf_counter()
+@dataclass
+class Context:
+    """What every stage gets: the run's settings, its folders and its clock."""
+
+    dry: bool
+    device: torch.device
+    cfg: object
+    work: Path
+    log: object
+    train_minutes: float
+    steps: int
+    deadline: float = math.inf  # the current stage's, from time.perf_counter()
+    data: Path | None = None
+    figures: dict = field(default_factory=dict)  # every stage's, by stage
+
+    def check_budget(self) -> None:
+        if time.perf_counter() > self.deadline:
+            raise CutAtBudget()
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def stage_versions(ctx: Context, out: dict) -> None:
+    out["torch"] = torch.__version__
+    out["python"] = sys.version.split()[0]
+    if ctx.device.type == "cuda":
+        props = torch.cuda.get_device_properties(ctx.device)
+        out["card"] = props.name
+        out["compute capability"] = f"{props.major}.{props.minor}"
+        out["memory GB"] = round(props.total_memory / 2**30, 1)
+        out["CUDA (torch built with)"] = torch.version.cuda
+        out["cuDNN"] = torch.backends.cudnn.version()
         try:
-            out = fn(*args, **kwargs)
-            self.log(f"   {name}: done in {time.perf_counter() - t:.0f} s")
-            return out
-        except Exception as exc:  # one line per failed stage; the rest still run
-            line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            self.failures.append(f"gpu-check: stage '{name}' failed: {line}")
-            self.log(self.failures[-1])
-            traceback.print_exc(file=sys.stderr)
-            return None
+            out["NCCL"] = ".".join(map(str, torch.cuda.nccl.version()))
+        except (AttributeError, RuntimeError) as exc:
+            out["NCCL"] = f"n/a ({exc})"
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            out["driver"] = smi.stdout.strip() or "n/a"
+        except (OSError, subprocess.TimeoutExpired):
+            out["driver"] = "n/a (no nvidia-smi)"
+        out["native bf16"] = cuda_has_bf16()
+    else:
+        out["card"] = "CPU dry run"
+    out["TF32 matmul / cuDNN"] = f"{torch.backends.cuda.matmul.allow_tf32} / {torch.backends.cudnn.allow_tf32}"
 
 
-def make_data(out: Path, dry: bool) -> tuple[Path, float]:
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def stage_numerics(ctx: Context, out: dict) -> None:
+    """bf16 against fp32 (TF32 off), then the kernels the profiler sees; raises when a threshold fails."""
+    dev, cfg = ctx.device, ctx.cfg
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        torch.manual_seed(0)
+        ch, size = (8, 16) if ctx.dry else (64, 64)
+        conv = torch.nn.Conv3d(ch, ch, 3, padding=1).to(dev)
+        x = torch.randn(1, ch, size, size, size, device=dev)
+        with torch.no_grad():
+            ref = conv(x)
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                low = conv(x)
+        out["conv 3x3x3 bf16 relative error"] = _relative(low, ref)
+        net = ResUNet3D(cfg.model).to(dev).eval()
+        x = torch.randn(1, 1, *cfg.preprocessing.target_shape, device=dev)
+        with torch.no_grad():
+            ref = net(x)
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                low = net(x)
+        out["network bf16 relative error"] = _relative(low, ref)
+        out["network bf16 arg-max agreement"] = float((low.argmax(1) == ref.argmax(1)).float().mean())
+        ctx.check_budget()
+        out["convolution kernels"] = ", ".join(_conv_kernels(net, x, dev)) or "none seen"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    wrong = []
+    if out["conv 3x3x3 bf16 relative error"] > CONV_RELATIVE_ERROR:
+        wrong.append(f"conv3d bf16 relative error {out['conv 3x3x3 bf16 relative error']:.3g} > {CONV_RELATIVE_ERROR}")
+    if out["network bf16 relative error"] > NETWORK_RELATIVE_ERROR:
+        wrong.append(f"network bf16 relative error {out['network bf16 relative error']:.3g} > {NETWORK_RELATIVE_ERROR}")
+    if out["network bf16 arg-max agreement"] < ARGMAX_AGREEMENT:
+        wrong.append(f"arg-max agreement {out['network bf16 arg-max agreement']:.3f} < {ARGMAX_AGREEMENT}")
+    slow = [k for k in out["convolution kernels"].split(", ") if any(s in k for s in SLOW_KERNELS)]
+    if slow and dev.type == "cuda":
+        wrong.append(f"slow convolution kernels: {', '.join(slow)}")
+    if wrong:
+        raise RuntimeError("; ".join(wrong))
+
+
+def _conv_kernels(net, x, dev) -> list[str]:
+    """The convolution kernels of one bf16 training step, forward and backward (PyTorch's profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    net = net.train()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            y = net(x)
+        y.float().sum().backward()
+        _sync(dev)
+    names = {e.key for e in prof.key_averages()}
+    wanted = ("conv", "cudnn", "sm80_xmma", "sm90_xmma", "implicit_gemm", "wgrad", "dgrad", "fprop")
+    return sorted(n for n in names if any(w in n.lower() for w in wanted) and len(n) < 200)[:25]
+
+
+def stage_speed(ctx: Context, out: dict) -> None:
+    """One training step of the full preset: eager, channels-last, compiled; CUDA events time them."""
+    from bench_step import time_steps
+
+    cfg, dev = ctx.cfg, ctx.device
+    flops = step_flops(cfg)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    peak = peak_tflops(name) if dev.type == "cuda" else None
+    out["parameters"] = f"{count_parameters(ResUNet3D(cfg.model)) / 1e6:.2f} M"
+    out["GFLOP per step"] = flops / 1e9
+    amp = "bf16" if dev.type == "cuda" else "auto"
+    variants = [("eager", False, False), ("channels-last", True, False)]
+    variants += [("torch.compile", False, True)] if not ctx.dry else []
+    for label, cl, comp in variants:
+        ctx.check_budget()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        secs, first = time_steps(cfg, dev, amp, cl, comp, ctx.steps)
+        tflops = flops / secs / 1e12
+        out[f"s/step {label}"] = secs
+        out[f"TFLOP/s {label}"] = tflops
+        out[f"MFU {label}"] = f"{100 * tflops / peak:.1f} %" if peak else "n/a (no bf16 peak known)"
+        if dev.type == "cuda":
+            out[f"peak memory {label} GB"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        if comp:
+            out["compile s (first step)"] = first
+    if ctx.dry:
+        out["s/step torch.compile"] = "n/a (dry run: compiling costs minutes on a CPU)"
+
+
+def stage_data(ctx: Context, out: dict) -> None:
+    from hipseg_lib.io import find_pairs
     from hipseg_lib.synth import make_dataset
 
     t = time.perf_counter()
-    if dry:
-        make_dataset(out, seed=0, cases=6, shape=(32, 32, 16), weeks=(2, 3), workers=1)
+    data = ctx.work / "data"
+    if ctx.dry:
+        make_dataset(data, seed=0, cases=6, shape=(32, 32, 16), weeks=(2, 3), workers=1)
     else:
-        make_dataset(out, seed=0, cases=10, shape=(256, 256, 128), weeks=(2, 3))
-    return out, time.perf_counter() - t
+        make_dataset(data, seed=0, cases=10, shape=(256, 256, 128), weeks=(2, 3))
+    ctx.data = data
+    pairs = find_pairs(data).pairs
+    shapes = sorted({"x".join(map(str, _shape(p.image))) for p in pairs})
+    out["synthesis s"] = time.perf_counter() - t
+    out["data set"] = f"{len(pairs)} volumes, shapes {', '.join(shapes)}"
 
 
-def _chapter_params(data: Path, work: Path, cfg, train_minutes: float, dry: bool) -> dict:
-    params = {"preset": "full", "data_dir": str(data), "model_dir": str(work / "model"),
-              "results_dir": str(work / "results"), "live_widgets": False,
-              "epochs": 40, "max_minutes": train_minutes}
-    if dry:
-        # Tiny sizes cannot learn: the chapters run their code but skip their Dice assertions.
+def _shape(path: Path) -> tuple[int, ...]:
+    import nibabel as nib
+
+    return tuple(int(s) for s in nib.load(str(path)).shape[:3])
+
+
+def _need_data(ctx: Context) -> Path:
+    if ctx.data is None:
+        raise RuntimeError("no data: the 'data' stage did not run or failed")
+    return ctx.data
+
+
+def _chapter_params(ctx: Context) -> dict:
+    cfg = ctx.cfg
+    params = {"preset": "full", "data_dir": str(_need_data(ctx)), "model_dir": str(ctx.work / "model"),
+              "results_dir": str(ctx.work / "results"), "live_widgets": False, "epochs": 40,
+              "max_minutes": ctx.train_minutes}
+    if ctx.dry:  # tiny sizes cannot learn: the chapters run their code but skip their Dice checks
         params.update(target_shape=list(cfg.preprocessing.target_shape), batch_size=cfg.batch_size, epochs=2,
-                      device="cpu", check_results=False, base_channels=cfg.model.base_channels, depth=cfg.model.depth)
+                      device="cpu", check_results=False, base_channels=cfg.model.base_channels,
+                      depth=cfg.model.depth)
     return params
 
 
-def run_training_chapter(data: Path, work: Path, cfg, train_minutes: float, dry: bool) -> dict:
-    """Chapter 4 through papermill with the full preset (the book's own runner)."""
+def stage_chapters(ctx: Context, out: dict) -> None:
+    """Chapters 4 and 5 through papermill (the book's own runner), the full preset for a short budget."""
     from hipseg_lib.book import execute_chapter
     from hipseg_lib.checkpoint import read_checkpoint
 
-    params = _chapter_params(data, work, cfg, train_minutes, dry)
-    out = {"chapter 4 s": execute_chapter(ROOT / "book" / "04_training.ipynb",
-                                          work / "executed" / "04_training.ipynb", params, timeout=1200)}
-    log = [json.loads(line) for line in (work / "model" / "train_log.jsonl").read_text().splitlines()]
+    params = _chapter_params(ctx)
+    timeout = max(60, int(ctx.left()))
+    out["chapter 4 s"] = execute_chapter(ROOT / "book" / "04_training.ipynb",
+                                         ctx.work / "executed" / "04_training.ipynb", params, timeout=timeout)
+    log = [json.loads(line) for line in (ctx.work / "model" / "train_log.jsonl").read_text().splitlines()]
     steady = log[1:] or log
-    last = read_checkpoint(work / "model" / "last.pth")
     out["train s/step (papermill run)"] = float(np.median([h["step_seconds"] for h in steady]))
     out["data wait (papermill run)"] = f"{100 * float(np.median([h['data_fraction'] for h in steady])):.1f} %"
     mem = [h["peak_gpu_memory_gb"] for h in log if "peak_gpu_memory_gb" in h]
     out["peak GPU memory (papermill run) GB"] = max(mem) if mem else "n/a (CPU)"
+    last = read_checkpoint(ctx.work / "model" / "last.pth")
     out["training stopped"] = f"{last.get('stopped_because', '?')} ({len(log)} epochs)"
-    return out
+    ctx.check_budget()
+    out["chapter 5 s"] = execute_chapter(ROOT / "book" / "05_evaluation.ipynb",
+                                         ctx.work / "executed" / "05_evaluation.ipynb", params,
+                                         timeout=max(60, int(ctx.left())))
+    doc = json.loads((ctx.work / "results" / "test_metrics.json").read_text())
+    dice = doc["per_patient"]["dice"]
+    out["test Dice per patient (papermill run)"] = " ".join(
+        "nan" if v["mean"] is None else f"{v['mean']:.3f}" for v in dice.values())
+    out["inference chosen on validation"] = doc["inference"]
 
 
-def run_evaluation_chapter(data: Path, work: Path, cfg, train_minutes: float, dry: bool) -> dict:
-    """Chapter 5 through papermill on chapter 4's checkpoint."""
-    from hipseg_lib.book import execute_chapter
-
-    params = _chapter_params(data, work, cfg, train_minutes, dry)
-    out = {"chapter 5 s": execute_chapter(ROOT / "book" / "05_evaluation.ipynb",
-                                          work / "executed" / "05_evaluation.ipynb", params, timeout=1200)}
-    doc = json.loads((work / "results" / "test_metrics.json").read_text())
-    out["test Dice (papermill run)"] = " ".join(f"{v:.3f}" for v in _mean_dice(doc))
-    return out
+def _train_cmd(data: Path, out: Path, dry: bool, resume: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "hipseg_lib", "train", "--preset", "smoke", "--data", str(data), "--out", str(out),
+           "--epochs", "6", "--set", "dropout=0.3", "--set", "save_every_epoch=true", "--quiet"]
+    cmd += ["--device", "cpu", "--amp", "off"] if dry else ["--device", "cuda"]
+    return cmd + (["--resume"] if resume else [])
 
 
-def _mean_dice(doc: dict) -> list[float]:
-    """Mean test Dice per class from chapter 5's ``test_metrics.json``."""
-    dice = doc["summary"]["dice"]
-    return [float("nan") if dice[n]["mean"] is None else dice[n]["mean"] for n in doc["classes"]]
+def stage_resume(ctx: Context, out: dict) -> None:
+    """Killed after its first checkpoint and resumed, a run with dropout ends with the weights of a
+    run never stopped: every random state it draws from (the CUDA generator on a GPU) came back."""
+    from hipseg_lib.checkpoint import read_checkpoint
+
+    data = _need_data(ctx)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    killed = ctx.work / "resume-killed"
+    proc = subprocess.Popen(_train_cmd(data, killed, ctx.dry), env=env, cwd=str(ROOT),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    while not (killed / "last.pth").exists() and proc.poll() is None:
+        ctx.check_budget()
+        time.sleep(0.02)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it had already ended
+        pass
+    proc.wait()
+    stopped_at = read_checkpoint(killed / "last.pth")["epoch"]
+    states = read_checkpoint(killed / "last.pth")["rng_states"]
+    out["random states saved"] = ", ".join(k for k, v in states[0].items() if v is not None)
+    for cmd in (_train_cmd(data, killed, ctx.dry, resume=True), _train_cmd(data, ctx.work / "resume-straight", ctx.dry)):
+        ctx.check_budget()
+        r = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=max(30, ctx.left()))
+        if r.returncode:
+            raise RuntimeError(f"hipseg train exited {r.returncode}: {(r.stderr.strip().splitlines() or [''])[-1]}")
+    a, b = (read_checkpoint(p / "last.pth") for p in (killed, ctx.work / "resume-straight"))
+    same = all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in b["model_state"])
+    out["resumed after epoch"] = stopped_at + 1
+    out["resumed run equals the straight run"] = same
+    if not same:
+        raise RuntimeError("the resumed run's weights differ from the run never stopped")
 
 
-def time_steps(cfg, device, channels_last: bool, compiled: bool, steps: int) -> dict:
-    """``bench_step.time_steps`` (bf16 on the GPU) plus the peak GPU memory and parameter count."""
-    from bench_step import time_steps as timed
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    secs, first = timed(cfg, device, "bf16" if device.type == "cuda" else "auto", channels_last, compiled, steps)
-    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"s": secs, "first": first, "mem": mem, "params": count_parameters(ResUNet3D(cfg.model))}
-
-
-def step_figures(cfg, device, steps: int, compile_: bool = True) -> dict:
-    flops = step_flops(cfg)  # counted by PyTorch on the meta device (hipseg_lib.plan)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    peak = peak_tflops(name) if device.type == "cuda" else None
-    out: dict = {"GFLOP per step": flops / 1e9}
-    for label, cl, comp in (("eager", False, False), ("channels-last", True, False),
-                            ("torch.compile", False, True)):
-        if comp and not compile_:
-            # Compiling costs over a minute on a CPU; the dry run leaves it to the GPU run (the
-            # eager fallback of a failing compile is tested in tests/test_train.py).
-            for k in ("s/step", "TFLOP/s", "MFU"):
-                out[f"{k} {label}"] = "n/a (dry run: not compiled)"
-            out["compile s"] = "n/a (dry run)"
-            continue
-        try:
-            r = time_steps(cfg, device, cl, comp, steps)
-        except Exception as exc:  # e.g. no working compiler: reported, not fatal
-            out[f"s/step {label}"] = f"failed: {str(exc).splitlines()[0][:120]}"
-            out[f"TFLOP/s {label}"] = out[f"MFU {label}"] = "n/a"
-            if comp:
-                out["compile s"] = "n/a"
-            continue
-        tflops = flops / r["s"] / 1e12
-        out[f"s/step {label}"] = r["s"]
-        out[f"TFLOP/s {label}"] = tflops
-        out[f"MFU {label}"] = f"{100 * tflops / peak:.1f} %" if peak else "n/a (no bf16 peak known)"
-        if label == "eager":
-            out["peak memory eager GB"] = r["mem"] if r["mem"] is not None else "n/a (CPU)"
-            out["parameters"] = f"{r['params'] / 1e6:.2f} M"
-        if comp:
-            out["compile s"] = r["first"]
-    return out
-
-
-def inference_figures(cfg, data: Path, device, dry: bool) -> dict:
-    """Seconds per volume of ``predict_array`` (preprocessing and resizing included)."""
+def stage_inference(ctx: Context, out: dict) -> None:
+    """Seconds per volume of ``predict_array`` (preprocessing and resampling back included)."""
     from hipseg_lib.io import find_pairs, load_volume
     from hipseg_lib.predict import predict_array
 
-    model = ResUNet3D(cfg.model).to(device).eval()
-    pair = next(p for p in find_pairs(data).pairs)
-    vol = load_volume(pair.image)
-    out = {}
+    cfg, dev = ctx.cfg, ctx.device
+    model = ResUNet3D(cfg.model).to(dev).eval()
+    vol = load_volume(find_pairs(_need_data(ctx)).pairs[0].image)
+    out["inference volume shape"] = "x".join(map(str, vol.array.shape))
     for label, memory, tta in (("whole-volume", 1 << 60, False), ("whole-volume TTA", 1 << 60, True),
                                ("sliding-window", 0, False)):
         times = []
         for _ in range(3):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            ctx.check_budget()
+            _sync(dev)
             t = time.perf_counter()
-            with autocast_for(device, "auto").context:
-                predict_array(model, vol.array, vol.affine, cfg.preprocessing, device, memory_bytes=memory,
-                              tta=tta)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                predict_array(model, vol.array, vol.affine, cfg.preprocessing, dev, memory_bytes=memory, tta=tta)
+            _sync(dev)
             times.append(time.perf_counter() - t)
         out[f"inference {label} s/vol"] = float(np.median(times[1:]))
-    out["inference volume shape"] = "x".join(map(str, vol.array.shape))
-    return out
 
 
-def torchrun_figure(data: Path, work: Path, cfg, dry: bool) -> str:
+def stage_torchrun(ctx: Context, out: dict) -> None:
     """One process under torchrun: the process group (NCCL on a GPU) and one epoch of training."""
+    cfg = ctx.cfg
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           "-m", "hipseg_lib", "train", "--preset", "full", "--data", str(data), "--out", str(work / "ddp"),
-           "--epochs", "1", "--quiet"]
-    if dry:
+           "-m", "hipseg_lib", "train", "--preset", "full", "--data", str(_need_data(ctx)),
+           "--out", str(ctx.work / "ddp"), "--epochs", "1", "--quiet"]
+    if ctx.dry:
         cmd += ["--device", "cpu", "--target-shape", "x".join(map(str, cfg.preprocessing.target_shape)),
                 "--base-channels", str(cfg.model.base_channels), "--depth", str(cfg.model.depth)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(ROOT))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, ctx.left()), env=env, cwd=str(ROOT))
     text = r.stdout + r.stderr
     if r.returncode != 0:
         raise RuntimeError(f"torchrun exited {r.returncode}: {text.strip().splitlines()[-1] if text.strip() else ''}")
     m = re.search(r"training .* on (\S+) x (\d+) \((\w+)\)", text)
     if not m:
         raise RuntimeError("torchrun ran, but no process group was reported")
-    log = [json.loads(line) for line in (work / "ddp" / "train_log.jsonl").read_text().splitlines()]
-    return f"ok: {m.group(3)} on {m.group(1)}, world size {m.group(2)}, {log[-1]['steps']} steps"
+    log = [json.loads(line) for line in (ctx.work / "ddp" / "train_log.jsonl").read_text().splitlines()]
+    out["torchrun"] = f"ok: {m.group(3)} on {m.group(1)}, world size {m.group(2)}, {log[-1]['steps']} steps"
 
 
-def loader_figure(cfg, data: Path, device, dry: bool) -> dict:
-    """``bench_loader.py`` where the GPU is: the device pipeline on CUDA beside the CPU pipelines."""
-    out_md = Path(tempfile.mkdtemp(prefix="gpu-check-loader-")) / "loader.md"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_loader.py"), "--data", str(data), "--out", str(out_md)]
-    if dry:
-        cmd += ["--grids", "cpu", "--pipelines", "device", "scipy", "--workers", "1", "--volumes", "4",
-                "--seconds", "0.2"]
-    else:
-        cmd += ["--grids", "full", "cpu", "--workers", "4", "8", "16"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+def stage_loader(ctx: Context, out: dict) -> None:
+    """``bench_loader.py`` where training runs: the device pipeline beside the CPU pipelines."""
+    out_md = ctx.work / "loader" / "loader.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_loader.py"), "--data", str(_need_data(ctx)),
+           "--out", str(out_md)]
+    cmd += (["--grids", "cpu", "--pipelines", "device", "scipy", "--workers", "1", "--volumes", "4",
+             "--seconds", "0.2"] if ctx.dry else ["--grids", "full", "--workers", "4", "16", "--seconds", "3"])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, ctx.left()))
     if r.returncode != 0:
         raise RuntimeError(f"bench_loader exited {r.returncode}: {(r.stderr.strip().splitlines() or [''])[-1]}")
     doc = json.loads(out_md.with_suffix(".json").read_text())
-    grid = "cpu" if dry else "full"
-    kind = "cpu" if device.type == "cpu" else "cuda"
+    grid, kind = ("cpu" if ctx.dry else "full"), ctx.device.type
     rate = next(row["volumes_per_s"] for row in doc["rows"]
                 if row["grid"] == grid and row["pipeline"] == f"hipseg device ({kind})")
-    return {"loader table": out_md.read_text().strip(), "loader: device pipeline volumes/s": f"{rate:.1f} ({grid} grid)",
-            "_device_volumes_per_s": rate}
+    out["device pipeline volumes/s"] = f"{rate:.1f} ({grid} grid)"
+    out["table"] = out_md.read_text().strip()
 
 
-def models_figure(data: Path, cfg, dry: bool, minutes: float) -> str:
+def stage_models(ctx: Context, out: dict) -> None:
     try:
         import monai  # noqa: F401
     except ImportError:
         raise RuntimeError("MONAI is not importable (carry its wheel: benchmarks/gpu_wheels.sh)") from None
-    out_dir = Path(tempfile.mkdtemp(prefix="gpu-check-models-"))
-    # Also the full preset's network made as light as the cpu preset's (three light levels, no
-    # full-resolution decoder convolution), to choose the full preset's design by measurement.
+    cfg = ctx.cfg
+    out_dir = ctx.work / "models"
     light = f"hipseg-ResUNet3D+light_levels={min(3, cfg.model.depth - 1)}+top_kernel=0"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_models.py"), "--preset", "full", "--data", str(data),
-           "--minutes", str(minutes), "--out", str(out_dir),
+    minutes = 0.05 if ctx.dry else 0.15
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_models.py"), "--preset", "full",
+           "--data", str(_need_data(ctx)), "--minutes", str(minutes), "--out", str(out_dir),
            "--models", "hipseg-ResUNet3D", light, "monai-UNet", "monai-BasicUNet"]
-    if dry:
+    if ctx.dry:
         cmd += ["--device", "cpu", "--target-shape", *map(str, cfg.preprocessing.target_shape), "--batch-size", "1",
                 "--base-channels", str(cfg.model.base_channels), "--depth", str(cfg.model.depth)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, ctx.left()))
     if r.returncode != 0:
         raise RuntimeError(f"bench_models exited {r.returncode}: {(r.stderr.strip().splitlines() or [''])[-1]}")
-    md = sorted(out_dir.glob("models_*.md"))
-    return md[0].read_text().strip()
+    out["table"] = sorted(out_dir.glob("models_*.md"))[0].read_text().strip()
 
 
-def write_results(figures: dict, failures: list[str], path: Path) -> None:
-    prov = provenance()
-    def fmt(v):
-        if isinstance(v, float):
-            return "nan" if math.isnan(v) else f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
-        return str(v)
+# (name, function, budget in seconds on a GPU): the order they run in
+STAGES = (("versions", stage_versions, 10), ("numerics", stage_numerics, 30), ("speed", stage_speed, 80),
+          ("data", stage_data, 40), ("chapters", stage_chapters, 140), ("resume", stage_resume, 35),
+          ("inference", stage_inference, 25), ("torchrun", stage_torchrun, 35), ("loader", stage_loader, 30),
+          ("models", stage_models, 35))
+STAGE_NAMES = tuple(name for name, _, _ in STAGES)
 
-    lines = [f"# GPU check: {figures.get('device', '?')}", "",
-             "Written by `make gpu-check` (`benchmarks/gpu_check.py`); every figure was measured in this run.",
-             "", markdown_line(prov), "", "| figure | value |", "|---|---|"]
-    for k in FIGURES:
-        if k in ("models table", "loader table"):
+
+class Results:
+    """The results file, rewritten (atomically) after every stage: what ended is never lost."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path, self.header, self.stages = path, header, []
+
+    def add(self, record: dict) -> None:
+        self.stages.append(record)
+        self.write()
+
+    def write(self) -> None:
+        prov = provenance()
+        doc = {"provenance": prov, **self.header, "stages": self.stages,
+               "failures": [s["line"] for s in self.stages if s["status"] == "failed"]}
+        lines = [f"# GPU check: {self.header['device']}", "",
+                 "Written by `make gpu-check` (`benchmarks/gpu_check.py`), stage by stage as each ended; "
+                 "every figure was measured in this run.", "", markdown_line(prov), "",
+                 "| stage | status | seconds | budget (s) |", "|---|---|---|---|"]
+        lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {s['budget_s']:.0f} |" for s in self.stages]
+        for s in self.stages:
+            lines += ["", f"## {s['name']}: {s['status']}", ""]
+            if s.get("line"):
+                lines += [s["line"], ""]
+            tables = {k: v for k, v in s["figures"].items() if k == "table"}
+            rows = [(k, v) for k, v in s["figures"].items() if k != "table"]
+            if rows:
+                lines += ["| figure | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
+            for v in tables.values():
+                lines += ["", v]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for path, text in ((self.path.with_suffix(".json"), json.dumps(doc, indent=2, default=str)),
+                           (self.path, "\n".join(lines) + "\n")):
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def run_stages(ctx: Context, wanted: list[str], results: Results, minutes: float, fail: set[str],
+               kill_at: str | None, budget_scale: float) -> list[str]:
+    """Each wanted stage in order, its figures written as it ends; returns the failure lines."""
+    start = time.perf_counter()
+    for name, fn, budget in STAGES:
+        if name not in wanted:
             continue
-        lines.append(f"| {k} | {fmt(figures.get(k, 'missing: stage failed'))} |")
-    lines += ["", "## Augmented volumes per second (bench_loader.py)", "",
-              figures.get("loader table", "missing: stage failed"), ""]
-    lines += ["", "## ResUNet3D against MONAI (bench_models.py, full preset)", "",
-              figures.get("models table", "missing: stage failed"), ""]
-    if failures:
-        lines += ["## Failed stages", ""] + [f"- {f}" for f in failures] + [""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
-    path.with_suffix(".json").write_text(json.dumps({"provenance": prov, **figures, "failures": failures}, indent=2, default=str))
+        if name == kill_at:  # as when the command is stopped at its limit (tests)
+            os._exit(3)
+        record = {"name": name, "budget_s": budget * budget_scale, "figures": {}, "seconds": 0.0}
+        spent = time.perf_counter() - start
+        if spent > 60 * minutes:
+            record.update(status="not run", line=f"not run: the check's {minutes:g} minutes were spent")
+        elif name == "speed" and any(s["name"] == "numerics" and s["status"] != "ok" for s in results.stages):
+            record.update(status="skipped", line="skipped: the numerical stage did not pass, so no speed is reported")
+        else:
+            ctx.log(f"== {name} (budget {budget * budget_scale:.0f} s)")
+            t = time.perf_counter()
+            ctx.deadline = t + min(budget * budget_scale, 60 * minutes - spent)
+            try:
+                if name in fail:
+                    raise RuntimeError(f"forced to fail (--fail-stage {name})")
+                fn(ctx, record["figures"])
+                record["status"] = "ok"
+            except CutAtBudget:
+                record.update(status="cut at budget", line=f"cut at budget: {budget * budget_scale:.0f} s")
+            except Exception as exc:  # one line per failed stage; the rest still run
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                record.update(status="failed", line=f"gpu-check: stage '{name}' failed: {first}")
+                traceback.print_exc(file=sys.stderr)
+            record["seconds"] = time.perf_counter() - t
+            ctx.log(f"   {name}: {record['status']} in {record['seconds']:.0f} s")
+        results.add(record)
+    return [s["line"] for s in results.stages if s["status"] == "failed"]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dry-run", action="store_true", help="the same stages on the CPU at tiny sizes")
+    p.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes")
+    p.add_argument("--stages", default=",".join(STAGE_NAMES), help=f"a subset of {','.join(STAGE_NAMES)}")
     p.add_argument("--out", help="results file (default benchmarks/results/gpu_<device>.md)")
-    p.add_argument("--work", help="scratch folder for data, checkpoints and executed chapters (default: a temp folder)")
-    p.add_argument("--train-minutes", type=float, default=1.5, help="chapter 4's training budget")
-    p.add_argument("--models-minutes", type=float, default=0.25, help="training budget per network in bench_models")
+    p.add_argument("--work", help="scratch folder for data, checkpoints and executed chapters (default: temporary)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="no stage starts after this many minutes (default 8; 60 for a dry run)")
+    p.add_argument("--train-minutes", type=float, default=0.75, help="chapter 4's training budget")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--fail-stage", action="append", default=[], help=argparse.SUPPRESS)  # tests: a stage that fails
+    p.add_argument("--kill-at", choices=STAGE_NAMES, help=argparse.SUPPRESS)  # tests: stopped before this stage
     a = p.parse_args(argv)
-    dry = a.dry_run
-    if not dry and not torch.cuda.is_available():
+    wanted = [s.strip() for s in a.stages.split(",") if s.strip()]
+    unknown = sorted(set(wanted) - set(STAGE_NAMES))
+    if unknown:
+        print(f"gpu-check: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGE_NAMES)}",
+              file=sys.stderr)
+        return 2
+    if not a.dry_run and not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); "
               "run it on a GPU machine, or use --dry-run to test the path on the CPU", file=sys.stderr)
         return 1
+    dry = a.dry_run
     device = torch.device("cpu") if dry else torch.device("cuda", 0)
     cfg = make_config("full")
     if dry:
@@ -322,59 +526,27 @@ def main(argv=None) -> int:
     slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
     out_path = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"gpu_{slug}.md"
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HIPSEG_CACHE", str(work / "cache"))
     t0 = time.perf_counter()
     log = lambda s: print(f"[{time.perf_counter() - t0:6.0f} s] {s}", flush=True)  # noqa: E731
-    stages = Stages(log)
-    figures: dict = {"device": name, "torch": torch.__version__,
-                     "full preset grid": f"{'x'.join(map(str, cfg.preprocessing.target_shape))}, batch {cfg.batch_size}, "
-                                         f"base {cfg.model.base_channels}, depth {cfg.model.depth}"}
-    made = stages.run("synthetic data", make_data, work / "data", dry)
-    if made is None:
-        write_results(figures, stages.failures, out_path)
-        print("\n".join(stages.failures), file=sys.stderr)
-        return 1
-    data, figures["synthesis s"] = made
-    from hipseg_lib.io import find_pairs
-
-    shapes = sorted({"x".join(map(str, load_shape(p.image))) for p in find_pairs(data).pairs})
-    figures["data set"] = f"{len(find_pairs(data).pairs)} volumes, shapes {', '.join(shapes)}"
-    figures.update(stages.run("chapter 4 (papermill, full preset)", run_training_chapter, data, work, cfg,
-                              a.train_minutes, dry) or {})
-    figures.update(stages.run("chapter 5 (papermill)", run_evaluation_chapter, data, work, cfg,
-                              a.train_minutes, dry) or {})
-    figures.update(stages.run("training step: FLOPs, eager, channels-last, compile", step_figures, cfg, device,
-                              2 if dry else a.steps, not dry) or {})
-    figures.update(stages.run("inference at full size", inference_figures, cfg, data, device, dry) or {})
-    figures["torchrun"] = stages.run("torchrun, one process", torchrun_figure, data, work, cfg, dry) or "failed"
     plan = plan_run(make_config("full"))
-    figures["planned full run (10 % MFU, real set)"] = (f"{plan['epochs']} epochs, {plan['minutes']:.1f} min, "
-                                                       f"{1000 * plan['step_s']:.1f} ms/step")
-    loader = stages.run("loader benchmark", loader_figure, cfg, data, device, dry) or {}
-    rate = loader.pop("_device_volumes_per_s", None)
-    figures.update(loader)
-    step = figures.get("s/step eager")
-    if dry:
-        figures["augmentation share of the step"] = "n/a (dry run: the loader's grid is not the step's)"
-    elif rate and isinstance(step, float):
-        share = cfg.batch_size / rate / step
-        figures["augmentation share of the step"] = f"{100 * share:.1f} % ({1000 * cfg.batch_size / rate:.1f} ms a batch)"
-    figures["models table"] = stages.run("ResUNet3D vs MONAI", models_figure, data, cfg, dry,
-                                         0.05 if dry else a.models_minutes) or "failed"
-    figures["total s"] = time.perf_counter() - t0
-    write_results(figures, stages.failures, out_path)
-    print(out_path.read_text())
+    header = {"device": name, "torch": torch.__version__, "dry_run": dry,
+              "full preset": f"{'x'.join(map(str, cfg.preprocessing.target_shape))}, batch {cfg.batch_size}, "
+                             f"base {cfg.model.base_channels}, depth {cfg.model.depth}",
+              "planned full run (10 % MFU, real set)": f"{plan['epochs']} epochs, {plan['minutes']:.1f} min, "
+                                                       f"{1000 * plan['step_s']:.1f} ms/step"}
+    results = Results(out_path, header)
+    results.write()  # the file exists from the start: a check stopped at once still says so
+    ctx = Context(dry, device, cfg, work, log, a.train_minutes, 2 if dry else a.steps)
+    minutes = a.minutes if a.minutes is not None else (60.0 if dry else 8.0)
+    failures = run_stages(ctx, wanted, results, minutes, set(a.fail_stage), a.kill_at,
+                          budget_scale=20.0 if dry else 1.0)
     log(f"wrote {out_path}")
-    if stages.failures:
-        print("\n".join(stages.failures), file=sys.stderr)
+    if failures:
+        print("\n".join(failures), file=sys.stderr)
         return 1
     return 0
-
-
-def load_shape(path: Path) -> tuple[int, ...]:
-    import nibabel as nib
-
-    return tuple(int(s) for s in nib.load(str(path)).shape[:3])
 
 
 if __name__ == "__main__":
