@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 

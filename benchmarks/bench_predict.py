@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from provenance import cpu_model, markdown_line, provenance  # noqa: E402
 
-# name: (predict_array options, memory the network may use in GB; None = what is free)
+# name: (Predictor settings, memory the network may use in GB; None = what is free)
 OPTIONS = {"plain": (dict(tta=False, postprocess=False), None),
            "TTA": (dict(tta=True, postprocess=False), None),
            "TTA + post-processing": (dict(tta=True, postprocess=True), None),
@@ -37,20 +37,19 @@ def one_onnx(model_path: str, option: str, shape: tuple[int, int, int]) -> dict:
     sys.modules["torch"] = None  # as on a PC without PyTorch: importing it fails
     import numpy as np
 
-    from hipseg_lib.portable import OnnxModel, labels_from_probabilities, onnx_probabilities
+    from hipseg_lib.predictor import InferenceSettings, Predictor
     from hipseg_lib.synth import SynthSpec, make_case_anatomy, render_volume
 
-    model = OnnxModel(model_path, threads=2)
+    options, _ = OPTIONS[option]
+    predictor = Predictor.from_export(model_path, InferenceSettings(**options))
+    model = predictor.backend
     spec = SynthSpec(shape=shape, spacing=(1.4, 1.4, 2.5))
     rng = np.random.default_rng(0)
     image, _ = render_volume(make_case_anatomy(rng), spec, rng)
-    options, _ = OPTIONS[option]
     for _ in range(2):  # the second call is timed
         start = time.perf_counter()
-        probs = onnx_probabilities(model, image, spec.affine, tta=options["tta"])
-        label = labels_from_probabilities(probs, options["postprocess"])
+        label = predictor.labels(image, spec.affine)
         seconds = time.perf_counter() - start
-        del probs
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     assert label.shape == shape and "torch" not in {m for m in sys.modules if sys.modules[m]}
     return {"grid": list(model.preprocessing.target_shape), "option": option, "seconds": round(seconds, 2),
@@ -76,14 +75,16 @@ def one(preset_name: str, option: str, shape: tuple[int, int, int]) -> dict:
     import numpy as np
     import torch
 
+    from hipseg_lib.cpu_kernels import use_cpu_kernels
     from hipseg_lib.model import ResUNet3D
-    from hipseg_lib.predict import predict_array
+    from hipseg_lib.predict import TorchBackend
+    from hipseg_lib.predictor import InferenceSettings, Predictor
     from hipseg_lib.synth import SynthSpec, make_case_anatomy, render_volume
     from hipseg_lib.config import make_config
 
     torch.set_num_threads(2)
     cfg = make_config(preset_name)
-    model = ResUNet3D(cfg.model).eval()
+    model = use_cpu_kernels(ResUNet3D(cfg.model).eval())  # as a checkpoint loads on a CPU
     spec = SynthSpec(shape=shape, spacing=(1.4, 1.4, 2.5))
     rng = np.random.default_rng(0)
     image, _ = render_volume(make_case_anatomy(rng), spec, rng)
@@ -92,7 +93,9 @@ def one(preset_name: str, option: str, shape: tuple[int, int, int]) -> dict:
     memory = None if memory_gb is None else int(memory_gb * 2**30)
     for _ in range(2):  # the second call is timed: the first also sets up oneDNN's kernels
         start = time.perf_counter()
-        label = predict_array(model, image, spec.affine, cfg.preprocessing, "cpu", memory_bytes=memory, **options)
+        predictor = Predictor(TorchBackend(model, "cpu"), cfg.preprocessing,
+                              InferenceSettings(memory_bytes=memory, **options))
+        label = predictor.labels(image, spec.affine)
         seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     assert label.shape == shape

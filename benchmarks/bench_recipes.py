@@ -21,16 +21,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import json
 
 from hipseg_lib import CLASS_NAMES
 from hipseg_lib.locations import resolve_data_dir
-from hipseg_lib.checkpoint import load_model
 from hipseg_lib.data import split_by_case
 from hipseg_lib.io import find_pairs
 from hipseg_lib.evaluate import evaluate_pairs
+from hipseg_lib.predict import load_predictor
+from hipseg_lib.predictor import InferenceSettings
 from hipseg_lib.config import make_config
 from hipseg_lib.train import train
 
@@ -48,15 +48,14 @@ def run(name: str, data: Path, amp: str | None, out: Path, epochs: int = 16) -> 
     t = time.perf_counter()
     result = train(cfg, data, out / name, progress=False, log=lambda s: None)
     seconds = time.perf_counter() - t
-    loaded = load_model(out / name / "new_model.pth")
+    predictor = load_predictor(out / name / "new_model.pth", "cpu", InferenceSettings(tta=False, postprocess=False))
     val = split_by_case(find_pairs(data).pairs, seed=cfg.split_seed)["val"]
-    rows = evaluate_pairs(loaded.network, loaded.preprocessing, val, torch.device("cpu"), window=loaded.window,
-                          tta=False, postprocess=False)
+    rows = evaluate_pairs(predictor, val)
     dice = np.nanmean([r["metrics"]["dice"] for r in rows], axis=0)
     hd95 = np.nanmean([r["metrics"]["hd95"] for r in rows], axis=0)
     steps = sum(h["steps"] for h in result.history)
     return {"recipe": name, "steps": steps, "minutes": seconds / 60, "dice": dice, "hd95": hd95,
-            "target_spacing": loaded.preprocessing.target_spacing}
+            "target_spacing": predictor.preprocessing.target_spacing}
 
 
 def main() -> int:

@@ -49,9 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_step, provenance
 
-from hipseg_lib import NUM_CLASSES  # noqa: E402
 from hipseg_lib.config import make_config  # noqa: E402
-from hipseg_lib.loss import DiceCELoss  # noqa: E402
 from hipseg_lib.model import ResUNet3D, count_parameters  # noqa: E402
 from hipseg_lib.plan import peak_tflops, plan_run, step_flops  # noqa: E402
 from hipseg_lib.runtime import cuda_has_bf16  # noqa: E402
@@ -285,7 +283,7 @@ def stage_chapters(ctx: Context, out: dict) -> None:
 
 def _train_cmd(data: Path, out: Path, dry: bool, resume: bool = False) -> list[str]:
     cmd = [sys.executable, "-m", "hipseg_lib", "train", "--preset", "smoke", "--data", str(data), "--out", str(out),
-           "--epochs", "6", "--set", "dropout=0.3", "--set", "save_every_epoch=true", "--quiet"]
+           "--epochs", "3" if dry else "6", "--set", "dropout=0.3", "--set", "save_every_epoch=true", "--quiet"]
     cmd += ["--device", "cpu", "--amp", "off"] if dry else ["--device", "cuda"]
     return cmd + (["--resume"] if resume else [])
 
@@ -327,10 +325,11 @@ def stage_resume(ctx: Context, out: dict) -> None:
 def stage_inference(ctx: Context, out: dict) -> None:
     """Seconds per volume of ``predict_array`` (preprocessing and resampling back included)."""
     from hipseg_lib.io import find_pairs, load_volume
-    from hipseg_lib.predict import predict_array
+    from hipseg_lib.predict import TorchBackend
+    from hipseg_lib.predictor import InferenceSettings, Predictor
 
     cfg, dev = ctx.cfg, ctx.device
-    model = ResUNet3D(cfg.model).to(dev).eval()
+    backend = TorchBackend(ResUNet3D(cfg.model).to(dev), dev)  # bf16 on a GPU with native bf16
     vol = load_volume(find_pairs(_need_data(ctx)).pairs[0].image)
     out["inference volume shape"] = "x".join(map(str, vol.array.shape))
     for label, memory, tta in (("whole-volume", 1 << 60, False), ("whole-volume TTA", 1 << 60, True),
@@ -340,8 +339,8 @@ def stage_inference(ctx: Context, out: dict) -> None:
             ctx.check_budget()
             _sync(dev)
             t = time.perf_counter()
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                predict_array(model, vol.array, vol.affine, cfg.preprocessing, dev, memory_bytes=memory, tta=tta)
+            settings = InferenceSettings(tta=tta, postprocess=False, memory_bytes=memory)
+            Predictor(backend, cfg.preprocessing, settings).labels(vol.array, vol.affine)
             _sync(dev)
             times.append(time.perf_counter() - t)
         out[f"inference {label} s/vol"] = float(np.median(times[1:]))

@@ -96,20 +96,21 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    common = dict(overwrite=a.overwrite, progress=not a.quiet, tta=a.tta, postprocess=a.postprocess,
-                  probabilities=a.probabilities)
+    from .predictor import InferenceSettings, Predictor
+
+    settings = InferenceSettings(tta=a.tta, postprocess=a.postprocess)
     if a.model:
         if a.checkpoint:
             raise HipsegError("give --checkpoint or --model, not both")
         if Path(a.model).suffix.lower() != ".onnx":
             raise HipsegError(f"{a.model}: --model takes an .onnx file written by hipseg export")
-        from .portable import predict_files_onnx  # ONNX Runtime only: torch is never imported
-
-        written = predict_files_onnx(a.model, a.inputs, a.out, **common)
+        predictor = Predictor.from_export(a.model, settings)  # ONNX Runtime only: torch is never imported
     else:
-        from .predict import predict_files
+        from .predict import load_predictor
 
-        written = predict_files(a.checkpoint or f"model/{BEST_NAME}", a.inputs, a.out, device=a.device, **common)
+        predictor = load_predictor(a.checkpoint or f"model/{BEST_NAME}", a.device, settings)
+    written = predictor.predict_files(a.inputs, a.out, overwrite=a.overwrite, progress=not a.quiet,
+                                      probabilities=a.probabilities)
     extra = " and probability maps" if a.probabilities else ""
     print(f"wrote {len(written)} label map(s){extra} to {a.out}")
     return 0

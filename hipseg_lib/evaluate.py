@@ -10,15 +10,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
-from . import CLASS_NAMES, DEFAULT_POSTPROCESS, DEFAULT_TTA, HipsegError
+from . import CLASS_NAMES, HipsegError
 from .io import Pair, load_pair, load_volume, volume_id_in
 from .metrics import METRICS, evaluate_case, per_patient_summary, summarise
-from .model import ResUNet3D
 from .portable import collect_inputs, file_stem
-from .predict import predict_array
-from .preprocess import Preprocessing
+from .predictor import Predictor
 
 __all__ = ["evaluate_pairs", "evaluate_folders", "results_document", "format_summary", "class_rows",
            "patient_rows", "FOREGROUND"]
@@ -33,21 +30,18 @@ def _progress(items, progress: bool):
     return tqdm(items, desc="evaluate", unit="vol", leave=False)
 
 
-def evaluate_pairs(model: ResUNet3D, preprocessing: Preprocessing, pairs: Sequence[Pair],
-                   device: str | torch.device = "cpu", keep_predictions: bool = False,
-                   progress: bool = False, tta: bool = DEFAULT_TTA,
-                   postprocess: bool = DEFAULT_POSTPROCESS, window: Sequence[int] | None = None) -> list[dict]:
-    """Predict each pair's image with ``model`` and score it against its label on the original grid
-    (``window``: as :func:`~hipseg_lib.predict.predict_probabilities`).
+def evaluate_pairs(predictor: Predictor, pairs: Sequence[Pair], keep_predictions: bool = False,
+                   progress: bool = False) -> list[dict]:
+    """Segment each pair's image with ``predictor`` and score it against its label on the scan's
+    own grid.
 
-    Returns one dict per pair: ``id``, ``metrics`` (dice, iou, hd95, asd per class) and, with
-    ``keep_predictions``, the ``image``, ``truth`` and ``pred`` arrays.
+    Returns one dict per pair: ``id``, ``case``, ``metrics`` (dice, iou, hd95, asd per class) and,
+    with ``keep_predictions``, the ``image``, ``truth``, ``pred`` arrays and the ``spacing``.
     """
     results = []
     for pair in _progress(pairs, progress):
         image, truth = load_pair(pair)
-        pred = predict_array(model, image.array, image.affine, preprocessing, device,
-                             tta=tta, postprocess=postprocess, window=window)
+        pred = predictor.labels(image.array, image.affine)
         results.append(_row(pair, image, truth, pred, evaluate_case(pred, truth.array, image.spacing),
                             keep_predictions))
     return results

@@ -8,16 +8,13 @@ import time
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from . import CLASS_NAMES, DEFAULT_POSTPROCESS, DEFAULT_TTA
 from .calibration import organ_uncertainty, reliability_counts
 from .io import Pair, load_pair
 from .metrics import evaluate_case
-from .model import ResUNet3D
 from .portable import entropy, labels_from_probabilities
-from .predict import predict_probabilities
-from .preprocess import Preprocessing
+from .predictor import Predictor
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANT", "variant_named", "compare_inference", "inference_table",
            "choose_inference", "postprocessing_changes", "TOLERANCE_DICE", "TOLERANCE_HD95_MM"]
@@ -45,9 +42,8 @@ def _progress(items, progress: bool):
     return tqdm(items, desc="inference options", unit="vol", leave=False)
 
 
-def compare_inference(model: ResUNet3D, preprocessing: Preprocessing, pairs: Sequence[Pair],
-                      device: str | torch.device = "cpu", variants=VARIANTS, progress: bool = False,
-                      window: Sequence[int] | None = None) -> dict:
+def compare_inference(predictor: Predictor, pairs: Sequence[Pair], variants=VARIANTS,
+                      progress: bool = False) -> dict:
     """Score every inference variant (see :data:`VARIANTS`) on each pair, with seconds per volume, and
     gather how reliable each variant's probabilities are.
 
@@ -73,8 +69,7 @@ def compare_inference(model: ResUNet3D, preprocessing: Preprocessing, pairs: Seq
         probs, net_time, unc = {}, {}, {}
         for tta in sorted({t for _, t, _ in variants}):
             start = time.perf_counter()
-            probs[tta] = predict_probabilities(model, image.array, image.affine, preprocessing, device, tta=tta,
-                                               window=window)
+            probs[tta] = predictor.replace(tta=tta).probabilities(image.array, image.affine)
             net_time[tta] = time.perf_counter() - start
             unc[tta] = entropy(probs[tta]).astype(np.float16)
         scored: list[tuple[np.ndarray, dict]] = []  # a label map equal to an earlier one is not re-scored

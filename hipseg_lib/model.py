@@ -7,7 +7,7 @@ and pre-activation: instance norm and leaky ReLU come before each convolution.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Callable
+
 
 import torch
 import torch.nn as nn

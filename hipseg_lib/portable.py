@@ -1,19 +1,13 @@
-"""Prediction without PyTorch, and the parts of prediction that never needed it.
+"""The parts of prediction that never needed PyTorch: post-processing, output names, the checks
+before anything is written, and :class:`OnnxModel`, a network exported by ``hipseg export`` run by
+ONNX Runtime.
 
-``hipseg export`` writes a trained network as ONNX with a JSON file beside it (the model's
-inputs, preprocessing and inference settings). :func:`predict_files_onnx` runs the whole of
-``hipseg predict`` with that file through ONNX Runtime: the checkpoint's preprocessing, the whole
-volume or Gaussian-weighted windows, mirroring (TTA), the probabilities resized back to the
-input's grid, the largest-component post-processing and NIfTI files with the input's header. It
-imports numpy, scipy, nibabel and onnxruntime, never torch, so a PC without PyTorch can segment
+With it, :meth:`hipseg_lib.predictor.Predictor.from_export` runs the whole of ``hipseg predict``
+importing numpy, scipy, nibabel and onnxruntime, never torch, so a PC without PyTorch can segment
 scans (``pip install onnxruntime nibabel scipy`` and this package).
-
-The same steps in :mod:`hipseg_lib.predict` run a PyTorch network; both use this module's
-post-processing, window positions and weights, output names and checks.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -24,46 +18,20 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from . import (BLADDER, BODY, CLASS_NAMES, DEFAULT_POSTPROCESS, DEFAULT_TTA, NUM_CLASSES, PROSTATE, RECTUM,
-               HipsegError, __version__, first_line)
+from . import (BLADDER, BODY, CLASS_NAMES, DEFAULT_POSTPROCESS, NUM_CLASSES, PROSTATE, RECTUM,
+               HipsegError, first_line)
 from .io import Volume, constant_image_problem, is_nifti, load_volume, save_nifti_atomic
-from .preprocess import Preprocessing, preprocess_image, reorient, resize_linear, voxel_spacing
+from .preprocess import Preprocessing
 
 __all__ = ["SINGLE_ORGANS", "EXPORT_FORMAT", "keep_largest_component", "labels_from_probabilities", "entropy",
-           "window_starts", "gaussian_weight_array", "collect_inputs", "prediction_name", "probabilities_name",
-           "write_predictions", "OnnxModel", "onnx_probabilities", "predict_files_onnx", "sidecar_path"]
+           "collect_inputs", "file_stem", "prediction_name", "probabilities_name", "write_predictions", "OnnxModel",
+           "sidecar_path", "available_memory"]
 
 EXPORT_FORMAT = "hipseg-export-1"  # the JSON beside an exported model; bump when its meaning changes
 
 # Classes that are one connected organ: post-processing keeps the largest piece of each.
 # Bones (pelvis and both femora) and the body are left alone.
 SINGLE_ORGANS: tuple[int, ...] = (BLADDER, RECTUM, PROSTATE)
-
-
-def gaussian_weight_array(patch: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
-    """Blending weights for a window (float32): a Gaussian with sigma ``sigma_scale`` times the
-    window size per axis (nnU-Net's 1/8), 1 at the centre, small but never zero at the border.
-
-    Example:
-        >>> w = gaussian_weight_array((5, 5, 5))
-        >>> float(w[2, 2, 2]), bool(w.min() > 0)
-        (1.0, True)
-    """
-    axes = []
-    for p in patch:
-        r = np.arange(p, dtype=np.float64) - (p - 1) / 2
-        g = np.exp(-0.5 * (r / max(p * sigma_scale, 1e-6)) ** 2)
-        axes.append(g / g.max())
-    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    return np.maximum(w, 1e-6).astype(np.float32)
-
-
-def window_starts(size: int, patch: int, overlap: float) -> list[int]:
-    step = max(1, int(patch * (1 - overlap)))
-    pos = list(range(0, max(size - patch, 0) + 1, step))
-    if pos[-1] != size - patch:
-        pos.append(size - patch)
-    return pos
 
 
 def keep_largest_component(label: np.ndarray, classes: Sequence[int] = SINGLE_ORGANS,
@@ -237,6 +205,20 @@ def write_predictions(files: Sequence[Path], out_dir: str | os.PathLike,
     return written
 
 
+def available_memory() -> int:
+    """Free host memory in bytes (Linux's MemAvailable; else free pages; else 4 GiB)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
 def sidecar_path(model_path: str | os.PathLike) -> Path:
     """``x.onnx`` -> ``x.json``: the settings file ``hipseg export`` writes beside a model."""
     return Path(model_path).with_suffix(".json")
@@ -247,7 +229,8 @@ class OnnxModel:
 
     Attributes: ``preprocessing`` (:class:`Preprocessing`), ``divisor`` (sizes the network takes
     are multiples of it), ``window`` (the patch it was trained on, or None), ``tta_axes``,
-    ``base_channels`` (for the memory estimate), ``class_names``.
+    ``base_channels`` (for the memory estimate), ``class_names``. A
+    :class:`~hipseg_lib.predictor.Backend`: it runs on the CPU, in fp32.
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
@@ -295,77 +278,6 @@ class OnnxModel:
         """Class scores ``(N, C, X, Y, Z)`` of ``x`` ``(N, 1, X, Y, Z)``, float32."""
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
-
-def _available_memory() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
-
-
-def _window_logits(model: OnnxModel, x: np.ndarray, patch: Sequence[int], overlap: float = 0.5) -> np.ndarray:
-    size = x.shape[2:]
-    patch = [min(p, s) for p, s in zip(patch, size)]
-    w = gaussian_weight_array(patch)
-    out = norm = None
-    for i, j, k in itertools.product(*(window_starts(s, p, overlap) for s, p in zip(size, patch))):
-        sl = (slice(None), slice(None), slice(i, i + patch[0]), slice(j, j + patch[1]), slice(k, k + patch[2]))
-        y = model(x[sl])
-        if out is None:
-            out = np.zeros((x.shape[0], y.shape[1], *size), np.float32)
-            norm = np.zeros(size, np.float32)
-        out[sl] += y * w
-        norm[sl[2:]] += w
-    return out / norm
-
-
-def _log_softmax(z: np.ndarray, axis: int = 1) -> np.ndarray:
-    z = z - z.max(axis=axis, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
-
-
-def onnx_probabilities(model: OnnxModel, image: np.ndarray, affine: np.ndarray, tta: bool = DEFAULT_TTA,
-                       memory_bytes: int | None = None) -> np.ndarray:
-    """Class probabilities ``(C, *image.shape)`` in the file's voxel order, as
-    :func:`hipseg_lib.predict.predict_probabilities` computes them, with ``model`` run by ONNX Runtime."""
-    prep = model.preprocessing
-    turn = reorient(affine, prep.orientation)
-    arr = turn.apply(np.asarray(image, dtype=np.float32))
-    x, where = preprocess_image(arr, prep, turn.spacing(voxel_spacing(affine)), divisor=model.divisor)
-    box = where.box
-    x = x[None, None]
-    budget = memory_bytes if memory_bytes is not None else _available_memory() // 2
-    patch = model.window
-    if not patch and int(np.prod(x.shape[2:])) * model.base_channels * 32 > budget:
-        patch = [max(model.divisor, (s // 2) // model.divisor * model.divisor) for s in x.shape[2:]]
-    acc, n = None, 0
-    for flips in [c for r in range(len(model.tta_axes) * tta + 1)
-                  for c in itertools.combinations(model.tta_axes, r)]:
-        dims = tuple(2 + a for a in flips)
-        xi = np.flip(x, dims) if dims else x
-        logits = _window_logits(model, xi, patch) if patch else model(xi)
-        logp = _log_softmax(logits.astype(np.float32))
-        if dims:
-            logp = np.flip(logp, dims)
-        acc = logp if acc is None else np.logaddexp(acc, logp)
-        n += 1
-    logp = resize_linear(where.from_grid((acc - math.log(n))[0]), tuple(b - a for a, b in box))
-    probs = np.exp(_log_softmax(logp, axis=0))
-    full = np.zeros((probs.shape[0], *arr.shape), dtype=np.float32)
-    full[0] = 1.0  # outside the body crop: background
-    full[(slice(None), *(slice(a, b) for a, b in box))] = probs
-    return np.stack([turn.undo(c) for c in full])
-
-
-def predict_files_onnx(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike],
-                       out_dir: str | os.PathLike, overwrite: bool = False, progress: bool = True,
-                       tta: bool = DEFAULT_TTA, postprocess: bool = DEFAULT_POSTPROCESS,
-                       probabilities: bool = False) -> list[Path]:
-    """``hipseg predict --model x.onnx``: :func:`write_predictions` with an exported model."""
-    files = collect_inputs(inputs)
-    model = OnnxModel(model_path)
-    return write_predictions(files, out_dir, lambda v: onnx_probabilities(model, v.array, v.affine, tta),
-                             overwrite, progress, postprocess, probabilities)
+    def free_bytes(self) -> int:
+        """What the host has free (ONNX Runtime runs on the CPU)."""
+        return available_memory()

@@ -122,16 +122,19 @@ def _torch():
 
 
 def resize_image(image: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Trilinear resize of a 3D float array to ``shape`` (PyTorch's ``interpolate``, or
-    :func:`resize_linear`, the same to float rounding, where torch is not installed)."""
-    if tuple(image.shape) == tuple(shape):
+    """Trilinear resize of a 3D float array, or of each channel of a ``(C, X, Y, Z)`` one, to
+    ``shape`` (PyTorch's ``interpolate``, or :func:`resize_linear`, the same to float rounding,
+    where torch is not installed)."""
+    if tuple(image.shape[-3:]) == tuple(shape):
         return np.asarray(image, dtype=np.float32)
     torch = _torch()
     if torch is None:
         return resize_linear(image, shape)
-    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    lead = t.shape[:-3]
+    t = t.reshape(1, -1, *t.shape[-3:])
     out = torch.nn.functional.interpolate(t, size=tuple(shape), mode="trilinear", align_corners=False)
-    return out[0, 0].numpy()
+    return out.reshape(*lead, *shape).numpy()
 
 
 def resize_linear(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -200,31 +200,27 @@ def time_limited_epochs(seconds_per_epoch: Sequence[float], budget_s: float, don
     return max(done, min(planned, done + fit))
 
 
-@torch.no_grad()
 def _validate(net, loader, run: "_Run") -> np.ndarray:
     """Mean per-class Dice over the validation volumes (NaN-aware), reduced over ranks.
 
-    A network trained on patches is run in sliding windows of its patch size, as in prediction.
+    Each volume is segmented on its training grid by the predictor pipeline that ``hipseg predict``
+    runs (a network trained on patches in windows of its patch size), with its precision setting.
     """
-    from .predict import sliding_window_logits
+    from .predict import TorchBackend
+    from .predictor import InferenceSettings, Predictor
 
-    cfg, device = run.cfg, run.device
-    net.eval()
+    settings = InferenceSettings(tta=False, postprocess=False, window=run.cfg.patch_shape, memory_bytes=1 << 62)
+    predictor = Predictor(TorchBackend(net, run.device), run.cfg.preprocessing, settings)
     sums = torch.zeros(NUM_CLASSES, dtype=torch.float64)
     counts = torch.zeros(NUM_CLASSES, dtype=torch.float64)
     for image, label in loader:
-        image = run.to_device(image)
-        with autocast_for(device, cfg.amp).context:
-            patch = cfg.patch_shape
-            logits = sliding_window_logits(net, image, patch) if patch else net(image)
-            pred = logits.argmax(1).cpu().numpy()
+        pred = predictor.grid_log_probabilities(image.numpy()).argmax(1)
         for p, t in zip(pred, label.numpy()):
             d = dice_per_class(p, t, NUM_CLASSES)
             ok = ~np.isnan(d)
             sums[ok] += torch.from_numpy(d[ok])
             counts[ok] += 1
     stats = run.dist.sum(torch.stack([sums, counts]).to(run.reduce_device)).cpu()
-    net.train()
     with np.errstate(invalid="ignore"):
         return (stats[0] / stats[1]).numpy()
 

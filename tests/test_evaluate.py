@@ -6,27 +6,27 @@ import json
 import numpy as np
 
 from hipseg_lib import CLASS_NAMES
-from hipseg_lib.checkpoint import load_model
 from hipseg_lib.evaluate import _match_key, evaluate_pairs, format_summary, results_document
 from hipseg_lib.io import find_pairs, load_pair, volume_id_in
 from hipseg_lib.metrics import METRICS, evaluate_case, summarise
-from hipseg_lib.predict import predict_array
-from hipseg_lib.preprocess import Preprocessing
+from hipseg_lib.predict import load_predictor
+from hipseg_lib.predictor import InferenceSettings
 
 
-def test_evaluate_pairs_scores_what_predict_array_predicts(tiny_model, tiny_synth):
-    model, prep, _, ckpt = load_model(tiny_model)
+def test_evaluate_pairs_scores_what_the_predictor_predicts(tiny_model, tiny_synth):
+    predictor = load_predictor(tiny_model, "cpu", InferenceSettings(tta=False))
     pairs = find_pairs(tiny_synth).pairs[:2]
-    rows = evaluate_pairs(model, prep, pairs, keep_predictions=True, tta=False)
+    rows = evaluate_pairs(predictor, pairs, keep_predictions=True)
     assert [r["id"] for r in rows] == [str(p.id) for p in pairs]
+    assert [r["case"] for r in rows] == [p.id.case for p in pairs]
     for row, pair in zip(rows, pairs):
         image, truth = load_pair(pair)
-        pred = predict_array(model, image.array, image.affine, prep, tta=False)
+        pred = predictor.labels(image.array, image.affine)
         np.testing.assert_array_equal(row["pred"], pred)
         expected = evaluate_case(pred, truth.array, image.spacing)
         for m in METRICS:
             np.testing.assert_array_equal(row["metrics"][m], expected[m])
-    lean = evaluate_pairs(model, prep, pairs[:1], tta=False)
+    lean = evaluate_pairs(predictor, pairs[:1])
     assert "pred" not in lean[0] and "image" not in lean[0]
 
 

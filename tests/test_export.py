@@ -16,7 +16,7 @@ from hipseg_lib.checkpoint import load_model, save_checkpoint
 from hipseg_lib.config import make_config
 from hipseg_lib.io import find_pairs, load_volume
 from hipseg_lib.model import ResUNet3D
-from hipseg_lib.predict import predict_files, predict_probabilities
+from hipseg_lib.predict import load_predictor
 from hipseg_lib.preprocess import Preprocessing, preprocess_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,8 @@ def test_predict_with_the_onnx_model_writes_the_checkpoints_labels_without_torch
     r = _run_without_torch("predict", "--model", str(onnx_file), *map(str, images), "--out",
                            str(tmp_path / "onnx"), "--quiet", "--probabilities")
     assert r.returncode == 0, r.stderr
-    ref = predict_files(tiny_model, images, tmp_path / "torch", progress=False, probabilities=True)
+    ref = load_predictor(tiny_model, "cpu").predict_files(images, tmp_path / "torch", progress=False,
+                                                          probabilities=True)
     for path in ref:
         mine = nib.load(tmp_path / "onnx" / path.name)
         theirs = nib.load(path)
@@ -128,18 +129,25 @@ def test_predict_with_the_onnx_model_writes_the_checkpoints_labels_without_torch
         assert float(np.abs(probs[0] - probs[1]).max()) <= 2e-4  # two steps of the uint16 scale
 
 
-def test_onnx_windows_match_pytorchs_windows(tiny_model, tiny_synth, tmp_path):
-    """Forced into Gaussian-weighted windows (a memory budget of one byte), with mirroring."""
+@pytest.mark.parametrize("memory_bytes", [1, 1 << 40])
+def test_onnx_and_pytorch_choose_the_same_windows_and_labels(tiny_model, tiny_synth, tmp_path, memory_bytes):
+    """One predictor pipeline, two backends: under the same memory limit both cut the scan into the
+    same windows (Gaussian-weighted, with mirroring) or none, and give the same probabilities."""
     from hipseg_lib.export import export_model
-    from hipseg_lib.portable import OnnxModel, onnx_probabilities
+    from hipseg_lib.predictor import InferenceSettings, Predictor
 
     onnx_file, _ = export_model(tiny_model, "onnx", tmp_path / "exported")
-    model, prep, _, _ = load_model(tiny_model)
+    settings = InferenceSettings(tta=True, memory_bytes=memory_bytes)
+    torch_predictor = load_predictor(tiny_model, "cpu", settings)
+    onnx_predictor = Predictor.from_export(onnx_file, settings)
     vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
-    ref = predict_probabilities(model, vol.array, vol.affine, prep, memory_bytes=1, tta=True)
-    got = onnx_probabilities(OnnxModel(onnx_file), vol.array, vol.affine, tta=True, memory_bytes=1)
-    assert got.shape == ref.shape
-    assert float(np.abs(got - ref).max()) <= 1e-4
+    grid = torch_predictor.preprocessing.target_shape
+    assert torch_predictor.window(grid) == onnx_predictor.window(grid) == (None if memory_bytes > 1 else (8, 8, 4))
+    ref = torch_predictor.probabilities(vol.array, vol.affine)
+    got = onnx_predictor.probabilities(vol.array, vol.affine)
+    assert got.shape == ref.shape and float(np.abs(got - ref).max()) <= 1e-4
+    np.testing.assert_array_equal(onnx_predictor.labels(vol.array, vol.affine),
+                                  torch_predictor.labels(vol.array, vol.affine))
 
 
 def test_bad_model_files_are_one_line_errors(tmp_path, tiny_synth):

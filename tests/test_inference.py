@@ -2,58 +2,66 @@
 post-processing, probabilities and entropy (known answers with stub networks)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
 from hipseg_lib import BLADDER, BODY, BONES, NUM_CLASSES, PROSTATE, HipsegError
 from hipseg_lib.io import find_pairs, load_volume
-from hipseg_lib.predict import (entropy, gaussian_weight, keep_largest_component, labels_from_probabilities,
-                                predict_files, predict_probabilities, prediction_name, probabilities_name,
-                                sliding_window_logits)
+from hipseg_lib.portable import (entropy, keep_largest_component, labels_from_probabilities, prediction_name,
+                                 probabilities_name)
+from hipseg_lib.predict import load_predictor
+from hipseg_lib.predictor import InferenceSettings, Predictor, gaussian_weight, plan_windows
 from hipseg_lib.preprocess import Preprocessing
 
 
-class Stub(nn.Module):
-    """A stand-in network with what predict needs (``config``, ``divisor``) and a chosen ``score``."""
+class Stub:
+    """A stand-in backend: ``score`` turns images ``(N, 1, X, Y, Z)`` into class scores (numpy)."""
+
+    divisor = 1
+    base_channels = 1
 
     def __init__(self, score):
-        super().__init__()
         self.score = score
-        self.config = SimpleNamespace(base_channels=1, num_classes=NUM_CLASSES)
-        self.divisor = 1
 
-    def forward(self, x):
-        return self.score(x)
+    def __call__(self, x):
+        return self.score(np.asarray(x, np.float32)).astype(np.float32)
+
+    def free_bytes(self):
+        return 1 << 40
 
 
 def pointwise():
     """A 1x1x1 convolution: translation-equivariant and mirror-symmetric."""
-    torch.manual_seed(0)
-    conv = nn.Conv3d(1, NUM_CLASSES, 1)
-    return Stub(conv)
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=NUM_CLASSES), rng.normal(size=NUM_CLASSES)
+    return Stub(lambda x: w[None, :, None, None, None] * x + b[None, :, None, None, None])
+
+
+def _scores(x, fill=-30.0):
+    return np.full((x.shape[0], NUM_CLASSES, *x.shape[2:]), fill, np.float32)
 
 
 def copy_input(x):
     """Class 1 scores the intensity itself: equivariant under flips, but the input is not symmetric."""
-    out = torch.zeros(x.shape[0], NUM_CLASSES, *x.shape[2:])
+    out = _scores(x, 0.0)
     out[:, 1] = 3 * x[:, 0]
     return out
 
 
 def ramp(x):
     """Class 1 scores the position along axis 0 (ignores the input): not mirror-symmetric."""
-    out = torch.full((x.shape[0], NUM_CLASSES, *x.shape[2:]), -30.0)
+    out = _scores(x)
     out[:, 0] = 0
-    out[:, 1] = torch.linspace(-2, 2, x.shape[2])[:, None, None]
+    out[:, 1] = np.linspace(-2, 2, x.shape[2])[:, None, None]
     return out
 
 
 PREP = Preprocessing(target_shape=(16, 16, 8), crop_foreground=False)
+
+
+def predictor(backend, **settings):
+    return Predictor(backend, PREP, InferenceSettings(**settings))
 
 
 def scan(seed=0):
@@ -65,37 +73,43 @@ def test_gaussian_weight_is_symmetric_and_peaks_at_the_centre():
         w = gaussian_weight(patch)
         assert w.shape == patch and float(w.max()) == pytest.approx(1.0)
         for axis in range(3):
-            torch.testing.assert_close(w, torch.flip(w, (axis,)), rtol=0, atol=0)
+            np.testing.assert_array_equal(w, np.flip(w, axis))
         centre = tuple((p - 1) // 2 for p in patch)
         assert float(w[centre]) == pytest.approx(float(w.max()))
         assert float(w.min()) > 0 and float(w[0, 0, 0]) < 0.01 * float(w[centre])
-        # falls off monotonically from the centre along each axis
-        line = w[:, centre[1], centre[2]]
-        assert torch.all(line[1:centre[0] + 1] >= line[:centre[0]])
+        line = w[:, centre[1], centre[2]]  # falls off monotonically from the centre along each axis
+        assert np.all(line[1:centre[0] + 1] >= line[:centre[0]])
 
 
-@pytest.mark.parametrize("blend", ["gaussian", "constant"])
 @pytest.mark.parametrize("patch,overlap", [((8, 8, 4), 0.5), ((7, 5, 6), 0.25), ((16, 16, 16), 0.5)])
-def test_windows_equal_the_whole_volume_for_a_translation_equivariant_model(blend, patch, overlap):
-    model = pointwise()
-    x = torch.randn(2, 1, 17, 13, 9)
-    with torch.no_grad():
-        whole = model(x)
-        windows = sliding_window_logits(model, x, patch, overlap=overlap, blend=blend)
-    torch.testing.assert_close(windows, whole, rtol=1e-5, atol=1e-5)
-    assert torch.equal(windows.argmax(1), whole.argmax(1))
+def test_windows_equal_the_whole_volume_for_a_translation_equivariant_model(patch, overlap):
+    backend = pointwise()
+    x = np.random.default_rng(1).normal(size=(2, 1, 17, 13, 9)).astype(np.float32)
+    whole = backend(x)
+    windows = predictor(backend, window=patch, overlap=overlap).grid_scores(x)
+    np.testing.assert_allclose(windows, whole, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(windows.argmax(1), whole.argmax(1))
 
 
-def test_windows_reject_an_unknown_blend():
-    with pytest.raises(ValueError, match="blend"):
-        sliding_window_logits(pointwise(), torch.zeros(1, 1, 4, 4, 4), (2, 2, 2), blend="max")
+def test_windows_cover_the_grid_and_stay_inside_it():
+    for shape, patch in [((17, 13, 9), (8, 8, 4)), ((4, 4, 4), (8, 8, 8))]:
+        covered = np.zeros(shape, int)
+        for w in plan_windows(shape, patch, 0.5):
+            covered[w] += 1
+            assert all(s.start >= 0 and s.stop <= n for s, n in zip(w, shape))
+        assert covered.min() >= 1
+
+
+def test_too_little_memory_means_windows_of_half_the_grid():
+    assert predictor(pointwise(), memory_bytes=1).window((16, 16, 8)) == (8, 8, 4)
+    assert predictor(pointwise(), memory_bytes=1 << 40).window((16, 16, 8)) is None
 
 
 def test_tta_changes_nothing_for_a_mirror_symmetric_model():
     image = scan()
-    for model in (pointwise(), Stub(copy_input)):  # copy_input: asymmetric input, flips undone
-        plain = predict_probabilities(model, image, np.eye(4), PREP, tta=False)
-        tta = predict_probabilities(model, image, np.eye(4), PREP, tta=True)
+    for backend in (pointwise(), Stub(copy_input)):  # copy_input: asymmetric input, flips undone
+        plain = predictor(backend, tta=False).probabilities(image, np.eye(4))
+        tta = predictor(backend, tta=True).probabilities(image, np.eye(4))
         np.testing.assert_allclose(tta, plain, atol=1e-5)
 
 
@@ -103,8 +117,8 @@ def test_tta_undoes_the_flip_known_answer():
     # The ramp says "class 1" on one side and "class 0" on the other; its mirrored copy says the
     # opposite. Averaged, both classes are equally likely everywhere.
     image = scan()
-    plain = predict_probabilities(Stub(ramp), image, np.eye(4), PREP, tta=False)
-    tta = predict_probabilities(Stub(ramp), image, np.eye(4), PREP, tta=True)
+    plain = predictor(Stub(ramp), tta=False).probabilities(image, np.eye(4))
+    tta = predictor(Stub(ramp), tta=True).probabilities(image, np.eye(4))
     assert plain[1].max() > 0.8 and plain[1].min() < 0.2
     np.testing.assert_allclose(tta[0], 0.5, atol=1e-5)
     np.testing.assert_allclose(tta[1], 0.5, atol=1e-5)
@@ -113,7 +127,7 @@ def test_tta_undoes_the_flip_known_answer():
 def half_sure(x):
     """Class 1 has logit 4 on the first half of axis 0 and 0 on the other, class 0 logit 0: one copy
     is sure (p = 0.982), its mirror undecided (p = 0.5)."""
-    out = torch.full((x.shape[0], NUM_CLASSES, *x.shape[2:]), -30.0)
+    out = _scores(x)
     out[:, 0] = 0
     out[:, 1] = 0
     out[:, 1, : x.shape[2] // 2] = 4.0
@@ -123,7 +137,7 @@ def half_sure(x):
 def test_tta_averages_the_probabilities_not_the_logits():
     """Mean of softmax: (0.982 + 0.5) / 2 = 0.741. The mean of the logits (or a geometric mean of
     the probabilities) would give 0.881: this stub tells them apart, where the ramp cannot."""
-    tta = predict_probabilities(Stub(half_sure), scan(), np.eye(4), PREP, tta=True)
+    tta = predictor(Stub(half_sure), tta=True).probabilities(scan(), np.eye(4))
     sure = 1 / (1 + np.exp(-4.0))
     away_from_the_middle = np.r_[0:7, 13:20]  # axis 0 of the 20-voxel scan; the step blurs between
     np.testing.assert_allclose(tta[1][away_from_the_middle], (sure + 0.5) / 2, atol=1e-4)
@@ -135,31 +149,26 @@ def test_gaussian_blending_is_the_weighted_mean_of_the_windows_known_answer():
     Two windows of 8 along axis 0 (starts 0 and 4) overlap on voxels 4..7: there the blend is
     sum(g * index) / sum(g) with nnU-Net's Gaussian, sigma = 1/8 of the window (= 1 voxel)."""
     def local_index(x):
-        out = torch.zeros(x.shape[0], NUM_CLASSES, *x.shape[2:])
-        out[:, 1] = torch.arange(x.shape[2], dtype=torch.float32)[:, None, None]
+        out = _scores(x, 0.0)
+        out[:, 1] = np.arange(x.shape[2], dtype=np.float32)[:, None, None]
         return out
 
-    x = torch.zeros(1, 1, 12, 1, 1)
-    with torch.no_grad():
-        got = sliding_window_logits(Stub(local_index), x, (8, 1, 1), overlap=0.5)[0, 1, :, 0, 0].numpy()
+    x = np.zeros((1, 1, 12, 1, 1), np.float32)
+    got = predictor(Stub(local_index), window=(8, 1, 1), overlap=0.5).grid_scores(x)[0, 1, :, 0, 0]
     g = np.exp(-0.5 * ((np.arange(8) - 3.5) / (8 * 0.125)) ** 2)
     expected = []
     for v in range(12):
         parts = [(g[v - s], v - s) for s in (0, 4) if 0 <= v - s < 8]
         expected.append(sum(w * i for w, i in parts) / sum(w for w, _ in parts))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    flat = sliding_window_logits(Stub(local_index), x, (8, 1, 1), overlap=0.5, blend="constant")[0, 1, :, 0, 0]
-    np.testing.assert_allclose(flat[4:8].numpy(), [2.0, 3.0, 4.0, 5.0], atol=1e-6)  # (v + (v - 4)) / 2
-    assert not np.allclose(got[4:8], flat[4:8].numpy(), atol=1e-3), "the Gaussian weighs the window centres"
+    plain_mean = [(v + (v - 4)) / 2 for v in range(4, 8)]
+    assert not np.allclose(got[4:8], plain_mean, atol=1e-3), "the Gaussian weighs the window centres"
 
 
 def test_probabilities_sum_to_one_and_match_the_label(tiny_model, tiny_synth):
-    from hipseg_lib.checkpoint import load_model
-
-    model, prep, _, ckpt = load_model(tiny_model)
     vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
     for tta in (False, True):
-        probs = predict_probabilities(model, vol.array, vol.affine, prep, tta=tta)
+        probs = load_predictor(tiny_model, "cpu", InferenceSettings(tta=tta)).probabilities(vol.array, vol.affine)
         assert probs.shape == (NUM_CLASSES, *vol.shape) and probs.dtype == np.float32
         np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
         u = entropy(probs)
@@ -230,8 +239,8 @@ def test_predict_files_writes_probabilities_and_refuses_to_overwrite(tiny_model,
     pair = find_pairs(tiny_synth).pairs[0]
     out = tmp_path / "pred"
     # without post-processing the label map is the arg-max of the probabilities written beside it
-    written = predict_files(tiny_model, [pair.image], out, device="cpu", progress=False, probabilities=True,
-                            postprocess=False)
+    plain = load_predictor(tiny_model, "cpu", InferenceSettings(postprocess=False))
+    written = plain.predict_files([pair.image], out, progress=False, probabilities=True)
     label = nib.load(written[0])
     probs_path = out / probabilities_name(pair.image)
     probs = nib.load(probs_path)
@@ -245,9 +254,9 @@ def test_predict_files_writes_probabilities_and_refuses_to_overwrite(tiny_model,
     (out / prediction_name(pair.image)).unlink()
     stamp = probs_path.stat().st_mtime_ns
     with pytest.raises(HipsegError, match="_probs.nii.gz: already exists"):
-        predict_files(tiny_model, [pair.image], out, device="cpu", progress=False, probabilities=True)
+        plain.predict_files([pair.image], out, progress=False, probabilities=True)
     assert not (out / prediction_name(pair.image)).exists() and probs_path.stat().st_mtime_ns == stamp
-    predict_files(tiny_model, [pair.image], out, device="cpu", progress=False, probabilities=True, overwrite=True)
+    plain.predict_files([pair.image], out, progress=False, probabilities=True, overwrite=True)
     assert (out / prediction_name(pair.image)).exists()
 
 
@@ -265,26 +274,25 @@ def test_predict_cli_options(tiny_model, tiny_synth, tmp_path):
 
 def test_compare_inference_scores_every_variant(tiny_model, tiny_synth):
     from hipseg_lib.calibration import organ_uncertainty, reliability_counts
-    from hipseg_lib.checkpoint import load_model
     from hipseg_lib.inference_options import DEFAULT_VARIANT, VARIANTS, compare_inference, inference_table
 
-    model, prep, _, ckpt = load_model(tiny_model)
+    predictor = load_predictor(tiny_model, "cpu")
     pairs = find_pairs(tiny_synth).pairs[:2]
-    comp = compare_inference(model, prep, pairs)
+    comp = compare_inference(predictor, pairs)
     assert list(comp["results"]) == [n for n, _, _ in VARIANTS] and DEFAULT_VARIANT == "TTA + post-processing"
     for name, tta, post in VARIANTS:
         rows = comp["results"][name]
         assert [r["id"] for r in rows] == [str(p.id) for p in pairs]
         assert len(comp["seconds"][name]) == len(pairs), "seconds per volume, for each volume"
         for r in rows:
-            single = predict_probabilities(model, r["image"], load_volume(pairs[0].image).affine, prep, tta=tta) \
+            single = predictor.replace(tta=tta).probabilities(r["image"], load_volume(pairs[0].image).affine) \
                 if r["id"] == str(pairs[0].id) else None
             if single is not None:  # the same label map as predicting that way directly
                 np.testing.assert_array_equal(r["pred"], labels_from_probabilities(single, post))
     assert len(comp["entropy"]["TTA"]) == 2 and comp["entropy"]["TTA"][0].dtype == np.float16
     # the reference variant's calibration counts and organ uncertainty, as computed directly
     vol = load_volume(pairs[0].image)
-    probs = predict_probabilities(model, vol.array, vol.affine, prep, tta=True)
+    probs = predictor.replace(tta=True).probabilities(vol.array, vol.affine)
     truth = comp["results"]["TTA"][0]["truth"]
     pred = comp["results"]["TTA"][0]["pred"]
     first = reliability_counts(probs, truth, (truth > 0) | (pred > 0))
@@ -320,7 +328,7 @@ def test_the_inference_rule_decides_from_validation_numbers():
     assert choose_inference(_comparison(worse, hd))[0] == "plain", "mirroring that costs a class 0.01 stays off"
     far = dict(hd, **{"post-processing": [3.0, 3.0, 3.0, 3.0, 1.0]})
     name, reasons = choose_inference(_comparison(flat, far))
-    assert name == "TTA + post-processing" and "prostate" in reasons[1], "a stray piece removed: HD95 2 mm better"
+    assert name == "TTA + post-processing" and "prostate" in reasons[2], "a stray piece removed: HD95 2 mm better"
     hurt = dict(flat, **{"post-processing": [0.9, 0.8, 0.95, 0.85, 0.7]})
     assert choose_inference(_comparison(hurt, hd))[0] == "TTA", "a gain elsewhere does not pay for a loss"
 

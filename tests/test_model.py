@@ -259,7 +259,8 @@ def test_a_checkpoint_of_the_seeds_design_predicts(tmp_path):
     import numpy as np
 
     from hipseg_lib.checkpoint import load_model, save_checkpoint
-    from hipseg_lib.predict import predict_array
+    from hipseg_lib.predict import TorchBackend, load_predictor
+    from hipseg_lib.predictor import InferenceSettings, Predictor
     from hipseg_lib.preprocess import Preprocessing
 
     old = {"in_channels": 1, "num_classes": 6, "base_channels": 4, "depth": 3, "dropout": 0.0,
@@ -271,8 +272,9 @@ def test_a_checkpoint_of_the_seeds_design_predicts(tmp_path):
     model = load_model(path).network
     assert model.config.downsample == "maxpool" and model.config.light_levels == 0
     image = np.random.default_rng(0).normal(100, 20, (20, 18, 10)).astype(np.float32)
-    got = predict_array(model, image, np.eye(4), prep, tta=False)
-    want = predict_array(seed_design, image, np.eye(4), prep, tta=False)
+    plain = InferenceSettings(tta=False)
+    got = load_predictor(path, "cpu", plain).labels(image, np.eye(4))
+    want = Predictor(TorchBackend(seed_design), prep, plain).labels(image, np.eye(4))
     assert got.shape == image.shape and np.array_equal(got, want)
     from hipseg_lib import HipsegError
 

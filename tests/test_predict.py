@@ -10,48 +10,47 @@ from hipseg_lib.checkpoint import load_model, read_checkpoint, save_checkpoint
 from hipseg_lib.io import find_pairs, load_volume
 from hipseg_lib.model import ModelConfig, ResUNet3D
 from hipseg_lib.evaluate import evaluate_folders
-from hipseg_lib.predict import predict_array, predict_files, prediction_name, sliding_window_logits
+from hipseg_lib.portable import prediction_name
+from hipseg_lib.predict import load_predictor
+from hipseg_lib.predictor import InferenceSettings
 from hipseg_lib.preprocess import Preprocessing
 
 
 
-def test_predict_array_shape_and_orientation_round_trip(tiny_model, tiny_synth):
-    model, prep, _, ckpt = load_model(tiny_model)
+def test_labels_keep_the_scans_shape_and_follow_its_orientation(tiny_model, tiny_synth):
+    predictor = load_predictor(tiny_model, "cpu")
     vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
-    pred = predict_array(model, vol.array, vol.affine, prep)
+    pred = predictor.labels(vol.array, vol.affine)
     assert pred.shape == vol.shape and pred.dtype == np.uint8
     # The same scan stored in RAS order (x and y flipped) gets the same labels, flipped back.
     ras = vol.affine.copy()
     ras[:, 0] *= -1
     ras[:, 1] *= -1
-    pred_ras = predict_array(model, vol.array[::-1, ::-1].copy(), ras, prep)
+    pred_ras = predictor.labels(vol.array[::-1, ::-1].copy(), ras)
     np.testing.assert_array_equal(pred_ras, pred[::-1, ::-1])
 
 
-def test_sliding_window_matches_whole_volume_shape(tiny_model, tiny_synth):
-    model, prep, _, ckpt = load_model(tiny_model)
+def test_sliding_windows_give_the_whole_volumes_labels_mostly(tiny_model, tiny_synth):
+    predictor = load_predictor(tiny_model, "cpu")
     vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
-    whole = predict_array(model, vol.array, vol.affine, prep)
-    windows = predict_array(model, vol.array, vol.affine, prep, memory_bytes=1)
+    whole = predictor.labels(vol.array, vol.affine)
+    windows = predictor.replace(memory_bytes=1).labels(vol.array, vol.affine)
     assert windows.shape == whole.shape
     assert (windows == whole).mean() > 0.8
-    x = torch.randn(1, 1, 16, 16, 8)
-    with torch.no_grad():
-        out = sliding_window_logits(model, x, (8, 8, 8))
-    assert out.shape == (1, 6, 16, 16, 8)
 
 
 def test_predict_files_writes_uint8_with_input_geometry(tiny_model, tiny_synth, tmp_path):
     pair = find_pairs(tiny_synth).pairs[0]
     out = tmp_path / "pred"
-    written = predict_files(tiny_model, [pair.image], out, device="cpu", progress=False)
+    predictor = load_predictor(tiny_model, "cpu")
+    written = predictor.predict_files([pair.image], out, progress=False)
     assert [w.name for w in written] == [prediction_name(pair.image)]
     src, res = nib.load(pair.image), nib.load(written[0])
     assert res.shape == src.shape and np.allclose(res.affine, src.affine)
     assert res.get_data_dtype() == np.uint8
     with pytest.raises(HipsegError, match="already exists"):
-        predict_files(tiny_model, [pair.image], out, device="cpu", progress=False)
-    predict_files(tiny_model, [pair.image], out, device="cpu", overwrite=True, progress=False)
+        predictor.predict_files([pair.image], out, progress=False)
+    predictor.predict_files([pair.image], out, overwrite=True, progress=False)
 
 
 def test_predict_any_dtype_and_big_endian(tiny_model, tiny_synth, tmp_path):
@@ -69,7 +68,8 @@ def test_predict_any_dtype_and_big_endian(tiny_model, tiny_synth, tmp_path):
         paths[order] = tmp_path / f"scan_{'be' if order == '>' else 'le'}.nii"
         nib.save(img, paths[order])
     assert nib.load(paths[">"]).header.endianness == ">"
-    out = {o: predict_files(tiny_model, [p], tmp_path / f"o{i}", device="cpu", progress=False)[0]
+    predictor = load_predictor(tiny_model, "cpu")
+    out = {o: predictor.predict_files([p], tmp_path / f"o{i}", progress=False)[0]
            for i, (o, p) in enumerate(paths.items())}
     labels = {o: np.asanyarray(nib.load(f).dataobj) for o, f in out.items()}
     assert labels[">"].shape == vol.shape and np.array_equal(labels[">"], labels["<"])
@@ -116,7 +116,7 @@ def test_checkpoint_refusals(tiny_model, tmp_path):
 
 def test_evaluate_folders_pairs_by_name(tiny_model, tiny_synth, tmp_path):
     pairs = find_pairs(tiny_synth).pairs[:2]
-    predict_files(tiny_model, [p.image for p in pairs], tmp_path / "pred", device="cpu", progress=False)
+    load_predictor(tiny_model, "cpu").predict_files([p.image for p in pairs], tmp_path / "pred", progress=False)
     truth = tmp_path / "truth"
     truth.mkdir()
     for p in pairs:
@@ -129,6 +129,8 @@ def test_evaluate_folders_pairs_by_name(tiny_model, tiny_synth, tmp_path):
     stray.unlink()
     assert set(doc["cases"][0]["metrics"]) == {"dice", "iou", "hd95", "asd"}
     assert doc["summary"]["dice"]["background"]["n"] == 2
+    assert set(doc["per_patient"]["dice"]) == {"body", "bones", "bladder", "rectum", "prostate"}
+    assert set(doc["per_patient"]["dice"]["body"]["patients"]) == {p.id.case for p in pairs}
     # A perfect prediction scores 1.0 and 0 mm.
     perfect = tmp_path / "perfect"
     perfect.mkdir()
@@ -140,34 +142,33 @@ def test_evaluate_folders_pairs_by_name(tiny_model, tiny_synth, tmp_path):
 
 def test_a_patch_trained_network_validates_and_predicts_in_windows(tiny_synth, tmp_path, monkeypatch):
     """Trained on 8x8x8 patches of a 16x16x8 grid, the network is validated during training and
-    run by ``predict_files`` in sliding windows of that patch size, never on the whole grid."""
+    run by ``hipseg predict``'s predictor in sliding windows of that patch size, never on the whole
+    grid: every input the network sees is one patch."""
     import hipseg_lib.predict as P
     from hipseg_lib.config import make_config
     from hipseg_lib.train import train
 
-    windows = []
-    real = P.sliding_window_logits
-
-    def spy(model, x, patch, *args, **kwargs):
-        windows.append((tuple(patch), tuple(x.shape[2:])))
-        return real(model, x, patch, *args, **kwargs)
-
-    monkeypatch.setattr(P, "sliding_window_logits", spy)
+    seen = []
+    real = P.TorchBackend.__call__
+    monkeypatch.setattr(P.TorchBackend, "__call__", lambda self, x: seen.append(tuple(x.shape[2:])) or real(self, x))
     cfg = make_config("smoke", target_shape=(16, 16, 8), patch_shape=(8, 8, 8), base_channels=4, depth=2,
                       epochs=1, amp="off", cache_dir=str(tmp_path / "cache"))
     train(cfg, tiny_synth, tmp_path / "m", progress=False, log=lambda s: None)
     from hipseg_lib.data import split_folder
     n_val = len(split_folder(tiny_synth, cfg.split_seed)["val"])
-    assert n_val > 0 and len(windows) == n_val, "the one validation ran every volume in windows"
-    assert set(windows) == {((8, 8, 8), (16, 16, 8))}
+    from hipseg_lib.predictor import plan_windows
 
-    windows.clear()
-    loaded = load_model(tmp_path / "m" / "new_model.pth")
-    assert loaded.window == (8, 8, 8) and not hasattr(loaded.network, "inference_patch")
+    per_volume = len(plan_windows((16, 16, 8), (8, 8, 8)))  # 3 x 3 x 1 overlapping by half
+    assert n_val > 0 and per_volume == 9 and len(seen) == per_volume * n_val
+    assert set(seen) == {(8, 8, 8)}
+
+    seen.clear()
+    predictor = load_predictor(tmp_path / "m" / "new_model.pth", "cpu", InferenceSettings(tta=False))
+    assert predictor.settings.window == (8, 8, 8)
     image = find_pairs(tiny_synth).pairs[0].image
-    written = predict_files(tmp_path / "m" / "new_model.pth", [image], tmp_path / "out", tta=False)
+    written = predictor.predict_files([image], tmp_path / "out")
     assert len(written) == 1 and nib.load(written[0]).shape == load_volume(image).shape
-    assert windows == [((8, 8, 8), (16, 16, 8))], "prediction ran in windows of the patch size"
+    assert seen and set(seen) == {(8, 8, 8)}, "prediction ran in windows of the patch size"
 
 
 def test_a_model_trained_on_a_planned_spacing_predicts_on_each_scans_own_grid(tiny_synth, tmp_path):
@@ -176,21 +177,31 @@ def test_a_model_trained_on_a_planned_spacing_predicts_on_each_scans_own_grid(ti
     either orientation, and the torch-free numpy path puts it back the same way."""
     from hipseg_lib.config import make_config
     from hipseg_lib.data import plan_target_spacing, split_folder
-    from hipseg_lib.predict import predict_probabilities
     from hipseg_lib.train import train
 
     cfg = make_config("smoke", target_shape=(32, 32, 16), base_channels=4, depth=3, epochs=1, amp="off",
                       resample="spacing")
     r = train(cfg, tiny_synth, tmp_path / "m", progress=False, log=lambda s: None)
-    model, prep, _, ckpt = load_model(r.best_path)
+    predictor = load_predictor(r.best_path, "cpu")
+    prep = predictor.preprocessing
     planned = plan_target_spacing(split_folder(tiny_synth)["train"], cfg.preprocessing)
     assert prep.resample == "spacing" and prep.target_spacing == planned
     vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
-    probs = predict_probabilities(model, vol.array, vol.affine, prep)
+    probs = predictor.probabilities(vol.array, vol.affine)
     assert probs.shape == (6, *vol.shape) and np.allclose(probs.sum(0), 1, atol=1e-4)
-    pred = predict_array(model, vol.array, vol.affine, prep)
+    pred = predictor.labels(vol.array, vol.affine)
     ras = vol.affine.copy()
     ras[:, 0] *= -1
     ras[:, 1] *= -1
-    np.testing.assert_array_equal(predict_array(model, vol.array[::-1, ::-1].copy(), ras, prep),
-                                  pred[::-1, ::-1])
+    np.testing.assert_array_equal(predictor.labels(vol.array[::-1, ::-1].copy(), ras), pred[::-1, ::-1])
+
+
+def test_the_old_prediction_functions_still_work_and_say_what_replaces_them(tiny_model, tiny_synth):
+    from hipseg_lib.predict import predict_array
+
+    model, prep, _, _ = load_model(tiny_model)
+    vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
+    with pytest.warns(DeprecationWarning, match="load_predictor"):
+        old = predict_array(model, vol.array, vol.affine, prep, tta=False)
+    new = load_predictor(tiny_model, "cpu", InferenceSettings(tta=False)).labels(vol.array, vol.affine)
+    np.testing.assert_array_equal(old, new)
