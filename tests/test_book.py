@@ -140,7 +140,8 @@ def test_no_code_block_scrolls_sideways_in_a_browser(built_book, chromium):
 @pytest.mark.slow  # the book built with papermill
 def test_built_pages_work_with_the_network_off(built_book, chromium):
     """Every page opened with every request outside the build refused: none is attempted, the
-    players' icons are drawn (the theme's own Font Awesome), and chapter 5's 3D view turns."""
+    players' icons are drawn (the theme's own Font Awesome), chapter 4's formulas are typeset
+    (MathJax shipped with the book) and chapter 5's 3D view turns."""
     from playwright.sync_api import sync_playwright
 
     _, html = built_book
@@ -161,6 +162,8 @@ def test_built_pages_work_with_the_network_off(built_book, chromium):
             page.goto(path.as_uri())
             if path.name.startswith(("01_", "05_")):
                 page.wait_for_selector(".anim-buttons svg", timeout=20_000)  # icons drawn
+            if path.name.startswith("04_"):  # the loss's formulas, typeset by the MathJax the build ships
+                page.wait_for_selector("mjx-container", timeout=20_000)
             if path.name.startswith("05_"):
                 turntable = page.locator(".hipseg-turntable")
                 turntable.scroll_into_view_if_needed()
