@@ -40,7 +40,7 @@ test-fast: setup
 
 data: setup
 	@if [ "$(DATA)" = "$(DEFAULT_DATA)" ]; then \
-	  $(BIN)/python -c "from hipseg_lib.locations import resolve_data_dir; print(resolve_data_dir())"; \
+	  $(BIN)/python -c "from hipseg_lib.locations import ensure_default_dataset; print(ensure_default_dataset())"; \
 	elif [ -d "$(DATA)" ]; then echo "$(DATA) exists: kept as it is"; \
 	else $(BIN)/hipseg synth --out $(DATA); fi
 

@@ -38,14 +38,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from provenance import markdown_line, provenance  # noqa: E402
+
 from hipseg_lib.augment import RandomAugmentation  # noqa: E402
 from hipseg_lib.config import make_config  # noqa: E402
 from hipseg_lib.data import TrainingBatches, TrainingSet, cache_pairs, split_folder  # noqa: E402
 from hipseg_lib.plan import BF16_PEAK_TFLOPS, step_flops  # noqa: E402
-from provenance import markdown_line, provenance  # noqa: E402
 
 BGV2 = "batchgeneratorsv2==0.3.6"
-# what batchgeneratorsv2's transforms import beyond torch, numpy and scipy (its blur imports skimage, its spatial transform pandas)
+# what batchgeneratorsv2's transforms import beyond torch, numpy and scipy (its blur imports skimage,
+# its spatial transform pandas)
 BGV2_NEEDS = ("scikit-image==0.26.0", "lazy_loader==0.6", "imageio==2.38.1", "tifffile==2026.3.3", "networkx==3.6.1",
               "pandas==3.1.1", "tzdata==2026.6")
 MFUS = (0.10, 0.20, 0.40)
@@ -141,8 +143,16 @@ def monai_transforms(device):
     sample at a time (MONAI's transforms take one sample): its rotation and scaling as one
     resampling, noise, smoothing, intensity scaling, low resolution, gamma (of the inverted image
     too), mirroring, with nnU-Net's probabilities."""
-    from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandFlipd, RandGaussianNoised,
-                                  RandGaussianSmoothd, RandScaleIntensityd, RandSimulateLowResolutiond)
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrastd,
+        RandAffined,
+        RandFlipd,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
+        RandScaleIntensityd,
+        RandSimulateLowResolutiond,
+    )
 
     keys = ["image", "label"]
     rot = math.radians(30)
@@ -237,10 +247,10 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="at least this long to time each row")
     p.add_argument("--out", default=None, help="results file (default benchmarks/results/loader_<device>.md)")
     a = p.parse_args(argv)
-    from hipseg_lib.locations import resolve_data_dir
     from hipseg_lib.data import default_cache_dir
+    from hipseg_lib.locations import ensure_default_dataset
 
-    data = resolve_data_dir(a.data)
+    data = ensure_default_dataset(a.data)
     cache = default_cache_dir()
     train_pairs = split_folder(data)["train"][: a.volumes]
     devices = [torch.device("cpu")] + ([torch.device("cuda", 0)] if torch.cuda.is_available() else [])
@@ -255,7 +265,7 @@ def main(argv=None) -> int:
                                                 for m in MFUS}}
         b = cfg.batch_size
 
-        def row(name, rate):
+        def row(name, rate, grid=grid):
             rows.append({"grid": grid, "pipeline": name, "volumes_per_s": rate, "s_per_volume": 1 / rate})
             print(f"{grid:>4} {name:<34} {rate:8.2f} volumes/s  ({1000 / rate:7.1f} ms per volume)", flush=True)
 
@@ -298,7 +308,8 @@ def write(rows, plans, prov, out=None, notes=()) -> Path:
     for grid, pl in plans.items():
         lines.append(f"| {grid} ({pl['grid']}) | {pl['batch']} | {pl['tflop_per_step']:.3f} | "
                      + " | ".join(f"{v:.0f} vol/s" for v in pl["needed_volumes_per_s"].values()) + " |")
-    lines += ["", "| grid | pipeline | volumes/s | ms per volume | share of the 10 % MFU need |", "|---|---|---|---|---|"]
+    lines += ["", "| grid | pipeline | volumes/s | ms per volume | share of the 10 % MFU need |",
+              "|---|---|---|---|---|"]
     for r in rows:
         need = plans[r["grid"]]["needed_volumes_per_s"]["10 %"]
         lines.append(f"| {r['grid']} | {r['pipeline']} | {r['volumes_per_s']:.2f} | {1000 * r['s_per_volume']:.1f} | "

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -35,19 +34,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import markdown_line, provenance
 
 from hipseg_lib import CLASS_NAMES, NUM_CLASSES
-from hipseg_lib.locations import resolve_data_dir
-from hipseg_lib.data import TrainingBatches, TrainingSet
 from hipseg_lib.augment import augmentation_named
+from hipseg_lib.config import make_config, parse_settings
+from hipseg_lib.cpu_kernels import use_cpu_kernels
+from hipseg_lib.data import TrainingBatches, TrainingSet, load_split_volumes
+from hipseg_lib.locations import ensure_default_dataset
 from hipseg_lib.loss import DiceCELoss
 from hipseg_lib.metrics import dice_per_class
-from hipseg_lib.cpu_kernels import use_cpu_kernels
 from hipseg_lib.model import ResUNet3D, count_parameters
-from hipseg_lib.config import make_config, parse_settings
-from hipseg_lib.data import load_split_volumes
-
-from provenance import markdown_line, provenance
 from hipseg_lib.runtime import autocast_for, resolve_device, seed_everything
 
 MODELS = ("hipseg-ResUNet3D", "monai-UNet", "monai-BasicUNet")
@@ -70,7 +67,8 @@ def split_variant(name: str) -> tuple[str, dict]:
     """``"hipseg-ResUNet3D+light_levels=3+top_kernel=0"`` -> the network and its settings: a variant
     of ours in the same run (MONAI's width still follows the network of the preset and ``--set``).
     ``"monai-UNet+conv=hipseg"``: MONAI's network computing its convolutions with hipseg's
-    the convolution kernels of :func:`~hipseg_lib.cpu_kernels.use_cpu_kernels` (the same layers and weights, other CPU kernels)."""
+    the convolution kernels of :func:`~hipseg_lib.cpu_kernels.use_cpu_kernels` (the same layers and weights,
+    other CPU kernels)."""
     base, *settings = name.split("+")
     if base in MODELS and base != "hipseg-ResUNet3D" and settings == ["conv=hipseg"]:
         return base, {"conv": "hipseg"}
@@ -123,7 +121,7 @@ class Trainer:
             model = use_cpu_kernels(model)
         self.name, self.cfg, self.budget, self.seed = name, cfg, args.minutes * 60, args.seed
         self.device = device = resolve_device(cfg.device)
-        self.vols = load_split_volumes(resolve_data_dir(args.data), cfg)
+        self.vols = load_split_volumes(ensure_default_dataset(args.data), cfg)
         # as training draws them: resident on the device, augmented there (hipseg_lib.data)
         self.loader = TrainingBatches(TrainingSet(self.vols["train"], device, cfg.data_on), cfg.batch_size,
                                       seed=args.seed, augmentation=augmentation_named(cfg.augmentation))
@@ -224,8 +222,7 @@ class Worker:
     def __init__(self, name: str):
         self.name = name
         cmd = [sys.executable, __file__, "--worker", name] + sys.argv[1:]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, "HIPSEG_PLAIN_PROGRESS": "1"})
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def ask(self, command: str | None, answer: str) -> str:
         """Send ``command`` (None: just wait) and return the first line that starts with ``answer``."""
@@ -289,7 +286,7 @@ def main() -> int:
               file=sys.stderr)
         return 1
     # The default data and the preprocessing cache, made once, before the workers that read them.
-    load_split_volumes(resolve_data_dir(args.data), run_config(args))
+    load_split_volumes(ensure_default_dataset(args.data), run_config(args))
     # The networks train in turns of --slice seconds, so that a shared machine's speed, which
     # drifts over minutes, weighs on each alike: each gets the same seconds of training, however
     # fast the machine was in between.
@@ -318,7 +315,8 @@ def main() -> int:
     tag = "gpu" if rows[0]["device"] and not rows[0]["device"].startswith("CPU") else "cpu"
     prov = provenance()
     (out / f"models_{tag}.json").write_text(json.dumps({"provenance": prov, "rows": rows}, indent=2))
-    md = (markdown_line(prov) + "\n\n" + f"Device: {rows[0]['device']}; preset {rows[0]['preset']}, grid {rows[0]['target_shape']}, "
+    md = (markdown_line(prov) + "\n\n"
+          + f"Device: {rows[0]['device']}; preset {rows[0]['preset']}, grid {rows[0]['target_shape']}, "
           f"batch {rows[0]['batch_size']}, amp {rows[0]['amp']}, {args.minutes:g} min of training each, "
           f"in turns of {args.slice:g} s, seed {args.seed}.\n\n" + table(rows))
     (out / f"models_{tag}.md").write_text(md + "\n")

@@ -75,12 +75,12 @@ def one(preset_name: str, option: str, shape: tuple[int, int, int]) -> dict:
     import numpy as np
     import torch
 
+    from hipseg_lib.config import make_config
     from hipseg_lib.cpu_kernels import use_cpu_kernels
     from hipseg_lib.model import ResUNet3D
     from hipseg_lib.predict import TorchBackend
     from hipseg_lib.predictor import InferenceSettings, Predictor
     from hipseg_lib.synth import SynthSpec, make_case_anatomy, render_volume
-    from hipseg_lib.config import make_config
 
     torch.set_num_threads(2)
     cfg = make_config(preset_name)
@@ -99,8 +99,8 @@ def one(preset_name: str, option: str, shape: tuple[int, int, int]) -> dict:
         seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     assert label.shape == shape
-    return {"preset": preset_name, "grid": list(cfg.preprocessing.target_shape), "option": option, "seconds": round(seconds, 2),
-            "peak_rss_gb": round(peak, 2), "rss_before_gb": round(before, 2)}
+    return {"preset": preset_name, "grid": list(cfg.preprocessing.target_shape), "option": option,
+            "seconds": round(seconds, 2), "peak_rss_gb": round(peak, 2), "rss_before_gb": round(before, 2)}
 
 
 def main() -> int:

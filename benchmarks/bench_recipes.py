@@ -15,6 +15,7 @@ About 5-10 minutes per recipe on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -22,16 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-import json
-
 from hipseg_lib import CLASS_NAMES
-from hipseg_lib.locations import resolve_data_dir
+from hipseg_lib.config import make_config
 from hipseg_lib.data import split_by_case
-from hipseg_lib.io import find_pairs
 from hipseg_lib.evaluate import evaluate_pairs
+from hipseg_lib.io import find_pairs
+from hipseg_lib.locations import ensure_default_dataset
 from hipseg_lib.predict import load_predictor
 from hipseg_lib.predictor import InferenceSettings
-from hipseg_lib.config import make_config
 from hipseg_lib.train import train
 
 RECIPES = {
@@ -66,7 +65,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=16, help="16 is the cpu preset's; fewer for a quick look")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md (with provenance) as well")
     a = p.parse_args()
-    data = resolve_data_dir(a.data)
+    data = ensure_default_dataset(a.data)
     fg = CLASS_NAMES[1:]
     print("| recipe | steps | training (min) | grid spacing (mm) | " + " | ".join(f"{n} Dice" for n in fg)
           + " | mean Dice | " + " | ".join(f"{n} HD95" for n in fg) + " |")

@@ -22,10 +22,10 @@ import time
 import torch
 
 from hipseg_lib import NUM_CLASSES
-from hipseg_lib.loss import DiceCELoss
-from hipseg_lib.cpu_kernels import CPUConv3d, use_cpu_kernels
-from hipseg_lib.model import ResUNet3D
 from hipseg_lib.config import make_config
+from hipseg_lib.cpu_kernels import CPUConv3d, use_cpu_kernels
+from hipseg_lib.loss import DiceCELoss
+from hipseg_lib.model import ResUNet3D
 from hipseg_lib.runtime import autocast_for, resolve_device
 
 

@@ -49,11 +49,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_step, provenance
 
+from provenance import markdown_line, provenance  # noqa: E402
+
 from hipseg_lib.config import make_config  # noqa: E402
 from hipseg_lib.model import ResUNet3D, count_parameters  # noqa: E402
 from hipseg_lib.plan import peak_tflops, plan_run, step_flops  # noqa: E402
 from hipseg_lib.runtime import cuda_has_bf16  # noqa: E402
-from provenance import markdown_line, provenance  # noqa: E402
 
 # The numerical stage's thresholds: bf16 against fp32 with TF32 off.
 CONV_RELATIVE_ERROR = 1e-2
@@ -309,7 +310,8 @@ def stage_resume(ctx: Context, out: dict) -> None:
     stopped_at = read_checkpoint(killed / "last.pth")["epoch"]
     states = read_checkpoint(killed / "last.pth")["rng_states"]
     out["random states saved"] = ", ".join(k for k, v in states[0].items() if v is not None)
-    for cmd in (_train_cmd(data, killed, ctx.dry, resume=True), _train_cmd(data, ctx.work / "resume-straight", ctx.dry)):
+    straight = ctx.work / "resume-straight"
+    for cmd in (_train_cmd(data, killed, ctx.dry, resume=True), _train_cmd(data, straight, ctx.dry)):
         ctx.check_budget()
         r = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=max(30, ctx.left()))
         if r.returncode:

@@ -1,8 +1,8 @@
 """How far intensity alone gets: a per-voxel histogram classifier on the default data set.
 
-Fits :func:`hipseg_lib.baseline.fit_intensity_classifier` (via ``intensity_baseline_dice``) on the training cases (preprocessed as the
-`cpu` preset does) and prints per-class Dice on the test cases. A mean foreground Dice well below
-the network's shows that the data need spatial context.
+Fits :func:`hipseg_lib.baseline.fit_intensity_classifier` (via ``intensity_baseline_dice``) on the
+training cases (preprocessed as the `cpu` preset does) and prints per-class Dice on the test cases.
+A mean foreground Dice well below the network's shows that the data need spatial context.
 
     .venv/bin/python benchmarks/intensity_baseline.py [--data DIR] [--preset cpu]
 """
@@ -15,9 +15,9 @@ import numpy as np
 
 from hipseg_lib import CLASS_NAMES
 from hipseg_lib.baseline import intensity_baseline_dice
-from hipseg_lib.locations import resolve_data_dir
 from hipseg_lib.config import make_config
 from hipseg_lib.data import load_split_volumes
+from hipseg_lib.locations import ensure_default_dataset
 
 
 def main() -> int:
@@ -26,7 +26,7 @@ def main() -> int:
     p.add_argument("--preset", default="cpu")
     a = p.parse_args()
     cfg = make_config(a.preset)
-    vols = load_split_volumes(resolve_data_dir(a.data), cfg)
+    vols = load_split_volumes(ensure_default_dataset(a.data), cfg)
     print(f"intensity-only classifiers, {len(vols['train'])} training / {len(vols['test'])} test volumes, "
           f"grid {cfg.preprocessing.target_shape}")
     for balanced in (False, True):

@@ -52,11 +52,11 @@ def main() -> int:
     p.add_argument("--data", default=None, help="a hipseg data folder (default: the project's synthetic set)")
     p.add_argument("--out", default=None, help="also write the outcome here (Markdown)")
     a = p.parse_args()
-    from hipseg_lib.locations import resolve_data_dir
     from hipseg_lib.convert import to_nnunet
     from hipseg_lib.data import default_cache_dir
+    from hipseg_lib.locations import ensure_default_dataset
 
-    data = resolve_data_dir(a.data)
+    data = ensure_default_dataset(a.data)
     raw = Path(tempfile.mkdtemp(prefix="nnunet-raw-"))
     os.environ["nnUNet_raw"] = str(raw)
     dataset = raw / "Dataset501_HipMRI"

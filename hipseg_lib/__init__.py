@@ -24,7 +24,25 @@ LOG_NAME = "train_log.jsonl"
 
 
 class HipsegError(Exception):
-    """A problem with user input, reported as one line without a traceback."""
+    """A problem with user input, reported as one line without a traceback. The library states the
+    problem; ``cli_hint`` (if any) is what the command line adds: the flag that changes it."""
+
+    cli_hint: str = ""
+
+
+class SettingsError(HipsegError, ValueError):
+    """A bad setting (of the network, the preprocessing, training or inference): an unknown name or
+    preset, or a value out of range. One type for all of them: a ``ValueError`` for code, one line
+    at the command line."""
+
+
+class OutputExists(HipsegError):
+    """An output file is there already and was not to be replaced."""
+
+    cli_hint = "use --overwrite to replace it"
+
+    def __init__(self, path):
+        super().__init__(f"{path}: already exists")
 
 
 def first_line(exc: BaseException, limit: int = 160) -> str:
@@ -33,6 +51,6 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
 
 
-__all__ = ["__version__", "CLASS_NAMES", "NUM_CLASSES", "HipsegError", "first_line",
+__all__ = ["__version__", "CLASS_NAMES", "NUM_CLASSES", "HipsegError", "SettingsError", "OutputExists", "first_line",
            "BACKGROUND", "BODY", "BONES", "BLADDER", "RECTUM", "PROSTATE",
            "DEFAULT_TTA", "DEFAULT_POSTPROCESS", "BEST_NAME", "LAST_NAME", "LOG_NAME"]

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from . import HipsegError
+from . import HipsegError, OutputExists
 
 __all__ = ["atomic_path", "write_json_atomic"]
 
@@ -51,7 +51,7 @@ def write_json_atomic(doc: dict, path: str | os.PathLike, overwrite: bool = True
     """Write JSON through a temporary file and a rename."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise HipsegError(f"{path}: already exists (use --overwrite to replace it)")
+        raise OutputExists(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

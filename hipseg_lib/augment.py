@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import SettingsError
 from .runtime import host_to
 
 __all__ = [
@@ -95,8 +96,10 @@ class Affine:
     def rotation(cls, angles: Sequence[float], scale: float = 1.0,
                  spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> "Affine":
         """Rotation by ``angles`` (radians, about axes 0, 1, 2) and ``scale``: :func:`rotation_matrix`."""
-        matrix = rotation_matrix(angles, scale)
-        return cls(tuple(tuple(float(v) for v in row) for row in matrix), tuple(float(v) for v in spacing))
+        m = rotation_matrix(angles, scale)
+        rows = ((float(m[0, 0]), float(m[0, 1]), float(m[0, 2])), (float(m[1, 0]), float(m[1, 1]), float(m[1, 2])),
+                (float(m[2, 0]), float(m[2, 1]), float(m[2, 2])))
+        return cls(rows, (float(spacing[0]), float(spacing[1]), float(spacing[2])))
 
     def theta(self, shape: Sequence[int]) -> torch.Tensor:
         """The ``(3, 4)`` matrix of ``F.affine_grid`` for a grid of ``shape`` (X, Y, Z).
@@ -272,7 +275,8 @@ def augment_batch(images: torch.Tensor, labels: torch.Tensor, augmentations: Seq
     if moved:
         images, labels = images.clone(), labels.clone()
         index = host_to(torch.tensor(moved), images.device)
-        imgs, labs = _resample(images[index], labels[index], [augmentations[i].spatial for i in moved])
+        spatial = [a for a in (augmentations[i].spatial for i in moved) if a is not None]
+        imgs, labs = _resample(images[index], labels[index], spatial)
         images[index], labels[index] = imgs, labs
     out_i, out_l = [], []
     for aug, image, label in zip(augmentations, images, labels):
@@ -328,9 +332,9 @@ class RandomAugmentation:
         for name in ("p_rotation", "p_scaling", "p_noise", "p_blur", "p_brightness", "p_contrast",
                      "p_low_resolution", "p_gamma_inverted", "p_gamma", "p_mirror"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise SettingsError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if any(a not in (0, 1, 2) for a in self.mirror_axes):
-            raise ValueError(f"mirror_axes must be among 0, 1, 2, got {self.mirror_axes}")
+            raise SettingsError(f"mirror_axes must be among 0, 1, 2, got {self.mirror_axes}")
 
     def rotation_angles(self, rng: np.random.Generator, spacing: Sequence[float]) -> list[float]:
         """Angles (radians) about axes 0, 1, 2: all three within the range, or, for thick slices,
@@ -355,7 +359,8 @@ class RandomAugmentation:
         if rng.random() < self.p_noise:
             intensity.append(GaussianNoise(float(rng.uniform(*self.noise_std)), int(rng.integers(2**62))))
         if rng.random() < self.p_blur:
-            intensity.append(GaussianBlur(tuple(float(rng.uniform(*self.blur_sigma)) for _ in range(3))))
+            sigma = [float(rng.uniform(*self.blur_sigma)) for _ in range(3)]
+            intensity.append(GaussianBlur((sigma[0], sigma[1], sigma[2])))
         if rng.random() < self.p_brightness:
             intensity.append(Brightness(_either_side_of_one(rng, *self.brightness)))
         if rng.random() < self.p_contrast:
@@ -381,11 +386,12 @@ def augmentation_named(spec: str | dict) -> RandomAugmentation:
     if isinstance(spec, dict):
         unknown = set(spec) - set(RandomAugmentation.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown augmentation settings: {', '.join(sorted(unknown))}")
-        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+            raise SettingsError(f"unknown augmentation settings: {', '.join(sorted(unknown))}")
+        fixed: dict = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
         return dataclasses.replace(AUGMENTATIONS["nnunet"], **fixed)
     if spec not in AUGMENTATIONS:
-        raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)} or a dict of settings, got {spec!r}")
+        raise SettingsError(f"augmentation must be one of {', '.join(AUGMENTATIONS)} or a dict of settings, "
+                            f"got {spec!r}")
     return AUGMENTATIONS[spec]
 
 
@@ -443,9 +449,12 @@ class RandomPatch:
             if present:
                 voxels = torch.nonzero(label == present[int(rng.integers(len(present)))]).cpu().numpy()
                 centre = voxels[int(rng.integers(len(voxels)))]
-                start = tuple(int(np.clip(c - s // 2, min(0, n - s), max(0, n - s)))
-                              for c, s, n in zip(centre, self.size, shape))
-                return Crop(start, tuple(self.size))
-        start = tuple(int(rng.integers(0, n - s + 1)) if n >= s else -((s - n) // 2)
-                      for n, s in zip(shape, self.size))
-        return Crop(start, tuple(self.size))
+                at = [int(np.clip(c - s // 2, min(0, n - s), max(0, n - s)))
+                      for c, s, n in zip(centre, self.size, shape)]
+                return Crop((at[0], at[1], at[2]), self._size)
+        at = [int(rng.integers(0, n - s + 1)) if n >= s else -((s - n) // 2) for n, s in zip(shape, self.size)]
+        return Crop((at[0], at[1], at[2]), self._size)
+
+    @property
+    def _size(self) -> tuple[int, int, int]:
+        return (int(self.size[0]), int(self.size[1]), int(self.size[2]))

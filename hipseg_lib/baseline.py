@@ -3,7 +3,7 @@ need spatial context) and a copy-the-nearest-label model (a volume-level split l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -54,8 +54,8 @@ def intensity_baseline_dice(train_volumes, test_volumes, balanced: bool = False)
     """Fit :func:`fit_intensity_classifier` on ``train_volumes`` and return the mean per-class test
     Dice (NaN-aware). The volumes are :class:`~hipseg_lib.data.CachedVolume` (preprocessed)."""
     clf = fit_intensity_classifier((v.load() for v in train_volumes), balanced=balanced)
-    return np.nanmean([dice_per_class(clf.predict(np.asarray(i)), np.asarray(l))
-                       for i, l in (v.load() for v in test_volumes)], axis=0)
+    return np.nanmean([dice_per_class(clf.predict(np.asarray(image)), np.asarray(label))
+                       for image, label in (v.load() for v in test_volumes)], axis=0)
 
 
 def nearest_label_dice(images: np.ndarray, labels: list, train_idx, test_idx) -> tuple[float, list[int]]:
@@ -76,7 +76,8 @@ def nearest_label_dice(images: np.ndarray, labels: list, train_idx, test_idx) ->
     return float(np.mean(scores)), copied
 
 
-def split_leak_experiment(volumes, split_seeds=range(5), test_fraction: float = 0.1) -> list[dict]:
+def split_leak_experiment(volumes, split_seeds: Sequence[int] = (0, 1, 2, 3, 4), test_fraction: float = 0.1,
+                          ) -> list[dict]:
     """How much a volume-level split flatters a model, against the case-level split.
 
     For each seed: a random split of the *volumes* (weekly scans of one patient can land on both
@@ -95,7 +96,7 @@ def split_leak_experiment(volumes, split_seeds=range(5), test_fraction: float = 
     for seed in split_seeds:
         perm = np.random.default_rng(seed).permutation(len(volumes))
         n_test = max(1, int(len(volumes) * test_fraction))
-        row = {"repeat": seed}
+        row: dict[str, float] = {"repeat": seed}
         by_case = split_by_case([v.pair for v in volumes], seed=seed)
         splits = {"volume split": (perm[n_test:], perm[:n_test]),
                   "case split": tuple(np.array([index[str(p.id)] for p in by_case[k]]) for k in ("train", "test"))}

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from . import HipsegError, first_line
 from ._atomic import atomic_path
-from .locations import project_root, resolve_data_dir
+from .locations import ensure_default_dataset, project_root
 
 __all__ = ["chapters", "run_book", "execute_chapter", "build_html", "write_landing", "publishing_config",
            "start_here"]
@@ -51,8 +51,6 @@ def execute_chapter(notebook: Path, output: Path, parameters: dict, timeout: int
     params = {k: v for k, v in parameters.items() if k in declared}
     output.parent.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    env_before = os.environ.get("HIPSEG_PLAIN_PROGRESS")
-    os.environ["HIPSEG_PLAIN_PROGRESS"] = "1"
     try:
         pm.execute_notebook(str(notebook), str(output), parameters=params, cwd=str(notebook.parent),
                             kernel_name=_kernel_name(), progress_bar=False, execution_timeout=timeout,
@@ -60,11 +58,6 @@ def execute_chapter(notebook: Path, output: Path, parameters: dict, timeout: int
     except pm.PapermillExecutionError as exc:
         raise HipsegError(f"{notebook.name}: cell {exc.exec_count} raised {exc.ename}: "
                           f"{first_line(exc.evalue) if exc.evalue else ''} (see {output})") from None
-    finally:
-        if env_before is None:
-            os.environ.pop("HIPSEG_PLAIN_PROGRESS", None)
-        else:
-            os.environ["HIPSEG_PLAIN_PROGRESS"] = env_before
     _hide_injected_parameters(output)
     return time.perf_counter() - t
 
@@ -195,7 +188,7 @@ def start_here(repository: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _stage(root: Path, stage: Path, results_dir: Path | None = None, repository: str | None = None) -> None:
+def stage_sources(root: Path, stage: Path, results_dir: Path | None = None, repository: str | None = None) -> None:
     """Copy the book's non-notebook sources (config, toc, markdown, images, bibliography) and the
     library's source (the chapters show it with ``literalinclude``) beside the executed copies; write
     the landing page's result (``book/_landing.md``) from ``results_dir`` and its "Start here"
@@ -222,8 +215,7 @@ def _stage(root: Path, stage: Path, results_dir: Path | None = None, repository:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
     landing = stage / "book" / "_landing.md"
-    made = results_dir is not None and (results_dir / LANDING_MD).exists() and (results_dir / LANDING_PNG).exists()
-    if made:
+    if results_dir is not None and (results_dir / LANDING_MD).exists() and (results_dir / LANDING_PNG).exists():
         shutil.copy2(results_dir / LANDING_PNG, stage / "book" / LANDING_PNG)
         landing.write_text((results_dir / LANDING_MD).read_text())
     else:
@@ -265,13 +257,12 @@ def run_book(preset: str = "auto", data_dir: str | None = None, build: bool = Tr
     Returns:
         The HTML folder (or the executed-notebook folder when ``build`` is false).
     """
-    import torch
+    from .config import resolve_preset
 
     root = (root or project_root()).resolve()
     build_dir = (build_dir or root / "_build").resolve()
-    if preset == "auto":
-        preset = "full" if torch.cuda.is_available() else "cpu"
-    data = resolve_data_dir(data_dir)
+    preset = resolve_preset(preset)
+    data = ensure_default_dataset(data_dir)
     params = {"preset": preset, "data_dir": str(data), "live_widgets": False,
               "model_dir": str(Path(model_dir).resolve()) if model_dir else str(root / "model"),
               "results_dir": str(Path(results_dir).resolve()) if results_dir else str(root / "results")}
@@ -293,7 +284,7 @@ def run_book(preset: str = "auto", data_dir: str | None = None, build: bool = Tr
         log(f"  executing {nb.relative_to(root)} ...")
         secs = execute_chapter(nb, out, params)
         log(f"  {nb.stem}: {secs:.0f} s")
-    _stage(root, stage, Path(params["results_dir"]), repository)
+    stage_sources(root, stage, Path(str(params["results_dir"])), repository)
     if not build:
         return stage
     missing = [nb for nb in chapters(root) if not (stage / nb.relative_to(root)).exists()]

@@ -96,8 +96,8 @@ def rank_correlation(x: Sequence[float], y: Sequence[float]) -> tuple[float, int
     """
     from scipy.stats import spearmanr
 
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:  # too few, or a constant: undefined
+    a, b = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:  # too few, or a constant: undefined
         return float("nan"), int(ok.sum())
-    return float(spearmanr(x[ok], y[ok]).statistic), int(ok.sum())
+    return float(spearmanr(a[ok], b[ok]).statistic), int(ok.sum())

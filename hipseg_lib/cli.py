@@ -1,7 +1,7 @@
 """The ``hipseg`` command line (also ``python -m hipseg_lib``).
 
-Verbs: ``synth``, ``check``, ``train``, ``predict``, ``export``, ``convert``, ``evaluate``, ``book``, ``lab``. Errors about user
-input print one line ``hipseg: error: <file>: <problem>`` and exit with status 1.
+Verbs: ``synth``, ``check``, ``train``, ``predict``, ``export``, ``convert``, ``evaluate``, ``book``, ``lab``.
+Errors about user input print one line ``hipseg: error: <file>: <problem>`` and exit with status 1.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import BEST_NAME, DEFAULT_POSTPROCESS, DEFAULT_TTA, HipsegError, __version__
+from . import BEST_NAME, DEFAULT_POSTPROCESS, DEFAULT_TTA, HipsegError, OutputExists, __version__
 
 __all__ = ["main", "build_parser"]
 
@@ -30,7 +30,15 @@ def cmd_synth(a: argparse.Namespace) -> int:
     from .synth import make_dataset
 
     t = time.perf_counter()
-    out = make_dataset(a.out, seed=a.seed, cases=a.cases, shape=tuple(a.shape), weeks=(a.min_weeks, a.max_weeks),
+    if len(a.shape) == 3:  # the old form, --shape X Y Z
+        print("hipseg synth: --shape X Y Z is deprecated and goes in the next release; write --shape XxYxZ",
+              file=sys.stderr)
+        shape = _shape(" ".join(a.shape))
+    elif len(a.shape) == 1:
+        shape = _shape(a.shape[0])
+    else:
+        raise HipsegError(f"--shape: expected XxYxZ such as 128x128x64, got {' '.join(a.shape)}")
+    out = make_dataset(a.out, seed=a.seed, cases=a.cases, shape=shape, weeks=(a.min_weeks, a.max_weeks),
                        workers=a.workers, overwrite=a.overwrite)
     meta = json.loads((out / "synth.json").read_text())
     print(f"wrote {meta['volumes']} image/label pairs of {a.cases} cases to {out} "
@@ -46,9 +54,9 @@ def cmd_check(a: argparse.Namespace) -> int:
     return 1 if audit.problems else 0
 
 
-def _train_config(a: argparse.Namespace):
+def train_config_of(a: argparse.Namespace):
     """The preset, then --config, then the dedicated flags, then --set (each over the ones before)."""
-    from .config import make_config, parse_settings
+    from .config import FLAGGED_SETTINGS, make_config, parse_settings
 
     overrides: dict = {}
     if a.config:
@@ -62,34 +70,28 @@ def _train_config(a: argparse.Namespace):
         if not isinstance(settings, dict):
             raise HipsegError(f"{path}: expected a JSON object of settings, found a JSON {type(settings).__name__}")
         overrides.update(settings)
-    for name in ("epochs", "batch_size", "lr", "target_shape", "device", "amp", "seed", "max_minutes",
-                 "base_channels", "depth", "cache_dir", "patience"):
+    for name in FLAGGED_SETTINGS:
         value = getattr(a, name)
-        if value is not None:
+        if value is not None and value is not False:  # an absent flag leaves the preset's value
             overrides[name] = value
-    if a.compile:
-        overrides["compile"] = True
-    if a.channels_last:
-        overrides["channels_last"] = True
     overrides.update(parse_settings(a.set))
     try:
         return make_config(a.preset, **overrides)
-    except (TypeError, ValueError) as exc:
+    except TypeError as exc:
         raise HipsegError(f"bad training settings: {exc}") from None
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    import os
+    from .locations import ensure_default_dataset, resolve_data_dir
+    from .runtime import Launch
+    from .train import Trainer
 
-    from .train import train
-
-    from .locations import resolve_data_dir
-
+    launch = Launch.from_environment()
     # Under torchrun every process would make the default set at once: there it must exist.
-    data = resolve_data_dir(a.data, make_default="WORLD_SIZE" not in os.environ)
-    cfg = _train_config(a)
-    result = train(cfg, data, a.out, resume=a.resume, progress=not a.quiet)
-    if int(os.environ.get("RANK", "0")) == 0:
+    data = resolve_data_dir(a.data) if launch.distributed else ensure_default_dataset(a.data)
+    cfg = train_config_of(a)
+    result = Trainer(cfg, data, a.out, resume=a.resume, progress=not a.quiet, launch=launch).fit()
+    if launch.main:
         best = f"best checkpoint: {result.best_path}" if result.best_path else "no validation, no best checkpoint"
         print(f"{best}  last: {result.last_path}  ({result.stopped_because})")
     return 0
@@ -139,7 +141,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_folders, format_summary
 
     if a.json and Path(a.json).exists() and not a.overwrite:
-        raise HipsegError(f"{a.json}: already exists (use --overwrite to replace it)")
+        raise OutputExists(a.json)
     doc = evaluate_folders(a.pred, a.truth, progress=not a.quiet)
     print(f"{len(doc['cases'])} case(s) scored; {len(doc['truths_without_prediction'])} truth file(s) "
           "have no prediction")
@@ -172,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hipseg", description="3D segmentation of pelvic MRI with a residual 3D U-Net.")
     p.add_argument("--version", action="version", version=f"hipseg {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for add in (_add_synth, _add_check, _add_train, _add_predict, _add_export, _add_convert, _add_evaluate, _add_book, _add_lab):
+    for add in (_add_synth, _add_check, _add_train, _add_predict, _add_export, _add_convert, _add_evaluate,
+                _add_book, _add_lab):
         add(sub)
     return p
 
@@ -183,8 +186,8 @@ def _add_synth(sub) -> None:
     s.add_argument("--out", required=True, help="destination folder (must not exist)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--cases", type=int, default=30, help="number of patients (default 30)")
-    s.add_argument("--shape", type=int, nargs=3, default=[128, 128, 64], metavar=("X", "Y", "Z"),
-                   help="in-plane size and base depth (default 128 128 64; 256 256 128 is the real size)")
+    s.add_argument("--shape", nargs="+", default=["128x128x64"], metavar="XxYxZ",
+                   help="in-plane size and base depth (default 128x128x64; 256x256x128 is the real size)")
     s.add_argument("--min-weeks", type=int, default=2)
     s.add_argument("--max-weeks", type=int, default=5)
     s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
@@ -215,23 +218,40 @@ def _add_train(sub) -> None:
     t.add_argument("--out", default="model", help="checkpoint/log folder (default model/)")
     t.add_argument("--config", default=None, help="JSON file of settings applied over the preset")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pth")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--target-shape", type=_shape)
-    t.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
-    t.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"])
-    t.add_argument("--seed", type=int)
-    t.add_argument("--max-minutes", type=float)
-    t.add_argument("--base-channels", type=int)
-    t.add_argument("--depth", type=int)
-    t.add_argument("--patience", type=int)
-    t.add_argument("--cache-dir")
-    t.add_argument("--compile", action="store_true", help="use torch.compile")
-    t.add_argument("--channels-last", action="store_true", help="channels-last 3D memory format")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other setting (repeatable)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
+    _add_setting_flags(t)
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag for each of config.FLAGGED_SETTINGS, its type read from the settings' dataclasses.
+    Without PyTorch (a PC that only runs exported models) there are no settings to read: the verb
+    then says it needs PyTorch."""
+    try:
+        from .config import FLAGGED_SETTINGS, setting_kinds
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        parser.set_defaults(func=_needs_torch)
+        return
+    kinds = setting_kinds()
+    choices = {"amp": ("auto", "bf16", "fp16", "off")}
+    for name in FLAGGED_SETTINGS:
+        flag = "--" + name.replace("_", "-")
+        kind = kinds[name]
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=f"set {name}")
+        elif kind is tuple:
+            parser.add_argument(flag, type=_shape, metavar="XxYxZ", help=f"{name}, e.g. 64x64x48")
+        else:
+            parser.add_argument(flag, type=kind, choices=choices.get(name), metavar=name.upper()
+                                if name not in choices else None)
+
+
+def _needs_torch(a: argparse.Namespace) -> int:
+    raise HipsegError(f"hipseg {a.verb} needs PyTorch, which is not installed here "
+                      "(an exported .onnx model predicts without it)")
 
 
 def _add_predict(sub) -> None:
@@ -248,7 +268,8 @@ def _add_predict(sub) -> None:
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("--device", default="auto")
     pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=DEFAULT_TTA,
-                    help="also predict the left-right mirrored scan and average (2x the network time; default: %(default)s)")
+                    help="also predict the left-right mirrored scan and average "
+                         "(2x the network time; default: %(default)s)")
     pr.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=DEFAULT_POSTPROCESS,
                     help="keep only the largest connected piece of bladder, rectum and prostate (default: %(default)s)")
     pr.add_argument("--probabilities", action="store_true",
@@ -325,15 +346,18 @@ def _add_lab(sub) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.func is not _needs_torch:  # a verb that cannot run here takes any flags
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except HipsegError as exc:
-        print(f"hipseg: error: {exc}", file=sys.stderr, flush=True)
+        hint = f" ({exc.cli_hint})" if exc.cli_hint else ""
+        print(f"hipseg: error: {exc}{hint}", file=sys.stderr, flush=True)
         # Under torchrun, let every process print its line (and import torch only then).
-        if "TORCHELASTIC_RUN_ID" in os.environ:
-            from .runtime import wait_for_other_ranks
-            wait_for_other_ranks()
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's: the one place the CLI reads it itself
+            from .runtime import Launch, wait_for_other_ranks
+            wait_for_other_ranks(Launch.from_environment())
         return 1
     except KeyboardInterrupt:
         print("hipseg: interrupted", file=sys.stderr)

@@ -9,15 +9,18 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import Any, Callable, cast
 
 import torch
 
-from . import HipsegError
+from . import SettingsError
 from .augment import augmentation_named
 from .model import ModelConfig
 from .preprocess import Preprocessing
 
-__all__ = ["TrainConfig", "PRESETS", "make_config", "parse_settings"]
+__all__ = ["TrainConfig", "PRESETS", "make_config", "resolve_preset", "parse_settings", "SettingsError",
+           "FLAGGED_SETTINGS", "setting_kinds"]
+
 
 _MODEL_KEYS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 _PREP_KEYS = frozenset(f.name for f in dataclasses.fields(Preprocessing))
@@ -27,7 +30,8 @@ _PREP_KEYS = frozenset(f.name for f in dataclasses.fields(Preprocessing))
 class TrainConfig:
     """Everything that defines a training run (stored in the checkpoints).
 
-    Use :func:`make_config` for a named preset, then :meth:`replace` to change settings.
+    ``TrainConfig()`` is the ``cpu`` preset; :func:`make_config` gives any named preset, then
+    :meth:`replace` changes settings.
 
     Args:
         preset: name of the preset these settings started from.
@@ -81,12 +85,14 @@ class TrainConfig:
     """
 
     preset: str = "cpu"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    # The cpu preset's network: 5 levels of 12-192 channels, the three finest light, deep supervision.
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(base_channels=12, depth=5, deep_supervision=True,
+                                                                   light_levels=3, top_kernel=0))
+    preprocessing: Preprocessing = field(default_factory=lambda: Preprocessing(target_shape=(64, 64, 48)))
     patch_shape: tuple[int, int, int] | None = None
     foreground_fraction: float = 0.0
-    batch_size: int = 2
-    epochs: int = 40
+    batch_size: int = 1
+    epochs: int = 16
     lr: float = 2e-3
     weight_decay: float = 1e-5
     grad_clip: float = 5.0
@@ -99,10 +105,10 @@ class TrainConfig:
     seed: int = 0
     split_seed: int = 0
     augment: bool = True
-    augmentation: str | dict = "nnunet"
+    augmentation: str | dict = "light"
     early_stop_dice: float = 0.0
     patience: int = 0
-    max_minutes: float = 0.0
+    max_minutes: float = 25.0
     val_every: int = 1
     save_every_epoch: bool = False
     data_on: str = "auto"
@@ -110,32 +116,32 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelConfig) or not isinstance(self.preprocessing, Preprocessing):
-            raise ValueError("model must be a ModelConfig and preprocessing a Preprocessing")
+            raise SettingsError("model must be a ModelConfig and preprocessing a Preprocessing")
         if self.patch_shape is not None:
             patch = tuple(int(s) for s in self.patch_shape)
             object.__setattr__(self, "patch_shape", patch)
             target = self.preprocessing.target_shape
             if len(patch) != 3 or any(p > t for p, t in zip(patch, target)):
-                raise ValueError(f"patch_shape {patch} must be 3 sizes within target_shape {target}")
+                raise SettingsError(f"patch_shape {patch} must be 3 sizes within target_shape {target}")
         if not 0.0 <= self.foreground_fraction <= 1.0:
-            raise ValueError(f"foreground_fraction must be in [0, 1], got {self.foreground_fraction}")
+            raise SettingsError(f"foreground_fraction must be in [0, 1], got {self.foreground_fraction}")
         augmentation_named(self.augmentation)  # raises ValueError for an unknown set or setting
         if min(self.dice_weight, self.ce_weight) < 0 or self.dice_weight + self.ce_weight == 0:
-            raise ValueError(f"dice_weight and ce_weight must be >= 0 and not both 0, got "
+            raise SettingsError(f"dice_weight and ce_weight must be >= 0 and not both 0, got "
                              f"{self.dice_weight} and {self.ce_weight}")
         if self.data_on not in ("auto", "device", "host"):
-            raise ValueError(f"data_on must be auto, device or host, got {self.data_on!r}")
+            raise SettingsError(f"data_on must be auto, device or host, got {self.data_on!r}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
-            raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
+            raise SettingsError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
         for name in ("batch_size", "epochs", "val_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise SettingsError(f"lr must be > 0, got {self.lr}")
         div = self.model.divisor
         for name, shape in (("target_shape", self.preprocessing.target_shape), ("patch_shape", self.patch_shape)):
             if shape is not None and any(s % div for s in shape):
-                raise ValueError(f"{name} {shape} must be divisible by {div} for depth {self.model.depth}")
+                raise SettingsError(f"{name} {shape} must be divisible by {div} for depth {self.model.depth}")
 
     def replace(self, **overrides) -> "TrainConfig":
         """A copy with ``overrides`` applied.
@@ -147,7 +153,7 @@ class TrainConfig:
         own = {f.name for f in dataclasses.fields(self)}
         unknown = set(overrides) - own - _MODEL_KEYS - _PREP_KEYS
         if unknown:
-            raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
+            raise SettingsError(f"unknown training settings: {', '.join(sorted(unknown))}")
         mine = {k: v for k, v in overrides.items() if k in own}
         for part, keys in (("model", _MODEL_KEYS), ("preprocessing", _PREP_KEYS)):
             current = mine.pop(part, getattr(self, part))
@@ -168,7 +174,8 @@ class TrainConfig:
                                                         "target_shape", "base_channels", "depth", "amp",
                                                         "augmentation")) -> dict:
         """The settings a reader of this run needs first: ``always``, then every other setting whose
-        value differs from :class:`TrainConfig`'s default (what the preset or an override chose).
+        value differs from :class:`TrainConfig`'s default, the ``cpu`` preset (what another preset
+        or an override chose).
 
         Example:
             >>> "weight_decay" in TrainConfig().key_settings()
@@ -194,17 +201,15 @@ class TrainConfig:
 
 PRESETS: dict[str, dict] = {
     # Seconds: for tests and a first look.
-    "smoke": dict(target_shape=(32, 32, 16), base_channels=4, depth=3, batch_size=2, epochs=2,
-                  lr=2e-3, patience=0, early_stop_dice=0.0, augment=True),
-    # 2 CPU cores: the body crop at 64x64x48, whole volumes, batch 1, a fixed 16 epochs (1264 steps)
-    # on every CPU. The network spends little at the three finest levels (stride-2 convolutions, one
-    # convolution instead of a residual block on each side, no convolution after the last
-    # concatenation); deep supervision (Isensee et al. 2017) brings the small organs in early. What
-    # each choice measured: benchmarks/results/HISTORY.md. 25 minutes is a safety net only; if it is
-    # hit, the run is shortened loudly and still decays to zero.
-    "cpu": dict(target_shape=(64, 64, 48), base_channels=12, depth=5, batch_size=1, epochs=16,
-                lr=2e-3, patience=0, early_stop_dice=0.0, max_minutes=25.0, deep_supervision=True,
-                light_levels=3, top_kernel=0, augmentation="light"),
+    "smoke": dict(target_shape=(32, 32, 16), base_channels=4, depth=3, batch_size=2, epochs=2, max_minutes=0.0,
+                  deep_supervision=False, light_levels=1, top_kernel=3, augmentation="nnunet"),
+    # 2 CPU cores: TrainConfig's defaults. The body crop at 64x64x48, whole volumes, batch 1, a fixed
+    # 16 epochs (1264 steps) on every CPU. The network spends little at the three finest levels
+    # (stride-2 convolutions, one convolution instead of a residual block on each side, no
+    # convolution after the last concatenation); deep supervision (Isensee et al. 2017) brings the
+    # small organs in early. What each choice measured: benchmarks/results/HISTORY.md. 25 minutes is
+    # a safety net only; if it is hit, the run is shortened loudly and still decays to zero.
+    "cpu": {},
     # One modern GPU at the seed's scale: the body crop at about native in-plane resolution
     # (192x160 of ~1.8 mm voxels covers the ~350x280 mm body), 128 slices, batch 2, bf16, a fixed
     # schedule, the best validation checkpoint kept (nnU-Net's way; the seed's "stop once every
@@ -212,27 +217,53 @@ PRESETS: dict[str, dict] = {
     # are planned by hipseg_lib.plan.plan_run at an assumed MFU (make gpu-check measures the real
     # one). max_minutes is a safety net.
     "full": dict(target_shape=(192, 160, 128), base_channels=16, depth=5, batch_size=2, epochs=600,
-                 lr=1e-3, patience=0, early_stop_dice=0.0, val_every=5, amp="auto", max_minutes=60.0,
-                 deep_supervision=True, dropout=0.1),
+                 lr=1e-3, val_every=5, max_minutes=60.0, dropout=0.1, light_levels=1, top_kernel=3,
+                 augmentation="nnunet"),
 }
 
 
-def make_config(name: str, **overrides) -> TrainConfig:
-    """Settings of a named preset (``smoke``, ``cpu``, ``full``) with ``overrides`` applied.
+def resolve_preset(name: str) -> str:
+    """A preset's name, with ``"auto"`` decided: ``full`` when a CUDA device is present, else ``cpu``
+    (the one place where it is)."""
+    if name == "auto":
+        return "full" if torch.cuda.is_available() else "cpu"
+    if name not in PRESETS:
+        raise SettingsError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)} or auto")
+    return name
 
-    ``"auto"`` picks ``full`` when a CUDA device is present and ``cpu`` otherwise. Overrides
-    that are None are ignored (unset command-line flags).
+
+def make_config(name: str, **overrides) -> TrainConfig:
+    """Settings of a named preset (``smoke``, ``cpu``, ``full``, or ``auto``: :func:`resolve_preset`)
+    with ``overrides`` applied. Overrides that are None are ignored (unset command-line flags).
 
     Example:
         >>> make_config("cpu", epochs=5).epochs
         5
     """
-    if name == "auto":
-        name = "full" if torch.cuda.is_available() else "cpu"
-    if name not in PRESETS:
-        raise HipsegError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)} or auto")
+    name = resolve_preset(name)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return TrainConfig(preset=name).replace(**PRESETS[name]).replace(**overrides)
+
+
+# The settings with a flag of their own in ``hipseg train`` (every other one goes by ``--set``) and a
+# parameter of their own in the training chapter: one list for both.
+FLAGGED_SETTINGS: tuple[str, ...] = ("epochs", "batch_size", "lr", "target_shape", "base_channels", "depth",
+                                     "device", "amp", "seed", "max_minutes", "dice_weight", "patience",
+                                     "cache_dir", "compile", "channels_last")
+
+
+def setting_kinds() -> dict[str, type]:
+    """The Python type of every setting's value, by its own name (the network's and the
+    preprocessing's included), read from the dataclasses: what a flag parses its text into."""
+    kinds: dict[str, type] = {}
+    for cls in (TrainConfig, ModelConfig, Preprocessing):
+        for f in dataclasses.fields(cls):
+            if f.name in ("model", "preprocessing"):
+                continue
+            factory = cast(Callable[[], Any], f.default_factory)
+            default = f.default if f.default is not dataclasses.MISSING else factory()
+            kinds[f.name] = tuple if f.name.endswith("_shape") else type(default) if default is not None else str
+    return kinds
 
 
 def parse_settings(items) -> dict:
@@ -243,7 +274,7 @@ def parse_settings(items) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise HipsegError(f"--set {item}: expected KEY=VALUE")
+            raise SettingsError(f"--set {item}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         try:
             out[key] = json.loads(value)

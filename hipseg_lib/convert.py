@@ -17,13 +17,14 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
 
-from . import CLASS_NAMES, HipsegError, __version__, first_line
+from . import CLASS_NAMES, HipsegError, OutputExists, __version__, first_line
 from .data import split_folder
-from .io import Pair
+from .io import NIFTI_READ_ERRORS, Pair
 
 __all__ = ["to_nnunet", "nnunet_identifier", "DATASET_NAME"]
 
@@ -38,8 +39,8 @@ def nnunet_identifier(pair: Pair) -> str:
 def _check_geometry(pair: Pair) -> None:
     """nnU-Net refuses an image and label whose grids differ: say which pair, before writing."""
     try:
-        img, lab = nib.load(pair.image), nib.load(pair.label)
-    except Exception as exc:  # nibabel raises several types for a damaged header
+        img, lab = (cast(nib.Nifti1Image, nib.load(p)) for p in (pair.image, pair.label))
+    except NIFTI_READ_ERRORS as exc:
         raise HipsegError(f"{pair.image}: unreadable ({first_line(exc, 120)})") from None
     if img.shape != lab.shape:
         raise HipsegError(f"{pair.label}: shape {lab.shape} differs from its image's {img.shape}")
@@ -68,7 +69,7 @@ def to_nnunet(data_dir: str | os.PathLike, out_dir: str | os.PathLike, split_see
         raise HipsegError(f"{out}: nnU-Net needs the dataset folder named DatasetNNN_Name "
                           "(three digits, e.g. Dataset501_HipMRI)")
     if out.exists() and not overwrite:
-        raise HipsegError(f"{out}: already exists (use --overwrite to replace it)")
+        raise OutputExists(out)
     split = split_folder(data_dir, split_seed)
     for pair in (p for part in split.values() for p in part):
         _check_geometry(pair)

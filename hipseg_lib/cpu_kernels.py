@@ -59,7 +59,7 @@ class CPUConv3d(nn.Conv3d):
 
     def _native_would_run(self, x: torch.Tensor) -> bool:
         # PyTorch's rule sends strided convolutions to oneDNN already; a 4D input is unbatched
-        return (self.stride == (1, 1, 1) and x.device.type == "cpu" and x.dtype == torch.float32
+        return bool(self.stride == (1, 1, 1) and x.device.type == "cpu" and x.dtype == torch.float32
                 and x.dim() == 5 and x.shape[0] == 1
                 and x.shape[1] * x.shape[2] * x.shape[3] <= _NATIVE_BELOW and x.is_contiguous()
                 and self.padding_mode == "zeros" and not torch.is_autocast_enabled("cpu")
@@ -83,5 +83,5 @@ def use_torch_kernels(model: nn.Module) -> nn.Module:
     """Undo :func:`use_cpu_kernels`: every :class:`CPUConv3d` becomes ``nn.Conv3d`` again."""
     for m in model.modules():
         if type(m) is CPUConv3d:
-            m.__class__ = nn.Conv3d
+            m.__class__ = nn.Conv3d  # type: ignore[assignment]  # a class swap is the point
     return model

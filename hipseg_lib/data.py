@@ -126,8 +126,9 @@ class CachedVolume:
         return self.placement.crop_spacing(self.spacing)
 
     def load(self, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        mode = "r" if mmap else None
-        return np.load(self.image, mmap_mode=mode), np.load(self.label, mmap_mode=mode)
+        if mmap:
+            return np.load(self.image, mmap_mode="r"), np.load(self.label, mmap_mode="r")
+        return np.load(self.image), np.load(self.label)
 
 
 # The code that turns a pair of files into cached arrays: loading and validating (io), orienting,
@@ -168,6 +169,7 @@ def _cache_one(pair: Pair, cfg: Preprocessing, stem: str) -> dict:
     img_arr, lab_arr = turn.apply(image.array), turn.apply(label.array)
     spacing = turn.spacing(image.spacing)
     img, lab, where = preprocess_pair(img_arr, lab_arr, cfg, spacing, name=str(pair.image))
+    assert lab is not None  # a label was given
     _save_npy_atomic(img_path, img)
     _save_npy_atomic(lab_path, lab)
     meta = {"spacing": list(spacing), "original_shape": list(img_arr.shape), "placement": where.to_dict()}
@@ -318,7 +320,8 @@ class TrainingSet:
         per_volume = int(np.prod(self.shape)) * (image_dtype.itemsize + 1)
         self.nbytes = per_volume * len(self.volumes)
         if where == "auto":
-            where = "device" if self.device.type == "cpu" or self.nbytes <= available_bytes(self.device) // 4 else "host"
+            fits = self.device.type == "cpu" or self.nbytes <= available_bytes(self.device) // 4
+            where = "device" if fits else "host"
         self.where = where
         home = self.device if where == "device" else torch.device("cpu")
         pin = where == "host" and self.device.type == "cuda"
@@ -371,8 +374,9 @@ class TrainingBatches:
 
         self.train_set, self.batch_size, self.seed = train_set, batch_size, seed
         self.augmentation, self.patch = augmentation, patch
-        self.sampler = DistributedSampler(range(len(train_set)), num_replicas=world, rank=rank, shuffle=True,
-                                          seed=seed, drop_last=True)
+        indices: Sequence[int] = range(len(train_set))  # all the sampler needs of a dataset is its length
+        self.sampler: DistributedSampler = DistributedSampler(indices, num_replicas=world,  # type: ignore[arg-type]
+                                                              rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.steps_per_epoch = len(self.sampler) // batch_size
 
     def order(self, epoch: int) -> list[list[int]]:
@@ -430,7 +434,7 @@ def plan_target_spacing(pairs: Sequence[Pair], cfg: Preprocessing, cache_dir: st
     h.update(code_fingerprint().encode())
     path = cache / f"spacing-plan_{h.hexdigest()[:16]}.json"
     if path.exists():
-        return tuple(json.loads(path.read_text())["target_spacing"])  # type: ignore[return-value]
+        return tuple(json.loads(path.read_text())["target_spacing"])
     if not pairs:
         raise HipsegError("cannot plan a target spacing without training scans")
     rows = np.array([_crop_geometry(p, cfg) for p in pairs])

@@ -54,7 +54,9 @@ def _row(pair: Pair, image, truth, pred: np.ndarray, metrics: dict, keep: bool) 
     return row
 
 
-def _match_key(path: Path) -> str:
+def match_key(path: Path) -> str:
+    """What pairs a prediction with its truth: the case and week in the name (``B006_Week3``), else
+    the name without its ``_pred``/``_SEMANTIC`` ending and extension."""
     found = volume_id_in(path.name)
     if found:
         return str(found)
@@ -74,11 +76,13 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike, 
     """
     preds = collect_inputs([pred_dir])
     truths = collect_inputs([truth_dir])
-    by_key = {}
+    by_key: dict[str, Path] = {}
     for t in truths:
-        by_key.setdefault(_match_key(t), t)
-    cases, unmatched, rows = [], [], []  # unmatched: predictions with no truth
-    matched = [(p, by_key.get(_match_key(p))) for p in preds]
+        by_key.setdefault(match_key(t), t)
+    cases: list[dict] = []
+    unmatched: list[str] = []  # predictions with no truth
+    rows: list[dict] = []
+    matched = [(p, by_key.get(match_key(p))) for p in preds]
     if not any(t for _, t in matched):
         raise HipsegError(f"{pred_dir}: no prediction matches a file in {truth_dir} by name")
     used = set()
@@ -93,9 +97,9 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike, 
             raise HipsegError(f"{p}: shape {pred.shape} differs from its truth {t.name} {truth.shape}")
         m = evaluate_case(pred.array, truth.array, truth.spacing)
         found = volume_id_in(p.name)
-        patient = found.case if found else _match_key(p)
+        patient = found.case if found else match_key(p)
         rows.append({"case": patient, "metrics": m})
-        cases.append({"id": _match_key(p), "case": patient, "prediction": str(p), "truth": str(t),
+        cases.append({"id": match_key(p), "case": patient, "prediction": str(p), "truth": str(t),
                       "metrics": _named(m)})
     return {"cases": cases,
             "per_patient": {m: per_patient_summary(rows, m) for m in ("dice", "hd95")},

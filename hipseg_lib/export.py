@@ -23,10 +23,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import CLASS_NAMES, DEFAULT_POSTPROCESS, DEFAULT_TTA, NUM_CLASSES, HipsegError, __version__, first_line
+from . import (
+    CLASS_NAMES,
+    DEFAULT_POSTPROCESS,
+    DEFAULT_TTA,
+    NUM_CLASSES,
+    HipsegError,
+    OutputExists,
+    __version__,
+    first_line,
+)
 from ._atomic import atomic_path, write_json_atomic
 from .augment import FLIP_AXES
 from .checkpoint import LoadedModel, load_model
+from .model import ResUNet3D
 from .portable import EXPORT_FORMAT, SINGLE_ORGANS, OnnxModel, sidecar_path
 from .preprocess import Preprocessing, preprocess_image
 
@@ -112,7 +122,7 @@ def _runner(fmt: str, path: str):
     return lambda x: session.run(None, {"image": x.numpy()})[0]
 
 
-def _check(model: torch.nn.Module, run, x: torch.Tensor) -> list[dict]:
+def _check(model: ResUNet3D, run, x: torch.Tensor) -> list[dict]:
     """The exported model beside PyTorch at the grid and at a window of half of it."""
     half = [max(model.divisor, (s // 2) // model.divisor * model.divisor) for s in x.shape[2:]]
     rows = []
@@ -150,7 +160,7 @@ def export_model(checkpoint: str | os.PathLike, fmt: str, out_dir: str | os.Path
     if not overwrite:
         for f in (model_file, json_file):
             if f.exists():
-                raise HipsegError(f"{f}: already exists (use --overwrite to replace it)")
+                raise OutputExists(f)
     loaded = load_model(checkpoint, "cpu", expect_classes=NUM_CLASSES)
     model = loaded.network
     x = _example_input(loaded.preprocessing)
@@ -158,7 +168,7 @@ def export_model(checkpoint: str | os.PathLike, fmt: str, out_dir: str | os.Path
     with atomic_path(model_file) as tmp:
         try:
             _export(model, x, fmt, tmp)
-        except Exception as exc:  # the exporters raise many types; name the step and the reason
+        except (RuntimeError, TypeError, ValueError, ImportError, OSError) as exc:  # the exporters' failures
             raise HipsegError(f"{checkpoint}: export to {fmt} failed ({first_line(exc, 160)})") from None
         checked = _check(model, _runner(fmt, tmp), x)
     write_json_atomic(_sidecar(loaded, fmt, model_file, checkpoint, checked), json_file)

@@ -59,10 +59,10 @@ def compare_inference(predictor: Predictor, pairs: Sequence[Pair], variants=VARI
         class]}}``.
     """
     names = [name for name, _, _ in variants]
-    results = {name: [] for name in names}
-    seconds = {name: [] for name in names}
-    entropies = {name: [] for name in names}
-    organs = {name: [] for name in names}
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    entropies: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    organs: dict[str, list[np.ndarray]] = {name: [] for name in names}
     counts = {name: np.zeros((10, 3)) for name in names}
     for pair in _progress(pairs, progress):
         image, truth = load_pair(pair)
@@ -130,10 +130,10 @@ def choose_inference(comparison: dict) -> tuple[str, list[str]]:
                 {c: hd["plain"][c] - hd[name][c] for c in classes})  # positive: better
 
     tta_dice, _ = change("TTA")
-    worst = min(tta_dice, key=tta_dice.get)
+    worst = min(tta_dice, key=lambda c: tta_dice[c])
     tta = tta_dice[worst] >= -TOLERANCE_DICE
     cost = np.mean(comparison["seconds"]["TTA"]) / np.mean(comparison["seconds"]["plain"])
-    reasons = [f"mirroring {'on' if tta else 'off'}: its worst class, {worst}, moved by "
+    reasons = [f"mirroring {'on' if tta else 'off'}: worst class {worst}, "
                f"{tta_dice[worst]:+.4f} mean Dice ({cost:.2f}x the time)"]
     post_dice, post_hd = change("post-processing")
     better = [c for c in classes if post_dice[c] > TOLERANCE_DICE or post_hd[c] > TOLERANCE_HD95_MM]

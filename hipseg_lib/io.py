@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from . import NUM_CLASSES, HipsegError, first_line
+from . import NUM_CLASSES, HipsegError, OutputExists, first_line
 from ._atomic import atomic_path
+
+# What nibabel raises for a file that is not a readable NIfTI: a bad header or magic, a damaged
+# gzip stream, a truncated file.
+NIFTI_READ_ERRORS = (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, ValueError, OSError,
+                     EOFError, zlib.error, gzip.BadGzipFile, struct.error)
 
 __all__ = [
     "VolumeId",
@@ -113,7 +119,7 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.array.shape)  # type: ignore[return-value]
+        return tuple(self.array.shape)
 
     @property
     def orientation(self) -> str:
@@ -233,7 +239,7 @@ def load_volume(path: str | os.PathLike, kind: str = "image") -> Volume:
         raise HipsegError(f"{path}: is a folder, expected a .nii or .nii.gz file")
     try:
         img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises several types for a bad header
+    except NIFTI_READ_ERRORS as exc:
         raise HipsegError(f"{path}: not a readable NIfTI file ({first_line(exc)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise HipsegError(f"{path}: not a NIfTI file (found {type(img).__name__})")
@@ -321,7 +327,7 @@ def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | os.Path
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise HipsegError(f"{path}: already exists (use --overwrite to replace it)")
+        raise OutputExists(path)
     img = nib.Nifti1Image(array, affine, header=header)
     if header is not None:
         img.set_data_dtype(array.dtype)

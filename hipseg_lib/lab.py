@@ -54,7 +54,7 @@ def lab_url(port: int, token: str, notebook: str = "01_data_exploration.ipynb") 
 
 def run_lab(port: int = 8888, data_dir: str | None = None, notebook_dir: str | None = None) -> int:
     """Start JupyterLab on the book (blocks until it stops); returns its exit status."""
-    from .locations import project_root, resolve_data_dir
+    from .locations import ensure_default_dataset, project_root
 
     try:
         import jupyterlab  # noqa: F401
@@ -64,7 +64,7 @@ def run_lab(port: int = 8888, data_dir: str | None = None, notebook_dir: str | N
     folder = Path(notebook_dir).resolve() if notebook_dir else project_root() / "book"
     if not folder.is_dir():
         raise HipsegError(f"{folder}: no such notebook folder")
-    data = resolve_data_dir(data_dir)  # made on first use, with a message
+    data = ensure_default_dataset(data_dir)  # made on first use, with a message
     chosen = free_port(port)
     if chosen != port:
         print(f"port {port} is in use: using {chosen}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import HipsegError
 
-__all__ = ["project_root", "resolve_data_dir", "resolve_output_dir"]
+__all__ = ["project_root", "resolve_data_dir", "default_data_dir", "ensure_default_dataset", "resolve_output_dir"]
 
 
 def project_root() -> Path:
@@ -23,15 +23,14 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None = None, make_default: bool = True) -> Path:
-    """The data folder a chapter should read.
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data folder a chapter or command reads; it only resolves, it makes nothing.
 
-    One policy for the chapters, the command line and the benchmarks. Order: the ``data_dir``
-    argument, ``$HIPSEG_DATA``, else the default synthetic set ``<project>/data/synthetic``,
-    generated on first use (with a message) when ``make_default``. A default set made by an
-    older generator (:func:`hipseg_lib.synth.anatomy_of`) is moved aside to
-    ``data/synthetic.anatomy-N`` and made anew, with a message. Outside a project checkout
-    there is no default: a one-line error says to point ``--data`` at a folder.
+    Order: the ``data_dir`` argument, ``$HIPSEG_DATA``, else the default synthetic set
+    ``<project>/data/synthetic``, which must exist and be of the current generator (make or renew it
+    with :func:`ensure_default_dataset`: ``make data``, ``make book``, ``make lab`` and the command
+    line do). Outside a project checkout there is no default: a one-line error says to point
+    ``--data`` at a folder.
     """
     if data_dir:
         path = Path(data_dir).expanduser()
@@ -40,28 +39,53 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None, make_default: bo
         return path.resolve()
     if os.environ.get("HIPSEG_DATA"):
         return resolve_data_dir(os.environ["HIPSEG_DATA"])
+    from .synth import ANATOMY, anatomy_of
+
+    default = default_data_dir()
+    found = anatomy_of(default)
+    if found is None:
+        error = HipsegError(f"{default}: no data yet (ensure_default_dataset() makes it)")
+        error.cli_hint = f"make it first: hipseg synth --out {default}, or make data"
+        raise error
+    if found != ANATOMY:
+        error = HipsegError(f"{default}: made by an older generator (anatomy {found}, now {ANATOMY}; "
+                            "ensure_default_dataset() renews it)")
+        error.cli_hint = "renew it first: make data"
+        raise error
+    return default
+
+
+def default_data_dir() -> Path:
+    """``<project>/data/synthetic``, where the default synthetic set lives (whether it exists or not)."""
     root = project_root()
     if not (root / "_config.yml").exists():
-        raise HipsegError(f"no hipseg project checkout above {Path.cwd()}: point --data (or $HIPSEG_DATA) "
-                          "at a data folder, or run inside the project")
-    default = root / "data" / "synthetic"
+        error = HipsegError(f"no hipseg project checkout above {Path.cwd()} and no data folder given "
+                            "(the data folder argument or $HIPSEG_DATA)")
+        error.cli_hint = "point --data at a data folder"
+        raise error
+    return root / "data" / "synthetic"
+
+
+def ensure_default_dataset(data_dir: str | os.PathLike | None = None, log=print) -> Path:
+    """The folder :func:`resolve_data_dir` gives, with the default synthetic set made first when it is
+    the one asked for and missing (with a message), or moved aside to ``data/synthetic.anatomy-N`` and
+    made anew when an older generator made it (:func:`hipseg_lib.synth.anatomy_of`). A folder given
+    by ``data_dir`` or ``$HIPSEG_DATA`` is left as it is."""
+    if data_dir or os.environ.get("HIPSEG_DATA"):
+        return resolve_data_dir(data_dir)
     from .synth import ANATOMY, anatomy_of, make_dataset
 
+    default = default_data_dir()
     found = anatomy_of(default)
     if found is not None and found != ANATOMY:
-        if not make_default:
-            raise HipsegError(f"{default}: made by an older generator (anatomy {found}, now {ANATOMY}); "
-                              "run `make data` first")
         aside = _free_name(default.with_name(f"{default.name}.anatomy-{found}"))
-        print(f"{default} was made by an older generator (anatomy {found}, now {ANATOMY}): "
-              f"moving it to {aside} and making it anew")
+        log(f"{default} was made by an older generator (anatomy {found}, now {ANATOMY}): "
+            f"moving it to {aside} and making it anew")
         default.rename(aside)
     if not default.exists():
-        if not make_default:
-            raise HipsegError(f"{default}: no data yet; make it first with `hipseg synth --out {default}`")
-        print(f"making the default synthetic data set in {default} ...")
+        log(f"making the default synthetic data set in {default} ...")
         make_dataset(default)
-    return default
+    return resolve_data_dir()
 
 
 def _free_name(path: Path) -> Path:

@@ -70,6 +70,7 @@ class DiceCELoss(nn.Module):
         self.num_classes = num_classes
         self.dice_weight, self.ce_weight, self.smooth = dice_weight, ce_weight, smooth
         w = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.class_weights: torch.Tensor | None
         self.register_buffer("class_weights", w, persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

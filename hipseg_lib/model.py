@@ -8,15 +8,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import NUM_CLASSES
+from . import NUM_CLASSES, SettingsError
 
-__all__ = ["ModelConfig", "ResidualBlock", "DownConv", "ConvBlock", "UpBlock", "ResUNet3D", "count_parameters", "layer_table",
-           "activation_bytes", "saved_tensor_bytes"]
+__all__ = ["ModelConfig", "ResidualBlock", "DownConv", "ConvBlock", "UpBlock", "ResUNet3D", "count_parameters",
+           "layer_table", "activation_bytes", "saved_tensor_bytes"]
 
 
 def _norm(channels: int) -> nn.Module:
@@ -96,6 +95,7 @@ class UpBlock(nn.Module):
                  light: bool = False, kernel_size: int = 3):
         super().__init__()
         self.up = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2)
+        self.block: nn.Module
         if not light:
             self.block = ResidualBlock(out_channels + skip_channels, out_channels, dropout)
         elif kernel_size:
@@ -152,20 +152,20 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.depth < 2:
-            raise ValueError(f"depth must be >= 2, got {self.depth}")
+            raise SettingsError(f"depth must be >= 2, got {self.depth}")
         if self.base_channels < 1 or self.in_channels < 1 or self.num_classes < 2:
-            raise ValueError("base_channels and in_channels must be >= 1 and num_classes >= 2")
+            raise SettingsError("base_channels and in_channels must be >= 1 and num_classes >= 2")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise SettingsError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.downsample not in ("conv", "maxpool"):
-            raise ValueError(f"downsample must be 'conv' or 'maxpool', got {self.downsample!r}")
+            raise SettingsError(f"downsample must be 'conv' or 'maxpool', got {self.downsample!r}")
         if not 0 <= self.light_levels < self.depth:
-            raise ValueError(f"light_levels must be in [0, depth - 1 = {self.depth - 1}], got {self.light_levels} "
+            raise SettingsError(f"light_levels must be in [0, depth - 1 = {self.depth - 1}], got {self.light_levels} "
                              "(fewer levels need fewer light levels too)")
         if self.top_kernel not in (0, 1, 3):
-            raise ValueError(f"top_kernel must be 0, 1 or 3, got {self.top_kernel}")
+            raise SettingsError(f"top_kernel must be 0, 1 or 3, got {self.top_kernel}")
         if self.top_kernel != 3 and not self.light_levels:
-            raise ValueError(f"top_kernel={self.top_kernel} needs a light full-resolution level (light_levels >= 1)")
+            raise SettingsError(f"top_kernel={self.top_kernel} needs a light full-resolution level (light_levels >= 1)")
 
     @property
     def divisor(self) -> int:
@@ -181,7 +181,7 @@ class ModelConfig:
         """Inverse of :meth:`to_dict` (a checkpoint stores every setting)."""
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown network settings: {', '.join(sorted(unknown))}")
+            raise SettingsError(f"unknown network settings: {', '.join(sorted(unknown))}")
         return cls(**d)
 
 
@@ -203,7 +203,7 @@ class ResUNet3D(nn.Module):
         if config is None:
             config = ModelConfig(**kwargs)
         elif kwargs:
-            raise ValueError("pass either a ModelConfig or keyword arguments, not both")
+            raise SettingsError("pass either a ModelConfig or keyword arguments, not both")
         c = self.config = config
         widths = [c.base_channels * 2 ** i for i in range(c.depth)]  # channels: doubled per level
         self.stem = nn.Conv3d(c.in_channels, widths[0], 3, padding=1, bias=False)

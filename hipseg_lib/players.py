@@ -99,7 +99,8 @@ def static_slider(image: np.ndarray, labels: Sequence[np.ndarray | None] = (None
     if found != 1:
         raise RuntimeError("matplotlib's jshtml player changed: cannot set its first frame")
     out = HTML(f'<div class="hipseg-slider">{html}</div>')
-    out.frames, out.start, out.captions = frames, start, captions  # what each frame shows, where it opens
+    for name, value in (("frames", frames), ("start", start), ("captions", captions)):
+        setattr(out, name, value)  # what each frame shows, where it opens
     return out
 
 

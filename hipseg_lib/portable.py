@@ -12,20 +12,31 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from . import (BLADDER, BODY, CLASS_NAMES, DEFAULT_POSTPROCESS, NUM_CLASSES, PROSTATE, RECTUM,
-               HipsegError, first_line)
+from . import (
+    BLADDER,
+    BODY,
+    CLASS_NAMES,
+    DEFAULT_POSTPROCESS,
+    NUM_CLASSES,
+    PROSTATE,
+    RECTUM,
+    HipsegError,
+    OutputExists,
+    first_line,
+)
+from .hostinfo import available_memory
 from .io import Volume, constant_image_problem, is_nifti, load_volume, save_nifti_atomic
 from .preprocess import Preprocessing
 
 __all__ = ["SINGLE_ORGANS", "EXPORT_FORMAT", "keep_largest_component", "labels_from_probabilities", "entropy",
-           "collect_inputs", "file_stem", "prediction_name", "probabilities_name", "write_predictions", "OnnxModel",
-           "sidecar_path", "available_memory"]
+           "collect_inputs", "file_stem", "prediction_name", "probabilities_name", "plan_outputs",
+           "save_label_map", "check_inputs", "save_probabilities", "OnnxModel", "sidecar_path"]
 
 EXPORT_FORMAT = "hipseg-export-1"  # the JSON beside an exported model; bump when its meaning changes
 
@@ -160,19 +171,11 @@ def check_inputs(files: Sequence[Path], progress: bool) -> None:
         raise HipsegError(problems[0] + more + "; nothing was written")
 
 
-def write_predictions(files: Sequence[Path], out_dir: str | os.PathLike,
-                      probabilities_of: Callable[[Volume], np.ndarray], overwrite: bool = False,
-                      progress: bool = True, postprocess: bool = DEFAULT_POSTPROCESS,
-                      probabilities: bool = False) -> list[Path]:
-    """``<name>_pred.nii.gz`` (and with ``probabilities`` ``<name>_probs.nii.gz``) for each input,
-    from ``probabilities_of(volume)`` ``(C, *shape)``; what both prediction paths share.
-
-    Everything is checked before the first file is written: every input is read in full (a
-    truncated or corrupt file, a non-3D or non-finite or constant image stops the run, naming
-    it, with nothing written; the volumes are read again to predict, which costs little next to
-    the network), the output folder is writable and no output exists (unless ``overwrite``).
-    Each output is written atomically. Returns the label maps written.
-    """
+def plan_outputs(files: Sequence[Path], out_dir: str | os.PathLike, overwrite: bool = False,
+                 probabilities: bool = False) -> tuple[list[Path], list[Path]]:
+    """The label maps ``<name>_pred.nii.gz`` (and with ``probabilities`` the ``<name>_probs.nii.gz``)
+    that predicting ``files`` into ``out_dir`` writes, checked before anything is written: the
+    folder is writable, no two inputs share a name and no output exists (unless ``overwrite``)."""
     out = Path(out_dir)
     check_output_folder(out)
     targets = [out / prediction_name(f) for f in files]
@@ -182,41 +185,17 @@ def write_predictions(files: Sequence[Path], out_dir: str | os.PathLike,
     if not overwrite:
         for t in targets + prob_targets:
             if t.exists():
-                raise HipsegError(f"{t}: already exists (use --overwrite to replace it)")
-    check_inputs(files, progress)
-    it = list(zip(files, targets))
-    if progress:
-        from .progress import progress as tqdm
-        it = tqdm(it, desc="predict", unit="vol")
-    written = []
-    for n, (f, target) in enumerate(it):
-        vol = load_volume(f, "image")
-        probs = probabilities_of(vol)
-        label = labels_from_probabilities(probs, postprocess)
-        header = vol.header.copy() if vol.header is not None else None
-        if header is not None:
-            header.set_data_dtype(np.uint8)
-            header.set_slope_inter(1, 0)
-        if probabilities:
-            save_probabilities(probs, vol.affine, prob_targets[n], overwrite)
-        del probs
-        save_nifti_atomic(label, vol.affine, target, header=header, overwrite=overwrite)
-        written.append(target)
-    return written
+                raise OutputExists(t)
+    return targets, prob_targets
 
 
-def available_memory() -> int:
-    """Free host memory in bytes (Linux's MemAvailable; else free pages; else 4 GiB)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
+def save_label_map(label: np.ndarray, like: Volume, path: Path, overwrite: bool = False) -> None:
+    """Write a uint8 label map atomically with the geometry (affine, header) of the scan it came from."""
+    header = like.header.copy() if like.header is not None else None
+    if header is not None:
+        header.set_data_dtype(np.uint8)
+        header.set_slope_inter(1, 0)
+    save_nifti_atomic(label, like.affine, path, header=header, overwrite=overwrite)
 
 
 def sidecar_path(model_path: str | os.PathLike) -> Path:
@@ -269,9 +248,12 @@ class OnnxModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.log_severity_level = 3
+        state = ort.capi.onnxruntime_pybind11_state  # where ONNX Runtime's own exception types live
+        expected = (state.Fail, state.InvalidGraph, state.InvalidProtobuf, state.NoSuchFile, state.InvalidArgument,
+                    state.RuntimeException, RuntimeError, OSError)
         try:
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own types for a file that is not a model
+        except expected as exc:  # a file that is not a model, or a model this runtime cannot run
             raise HipsegError(f"{path}: not a loadable ONNX model ({first_line(exc, 120)})") from None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

@@ -13,17 +13,25 @@ import dataclasses
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 import torch
 
 from . import NUM_CLASSES
 from .checkpoint import load_model
-from .portable import (SINGLE_ORGANS, collect_inputs, entropy, keep_largest_component, labels_from_probabilities,
-                       prediction_name, probabilities_name)
-from .predictor import InferenceSettings, Predictor, available_memory
-from .runtime import cuda_has_bf16, resolve_device
+from .model import ResUNet3D
+from .portable import (
+    SINGLE_ORGANS,
+    collect_inputs,
+    entropy,
+    keep_largest_component,
+    labels_from_probabilities,
+    prediction_name,
+    probabilities_name,
+)
+from .predictor import InferenceSettings, Predictor
+from .runtime import available_bytes, cuda_has_bf16, resolve_device
 
 __all__ = ["TorchBackend", "load_predictor", "predict_array", "predict_probabilities", "predict_files",
            "labels_from_probabilities", "keep_largest_component", "entropy", "collect_inputs", "prediction_name",
@@ -36,7 +44,8 @@ class TorchBackend:
 
     def __init__(self, network: torch.nn.Module, device: str | torch.device = "cpu", precision: str = "auto"):
         self.network, self.device = network, torch.device(device)
-        config = getattr(network, "config", None) or getattr(getattr(network, "module", None), "config")
+        inner = cast(ResUNet3D, getattr(network, "module", network))  # a DistributedDataParallel wrapper holds it
+        config = inner.config
         self.divisor = 2 ** (config.depth - 1)
         self.base_channels = config.base_channels
         if precision == "auto":
@@ -55,9 +64,7 @@ class TorchBackend:
         return y.float().cpu().numpy()
 
     def free_bytes(self) -> int:
-        if self.device.type == "cuda":
-            return int(torch.cuda.mem_get_info(self.device)[0])
-        return available_memory()
+        return available_bytes(self.device)
 
 
 def load_predictor(checkpoint: str | os.PathLike, device: str | torch.device = "auto",

@@ -20,8 +20,18 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from . import DEFAULT_POSTPROCESS, DEFAULT_TTA
-from .portable import OnnxModel, available_memory, collect_inputs, labels_from_probabilities, write_predictions
+from . import DEFAULT_POSTPROCESS, DEFAULT_TTA, SettingsError
+from .hostinfo import available_memory
+from .io import load_volume
+from .portable import (
+    OnnxModel,
+    check_inputs,
+    collect_inputs,
+    labels_from_probabilities,
+    plan_outputs,
+    save_label_map,
+    save_probabilities,
+)
 from .preprocess import Preprocessing, preprocess_image, reorient, resize_image, voxel_spacing
 
 __all__ = ["InferenceSettings", "Backend", "Predictor", "plan_windows", "gaussian_weight", "available_memory",
@@ -58,9 +68,9 @@ class InferenceSettings:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:
-            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+            raise SettingsError(f"overlap must be in [0, 1), got {self.overlap}")
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+            raise SettingsError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.window is not None:
             object.__setattr__(self, "window", tuple(int(s) for s in self.window))
 
@@ -141,9 +151,9 @@ class Predictor:
         >>> plain = p.replace(tta=False, postprocess=False)         # doctest: +SKIP
     """
 
-    def __init__(self, backend: Backend, preprocessing: Preprocessing,
-                 settings: InferenceSettings = InferenceSettings()):
-        self.backend, self.preprocessing, self.settings = backend, preprocessing, settings
+    def __init__(self, backend: Backend, preprocessing: Preprocessing, settings: InferenceSettings | None = None):
+        self.backend, self.preprocessing = backend, preprocessing
+        self.settings = settings or InferenceSettings()
 
     @classmethod
     def from_export(cls, path: str | os.PathLike, settings: InferenceSettings | None = None) -> "Predictor":
@@ -180,14 +190,15 @@ class Predictor:
         if not patch:
             return self.backend(x).astype(np.float32, copy=False)
         weight = gaussian_weight([min(p, s) for p, s in zip(patch, x.shape[2:])])
-        out = norm = None
+        out: np.ndarray | None = None
+        norm = np.zeros(x.shape[2:], np.float32)
         for window in plan_windows(x.shape[2:], patch, self.settings.overlap):
             y = self.backend(np.ascontiguousarray(x[(slice(None), slice(None), *window)]))
             if out is None:
                 out = np.zeros((x.shape[0], y.shape[1], *x.shape[2:]), np.float32)
-                norm = np.zeros(x.shape[2:], np.float32)
             out[(slice(None), slice(None), *window)] += y * weight
             norm[window] += weight
+        assert out is not None  # a grid has at least one window
         return out / norm
 
     def grid_log_probabilities(self, x: np.ndarray) -> np.ndarray:
@@ -195,7 +206,7 @@ class Predictor:
         over the mirrored copies when ``tta``."""
         flips = [c for n in range(len(MIRROR_AXES) * self.settings.tta + 1)
                  for c in itertools.combinations(MIRROR_AXES, n)]
-        acc = None
+        acc: np.ndarray | None = None
         for axes in flips:
             dims = tuple(2 + a for a in axes)
             xi = np.ascontiguousarray(np.flip(x, dims)) if dims else x
@@ -203,7 +214,8 @@ class Predictor:
             if dims:
                 logp = np.flip(logp, dims)
             acc = logp if acc is None else np.logaddexp(acc, logp)  # one mirrored copy held at a time
-        return (acc - math.log(len(flips))).astype(np.float32)
+        assert acc is not None
+        return np.asarray(acc - math.log(len(flips)), dtype=np.float32)
 
     def probabilities(self, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
         """Class probabilities ``(C, *image.shape)`` (float32, summing to 1 per voxel) in the file's
@@ -229,8 +241,25 @@ class Predictor:
     def predict_files(self, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                       overwrite: bool = False, progress: bool = True, probabilities: bool = False) -> list[Path]:
         """``hipseg predict``: ``<name>_pred.nii.gz`` for every NIfTI file in ``inputs`` (files or
-        folders), and with ``probabilities`` ``<name>_probs.nii.gz`` beside it; everything checked
-        before the first file is written (:func:`~hipseg_lib.portable.write_predictions`)."""
+        folders), and with ``probabilities`` ``<name>_probs.nii.gz`` beside it.
+
+        Everything is checked before the first file is written (:func:`~hipseg_lib.portable.plan_outputs`;
+        every input is read in full by :func:`~hipseg_lib.portable.check_inputs`: a truncated,
+        non-3D, non-finite or constant image stops the run, naming it). Each output is written
+        atomically. Returns the label maps written.
+        """
         files = collect_inputs(inputs)
-        return write_predictions(files, out_dir, lambda v: self.probabilities(v.array, v.affine), overwrite,
-                                 progress, self.settings.postprocess, probabilities)
+        targets, prob_targets = plan_outputs(files, out_dir, overwrite, probabilities)
+        check_inputs(files, progress)
+        todo = list(zip(files, targets))
+        if progress:
+            from .progress import progress as tqdm
+            todo = tqdm(todo, desc="predict", unit="vol")
+        for n, (f, target) in enumerate(todo):
+            vol = load_volume(f, "image")
+            probs = self.probabilities(vol.array, vol.affine)
+            if probabilities:
+                save_probabilities(probs, vol.affine, prob_targets[n], overwrite)
+            save_label_map(labels_from_probabilities(probs, self.settings.postprocess), vol, target, overwrite)
+            del probs
+        return targets

@@ -9,12 +9,13 @@ prediction can be put back on the scan's own voxels.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Sequence
 
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
-from . import HipsegError
+from . import HipsegError, SettingsError
 
 __all__ = ["Preprocessing", "normalise_intensity", "resize_image", "resize_linear", "resize_label",
            "foreground_box", "crop", "Placement", "place", "resampled_shape", "voxel_spacing",
@@ -57,24 +58,25 @@ class Preprocessing:
     def __post_init__(self) -> None:
         shape = tuple(int(s) for s in self.target_shape)
         if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"target_shape must be three positive sizes, got {self.target_shape}")
+            raise SettingsError(f"target_shape must be three positive sizes, got {self.target_shape}")
         lo, hi = self.clip_percentiles
         if not 0 <= lo < hi <= 100:
-            raise ValueError(f"clip_percentiles must satisfy 0 <= low < high <= 100, got {self.clip_percentiles}")
+            raise SettingsError(f"clip_percentiles must satisfy 0 <= low < high <= 100, got {self.clip_percentiles}")
         object.__setattr__(self, "target_shape", shape)
         object.__setattr__(self, "clip_percentiles", (float(lo), float(hi)))
         try:
             axcodes2ornt(tuple(self.orientation))
-        except Exception:
-            raise ValueError(f"orientation must be three axis codes such as 'LPS', got {self.orientation!r}") from None
+        except (ValueError, TypeError, KeyError):
+            raise SettingsError(f"orientation must be three axis codes such as 'LPS', "
+                                f"got {self.orientation!r}") from None
         if len(self.orientation) != 3:
-            raise ValueError(f"orientation must be three axis codes such as 'LPS', got {self.orientation!r}")
+            raise SettingsError(f"orientation must be three axis codes such as 'LPS', got {self.orientation!r}")
         if self.resample not in RESAMPLING:
-            raise ValueError(f"resample must be one of {', '.join(RESAMPLING)}, got {self.resample!r}")
+            raise SettingsError(f"resample must be one of {', '.join(RESAMPLING)}, got {self.resample!r}")
         if self.target_spacing is not None:
             spacing = tuple(float(v) for v in self.target_spacing)
             if len(spacing) != 3 or min(spacing) <= 0:
-                raise ValueError(f"target_spacing must be three sizes in mm > 0, got {self.target_spacing}")
+                raise SettingsError(f"target_spacing must be three sizes in mm > 0, got {self.target_spacing}")
             object.__setattr__(self, "target_spacing", spacing)
 
     def to_dict(self) -> dict:
@@ -89,7 +91,7 @@ class Preprocessing:
         """Inverse of :meth:`to_dict` (a checkpoint stores every setting)."""
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown preprocessing settings: {', '.join(sorted(unknown))}")
+            raise SettingsError(f"unknown preprocessing settings: {', '.join(sorted(unknown))}")
         return cls(**d)
 
 
@@ -121,7 +123,7 @@ def _torch():
     return torch
 
 
-def resize_image(image: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+def resize_image(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Trilinear resize of a 3D float array, or of each channel of a ``(C, X, Y, Z)`` one, to
     ``shape`` (PyTorch's ``interpolate``, or :func:`resize_linear`, the same to float rounding,
     where torch is not installed)."""
@@ -137,7 +139,7 @@ def resize_image(image: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return out.reshape(*lead, *shape).numpy()
 
 
-def resize_linear(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def resize_linear(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Linear resize of the last ``len(shape)`` axes of a float array in numpy, with PyTorch's
     ``interpolate(mode="trilinear", align_corners=False)`` sampling: output voxel ``i`` reads the
     input at ``(i + 0.5) * in / out - 0.5``, clamped to the edges. One axis at a time.
@@ -191,7 +193,7 @@ def foreground_box(image: np.ndarray, margin: int = 2) -> Box:
     hi = float(np.percentile(small, 90))
     mask = small > lo + 0.3 * (hi - lo)
     if hi <= lo or mask.sum() < 0.01 * mask.size:
-        return tuple((0, n) for n in image.shape)  # type: ignore[return-value]
+        return _whole(image.shape)
     box = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
@@ -297,17 +299,25 @@ def preprocess_image(image: np.ndarray, cfg: Preprocessing, spacing=(1.0, 1.0, 1
     Returns:
         The array on the grid and its :class:`Placement`.
     """
-    box = foreground_box(image) if cfg.crop_foreground else tuple((0, n) for n in image.shape)
+    box: Box = foreground_box(image) if cfg.crop_foreground else _whole(image.shape)
     norm = normalise_intensity(crop(image, box), cfg.clip_percentiles, name)
+    shape: tuple[int, int, int]
+    grid: tuple[int, int, int]
     if cfg.resample == "shape":
         shape = grid = cfg.target_shape
     else:
         if cfg.target_spacing is None:
-            raise ValueError("resample='spacing' needs a target_spacing (plan it: data.plan_target_spacing)")
+            raise SettingsError("resample='spacing' needs a target_spacing (plan it: data.plan_target_spacing)")
         shape = resampled_shape(norm.shape, spacing, cfg.target_spacing)
-        grid = cfg.target_shape if divisor is None else tuple(-(-n // divisor) * divisor for n in shape)
+        grid = cfg.target_shape if divisor is None else (
+            -(-shape[0] // divisor) * divisor, -(-shape[1] // divisor) * divisor, -(-shape[2] // divisor) * divisor)
     img = resize_image(norm, shape)
-    return place(img, grid, float(img.min())), Placement(box, tuple(shape), tuple(grid))  # type: ignore[arg-type]
+    return place(img, grid, float(img.min())), Placement(box, shape, grid)
+
+
+def _whole(shape) -> Box:
+    """The box of a whole volume of ``shape``."""
+    return ((0, int(shape[0])), (0, int(shape[1])), (0, int(shape[2])))
 
 
 def preprocess_pair(image: np.ndarray, label: np.ndarray | None, cfg: Preprocessing, spacing=(1.0, 1.0, 1.0),

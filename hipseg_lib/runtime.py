@@ -12,6 +12,7 @@ import os
 import random
 import time
 import warnings
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -19,20 +20,58 @@ import torch
 import torch.distributed as dist
 
 from . import HipsegError, first_line
+from .hostinfo import available_memory
 
-__all__ = ["available_bytes", "resolve_device", "seed_everything", "autocast_for", "cpu_has_bf16", "cuda_has_bf16",
-           "host_to", "Dist", "wait_for_other_ranks", "CompiledOrEager", "PROCESS_GROUP_TIMEOUT"]
+__all__ = ["Launch", "available_bytes", "resolve_device", "seed_everything", "autocast_for", "cpu_has_bf16",
+           "cuda_has_bf16", "host_to", "Dist", "wait_for_other_ranks", "CompiledOrEager", "PROCESS_GROUP_TIMEOUT"]
 
 # How long a process waits in a collective: long enough for rank 0 to preprocess a cold cache of the
 # real set while the others wait (PyTorch's default, 10 minutes, is not).
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` -> the local CUDA device when present (``LOCAL_RANK`` under torchrun), else CPU."""
+@dataclass(frozen=True)
+class Launch:
+    """How this process was started: alone, or as one of torchrun's processes. Read once, from the
+    environment torchrun sets, by the entry point (the command line, or :func:`~hipseg_lib.train.train`
+    called from a notebook) and passed down.
+
+    Example:
+        >>> Launch.from_environment({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1",
+        ...                          "TORCHELASTIC_RUN_ID": "x"}).rank
+        1
+    """
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    distributed: bool = False  # under torchrun, even with one process (a process group is made)
+    run_id: str | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    restart: int = 0
+
+    @classmethod
+    def from_environment(cls, env=None) -> "Launch":
+        env = os.environ if env is None else env
+        world = int(env.get("WORLD_SIZE", "1"))
+        run_id = env.get("TORCHELASTIC_RUN_ID")
+        return cls(rank=int(env.get("RANK", "0")), world=world, local_rank=int(env.get("LOCAL_RANK", "0")),
+                   distributed=world > 1 or ("LOCAL_RANK" in env and run_id is not None), run_id=run_id,
+                   master_addr=env.get("MASTER_ADDR"),
+                   master_port=int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else None,
+                   restart=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> this process's CUDA device when present (``local_rank`` under torchrun), else CPU."""
     if device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return torch.device("cuda", local_rank)
         return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -44,10 +83,7 @@ def available_bytes(device: torch.device) -> int:
     """Free memory of ``device`` in bytes: the GPU's, or the host's available RAM."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 4 * 2**30
+    return available_memory()
 
 
 def seed_everything(seed: int) -> None:
@@ -157,7 +193,7 @@ class CompiledOrEager:
             try:
                 self.compiled = torch.compile(net)
             except Exception as exc:  # noqa: BLE001 - any failure to build means: run eager
-                warnings.warn(f"torch.compile unavailable ({first_line(exc, 200)}); running eager")
+                warnings.warn(f"torch.compile unavailable ({first_line(exc, 200)}); running eager", stacklevel=2)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.compiled is not None and not self.warmed:
@@ -167,6 +203,7 @@ class CompiledOrEager:
         return self.net(x)
 
     def _warm_up(self, x: torch.Tensor) -> None:
+        assert self.compiled is not None
         ok = True
         try:
             out = self.compiled(x)
@@ -177,7 +214,7 @@ class CompiledOrEager:
         except Exception as exc:  # noqa: BLE001 - a compiler's failure comes in many types
             if "CUDA" in str(exc) or "cuda" in type(exc).__name__.lower():
                 raise
-            warnings.warn(f"torch.compile failed ({first_line(exc, 200)}); running eager")
+            warnings.warn(f"torch.compile failed ({first_line(exc, 200)}); running eager", stacklevel=3)
             ok = False
         finally:
             for p in self.net.parameters():
@@ -192,15 +229,15 @@ class CompiledOrEager:
 class Dist:
     """Process-group helpers for torchrun (NCCL on GPUs, gloo on CPUs); a no-op in one process."""
 
-    def __init__(self, device_pref: str):
-        # Under torchrun (which sets these), even with one process: a process group is made, so a
-        # one-GPU torchrun run initialises NCCL exactly as a multi-GPU one does.
-        self.enabled = int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
-            "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ)
+    def __init__(self, device_pref: str, launch: Launch | None = None):
+        launch = launch or Launch()
+        # Under torchrun, even with one process, a process group is made: a one-GPU torchrun run
+        # initialises NCCL exactly as a multi-GPU one does.
+        self.enabled = launch.distributed
         if self.enabled and not dist.is_initialized():
             cuda = torch.cuda.is_available() and device_pref != "cpu"
             if cuda:
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(launch.local_rank)
             dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
             self.owns_group = True
         else:
@@ -264,7 +301,7 @@ class Dist:
             dist.destroy_process_group()
 
 
-def wait_for_other_ranks(timeout: float = 20.0) -> None:
+def wait_for_other_ranks(launch: Launch, timeout: float = 20.0) -> None:
     """Under torchrun, wait (at most ``timeout`` seconds) until every process has got here.
 
     torchrun stops all processes as soon as one exits, so a process that ends first with an error
@@ -273,17 +310,15 @@ def wait_for_other_ranks(timeout: float = 20.0) -> None:
     after the process group has ended; outside torchrun, or if the store cannot be reached, it
     returns at once.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    if world < 2 or not run_id or "MASTER_ADDR" not in os.environ:
+    if launch.world < 2 or not launch.run_id or not launch.master_addr or launch.master_port is None:
         return
-    key = f"hipseg/{run_id}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/ended"
+    key = f"hipseg/{launch.run_id}/{launch.restart}/ended"
     deadline = time.monotonic() + timeout
     try:
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+        store = dist.TCPStore(launch.master_addr, launch.master_port, is_master=False,
                               timeout=datetime.timedelta(seconds=timeout))
         store.add(key, 1)
-        while store.add(key, 0) < world and time.monotonic() < deadline:
+        while store.add(key, 0) < launch.world and time.monotonic() < deadline:
             time.sleep(0.02)
-    except Exception:  # the line is out already; waiting is a courtesy to the other processes
+    except (RuntimeError, OSError, dist.DistStoreError):  # the line is out already; waiting is a courtesy
         return

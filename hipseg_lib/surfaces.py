@@ -112,5 +112,5 @@ def surface_turntable(truth: np.ndarray, pred: np.ndarray, spacing: Sequence[flo
         html = _player(anim, "loop")
     plt.close(fig)
     out = HTML(f'<div class="hipseg-turntable">{html}</div>')
-    out.azimuths = azimuths
+    setattr(out, "azimuths", azimuths)  # noqa: B010  (an attribute IPython's HTML does not declare)
     return out

@@ -37,7 +37,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from . import BACKGROUND, BLADDER, BODY, BONES, CLASS_NAMES, PROSTATE, RECTUM, HipsegError, __version__
+from . import BACKGROUND, BLADDER, BODY, BONES, CLASS_NAMES, PROSTATE, RECTUM, HipsegError, OutputExists, __version__
 
 __all__ = ["ANATOMY", "DEFAULT_SHAPE", "SynthSpec", "TISSUES", "make_case_anatomy", "render_volume",
            "make_dataset", "anatomy_of"]
@@ -236,9 +236,10 @@ class _Frame:
         self.waves = anat["waves"]
 
     def box(self, lo, hi):
-        sl = tuple(slice(int(np.searchsorted(a, l)), int(np.searchsorted(a, h)))
-                   for a, l, h in zip(self.axes, lo, hi))
-        return sl, [q[tuple(s if i == j else slice(None) for j in range(3))] for i, (q, s) in enumerate(zip(self.q, sl))]
+        sl = tuple(slice(int(np.searchsorted(a, low)), int(np.searchsorted(a, high)))
+                   for a, low, high in zip(self.axes, lo, hi))
+        return sl, [q[tuple(s if i == j else slice(None) for j in range(3))]
+                    for i, (q, s) in enumerate(zip(self.q, sl))]
 
     def warp(self, label: np.ndarray, kind: np.ndarray):
         """Label and tissue maps moved by the deformation (nearest voxel): each voxel takes what
@@ -274,6 +275,7 @@ class _Painter:
         self.frame = frame
         self.label = np.zeros(frame.shape, np.uint8)
         self.kind = np.zeros(frame.shape, np.uint8)
+        self.subcutaneous: np.ndarray | None = None  # the body's fat under the skin, once painted
 
     def mask(self, sl, mask, kind, cls=None):
         if cls is not None:
@@ -513,7 +515,8 @@ def _paint_bladder_and_prostate(paint: _Painter, anat: dict, week_rng: np.random
     semi_p = np.array([29.0, 21.0, 25.0]) * ps
     for s in (-1, 1):
         paint.solid(_capsules([(px + s * 4, py + 12, pz + 16), (px + s * 16, py + 24, pz + 26),
-                               (px + s * 32, py + 26, pz + 32), (px + s * 42, py + 22, pz + 33)], [5, 7, 7, 5]), "seminal")
+                               (px + s * 32, py + 26, pz + 32), (px + s * 42, py + 22, pz + 33)], [5, 7, 7, 5]),
+                    "seminal")
     volume = anat["bladder_ml"] * float(np.clip(week_rng.normal(0.9, 0.35), 0.25, 1.6)) * 1000.0
     round_ = min(volume / 300000.0, 1.0)
     q = 0.55 + 0.4 * round_
@@ -567,10 +570,12 @@ def _paint_skeleton(paint: _Painter, anat: dict) -> None:
         paint.bone([_cup(head, r + 2.5, r + 12.5, (s * 0.72, -0.3, -0.62), 0.26),
                     _capsules([(s * 72, 12, 22), (s * 70, 30, 58), (s * 52, 62, 72)], [17, 16, 14]),
                     _plate(wing["centre"], wing["eu"], wing["ev"], (72, 46), (10, 16), wing["bend"])[:3],
-                    _capsules([(s * 122, -40, 68), (s * 128, 0, 100), (s * 110, 40, 105), (s * 60, 70, 80)], [7, 8, 8, 10]),
+                    _capsules([(s * 122, -40, 68), (s * 128, 0, 100), (s * 110, 40, 105), (s * 60, 70, 80)],
+                              [7, 8, 8, 10]),
                     _capsules([(s * 74, -22, -2), (s * 45, -45, -14), (s * 17, -56, -22)], [12, 10, 10]),
                     _ellipsoid((s * 13, -56, -33), (9, 12, 19)),
-                    _capsules([(s * 15, -50, -48), (s * 35, -28, -63), (s * 52, 2, -66), (s * 58, 24, -56)], [8, 8, 9, 15]),
+                    _capsules([(s * 15, -50, -48), (s * 35, -28, -63), (s * 52, 2, -66), (s * 58, 24, -56)],
+                              [8, 8, 9, 15]),
                     _capsules([(s * 58, 24, -56), (s * 66, 24, -25), (s * 72, 18, -5)], [15, 15, 16]),
                     _capsules([(s * 62, 30, -18), (s * 46, 40, -20)], [7, 4])])
     curve = anat["sacrum_curve"]
@@ -686,7 +691,7 @@ def make_dataset(out: str | os.PathLike, seed: int = 0, cases: int = 30,
         raise ValueError(f"weeks must satisfy 1 <= min <= max <= 8, got {weeks}")
     if out.exists():
         if not overwrite:
-            raise HipsegError(f"{out}: already exists (use --overwrite to replace it)")
+            raise OutputExists(out)
         if not (out / "synth.json").exists():
             raise HipsegError(f"{out}: not a synthetic set made by hipseg; refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)

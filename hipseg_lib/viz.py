@@ -8,7 +8,7 @@ in :mod:`~hipseg_lib.surfaces`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence, cast
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -30,7 +30,7 @@ BOOK_STYLE = {"figure.dpi": 100, "savefig.dpi": 100, "font.size": 10, "axes.titl
 
 def use_book_style() -> None:
     """Matplotlib settings of the book's figures (:data:`BOOK_STYLE`)."""
-    plt.rcParams.update(BOOK_STYLE)
+    plt.rcParams.update(cast(Any, BOOK_STYLE))
 
 
 CLASS_COLOURS = ["#00000000", "#4daf4a", "#ffff33", "#377eb8", "#ff7f00", "#e41a1c"]

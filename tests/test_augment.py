@@ -6,9 +6,23 @@ import numpy as np
 import pytest
 import torch
 
-from hipseg_lib.augment import (ANISO_THRESHOLD, Affine, Augmentation, Brightness, Contrast, Crop, FLIP_AXES, Gamma,
-                                GaussianBlur, GaussianNoise, LowResolution, Mirror, RandomAugmentation, RandomPatch,
-                                augment_batch)
+from hipseg_lib.augment import (
+    ANISO_THRESHOLD,
+    FLIP_AXES,
+    Affine,
+    Augmentation,
+    Brightness,
+    Contrast,
+    Crop,
+    Gamma,
+    GaussianBlur,
+    GaussianNoise,
+    LowResolution,
+    Mirror,
+    RandomAugmentation,
+    RandomPatch,
+    augment_batch,
+)
 
 
 def _pair(shape=(16, 16, 8)):
@@ -122,9 +136,9 @@ def test_batch_augmentation_equals_sample_by_sample():
     assert ts[0].spatial is not None and ts[1].spatial is None, "the batch mixes resampled and plain samples"
     bi, bl = augment_batch(imgs, labs, ts)
     for k in range(2):
-        i, l = ts[k](imgs[k], labs[k])
-        torch.testing.assert_close(bi[k], i, atol=1e-5, rtol=0)
-        assert torch.equal(bl[k], l)
+        image, label = ts[k](imgs[k], labs[k])
+        torch.testing.assert_close(bi[k], image, atol=1e-5, rtol=0)
+        assert torch.equal(bl[k], label)
     with pytest.raises(ValueError, match="1 augmentations for a batch of 2"):
         augment_batch(imgs, labs, ts[:1])
 

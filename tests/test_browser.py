@@ -11,16 +11,12 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
 from conftest import chromium_path, start_lab, stop_lab
 
 pytestmark = pytest.mark.slow  # JupyterLab in a real browser: `make test-fast` leaves it out

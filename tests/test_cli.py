@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_pair_arrays, write_csiro_pair, write_nifti
 
 from hipseg_lib.cli import main
-
-from conftest import make_pair_arrays, write_csiro_pair, write_nifti
 
 VERBS = ["synth", "check", "train", "predict", "export", "convert", "evaluate", "book"]
 
@@ -28,7 +27,7 @@ def run_cli(*args, cwd=None, env=None, process=False):
     ``env`` adds variables (None removes one). An unexpected exception raises here either way
     (a traceback in the child's stderr, or the exception itself), so both fail a test alike."""
     if process or cwd is not None or env is not None:
-        full = {k: v for k, v in os.environ.items() if k != "HIPSEG_PLAIN_PROGRESS"}
+        full = dict(os.environ)
         for k, v in (env or {}).items():
             if v is None:
                 full.pop(k, None)
@@ -37,16 +36,11 @@ def run_cli(*args, cwd=None, env=None, process=False):
         return subprocess.run([sys.executable, "-m", "hipseg_lib", *map(str, args)], capture_output=True,
                               text=True, cwd=cwd, env=full)
     out, err = io.StringIO(), io.StringIO()
-    saved = os.environ.pop("HIPSEG_PLAIN_PROGRESS", None)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main([str(a) for a in args])
-            except SystemExit as exc:  # argparse's own errors
-                code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        if saved is not None:
-            os.environ["HIPSEG_PLAIN_PROGRESS"] = saved
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's own errors
+            code = exc.code if isinstance(exc.code, int) else 1
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
@@ -76,8 +70,13 @@ def _one_line_error(r, *needles):
 
 def test_synth_and_check_round_trip(tmp_path):
     out = tmp_path / "s"
-    r = run_cli("synth", "--out", out, "--cases", 3, "--shape", 24, 24, 16, "--max-weeks", 2, "--workers", 1)
-    assert r.returncode == 0 and "image/label pairs of 3 cases" in r.stdout
+    r = run_cli("synth", "--out", out, "--cases", 3, "--shape", "24x24x16", "--max-weeks", 2, "--workers", 1)
+    assert r.returncode == 0 and "image/label pairs of 3 cases" in r.stdout and not r.stderr
+    # the old form still works for one release, with a line that says what replaces it
+    old = run_cli("synth", "--out", tmp_path / "old", "--cases", 3, "--shape", 24, 24, 16, "--max-weeks", 2,
+                  "--workers", 1)
+    assert old.returncode == 0 and "--shape X Y Z is deprecated" in old.stderr and "--shape XxYxZ" in old.stderr
+    assert (tmp_path / "old" / "synth.json").read_text() == (out / "synth.json").read_text()
     r = run_cli("check", out, "--quiet")
     assert r.returncode == 0 and "no problems found" in r.stdout and "LPS" in r.stdout
     r = run_cli("synth", "--out", out, "--cases", 3)
@@ -143,13 +142,13 @@ def test_train_cli_config_and_overrides(tmp_path, tiny_synth):
 
 
 def test_train_override_order_is_preset_config_flags_set(tmp_path):
-    from hipseg_lib.cli import _train_config, build_parser
+    from hipseg_lib.cli import build_parser, train_config_of
 
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"epochs": 3, "lr": 0.1, "depth": 4, "batch_size": 5}))
 
     def parse(*extra):
-        return _train_config(build_parser().parse_args(["train", "--preset", "cpu", *map(str, extra)]))
+        return train_config_of(build_parser().parse_args(["train", "--preset", "cpu", *map(str, extra)]))
 
     base = parse()
     assert (base.epochs, base.lr, base.model.depth) == (16, 2e-3, 5), "the cpu preset"
@@ -160,8 +159,11 @@ def test_train_override_order_is_preset_config_flags_set(tmp_path):
     c = parse("--config", cfg, "--epochs", 4, "--set", "epochs=6", "--set", "target_shape=[32,32,16]")
     assert (c.epochs, c.lr, c.preprocessing.target_shape, c.batch_size) == (6, 0.1, (32, 32, 16), 5), \
         "--set over flags"
-    assert "--config, then the dedicated flags" in " ".join(build_parser()._subparsers._group_actions[0]
-                                                           .choices["train"].format_help().split())
+    help_text = io.StringIO()
+    with contextlib.redirect_stdout(help_text), pytest.raises(SystemExit) as ended:
+        main(["train", "--help"])
+    assert ended.value.code == 0
+    assert "--config, then the dedicated flags" in " ".join(help_text.getvalue().split())
 
 
 @pytest.mark.parametrize("make, needles", [
@@ -170,8 +172,10 @@ def test_train_override_order_is_preset_config_flags_set(tmp_path):
     (lambda d: _truncated(d), ["trunc.nii.gz", "truncated or corrupt"]),
     (lambda d: write_nifti(d / "flat.nii.gz", np.ones((16, 16))), ["flat.nii.gz", "expected a 3D volume"]),
     (lambda d: write_nifti(d / "four.nii.gz", np.ones((16, 16, 8, 3))), ["four.nii.gz", "expected a 3D volume"]),
-    (lambda d: write_nifti(d / "inf.nii.gz", np.full((16, 16, 8), np.inf, np.float32)), ["inf.nii.gz", "NaN or infinite"]),
-    (lambda d: write_nifti(d / "const.nii.gz", np.full((16, 16, 8), 7, np.float32)), ["const.nii.gz", "constant image"]),
+    (lambda d: write_nifti(d / "inf.nii.gz", np.full((16, 16, 8), np.inf, np.float32)),
+     ["inf.nii.gz", "NaN or infinite"]),
+    (lambda d: write_nifti(d / "const.nii.gz", np.full((16, 16, 8), 7, np.float32)),
+     ["const.nii.gz", "constant image"]),
     (lambda d: (d / "emptydir").mkdir() or d / "emptydir", ["emptydir", "holds no .nii"]),
 ])
 def test_predict_bad_inputs(tiny_model, tmp_path, make, needles):
@@ -242,7 +246,8 @@ def test_predict_bad_checkpoints_and_outputs(tiny_model, tiny_synth, tmp_path):
 
 def test_evaluate_cli(tiny_model, tiny_synth, tmp_path):
     pair_imgs = sorted((tiny_synth / "semantic_MRs_anon").iterdir())[:2]
-    assert run_cli("predict", "--checkpoint", tiny_model, *pair_imgs, "--out", tmp_path / "p", "--device", "cpu").returncode == 0
+    r = run_cli("predict", "--checkpoint", tiny_model, *pair_imgs, "--out", tmp_path / "p", "--device", "cpu")
+    assert r.returncode == 0
     js = tmp_path / "m.json"
     r = run_cli("evaluate", "--pred", tmp_path / "p", "--truth", tiny_synth / "semantic_labels_anon", "--json", js)
     assert r.returncode == 0, r.stderr
@@ -254,7 +259,8 @@ def test_evaluate_cli(tiny_model, tiny_synth, tmp_path):
                             "--json", js), "already exists")
     empty = tmp_path / "e"
     empty.mkdir()
-    _one_line_error(run_cli("evaluate", "--pred", empty, "--truth", tiny_synth / "semantic_labels_anon"), "holds no .nii")
+    r = run_cli("evaluate", "--pred", empty, "--truth", tiny_synth / "semantic_labels_anon")
+    _one_line_error(r, "holds no .nii")
 
 
 def test_train_outside_a_project_checkout_says_where_to_point_data(tmp_path, monkeypatch):

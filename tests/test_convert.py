@@ -6,13 +6,12 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import write_nifti
 
 from hipseg_lib import CLASS_NAMES, HipsegError
 from hipseg_lib.cli import main
 from hipseg_lib.convert import to_nnunet
 from hipseg_lib.data import split_folder
-
-from conftest import write_nifti
 
 
 def test_the_nnunet_dataset_holds_the_source_files_and_hipsegs_split(tiny_synth, tmp_path):

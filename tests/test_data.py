@@ -1,22 +1,31 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from conftest import write_csiro_pair
 
 from hipseg_lib import HipsegError
 from hipseg_lib.augment import RandomAugmentation, RandomPatch
-from hipseg_lib.data import (SegmentationDataset, TrainingBatches, TrainingSet, cache_pairs, cases_of,
-                             preprocessing_workers, split_by_case)
+from hipseg_lib.data import (
+    SegmentationDataset,
+    TrainingBatches,
+    TrainingSet,
+    cache_pairs,
+    cases_of,
+    preprocessing_workers,
+    split_by_case,
+)
 from hipseg_lib.io import Pair, VolumeId, find_pairs
 from hipseg_lib.preprocess import Preprocessing
-
-from conftest import write_csiro_pair
 
 
 def _fake_pairs(n_cases, weeks=3):
     from pathlib import Path
-    return [Pair(VolumeId(f"{c:03d}", w), Path(f"i{c}_{w}"), Path(f"l{c}_{w}")) for c in range(n_cases) for w in range(weeks)]
+    return [Pair(VolumeId(f"{c:03d}", w), Path(f"i{c}_{w}"), Path(f"l{c}_{w}"))
+            for c in range(n_cases) for w in range(weeks)]
 
 
 @pytest.mark.parametrize("n_cases", [3, 10, 38])
@@ -170,7 +179,8 @@ def test_parallel_preprocessing_from_a_script_without_a_main_guard(tmp_path):
 
 
 def test_cache_key_follows_the_code_that_computes_it(tmp_path, monkeypatch):
-    """A change to the preprocessing code makes new cache files; a version number does not matter."""
+    """A change to the code that computes the cache makes new cache files; a version number does
+    not matter (the files are named by what made them)."""
     import hipseg_lib
     import hipseg_lib.data as D
 
@@ -178,19 +188,23 @@ def test_cache_key_follows_the_code_that_computes_it(tmp_path, monkeypatch):
     write_csiro_pair(root, "001", 0)
     pair = find_pairs(root).pairs[0]
     prep = Preprocessing(target_shape=(8, 8, 4))
-    key = D._key(pair, prep)
+
+    def cached_file():
+        return D.cache_pairs([pair], prep, tmp_path / "c", workers=1)[0].image
+
+    first = cached_file()
     monkeypatch.setattr(hipseg_lib, "__version__", "9.9.9")
-    assert D._key(pair, prep) == key, "the version number is not what computes the cache"
-    assert set(D.CACHED_BY) == {"io", "preprocess"}
-    # the fingerprint reads the modules' source as it is now
-    fake = tmp_path / "lib"
-    fake.mkdir()
-    (fake / "preprocess.py").write_text("x = 1\n")
-    with monkeypatch.context() as m:
-        m.setattr(D, "__file__", str(fake / "data.py"))
-        before = D.code_fingerprint(("preprocess",))
-        (fake / "preprocess.py").write_text("x = 2\n")
-        assert D.code_fingerprint(("preprocess",)) != before
-    real = D.code_fingerprint()
-    monkeypatch.setattr(D, "code_fingerprint", lambda modules=D.CACHED_BY: real[::-1])
-    assert D._key(pair, prep) != key, "other code, other key"
+    assert cached_file() == first, "the version number is not what names the cache"
+    # an edit to the loading/validation or the preprocessing source names new files
+    import shutil
+    lib = tmp_path / "lib"
+    shutil.copytree(Path(D.__file__).parent, lib)
+    monkeypatch.setattr(D, "__file__", str(lib / "data.py"))
+    assert cached_file() == first, "the same source, the same files"
+    for name in ("io", "preprocess"):
+        source = (lib / f"{name}.py").read_text()
+        (lib / f"{name}.py").write_text(source + "\n# edited\n")
+        assert cached_file() != first, f"an edit to {name}.py must make new cache files"
+        (lib / f"{name}.py").write_text(source)
+    (lib / "viz.py").write_text("# unrelated\n")
+    assert cached_file() == first, "code that does not compute the cache does not change it"

@@ -31,12 +31,12 @@ def test_two_gloo_processes_match_single_process(tiny_synth, tmp_path):
     # One set of files, written once by rank 0.
     assert sorted(p.name for p in out2.iterdir()) == ["last.pth", "new_model.pth", "train_log.jsonl"]
     log = [json.loads(line) for line in (out2 / "train_log.jsonl").read_text().splitlines()]
-    assert [l["epoch"] for l in log] == [1, 2]
-    assert all(l["world_size"] == 2 and l["steps_all_ranks"] == 2 * l["steps"] for l in log), "both ranks stepped"
+    assert [h["epoch"] for h in log] == [1, 2]
+    assert all(h["world_size"] == 2 and h["steps_all_ranks"] == 2 * h["steps"] for h in log), "both ranks stepped"
 
     single = train(make_config("smoke", batch_size=2, **common), tiny_synth, tmp_path / "one", progress=False,
                    log=lambda s: None)
-    np.testing.assert_allclose([l["loss"] for l in log], [h["loss"] for h in single.history], rtol=2e-3)
+    np.testing.assert_allclose([h["loss"] for h in log], [h["loss"] for h in single.history], rtol=2e-3)
     np.testing.assert_allclose([v for v in log[-1]["val_dice"] if v is not None],
                                [v for v in single.history[-1]["val_dice"] if v is not None], atol=0.02)
     other = train(make_config("smoke", batch_size=2, **{**common, "seed": 1}), tiny_synth, tmp_path / "other",

@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from hipseg_lib import CLASS_NAMES
-from hipseg_lib.evaluate import _match_key, evaluate_pairs, format_summary, results_document
+from hipseg_lib.evaluate import evaluate_pairs, format_summary, match_key, results_document
 from hipseg_lib.io import find_pairs, load_pair, volume_id_in
 from hipseg_lib.metrics import METRICS, evaluate_case, summarise
 from hipseg_lib.predict import load_predictor
@@ -62,6 +62,6 @@ def test_format_summary_prints_every_metric_and_foreground_class():
 
 def test_one_name_parser_pairs_predictions_with_truths():
     assert str(volume_id_in("Case_004_Week0_LFOV_pred.nii.gz")) == "004_Week0"
-    assert _match_key(__import__("pathlib").Path("B006_Week3_SEMANTIC.nii.gz")) == "B006_Week3"
-    assert _match_key(__import__("pathlib").Path("scan_pred.nii.gz")) == "scan"  # no case and week
+    assert match_key(__import__("pathlib").Path("B006_Week3_SEMANTIC.nii.gz")) == "B006_Week3"
+    assert match_key(__import__("pathlib").Path("scan_pred.nii.gz")) == "scan"  # no case and week
     assert volume_id_in("notes.txt") is None

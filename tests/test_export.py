@@ -127,6 +127,11 @@ def test_predict_with_the_onnx_model_writes_the_checkpoints_labels_without_torch
         probs = [np.asarray(nib.load(p.parent / p.name.replace("_pred", "_probs")).dataobj, np.float32)
                  for p in (tmp_path / "onnx" / path.name, path)]
         assert float(np.abs(probs[0] - probs[1]).max()) <= 2e-4  # two steps of the uint16 scale
+    # a verb that needs PyTorch says so in one line, whatever flags it was given
+    r = _run_without_torch("train", "--data", str(tiny_synth), "--epochs", "3")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "hipseg: error: hipseg train needs PyTorch, which is not installed here "
+        "(an exported .onnx model predicts without it)"], r.stderr
 
 
 @pytest.mark.parametrize("memory_bytes", [1, 1 << 40])

@@ -8,8 +8,13 @@ import pytest
 
 from hipseg_lib import BLADDER, BODY, BONES, NUM_CLASSES, PROSTATE, HipsegError
 from hipseg_lib.io import find_pairs, load_volume
-from hipseg_lib.portable import (entropy, keep_largest_component, labels_from_probabilities, prediction_name,
-                                 probabilities_name)
+from hipseg_lib.portable import (
+    entropy,
+    keep_largest_component,
+    labels_from_probabilities,
+    prediction_name,
+    probabilities_name,
+)
 from hipseg_lib.predict import load_predictor
 from hipseg_lib.predictor import InferenceSettings, Predictor, gaussian_weight, plan_windows
 from hipseg_lib.preprocess import Preprocessing

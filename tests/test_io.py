@@ -5,11 +5,18 @@ import gzip
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import LPS, make_pair_arrays, write_csiro_pair, write_nifti
 
 from hipseg_lib import HipsegError
-from hipseg_lib.io import VolumeId, find_pairs, load_pair, load_volume, pair_problems, parse_volume_name, save_nifti_atomic
-
-from conftest import LPS, make_pair_arrays, write_csiro_pair, write_nifti
+from hipseg_lib.io import (
+    VolumeId,
+    find_pairs,
+    load_pair,
+    load_volume,
+    pair_problems,
+    parse_volume_name,
+    save_nifti_atomic,
+)
 
 
 @pytest.mark.parametrize("name, expected", [

@@ -12,10 +12,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import start_lab, stop_lab
 
 from hipseg_lib.lab import HOST, free_port
-
-from conftest import start_lab, stop_lab
 
 
 def _listening_addresses(port: int) -> set[str]:

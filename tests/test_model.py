@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from hipseg_lib.loss import DiceCELoss
 from hipseg_lib.cpu_kernels import CPUConv3d, use_cpu_kernels, use_torch_kernels
+from hipseg_lib.loss import DiceCELoss
 from hipseg_lib.model import ConvBlock, ModelConfig, ResidualBlock, ResUNet3D, count_parameters, layer_table
 
 

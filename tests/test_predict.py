@@ -7,14 +7,13 @@ import torch
 
 from hipseg_lib import HipsegError
 from hipseg_lib.checkpoint import load_model, read_checkpoint, save_checkpoint
+from hipseg_lib.evaluate import evaluate_folders
 from hipseg_lib.io import find_pairs, load_volume
 from hipseg_lib.model import ModelConfig, ResUNet3D
-from hipseg_lib.evaluate import evaluate_folders
 from hipseg_lib.portable import prediction_name
 from hipseg_lib.predict import load_predictor
 from hipseg_lib.predictor import InferenceSettings
 from hipseg_lib.preprocess import Preprocessing
-
 
 
 def test_labels_keep_the_scans_shape_and_follow_its_orientation(tiny_model, tiny_synth):

@@ -96,7 +96,9 @@ def test_the_install_cell_says_what_to_do_or_clones_and_installs(monkeypatch, tm
                  .replace(f'REPOSITORY = "{R.pyproject_url()}"', f'REPOSITORY = "{url}"'), "install", "exec"), {})
     root = str(tmp_path / "hipseg")
     assert calls == [["git", "clone", "--depth", "1", url, root],
-                     [sys.executable, "-m", "pip", "install", "-q", "-e", root + "[book]"]]
+                     [sys.executable, "-m", "pip", "install", "-q", "-e", root + "[book]"],
+                     [sys.executable, "-m", "hipseg_lib", "synth", "--out",
+                      str(tmp_path / "hipseg" / "data" / "synthetic")]]
     import os
 
     assert os.environ["HIPSEG_ROOT"] == root

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import in_ci
 
 pytestmark = pytest.mark.slow  # a Slurm cluster and two training jobs: `make test-fast` leaves it out

@@ -83,7 +83,8 @@ def test_needs_spatial_context(tiny_synth):
     dice = {}
     for balanced in (False, True):
         clf = fit_intensity_classifier([v.load() for v in train], balanced=balanced)
-        dice[balanced] = np.nanmean([dice_per_class(clf.predict(i), l) for i, l in (v.load() for v in test)], axis=0)
+        dice[balanced] = np.nanmean([dice_per_class(clf.predict(image), label)
+                                     for image, label in (v.load() for v in test)], axis=0)
         assert np.nanmean(dice[balanced][1:]) < 0.5
     assert dice[False][1] > 0.5, "the most accurate intensity classifier gets the dominant body class"
     assert np.nanmax(dice[True][2:]) > 0, "the class-balanced one does find small classes somewhere"
@@ -170,10 +171,11 @@ def test_a_set_records_its_anatomy_generation(tmp_path):
 
 
 def test_a_default_set_of_an_older_anatomy_is_moved_aside_and_made_anew(tmp_path, monkeypatch, capsys):
-    """An updated checkout must not teach from the stand-in an older generator made: the default
-    set is remade, and the old one is kept beside it (nothing is lost)."""
+    """An updated checkout must not teach from the stand-in an older generator made. resolve_data_dir
+    only resolves (and says what to do); ensure_default_dataset remakes the set and keeps the old one
+    beside it (nothing is lost)."""
     from hipseg_lib import synth
-    from hipseg_lib.locations import resolve_data_dir
+    from hipseg_lib.locations import ensure_default_dataset, resolve_data_dir
 
     project = tmp_path / "project"
     (project / "book").mkdir(parents=True)
@@ -183,6 +185,8 @@ def test_a_default_set_of_an_older_anatomy_is_moved_aside_and_made_anew(tmp_path
     small = functools.partial(make_dataset, seed=1, cases=1, shape=(16, 16, 16), weeks=(1, 1), workers=1)
     monkeypatch.setattr(synth, "make_dataset", small)
     default = project / "data" / "synthetic"
+    with pytest.raises(HipsegError, match=r"no data yet \(ensure_default_dataset\(\) makes it\)"):
+        resolve_data_dir()
 
     def old_set():
         default.mkdir(parents=True)
@@ -190,18 +194,18 @@ def test_a_default_set_of_an_older_anatomy_is_moved_aside_and_made_anew(tmp_path
         (default / "notes.txt").write_text("mine")
 
     old_set()
-    with pytest.raises(HipsegError, match="older generator .anatomy 1, now"):
-        resolve_data_dir(make_default=False)  # under torchrun: stop, make nothing
+    with pytest.raises(HipsegError, match=r"older generator .anatomy 1, now .*ensure_default_dataset\(\) renews it"):
+        resolve_data_dir()  # resolving makes nothing, moves nothing
     assert anatomy_of(default) == 1
-    assert resolve_data_dir() == default
+    assert ensure_default_dataset() == default
     assert anatomy_of(default) == ANATOMY and find_pairs(default).pairs
     assert (project / "data" / "synthetic.anatomy-1" / "notes.txt").read_text() == "mine"
     assert "older generator (anatomy 1" in capsys.readouterr().out
     stamp = (default / "synth.json").stat().st_mtime_ns
-    assert resolve_data_dir() == default and (default / "synth.json").stat().st_mtime_ns == stamp, \
-        "a set of this generation is used as it is"
+    assert resolve_data_dir() == ensure_default_dataset() == default
+    assert (default / "synth.json").stat().st_mtime_ns == stamp, "a set of this generation is used as it is"
     shutil.rmtree(default)
     old_set()
-    resolve_data_dir()
+    ensure_default_dataset()
     assert (project / "data" / "synthetic.anatomy-1-2" / "notes.txt").exists(), "an earlier one is kept too"
     assert (project / "data" / "synthetic.anatomy-1" / "notes.txt").exists()

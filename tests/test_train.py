@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from hipseg_lib import HipsegError
+from hipseg_lib import BEST_NAME, LAST_NAME, LOG_NAME, HipsegError
 from hipseg_lib.checkpoint import read_checkpoint
-from hipseg_lib import BEST_NAME, LAST_NAME, LOG_NAME
-from hipseg_lib.config import PRESETS, TrainConfig, make_config
+from hipseg_lib.config import PRESETS, make_config
 from hipseg_lib.runs import archive_previous_run
 from hipseg_lib.runtime import autocast_for, resolve_device
 from hipseg_lib.train import PolySchedule, early_stop_reason, time_limited_epochs, train
@@ -59,10 +58,10 @@ def test_train_writes_checkpoints_log_and_is_deterministic(tiny_synth, tmp_path)
     assert [h["loss"] for h in r3.history] != [h["loss"] for h in r1.history]
     out = tmp_path / "a"
     assert {p.name for p in out.iterdir()} == {BEST_NAME, LAST_NAME, LOG_NAME}
-    lines = [json.loads(l) for l in (out / LOG_NAME).read_text().splitlines()]
-    assert [l["epoch"] for l in lines] == [1, 2]
+    lines = [json.loads(text) for text in (out / LOG_NAME).read_text().splitlines()]
+    assert [h["epoch"] for h in lines] == [1, 2]
     assert lines == json.loads(json.dumps(r1.history)), "the log is the run's history, line for line"
-    assert all(len(l["val_dice"]) == 6 for l in lines)
+    assert all(len(h["val_dice"]) == 6 for h in lines)
     ck = read_checkpoint(out / LAST_NAME)
     assert ck["epoch"] == 1 and ck["class_names"][5] == "prostate"
     assert ck["model_config"]["base_channels"] == 4 and ck["preprocessing"]["target_shape"] == [16, 16, 8]
@@ -195,7 +194,8 @@ def test_a_run_cut_short_by_the_time_limit_still_ends_at_zero_lr(tiny_synth, tmp
     r = train(_smoke(epochs=4, max_minutes=5), tiny_synth, tmp_path / "cut", progress=False, log=msgs.append)
     assert len(r.history) == 2 and r.history[-1]["lr"] == 0.0
     assert r.stopped_because == "time limit of 5 minutes: training stopped after 2 of 4 planned epochs"
-    assert any(m.startswith("WARNING: time limit of 5 min: at the speed measured so far this machine fits 2 of 4 epochs") for m in msgs)
+    warning = "WARNING: time limit of 5 min: at the speed measured so far this machine fits 2 of 4 epochs"
+    assert any(m.startswith(warning) for m in msgs)
     assert read_checkpoint(tmp_path / "cut" / LAST_NAME)["stopped_because"] == r.stopped_because
 
 

@@ -40,14 +40,17 @@ def test_viewer_opens_on_the_prostate_and_moves():
 def test_overlay_shows_organs_filled_body_outlined_and_differences():
     img, lab = _case()
     v = SliceViewer(img * 0, (lab,), ("labels",), size=32)
-    frame = v._compose("axial", 10, "labels", 0.5)
+    def frame_of(viewer, *view):
+        return np.asarray(Image.open(io.BytesIO(viewer.render(*view))).convert("RGB"))
+
+    frame = frame_of(v, "axial", 10, "labels", 0.5)
     assert tuple(frame[14, 14]) != (0, 0, 0), "the prostate is filled"
     assert tuple(frame[10, 10]) == (0, 0, 0), "inside the body the image shows through"
     assert tuple(frame[4, 16]) != (0, 0, 0), "the body's edge is drawn"
-    none = v._compose("axial", 10, "labels", 0.0)
+    none = frame_of(v, "axial", 10, "labels", 0.0)
     assert not none[14, 14].any(), "opacity 0 shows the image alone"
     w = SliceViewer(img * 0, (lab, lab), ("a", "b"), size=32)
-    assert not w._compose("axial", 10, "difference", 1.0).any(), "identical maps: no difference"
+    assert not frame_of(w, "axial", 10, "difference", 1.0).any(), "identical maps: no difference"
 
 
 def test_static_slider_opens_on_the_prostate_with_mm_labels():

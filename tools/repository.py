@@ -15,8 +15,9 @@ import argparse
 import json
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 CELL_LINE = re.compile(r'^REPOSITORY = "(?P<url>[^"]*)"')
