@@ -43,19 +43,28 @@ class CPUConv3d(nn.Conv3d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
-            return super().forward(x)  # exported graphs hold a plain convolution (hipseg export)
-        if (x.device.type == "cpu" and x.dim() == 5 and self.kernel_size == (1, 1, 1)
-                and self.stride == (1, 1, 1) and self.padding == (0, 0, 0) and self.groups == 1):
+        if (torch.jit.is_tracing() or torch.jit.is_scripting()
+                or torch.onnx.is_in_onnx_export()):
+            # exported graphs hold a plain convolution (hipseg export)
+            return super().forward(x)
+        if self._pointwise(x):  # a 1x1x1 convolution is a matrix product
             n, c = x.shape[:2]
             w = self.weight.view(self.out_channels, c)
-            # one 2D product per volume: a batched product broadcasting the weight was slower
-            y = torch.stack([w @ v.reshape(c, -1) for v in x]).view(n, self.out_channels, *x.shape[2:])
-            return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1, 1)
-        if self._native_would_run(x):
-            return F.conv3d(x.to_mkldnn(), self.weight, self.bias, self.stride, self.padding,
-                            self.dilation, self.groups).to_dense()
+            # one 2D product per volume (a batched one that broadcast the
+            # weight was slower)
+            y = torch.stack([w @ v.reshape(c, -1) for v in x])
+            y = y.view(n, self.out_channels, *x.shape[2:])
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype).view(1, -1, 1, 1, 1)
+            return y
+        if self._native_would_run(x):  # oneDNN's kernel instead
+            return F.conv3d(x.to_mkldnn(), self.weight, self.bias, self.stride,
+                            self.padding, self.dilation, self.groups).to_dense()
         return super().forward(x)
+
+    def _pointwise(self, x: torch.Tensor) -> bool:
+        return bool(x.device.type == "cpu" and x.dim() == 5 and self.kernel_size == (1, 1, 1)
+                    and self.stride == (1, 1, 1) and self.padding == (0, 0, 0) and self.groups == 1)
 
     def _native_would_run(self, x: torch.Tensor) -> bool:
         # PyTorch's rule sends strided convolutions to oneDNN already; a 4D input is unbatched
@@ -68,10 +77,12 @@ class CPUConv3d(nn.Conv3d):
 
 
 def use_cpu_kernels(model: nn.Module) -> nn.Module:
-    """Compute every ``nn.Conv3d`` of ``model`` with :class:`CPUConv3d`, in place; returns ``model``.
+    """Compute every ``nn.Conv3d`` of ``model`` with :class:`CPUConv3d`, in
+    place; returns ``model``.
 
-    The layers stay the same objects with the same parameters (only their class changes), so the
-    state dict, an optimiser that holds the parameters and a checkpoint are unaffected.
+    The layers stay the same objects with the same parameters (only their
+    class changes), so the state dict, an optimiser that holds the parameters
+    and a checkpoint are unaffected.
     """
     for m in model.modules():
         if type(m) is nn.Conv3d:

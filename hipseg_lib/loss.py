@@ -14,22 +14,31 @@ import torch.nn.functional as F
 __all__ = ["soft_dice_per_class", "DiceCELoss"]
 
 
-def soft_dice_per_class(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5,
-                        per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def soft_dice_per_class(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    smooth: float = 1e-5,
+    per_sample: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft Dice of each class, over the whole batch or per sample.
 
     Args:
         logits: ``(N, C, X, Y, Z)`` raw scores.
         target: ``(N, X, Y, Z)`` integer labels.
-        per_sample: compute one Dice per sample and class (``(N, C)``) instead of pooling the batch (``(C,)``).
+        per_sample: one Dice per sample and class (``(N, C)``) instead of
+            pooling the batch (``(C,)``).
 
     Returns:
-        ``(dice, present)``: the soft Dice and whether the class occurs in ``target``.
+        ``(dice, present)``: the soft Dice and whether the class occurs in
+        ``target``.
     """
     num_classes = logits.shape[1]
     probs = torch.softmax(logits.float(), dim=1)
-    onehot = F.one_hot(target.long(), num_classes).movedim(-1, 1).to(probs.dtype)
-    dims = tuple(range(2, logits.dim())) if per_sample else (0,) + tuple(range(2, logits.dim()))
+    onehot = F.one_hot(target.long(), num_classes)
+    onehot = onehot.movedim(-1, 1).to(probs.dtype)  # (N, C, X, Y, Z)
+    dims = tuple(range(2, logits.dim()))  # the voxels
+    if not per_sample:
+        dims = (0, *dims)  # and the samples
     inter = (probs * onehot).sum(dims)
     denom = probs.sum(dims) + onehot.sum(dims)
     dice = (2 * inter + smooth) / (denom + smooth)
@@ -73,17 +82,24 @@ class DiceCELoss(nn.Module):
         self.class_weights: torch.Tensor | None
         self.register_buffer("class_weights", w, persistent=False)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor,
+                target: torch.Tensor) -> torch.Tensor:
         if logits.shape[1] != self.num_classes:
-            raise ValueError(f"logits have {logits.shape[1]} channels, expected {self.num_classes}")
-        if logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[1:]:
-            raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match")
+            raise ValueError(f"logits have {logits.shape[1]} channels, "
+                             f"expected {self.num_classes}")
+        if (logits.shape[0] != target.shape[0]
+                or logits.shape[2:] != target.shape[1:]):
+            raise ValueError(f"logits {tuple(logits.shape)} and target "
+                             f"{tuple(target.shape)} do not match")
         target = target.long()
         loss = logits.new_zeros((), dtype=torch.float32)
         if self.ce_weight:
-            loss = loss + self.ce_weight * F.cross_entropy(logits.float(), target, weight=self.class_weights)
+            ce = F.cross_entropy(logits.float(), target,
+                                 weight=self.class_weights)
+            loss = loss + self.ce_weight * ce
         if self.dice_weight:
-            dice, present = soft_dice_per_class(logits, target, self.smooth, per_sample=True)
+            dice, present = soft_dice_per_class(logits, target, self.smooth,
+                                                per_sample=True)
             w = present.float()
             if self.class_weights is not None:
                 w = w * self.class_weights

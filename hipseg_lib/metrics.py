@@ -25,15 +25,20 @@ def _counts(pred: np.ndarray, truth: np.ndarray, num_classes: int):
     pred = np.asarray(pred)
     truth = np.asarray(truth)
     if pred.shape != truth.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from truth shape {truth.shape}")
-    idx = truth.astype(np.int64).ravel() * num_classes + pred.astype(np.int64).ravel()
-    cm = np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+        raise ValueError(f"prediction shape {pred.shape} differs from truth "
+                         f"shape {truth.shape}")
+    # the confusion matrix: cm[t, p] voxels of class t predicted as p
+    k = num_classes
+    idx = truth.astype(np.int64).ravel() * k + pred.astype(np.int64).ravel()
+    cm = np.bincount(idx, minlength=k * k).reshape(k, k)
     tp = np.diag(cm).astype(np.float64)
     return tp, cm.sum(0) - tp, cm.sum(1) - tp  # tp, fp, fn
 
 
-def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """Dice ``2|P∩T| / (|P| + |T|)`` per class; NaN where a class is in neither.
+def dice_per_class(pred: np.ndarray, truth: np.ndarray,
+                   num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Dice ``2|P∩T| / (|P| + |T|)`` per class; NaN where a class is in
+    neither.
 
     Example:
         >>> dice_per_class(np.array([0, 1, 1]), np.array([0, 1, 0]), 3)
@@ -66,12 +71,15 @@ def _bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Distances (mm) from each surface voxel of ``a`` to the surface of ``b``, and back.
+def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float],
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Distances (mm) from each surface voxel of ``a`` to the surface of
+    ``b``, and back.
 
-    Both masks must be non-empty. The work is done inside the box that holds both masks (plus a
-    one-voxel margin, so that surfaces are found exactly as on the whole volume): distances between
-    surface voxels do not depend on what lies outside it.
+    Both masks must be non-empty. The work is done inside the box that holds
+    both masks (plus a one-voxel margin, so that surfaces are found exactly
+    as on the whole volume): distances between surface voxels do not depend
+    on what lies outside it.
     """
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     box = _bounding_box(a | b)

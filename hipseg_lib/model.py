@@ -27,9 +27,11 @@ def _act() -> nn.Module:
 
 
 class ResidualBlock(nn.Module):
-    """Pre-activation residual block: (norm, act, 3x3x3 conv) x 2 with dropout, plus a shortcut.
+    """Pre-activation residual block: (norm, act, 3x3x3 conv) x 2 with
+    dropout, plus a shortcut.
 
-    The shortcut is the identity when channels match, else a 1x1x1 convolution.
+    The shortcut is the identity when channels match, else a 1x1x1
+    convolution.
 
     Args:
         in_channels: input channels.
@@ -41,20 +43,24 @@ class ResidualBlock(nn.Module):
         torch.Size([1, 32, 8, 8, 8])
     """
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int,
+                 dropout: float = 0.0):
         super().__init__()
-        self.norm1, self.act1 = _norm(in_channels), _act()
-        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False)
-        self.norm2, self.act2 = _norm(out_channels), _act()
+        c_in, c_out = in_channels, out_channels
+        self.norm1, self.act1 = _norm(c_in), _act()
+        self.conv1 = nn.Conv3d(c_in, c_out, 3, padding=1, bias=False)
+        self.norm2, self.act2 = _norm(c_out), _act()
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.shortcut = (nn.Identity() if in_channels == out_channels
-                         else nn.Conv3d(in_channels, out_channels, 1, bias=False))
+        self.conv2 = nn.Conv3d(c_out, c_out, 3, padding=1, bias=False)
+        self.shortcut: nn.Module = nn.Identity()
+        if c_in != c_out:  # a 1x1x1 convolution matches the channels
+            self.shortcut = nn.Conv3d(c_in, c_out, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.act1(self.norm1(x)))             # norm, activation, 3x3x3 conv
-        h = self.conv2(self.drop(self.act2(self.norm2(h))))  # and again (dropout before the conv)
-        return h + self.shortcut(x)                          # the residual: add the input back
+        # norm, activation, 3x3x3 conv; then again, with dropout before it
+        h = self.conv1(self.act1(self.norm1(x)))
+        h = self.conv2(self.drop(self.act2(self.norm2(h))))
+        return h + self.shortcut(x)  # the residual: add the input back
 
 
 class DownConv(nn.Module):
@@ -104,9 +110,9 @@ class UpBlock(nn.Module):
             self.block = nn.Identity()
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)                       # double the grid, halve the channels
-        h = torch.cat([h, skip], dim=1)      # the skip connection: the encoder's map, same level
-        return self.block(h)                 # mix the two
+        h = self.up(x)  # double the grid, halve the channels
+        h = torch.cat([h, skip], dim=1)  # the encoder's map of this level
+        return self.block(h)  # mix the two
 
 
 
@@ -253,7 +259,7 @@ class ResUNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        # Encoder: each level's output is kept for the skip connection of the same level.
+        # Encoder: each level's output is kept for the skip connection.
         h = self.stem(x)
         skips = []
         for i, block in enumerate(self.encoder):
@@ -261,18 +267,21 @@ class ResUNet3D(nn.Module):
                 h = self.down[i - 1](h)  # halve the grid
             h = block(h)
             skips.append(h)
-        # Bottleneck: the coarsest grid, where every voxel sees the most context.
+        # Bottleneck: the coarsest grid, each voxel sees the most context.
         h = self.bottleneck(self.down[-1](h))
-        # Decoder: upsample, concatenate the skip, mix; the coarse heads' scores are summed on the way.
+        # Decoder: upsample, concatenate the skip, mix; the coarse heads'
+        # scores are summed on the way (deep supervision).
         deep = None
         for j, up in enumerate(self.decoder):
             h = up(h, skips[-1 - j])
             if self.aux_heads is not None and j < len(self.aux_heads):
                 scores = self.aux_heads[j](h)
-                deep = scores if deep is None else scores + _upsample(deep, scores)
+                if deep is not None:
+                    scores = scores + _upsample(deep, scores)
+                deep = scores
         out = self.head(self.final_norm(h))  # one score per class and voxel
         if deep is not None:
-            out = out + _upsample(deep, out)  # deep supervision: the coarse scores join the output
+            out = out + _upsample(deep, out)  # the coarse scores join in
         return out
 
 

@@ -95,12 +95,16 @@ class Preprocessing:
         return cls(**d)
 
 
-def normalise_intensity(image: np.ndarray, clip_percentiles: tuple[float, float] = (0.5, 99.5),
-                        name: str = "image") -> np.ndarray:
-    """Clip to robust percentiles, then z-score (zero mean, unit variance), as float32.
+def normalise_intensity(
+    image: np.ndarray,
+    clip_percentiles: tuple[float, float] = (0.5, 99.5),
+    name: str = "image",
+) -> np.ndarray:
+    """Clip to robust percentiles, then z-score (zero mean, unit variance),
+    as float32.
 
-    Robust to the bright outliers (urine, fat, vessels) and to scanner gain: two scans that
-    differ by a gain and an offset give the same result.
+    Robust to the bright outliers (urine, fat, vessels) and to scanner gain:
+    two scans that differ by a gain and an offset give the same result.
 
     Raises:
         HipsegError: the image is constant after clipping.
@@ -110,7 +114,8 @@ def normalise_intensity(image: np.ndarray, clip_percentiles: tuple[float, float]
     img = np.clip(img, lo, hi)
     std = float(img.std())
     if std == 0.0 or not np.isfinite(std):
-        raise HipsegError(f"{name}: constant image, cannot normalise intensities")
+        raise HipsegError(
+            f"{name}: constant image, cannot normalise intensities")
     return ((img - img.mean()) / std).astype(np.float32)
 
 
@@ -181,12 +186,14 @@ Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
 def foreground_box(image: np.ndarray, margin: int = 2) -> Box:
-    """Bounding box ``((x0, x1), (y0, y1), (z0, z1))`` of the body, found from the image alone.
+    """Bounding box ``((x0, x1), (y0, y1), (z0, z1))`` of the body, found from
+    the image alone.
 
-    The image is smoothed, thresholded halfway between the background level (the 5th
-    percentile) and the 90th percentile of the brighter voxels, and the box of what is above
-    the threshold is grown by ``margin`` voxels. A volume where nothing stands out keeps its
-    full extent. Because it needs no label, prediction crops new scans the same way.
+    The image is smoothed and thresholded 30 % of the way from the background
+    level (the 5th percentile) to the 90th percentile; the box of what is
+    above the threshold is grown by ``margin`` voxels. A volume where nothing
+    stands out keeps its full extent. Because it needs no label, prediction
+    crops new scans the same way.
     """
     small = ndimage.gaussian_filter(np.asarray(image, np.float32), 1.0)
     lo = float(np.percentile(small, 5))
@@ -287,19 +294,30 @@ def place(array: np.ndarray, grid, fill: float = 0) -> np.ndarray:
     return out
 
 
-def preprocess_image(image: np.ndarray, cfg: Preprocessing, spacing=(1.0, 1.0, 1.0), name: str = "image",
-                     divisor: int | None = None) -> tuple[np.ndarray, Placement]:
-    """Crop to the body (if ``cfg.crop_foreground``), normalise, and bring the crop to the grid.
+def preprocess_image(
+    image: np.ndarray,
+    cfg: Preprocessing,
+    spacing=(1.0, 1.0, 1.0),
+    name: str = "image",
+    divisor: int | None = None,
+) -> tuple[np.ndarray, Placement]:
+    """Crop to the body (if ``cfg.crop_foreground``), normalise, and bring the
+    crop to the grid.
 
-    With ``cfg.resample == "shape"`` the crop is resized to ``cfg.target_shape``. With ``"spacing"`` it
-    is resampled from ``spacing`` (mm, of the oriented image) to ``cfg.target_spacing`` and centred in
-    ``cfg.target_shape``, padded with the crop's lowest value (air); with ``divisor`` (prediction) it
-    is only padded, to the next multiples of ``divisor``, so nothing is ever cut.
+    With ``cfg.resample == "shape"`` the crop is resized to
+    ``cfg.target_shape``. With ``"spacing"`` it is resampled from ``spacing``
+    (mm, of the oriented image) to ``cfg.target_spacing`` and centred in
+    ``cfg.target_shape``, padded with the crop's lowest value (air); with
+    ``divisor`` (prediction) it is only padded, to the next multiples of
+    ``divisor``, so nothing is ever cut.
 
     Returns:
         The array on the grid and its :class:`Placement`.
     """
-    box: Box = foreground_box(image) if cfg.crop_foreground else _whole(image.shape)
+    if cfg.crop_foreground:
+        box: Box = foreground_box(image)
+    else:
+        box = _whole(image.shape)
     norm = normalise_intensity(crop(image, box), cfg.clip_percentiles, name)
     shape: tuple[int, int, int]
     grid: tuple[int, int, int]
@@ -307,10 +325,14 @@ def preprocess_image(image: np.ndarray, cfg: Preprocessing, spacing=(1.0, 1.0, 1
         shape = grid = cfg.target_shape
     else:
         if cfg.target_spacing is None:
-            raise SettingsError("resample='spacing' needs a target_spacing (plan it: data.plan_target_spacing)")
+            raise SettingsError("resample='spacing' needs a target_spacing "
+                                "(plan it: data.plan_target_spacing)")
         shape = resampled_shape(norm.shape, spacing, cfg.target_spacing)
-        grid = cfg.target_shape if divisor is None else (
-            -(-shape[0] // divisor) * divisor, -(-shape[1] // divisor) * divisor, -(-shape[2] // divisor) * divisor)
+        if divisor is None:
+            grid = cfg.target_shape
+        else:  # the next multiples of divisor
+            x, y, z = (-(-n // divisor) * divisor for n in shape)
+            grid = (x, y, z)
     img = resize_image(norm, shape)
     return place(img, grid, float(img.min())), Placement(box, shape, grid)
 
@@ -353,10 +375,10 @@ class Reorientation:
 
 
 def reorient(affine: np.ndarray, codes: str = "LPS") -> Reorientation:
-    """How to turn an array with ``affine`` to the voxel-axis ``codes`` (and back).
+    """How to turn an array with ``affine`` to the axis ``codes`` (and back).
 
     Example:
-        >>> r = reorient(np.diag([1.0, 1, 1, 1]), "LPS")   # RAS -> LPS flips x and y
+        >>> r = reorient(np.diag([1.0, 1, 1, 1]), "LPS")  # flips x and y
         >>> r.apply(np.arange(8).reshape(2, 2, 2))[0, 0, 0]
         np.int64(6)
     """

@@ -436,12 +436,14 @@ class Trainer:
         return stop
 
     def train_epoch(self, epoch: int, bar=None) -> dict:
-        """One pass over the epoch's training batches: the training step on each; the epoch's record.
+        """One pass over the epoch's training batches, the training step on
+        each; returns the epoch's record.
 
-        The losses stay on the device and are read once, at the end of the epoch (no host
-        synchronisation per step). A NaN or infinite loss on any process stops the run with
-        :class:`NonFiniteLoss`, before anything is saved. ``data_fraction`` is the share of the epoch
-        spent drawing and augmenting batches (timed with CUDA events on a GPU).
+        The losses stay on the device and are read once, at the end of the
+        epoch (no host synchronisation per step). A NaN or infinite loss on
+        any process stops the run with :class:`NonFiniteLoss`, before
+        anything is saved. ``data_fraction`` is the share of the epoch spent
+        drawing and augmenting batches (timed with CUDA events on a GPU).
         """
         device, n = self.device, self.data.batches.steps_per_epoch
         timer = _Timer(device)
@@ -453,25 +455,34 @@ class Trainer:
             if self.cfg.channels_last:
                 image = image.to(memory_format=torch.channels_last_3d)
             timer.data_done(mark)
-            losses[k] = self.step(image, label)  # forward, loss, backward, clipping, update
+            # forward, loss, backward, clipping, update
+            losses[k] = self.step(image, label)
             self.schedule.step()
             if bar is not None:
                 bar.update(1)
-                if k % 20 == 19 or k == n - 1:  # an occasional read of the loss, for the bar only
-                    bar.set_postfix(loss=f"{losses[max(0, k - 9):k + 1].mean().item():.3f}")
+                if k % 20 == 19 or k == n - 1:  # a read for the bar only
+                    recent = losses[max(0, k - 9):k + 1].mean().item()
+                    bar.set_postfix(loss=f"{recent:.3f}")
         epoch_s, data_s = timer.finish()
-        per_step = self.dist.sum(losses.to(self._reduce_device))  # every rank sees every rank's losses
+        # every rank sees every rank's losses
+        per_step = self.dist.sum(losses.to(self._reduce_device))
         bad = (~torch.isfinite(per_step)).nonzero()
         if len(bad):
-            raise NonFiniteLoss(f"the training loss became {per_step[int(bad[0])].item()} at epoch {epoch + 1}, "
-                                f"step {int(bad[0]) + 1} of {n}; stopped, and the checkpoints keep the last "
-                                "finite state (a lower lr, grad_clip > 0 or amp=off may help)")
+            step = int(bad[0])
+            raise NonFiniteLoss(
+                f"the training loss became {per_step[step].item()} at epoch "
+                f"{epoch + 1}, step {step + 1} of {n}; stopped, and the "
+                "checkpoints keep the last finite state (a lower lr, "
+                "grad_clip > 0 or amp=off may help)")
         world = self.dist.world
-        record = {"loss": float(per_step.sum()) / world / n, "lr": self.optimizer.param_groups[0]["lr"],
-                  "epoch_seconds": epoch_s, "step_seconds": epoch_s / n, "data_fraction": data_s / epoch_s,
-                  "steps": n, "world_size": world, "steps_all_ranks": n * world}
+        record = {"loss": float(per_step.sum()) / world / n,
+                  "lr": self.optimizer.param_groups[0]["lr"],
+                  "epoch_seconds": epoch_s, "step_seconds": epoch_s / n,
+                  "data_fraction": data_s / epoch_s, "steps": n,
+                  "world_size": world, "steps_all_ranks": n * world}
         if device.type == "cuda":
-            record["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            peak = torch.cuda.max_memory_allocated(device)
+            record["peak_gpu_memory_gb"] = peak / 2**30
         return record
 
     @property

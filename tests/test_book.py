@@ -342,3 +342,32 @@ def test_the_code_taught_is_on_the_page_and_the_terms_resolve(built_book):
     # prose after it into one grey block: every block on the pages names its language
     for stem, text in page.items():
         assert 'class="highlight-default' not in text, f"{stem}: prose or code rendered as a bare block"
+
+
+def _shown_library_code(root: Path) -> dict[str, list[str]]:
+    """The lines of each ``literalinclude`` of ``hipseg_lib`` (``:pyobject:``) in the chapters."""
+    import ast
+
+    shown = {}
+    for nb in chapters(root):
+        for cell in nbformat.read(nb, as_version=4).cells:
+            for path, name in re.findall(r"\{literalinclude\} \.\./(hipseg_lib/\w+\.py)\n:pyobject: ([\w.]+)",
+                                         cell.source):
+                source = (root / path).read_text()
+                body, node = ast.parse(source).body, None
+                for part in name.split("."):
+                    node = next(n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+                                and n.name == part)
+                    body = node.body
+                start = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+                shown[f"{nb.stem}: {path} {name}"] = source.splitlines()[start - 1:node.end_lineno]
+    return shown
+
+
+def test_the_library_code_shown_in_the_book_fits_its_column():
+    """The functions the chapters print from hipseg_lib are written to 80 columns (the library's own
+    limit is 120), so the code a reader studies never scrolls sideways."""
+    shown = _shown_library_code(ROOT)
+    assert len(shown) >= 15, sorted(shown)
+    wide = [f"{where}: {line.strip()}" for where, lines in shown.items() for line in lines if len(line) > 80]
+    assert not wide, "\n".join(wide)

@@ -29,7 +29,7 @@ def test_to_dict_from_dict_round_trip_through_json(cfg):
 def test_train_config_holds_the_network_and_the_preprocessing():
     cfg = make_config("cpu", depth=4, target_shape=(64, 64, 32), crop_foreground=False, epochs=2)
     assert isinstance(cfg.model, ModelConfig) and isinstance(cfg.preprocessing, Preprocessing)
-    assert (cfg.model.depth, cfg.model.base_channels) == (4, PRESETS["cpu"]["base_channels"])
+    assert (cfg.model.depth, cfg.model.base_channels) == (4, TrainConfig().model.base_channels)
     assert cfg.preprocessing == Preprocessing(target_shape=(64, 64, 32), crop_foreground=False)
     assert cfg.to_dict()["model"] == cfg.model.to_dict()
     # A part given whole, or as a dict of changes.
@@ -86,9 +86,13 @@ def test_augmentation_is_a_named_set_or_changes_to_nnunets():
 
 
 def test_key_settings_are_the_presets_choices_and_the_loss_weights_are_checked():
-    key = make_config("cpu").key_settings()
-    assert {"preset", "epochs", "lr", "target_shape", "base_channels", "depth", "amp"} <= set(key)
-    assert key["augmentation"] == "light" and key["light_levels"] == 3, "what the cpu preset changed"
+    always = {"preset", "epochs", "batch_size", "lr", "target_shape", "base_channels", "depth", "amp",
+              "augmentation"}
+    assert TrainConfig() == make_config("cpu"), "the defaults are the cpu preset, not a preset of their own"
+    assert set(make_config("cpu").key_settings()) == always, "the cpu preset changes no default"
+    key = make_config("full").key_settings()
+    assert key["light_levels"] == 1 and key["dropout"] == 0.1 and key["augmentation"] == "nnunet", \
+        "what the full preset changed from the defaults"
     assert "weight_decay" not in key and "dice_weight" not in key, "left at the defaults"
     assert make_config("cpu", dice_weight=0.0).key_settings()["dice_weight"] == 0.0
     with pytest.raises(ValueError, match="not both 0"):
