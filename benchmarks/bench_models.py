@@ -38,6 +38,7 @@ from provenance import markdown_line, provenance
 
 from hipseg_lib import CLASS_NAMES, NUM_CLASSES
 from hipseg_lib.augment import augmentation_named
+from hipseg_lib.cli import shape_type
 from hipseg_lib.config import make_config, parse_settings
 from hipseg_lib.cpu_kernels import use_cpu_kernels
 from hipseg_lib.data import TrainingBatches, TrainingSet, load_split_volumes
@@ -99,7 +100,7 @@ def run_config(args):
     """The preset with the command line's settings: what every network of the run trains with."""
     cfg = make_config(args.preset, device=args.device, cache_dir=args.cache_dir, amp=args.amp)
     if args.target_shape:
-        cfg = cfg.replace(target_shape=tuple(args.target_shape))
+        cfg = cfg.replace(target_shape=args.target_shape)
     if args.batch_size:
         cfg = cfg.replace(batch_size=args.batch_size)
     if args.base_channels or args.depth:
@@ -254,7 +255,7 @@ def main() -> int:
     p.add_argument("--data", default=None, help="default: $HIPSEG_DATA or the synthetic set")
     p.add_argument("--minutes", type=float, default=3.0, help="training budget per network")
     p.add_argument("--device", default="auto")
-    p.add_argument("--target-shape", type=int, nargs=3)
+    p.add_argument("--target-shape", type=shape_type, metavar="XxYxZ")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--base-channels", type=int, help="ResUNet3D width (default: the preset's)")
     p.add_argument("--depth", type=int, help="ResUNet3D levels (default: the preset's)")

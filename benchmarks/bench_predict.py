@@ -5,7 +5,7 @@ Each configuration runs in its own process, so that its peak resident memory (ru
 own. The scan is a synthetic 256x256x144 volume at 1.4x1.4x2.5 mm (a large HipMRI grid); the
 networks are the `cpu` and `full` presets' (random weights: memory and time do not depend on them).
 
-    python benchmarks/bench_predict.py [--shape 256 256 144] [--options OPTION ...] [--out FILE.md]
+    python benchmarks/bench_predict.py [--shape 256x256x144] [--options OPTION ...] [--out FILE.md]
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from provenance import cpu_model, markdown_line, provenance  # noqa: E402
+
+from hipseg_lib.cli import shape_type  # noqa: E402
 
 # name: (Predictor settings, memory the network may use in GB; None = what is free)
 OPTIONS = {"plain": (dict(tta=False, postprocess=False), None),
@@ -105,7 +107,7 @@ def one(preset_name: str, option: str, shape: tuple[int, int, int]) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", type=int, nargs=3, default=(256, 256, 144))
+    ap.add_argument("--shape", type=shape_type, default=(256, 256, 144), metavar="XxYxZ")
     ap.add_argument("--presets", nargs="+", default=["cpu", "full"])
     ap.add_argument("--out", default=None, help="also write a markdown table here")
     ap.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS), metavar="OPTION",
@@ -125,7 +127,8 @@ def main() -> int:
             if option == "TTA, windows" and p == "cpu":
                 continue  # the cpu grid is small: windows would only be forced for show
             extra = ["--onnx", str(export_random(p, work))] if option.startswith("ONNX") else []
-            r = subprocess.run([sys.executable, __file__, "--one", p, option, "--shape", *map(str, shape), *extra],
+            grid = "x".join(map(str, shape))
+            r = subprocess.run([sys.executable, __file__, "--one", p, option, "--shape", grid, *extra],
                                capture_output=True, text=True)
             if r.returncode:
                 print(r.stderr.strip().splitlines()[-1], file=sys.stderr)

@@ -400,7 +400,8 @@ def stage_models(ctx: Context, out: dict) -> None:
            "--data", str(_need_data(ctx)), "--minutes", str(minutes), "--out", str(out_dir),
            "--models", "hipseg-ResUNet3D", light, "monai-UNet", "monai-BasicUNet"]
     if ctx.dry:
-        cmd += ["--device", "cpu", "--target-shape", *map(str, cfg.preprocessing.target_shape), "--batch-size", "1",
+        cmd += ["--device", "cpu", "--target-shape", "x".join(map(str, cfg.preprocessing.target_shape)),
+                "--batch-size", "1",
                 "--base-channels", str(cfg.model.base_channels), "--depth", str(cfg.model.depth)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, ctx.left()))
     if r.returncode != 0:

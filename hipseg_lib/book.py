@@ -168,22 +168,26 @@ def start_here(repository: str | None) -> str:
     Example:
         >>> "git clone https://github.com/someone/hipseg" in start_here("https://github.com/someone/hipseg")
         True
-        >>> "launch" in start_here(None)
-        False
+        >>> "launch" in start_here(None), "git clone" in start_here(None)  # no address to give
+        (False, False)
     """
     url = (repository or "").rstrip("/")
-    clone = f"git clone {url} hipseg" if url else "git clone <the repository this book came from> hipseg"
-    lines = ["```bash", clone, "cd hipseg",
-             "make book   # sets up .venv, makes the data, runs every chapter, builds this HTML",
-             "make lab    # JupyterLab on the chapters, to run and change them yourself",
-             "make test   # the whole test suite", "```", ""]
+    lines = []
+    if url:
+        lines += ["```bash", f"git clone {url} hipseg", "cd hipseg"]
+    else:  # a book built from a local copy knows no address to clone from
+        lines += ["In the folder of the copy of hipseg these pages were built from (the one that holds "
+                  "`Makefile`, `book/` and `hipseg_lib/`), on Linux with Python 3.11:", "", "```bash"]
+    lines += ["make book   # sets up .venv, makes the data, runs every chapter, builds this HTML",
+              "make lab    # JupyterLab on the chapters, to run and change them yourself",
+              "make test   # the whole test suite", "```", ""]
     if url:
         where = "Binder or Colab" if url.startswith("https://github.com/") else "Binder"
         lines += [f"The code is at <{url}>: the chapters in `book/`, the library they import in "
                   f"`hipseg_lib/`. The launch button at the top of each chapter (the rocket) opens it on "
                   f"{where}, where its first cell installs hipseg."]
     else:
-        lines += ["The chapters are the notebooks in `book/` of that copy, and the library they import "
+        lines += ["The chapters are the notebooks in its `book/` folder, and the library they import "
                   "is its `hipseg_lib/` folder."]
     return "\n".join(lines) + "\n"
 

@@ -17,7 +17,8 @@ from . import BEST_NAME, DEFAULT_POSTPROCESS, DEFAULT_TTA, HipsegError, OutputEx
 __all__ = ["main", "build_parser"]
 
 
-def _shape(text: str) -> tuple[int, int, int]:
+def shape_type(text: str) -> tuple[int, int, int]:
+    """The one shape syntax of the command line (and the benchmarks): ``64x64x32``."""
     parts = text.replace(",", " ").replace("x", " ").split()
     if len(parts) != 3 or not all(p.isdigit() for p in parts):
         raise argparse.ArgumentTypeError(f"expected three sizes like 64x64x32, got {text!r}")
@@ -33,9 +34,9 @@ def cmd_synth(a: argparse.Namespace) -> int:
     if len(a.shape) == 3:  # the old form, --shape X Y Z
         print("hipseg synth: --shape X Y Z is deprecated and goes in the next release; write --shape XxYxZ",
               file=sys.stderr)
-        shape = _shape(" ".join(a.shape))
+        shape = shape_type(" ".join(a.shape))
     elif len(a.shape) == 1:
-        shape = _shape(a.shape[0])
+        shape = shape_type(a.shape[0])
     else:
         raise HipsegError(f"--shape: expected XxYxZ such as 128x128x64, got {' '.join(a.shape)}")
     out = make_dataset(a.out, seed=a.seed, cases=a.cases, shape=shape, weeks=(a.min_weeks, a.max_weeks),
@@ -243,7 +244,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=None, help=f"set {name}")
         elif kind is tuple:
-            parser.add_argument(flag, type=_shape, metavar="XxYxZ", help=f"{name}, e.g. 64x64x48")
+            parser.add_argument(flag, type=shape_type, metavar="XxYxZ", help=f"{name}, e.g. 64x64x48")
         else:
             parser.add_argument(flag, type=kind, choices=choices.get(name), metavar=name.upper()
                                 if name not in choices else None)

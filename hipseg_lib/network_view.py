@@ -166,11 +166,11 @@ def deep_supervision_panel(model, image, truth, index: int | None = None):
     index = prostate_slice(np.asarray(truth)) if index is None else index
     ncol = min(3, len(rows))
     nrow = -(-len(rows) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(10, 3.3 * nrow + 0.5), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(10, 3.6 * nrow + 0.6), squeeze=False)
     for ax in axes.flat[len(rows):]:
         ax.set_axis_off()
     for ax, (name, lab) in zip(axes.flat, rows):
         show_slice(ax, image, lab, axis=2, index=index, title=name)
     class_legend(fig)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.06, 1, 1), h_pad=1.5)
     return fig

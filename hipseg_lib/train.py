@@ -472,8 +472,8 @@ class Trainer:
             raise NonFiniteLoss(
                 f"the training loss became {per_step[step].item()} at epoch "
                 f"{epoch + 1}, step {step + 1} of {n}; stopped, and the "
-                "checkpoints keep the last finite state (a lower lr, "
-                "grad_clip > 0 or amp=off may help)")
+                "checkpoints saved so far keep the last finite state (a lower "
+                "lr, grad_clip > 0 or amp=off may help)")
         world = self.dist.world
         record = {"loss": float(per_step.sum()) / world / n,
                   "lr": self.optimizer.param_groups[0]["lr"],
@@ -551,7 +551,8 @@ class Trainer:
         finite = torch.stack([torch.isfinite(p.detach()).all() for p in self.network.parameters()]).all()
         if not bool(finite):
             raise NonFiniteLoss(f"the weights became NaN or infinite in epoch {epoch + 1}; stopped, and the "
-                                "checkpoints keep the last finite state (a lower lr or grad_clip > 0 may help)")
+                                "checkpoints saved so far keep the last finite state (a lower lr or "
+                                "grad_clip > 0 may help)")
 
     def _save(self, record: dict, improved: bool, stop: str, rng_states: list | None) -> None:
         """``new_model.pth`` when validation improved; ``last.pth`` when ``rng_states`` are given (at
