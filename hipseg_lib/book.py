@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +20,7 @@ from . import HipsegError, first_line
 from ._atomic import atomic_path
 from .locations import ensure_default_dataset, project_root
 
-__all__ = ["chapters", "run_book", "execute_chapter", "build_html", "write_landing", "publishing_config",
+__all__ = ["chapters", "BookPlan", "run_book", "execute_chapter", "build_html", "write_landing", "publishing_config",
            "start_here"]
 
 
@@ -240,23 +241,40 @@ def build_html(source: Path, output: Path, strict: bool = True) -> Path:
     return output / "_build" / "html"
 
 
-def run_book(preset: str = "auto", data_dir: str | None = None, build: bool = True,
-             chapters_only: Sequence[str] | None = None, root: Path | None = None,
-             build_dir: Path | None = None, model_dir: str | None = None, results_dir: str | None = None,
-             amp: str | None = None, repository: str | None = None, log=print) -> Path:
+@dataclass(frozen=True)
+class BookPlan:
+    """What one book run executes: the settings the chapters receive and where their outputs go.
+
+    Attributes:
+        preset: ``smoke``, ``cpu``, ``full`` or ``auto`` (``full`` with CUDA, else ``cpu``).
+        data_dir: real data folder; default ``$HIPSEG_DATA`` or the synthetic set (made if missing).
+        amp: chapter 4's mixed precision (None: the preset's); ``"off"`` is the fp32 path.
+        chapters: execute only these chapter stems (e.g. ``("01_data_exploration",)``); None: all.
+        model_dir, results_dir: where chapter 4 saves checkpoints and chapter 5 its metrics
+            (default ``<root>/model`` and ``<root>/results``).
+        repository: the book's public repository URL (the publishing workflow passes its own):
+            launch, repository and download buttons (:func:`publishing_config`); None: none.
+    """
+
+    preset: str = "auto"
+    data_dir: str | None = None
+    amp: str | None = None
+    chapters: Sequence[str] | None = None
+    model_dir: str | None = None
+    results_dir: str | None = None
+    repository: str | None = None
+
+
+def run_book(plan: BookPlan | None = None, *, build: bool = True, root: Path | None = None,
+             build_dir: Path | None = None, log=print) -> Path:
     """Execute every chapter in order with papermill, then build the HTML book.
 
     Args:
-        preset: ``smoke``, ``cpu``, ``full`` or ``auto`` (``full`` with CUDA, else ``cpu``).
-        data_dir: real data folder; default ``$HIPSEG_DATA`` or the synthetic set (made if missing).
+        plan: what to execute (:class:`BookPlan`; default: every chapter, preset ``auto``).
         build: run ``jupyter-book build`` after executing.
-        chapters_only: execute only these chapter stems (e.g. ``["01_data_exploration"]``).
         root: the project folder (default :func:`project_root`).
         build_dir: where ``executed/`` and ``html/`` go (default ``<root>/_build``).
-        model_dir, results_dir: where chapter 4 saves checkpoints and chapter 5 its metrics.
-        amp: chapter 4's mixed precision (None: the preset's); ``"off"`` is the fp32 path.
-        repository: the book's public repository URL (the publishing workflow passes its own):
-            launch, repository and download buttons (:func:`publishing_config`); None: none.
+        log: where progress lines go.
 
     Returns:
         The HTML folder (or the executed-notebook folder when ``build`` is false).
@@ -265,22 +283,24 @@ def run_book(preset: str = "auto", data_dir: str | None = None, build: bool = Tr
 
     root = (root or project_root()).resolve()
     build_dir = (build_dir or root / "_build").resolve()
-    preset = resolve_preset(preset)
-    data = ensure_default_dataset(data_dir)
-    params = {"preset": preset, "data_dir": str(data), "live_widgets": False,
-              "model_dir": str(Path(model_dir).resolve()) if model_dir else str(root / "model"),
-              "results_dir": str(Path(results_dir).resolve()) if results_dir else str(root / "results")}
-    if amp is not None:
-        params["amp"] = amp
+    plan = plan or BookPlan()
     stage = build_dir / "executed"
     nbs = chapters(root)
-    if chapters_only:
-        wanted = set(chapters_only)
+    if plan.chapters:  # checked before anything slow (the default data set) happens
+        wanted = set(plan.chapters)
         unknown = wanted - {nb.stem for nb in nbs}
         if unknown:
             raise HipsegError(f"unknown chapter(s): {', '.join(sorted(unknown))}; "
                               f"choose from {', '.join(nb.stem for nb in nbs)}")
         nbs = [nb for nb in nbs if nb.stem in wanted]
+    preset, amp = resolve_preset(plan.preset), plan.amp
+    data = ensure_default_dataset(plan.data_dir)
+    params = {"preset": preset, "data_dir": str(data), "live_widgets": False,
+              "model_dir": str(Path(plan.model_dir).resolve()) if plan.model_dir else str(root / "model"),
+              "results_dir": str(Path(plan.results_dir).resolve()) if plan.results_dir
+              else str(root / "results")}
+    if amp is not None:
+        params["amp"] = amp
     log(f"book: preset {preset}" + (f", amp {amp}" if amp else "") + f", data {data}, {len(nbs)} chapter(s)")
     total = time.perf_counter()
     for nb in nbs:
@@ -288,7 +308,7 @@ def run_book(preset: str = "auto", data_dir: str | None = None, build: bool = Tr
         log(f"  executing {nb.relative_to(root)} ...")
         secs = execute_chapter(nb, out, params)
         log(f"  {nb.stem}: {secs:.0f} s")
-    stage_sources(root, stage, Path(str(params["results_dir"])), repository)
+    stage_sources(root, stage, Path(str(params["results_dir"])), plan.repository)
     if not build:
         return stage
     missing = [nb for nb in chapters(root) if not (stage / nb.relative_to(root)).exists()]

@@ -164,10 +164,10 @@ def cmd_lab(a: argparse.Namespace) -> int:
 
 
 def cmd_book(a: argparse.Namespace) -> int:
-    from .book import run_book
+    from .book import BookPlan, run_book
 
-    run_book(preset=a.preset, data_dir=a.data, build=not a.no_build, chapters_only=a.chapter, amp=a.amp,
-             repository=a.repository)
+    run_book(BookPlan(preset=a.preset, data_dir=a.data, amp=a.amp, chapters=a.chapter,
+                      repository=a.repository), build=not a.no_build)
     return 0
 
 

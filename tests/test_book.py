@@ -10,7 +10,7 @@ import nbformat
 import papermill as pm
 import pytest
 
-from hipseg_lib.book import chapters, run_book
+from hipseg_lib.book import BookPlan, chapters, run_book
 from hipseg_lib.locations import project_root
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,8 +53,9 @@ def test_the_training_chapter_takes_the_settings_hipseg_train_has_flags_for():
 @pytest.fixture(scope="module")
 def built_book(tiny_synth, tmp_path_factory):
     out = tmp_path_factory.mktemp("book")
-    html = run_book(preset="smoke", data_dir=str(tiny_synth), root=ROOT, build_dir=out / "_build",
-                    model_dir=str(out / "model"), results_dir=str(out / "results"), log=lambda s: None)
+    plan = BookPlan(preset="smoke", data_dir=str(tiny_synth), model_dir=str(out / "model"),
+                    results_dir=str(out / "results"))
+    html = run_book(plan, root=ROOT, build_dir=out / "_build", log=lambda s: None)
     return out, html
 
 
@@ -197,9 +198,9 @@ def test_chapter_4_run_twice_moves_the_earlier_run_to_previous(built_book, tiny_
     model = out / "model"
     first = {n: (model / n).read_bytes() for n in ("new_model.pth", "last.pth", "train_log.jsonl")}
     assert not (model / "previous").exists()
-    run_book(preset="smoke", data_dir=str(tiny_synth), root=ROOT, build=False,
-             chapters_only=["04_training"], build_dir=tmp_path / "_build",
-             model_dir=str(model), results_dir=str(tmp_path / "results"), log=lambda s: None)
+    plan = BookPlan(preset="smoke", data_dir=str(tiny_synth), chapters=("04_training",),
+                    model_dir=str(model), results_dir=str(tmp_path / "results"))
+    run_book(plan, build=False, build_dir=tmp_path / "_build", root=ROOT, log=lambda s: None)
     archived = list((model / "previous").iterdir())
     assert len(archived) == 1, archived
     for name, data in first.items():

@@ -298,3 +298,13 @@ def test_under_torchrun_the_default_set_is_not_generated(tmp_path):
     r = run_cli("train", "--preset", "smoke", "--out", tmp_path / "m", env=env)
     _one_line_error(r, "no data yet", "hipseg synth --out")
     assert not (project / "data").exists(), "nothing generated"
+
+
+def test_book_refuses_an_unknown_chapter_before_making_data(tmp_path):
+    """A mistyped --chapter is one line and exit 1, found before the (slow) default data set is made."""
+    missing = tmp_path / "nothing-here"
+    r = run_cli("book", "--chapter", "04_trainig", "--no-build", "--data", missing)
+    assert r.returncode == 1
+    assert "unknown chapter(s): 04_trainig; choose from 01_data_exploration" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not missing.exists()
