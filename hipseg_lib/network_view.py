@@ -171,6 +171,11 @@ def deep_supervision_panel(model, image, truth, index: int | None = None):
         ax.set_axis_off()
     for ax, (name, lab) in zip(axes.flat, rows):
         show_slice(ax, image, lab, axis=2, index=index, title=name)
-    class_legend(fig)
-    fig.tight_layout(rect=(0, 0.06, 1, 1), h_pad=1.5)
+    spare = axes.flat[len(rows):]
+    if len(spare):  # the legend fills the grid's empty place instead of a strip under it
+        class_legend(spare[0], loc="center", ncol=1)
+        fig.tight_layout(h_pad=1.5)
+    else:
+        class_legend(fig)
+        fig.tight_layout(rect=(0, 0.06, 1, 1), h_pad=1.5)
     return fig

@@ -93,8 +93,8 @@ def show_slice(ax, image: np.ndarray, label: np.ndarray | None = None, axis: int
     return im, lab
 
 def class_legend(fig, loc: str = "lower center", ncol: int = 5, classes: Sequence[int] | None = None) -> None:
-    """Colour legend of the foreground classes under a figure: body as an outline and every other
-    class, or only the (solid) ``classes`` given."""
+    """Colour legend of the foreground classes under a figure (or inside an axes, given one):
+    body as an outline and every other class, or only the (solid) ``classes`` given."""
     from matplotlib.patches import Patch
 
     handles = []
@@ -103,7 +103,7 @@ def class_legend(fig, loc: str = "lower center", ncol: int = 5, classes: Sequenc
                          label=f"{CLASS_NAMES[BODY]} (outline)")]
         classes = range(BONES, len(CLASS_NAMES))
     handles += [Patch(color=CLASS_COLOURS[c], label=CLASS_NAMES[c]) for c in classes]
-    fig.legend(handles=handles, loc=loc, ncol=ncol, frameon=False, fontsize=10)
+    fig.legend(handles=handles, loc=loc, ncol=ncol, frameon=False, fontsize=12 if ncol == 1 else 10)
 
 def orthogonal_views(image: np.ndarray, label: np.ndarray | None = None, spacing: Sequence[float] | None = None,
                      center: Sequence[int] | None = None, title: str = ""):

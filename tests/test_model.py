@@ -332,3 +332,5 @@ def test_each_deep_supervision_head_is_shown_at_its_own_grid():
     truth[6:10, 6:10, 3:5] = 5
     fig = deep_supervision_panel(net, x[0, 0].numpy(), truth)
     assert [a.get_title() for a in fig.axes if a.get_title()] == ["truth"] + [n for n, _ in rows]
+    spare = [a for a in fig.axes if not a.get_title()]
+    assert spare and spare[0].get_legend() is not None, "the colour legend fills the empty place"
