@@ -59,20 +59,48 @@ def execute_chapter(notebook: Path, output: Path, parameters: dict, timeout: int
     except pm.PapermillExecutionError as exc:
         raise HipsegError(f"{notebook.name}: cell {exc.exec_count} raised {exc.ename}: "
                           f"{first_line(exc.evalue) if exc.evalue else ''} (see {output})") from None
-    _hide_injected_parameters(output)
+    _tidy_executed(output)
     return time.perf_counter() - t
 
 
-def _hide_injected_parameters(path: Path) -> None:
-    """Tag papermill's injected-parameters cell ``remove-cell``: the values it sets (this machine's
-    folders among them) run but do not appear in the built page."""
+def _tidy_executed(path: Path) -> None:
+    """Keep the build machine out of an executed chapter (the .ipynb a reader downloads).
+
+    papermill's injected-parameters cell is tagged ``remove-cell`` (it ran; the page does not show
+    it) and loses its assignments of absolute paths, so a downloaded copy runs with the chapter's
+    own defaults; papermill's metadata loses the notebook's input and output paths and those
+    parameters."""
+    import ast
+
     import nbformat
+
+    def local(value) -> bool:
+        return isinstance(value, str) and os.path.isabs(value)
+
+    def sets_local_path(line: str) -> bool:
+        try:
+            node = ast.parse(line).body
+        except SyntaxError:
+            return False
+        return (len(node) == 1 and isinstance(node[0], ast.Assign)
+                and isinstance(node[0].value, ast.Constant) and local(node[0].value.value))
 
     nb = nbformat.read(str(path), as_version=4)
     for cell in nb.cells:
         tags = cell.metadata.get("tags", [])
-        if "injected-parameters" in tags and "remove-cell" not in tags:
+        if "injected-parameters" not in tags:
+            continue
+        if "remove-cell" not in tags:
             cell.metadata["tags"] = [*tags, "remove-cell"]
+        lines = cell.source.splitlines()
+        kept = [line for line in lines if not sets_local_path(line)]
+        if len(kept) < len(lines):
+            kept.append("# (the build machine's folders left out: the defaults above apply)")
+        cell.source = "\n".join(kept)
+    meta = nb.metadata.get("papermill", {})
+    for key in ("input_path", "output_path"):
+        meta.pop(key, None)
+    meta["parameters"] = {k: v for k, v in meta.get("parameters", {}).items() if not local(v)}
     nbformat.write(nb, str(path))
 
 

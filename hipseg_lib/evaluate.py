@@ -13,7 +13,7 @@ import numpy as np
 
 from . import CLASS_NAMES, HipsegError
 from .io import Pair, load_pair, load_volume, volume_id_in
-from .metrics import METRICS, evaluate_case, per_patient_summary, summarise
+from .metrics import METRICS, NSD_TOLERANCE_MM, evaluate_case, per_patient_summary, summarise
 from .portable import collect_inputs, file_stem
 from .predictor import Predictor
 
@@ -102,7 +102,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike, 
         cases.append({"id": match_key(p), "case": patient, "prediction": str(p), "truth": str(t),
                       "metrics": _named(m)})
     return {"cases": cases,
-            "per_patient": {m: per_patient_summary(rows, m) for m in ("dice", "hd95")},
+            "per_patient": {m: per_patient_summary(rows, m) for m in ("dice", "hd95", "nsd")},
             "summary": summarise([r["metrics"] for r in rows]), "unmatched": unmatched,
             "truths_without_prediction": [str(t) for t in truths if t not in used],
             "classes": list(CLASS_NAMES)}
@@ -115,10 +115,10 @@ def _named(metrics: dict[str, np.ndarray]) -> dict:
 
 def results_document(results: list[dict], extra: dict | None = None) -> dict:
     """JSON-ready document from :func:`evaluate_pairs` rows: per volume, per patient with bootstrap
-    intervals (Dice and HD95, foreground classes), and the per-volume summary."""
+    intervals (Dice, HD95 and NSD, foreground classes), and the per-volume summary."""
     return {"classes": list(CLASS_NAMES),
             "cases": [{"id": r["id"], "case": r["case"], "metrics": _named(r["metrics"])} for r in results],
-            "per_patient": {m: per_patient_summary(results, m) for m in ("dice", "hd95")
+            "per_patient": {m: per_patient_summary(results, m) for m in ("dice", "hd95", "nsd")
                             if results and m in results[0]["metrics"]},
             "summary": summarise([r["metrics"] for r in results]), **(extra or {})}
 
@@ -135,7 +135,7 @@ def format_summary(summary: dict, metrics: Sequence[str] = METRICS, per_patient:
         for n in FOREGROUND:
             s = summary[m][n]
             cells.append(f"{'n/a':>17}" if s["mean"] is None else f"{s['mean']:>9.3f} ({s['std']:.3f})")
-        unit = " mm" if m in ("hd95", "asd") else ""
+        unit = {"hd95": " mm", "asd": " mm", "nsd": f" {NSD_TOLERANCE_MM:g}mm"}.get(m, "")
         lines.append(f"{m + unit:<10}" + "".join(cells))
     for m, by_class in (per_patient or {}).items():
         n_patients = len(next(iter(by_class.values()))["patients"])
@@ -157,12 +157,14 @@ def class_rows(results: Sequence[dict]) -> list[dict]:
 
 def patient_rows(results: Sequence[dict], level: float = 0.95) -> list[dict]:
     """One row per foreground class, over patients (each the mean of its volumes): the mean Dice and
-    its bootstrap interval over patients, the same for HD95, and the mean over volumes beside it."""
+    its bootstrap interval over patients, the same for HD95, and the mean normalised surface
+    distance (at :data:`~hipseg_lib.metrics.NSD_TOLERANCE_MM`)."""
     dice, hd = per_patient_summary(results, "dice", level=level), per_patient_summary(results, "hd95", level=level)
+    nsd = per_patient_summary(results, "nsd", level=level)
     pct = f"{100 * level:g} %"
     return [{"class": n, "Dice": dice[n]["mean"], f"Dice {pct} CI": _interval(dice[n]),
              "HD95 (mm)": hd[n]["mean"], f"HD95 {pct} CI": _interval(hd[n], ".1f"),
-             "Dice over volumes": dice[n]["volume_mean"]} for n in FOREGROUND]
+             f"NSD {NSD_TOLERANCE_MM:g} mm": nsd[n]["mean"]} for n in FOREGROUND]
 
 
 def _interval(s: dict, fmt: str = ".3f") -> str:

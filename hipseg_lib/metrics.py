@@ -16,9 +16,11 @@ from scipy import ndimage
 from . import CLASS_NAMES, NUM_CLASSES
 
 __all__ = ["dice_per_class", "iou_per_class", "surface_distances", "hd95", "average_surface_distance",
-           "evaluate_case", "summarise", "METRICS", "patient_table", "bootstrap_interval", "per_patient_summary"]
+           "normalised_surface_distance", "evaluate_case", "summarise", "METRICS", "NSD_TOLERANCE_MM",
+           "patient_table", "bootstrap_interval", "per_patient_summary"]
 
-METRICS = ("dice", "iou", "hd95", "asd")
+METRICS = ("dice", "iou", "hd95", "asd", "nsd")
+NSD_TOLERANCE_MM = 2.0  # the normalised surface distance's tolerance
 
 
 def _counts(pred: np.ndarray, truth: np.ndarray, num_classes: int):
@@ -98,6 +100,10 @@ def _asd(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.concatenate([x, y]).mean())
 
 
+def _nsd(x: np.ndarray, y: np.ndarray, tolerance: float = NSD_TOLERANCE_MM) -> float:
+    return float(((x <= tolerance).sum() + (y <= tolerance).sum()) / (x.size + y.size))
+
+
 def _distance_metrics(a, b, spacing, reducers) -> list[float]:
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     if not a.any() and not b.any():
@@ -114,6 +120,27 @@ def hd95(pred_mask: np.ndarray, truth_mask: np.ndarray, spacing: Sequence[float]
     return _distance_metrics(pred_mask, truth_mask, spacing, [_hd95])[0]
 
 
+def normalised_surface_distance(pred_mask: np.ndarray, truth_mask: np.ndarray, spacing: Sequence[float],
+                                tolerance: float = NSD_TOLERANCE_MM) -> float:
+    """Normalised surface distance (surface Dice, Nikolov et al. 2021): the share of both surfaces'
+    voxels that lie within ``tolerance`` mm of the other surface (as MONAI's
+    ``compute_surface_dice``). 1 when every boundary is within the tolerance; 0 when one mask is
+    empty and the other not; NaN when both are.
+
+    Example:
+        >>> a = np.zeros((12, 1, 1), bool); a[2:8] = True
+        >>> b = np.zeros_like(a); b[2:10] = True  # two voxels too long, 2 mm each
+        >>> round(normalised_surface_distance(b, a, (2.0, 2.0, 2.0)), 3)  # (7 + 6) / (8 + 6)
+        0.929
+    """
+    a, b = np.asarray(pred_mask, bool), np.asarray(truth_mask, bool)
+    if not a.any() and not b.any():
+        return float("nan")
+    if not a.any() or not b.any():
+        return 0.0
+    return _nsd(*surface_distances(a, b, spacing), tolerance)
+
+
 def average_surface_distance(pred_mask: np.ndarray, truth_mask: np.ndarray, spacing: Sequence[float]) -> float:
     """Symmetric average surface distance in mm (mean over both surfaces' distances)."""
     return _distance_metrics(pred_mask, truth_mask, spacing, [_asd])[0]
@@ -121,13 +148,16 @@ def average_surface_distance(pred_mask: np.ndarray, truth_mask: np.ndarray, spac
 
 def evaluate_case(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
                   num_classes: int = NUM_CLASSES, distances: bool = True) -> dict[str, np.ndarray]:
-    """All metrics for one case: ``{"dice": [C], "iou": [C], "hd95": [C], "asd": [C]}``."""
+    """All metrics for one case: ``{"dice": [C], "iou": [C], "hd95": [C], "asd": [C], "nsd": [C]}``
+    (``nsd`` at :data:`NSD_TOLERANCE_MM`)."""
     out = {"dice": dice_per_class(pred, truth, num_classes), "iou": iou_per_class(pred, truth, num_classes)}
     if distances:
         pred, truth = np.asarray(pred), np.asarray(truth)
-        both = np.array([_distance_metrics(pred == c, truth == c, spacing, [_hd95, _asd])
-                         for c in range(num_classes)]).reshape(num_classes, 2)
-        out["hd95"], out["asd"] = both[:, 0], both[:, 1]
+        three = np.array([_distance_metrics(pred == c, truth == c, spacing, [_hd95, _asd, _nsd])
+                          for c in range(num_classes)]).reshape(num_classes, 3)
+        out["hd95"], out["asd"], out["nsd"] = three[:, 0], three[:, 1], three[:, 2]
+        one_sided = np.array([(pred == c).any() != (truth == c).any() for c in range(num_classes)])
+        out["nsd"][one_sided] = 0.0  # a missed (or invented) organ: no surface within reach
     return out
 
 

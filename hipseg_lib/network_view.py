@@ -24,8 +24,9 @@ def _block_name(block, side: str) -> str:
 
 def network_levels(model) -> list[dict]:
     """What :func:`network_diagram` draws, read from the built network (so the picture cannot
-    drift from the code): per level, its channels, the encoder and decoder blocks, how it is
-    reached from the level above, and whether a deep-supervision head reads it.
+    drift from the code): per level, its channels (and the decoder's, which are twice as many
+    where the decoder has no convolution and passes the concatenation on), the encoder and
+    decoder blocks, how it is reached from the level above, and whether a head reads it.
 
     Example:
         >>> from hipseg_lib.model import ModelConfig, ResUNet3D
@@ -46,8 +47,10 @@ def network_levels(model) -> list[dict]:
             enc = _block_name(model.encoder[i], "encoder")
             enc = ("stem conv + " + enc) if i == 0 and enc != "stem only" else enc
             dec = _block_name(model.decoder[depth - 2 - i].block, "decoder")
+        # a decoder level without a convolution passes on the concatenation: up + skip channels
+        dec_ch = None if dec is None else widths[i] * (2 if dec.startswith("no conv") else 1)
         rows.append({"level": i, "channels": widths[i], "down": down, "encoder": enc, "decoder": dec,
-                     "deep_supervision": 1 <= i <= aux})
+                     "decoder_channels": dec_ch, "deep_supervision": 1 <= i <= aux})
     return rows
 
 def network_diagram(model, title: str = "", input_shape: tuple[int, int, int] | None = None):
@@ -92,7 +95,7 @@ def network_diagram(model, title: str = "", input_shape: tuple[int, int, int] | 
             arrow(enc_x, y + 1 - 0.38, x - (1.0 if last else 0), y + 0.38, r["down"], where="left")
         if last:
             continue
-        box(dec_x, y, w, f"level {lv}: {r['channels']} ch{grid(lv)}\n{r['decoder']}", "#fde2c8")
+        box(dec_x, y, w, f"level {lv}: {r['decoder_channels']} ch{grid(lv)}\n{r['decoder']}", "#fde2c8")
         arrow(enc_x + w / 2, y, dec_x - w / 2, y, ls="--")
         ax.text(mid_x, y + 0.1, "skip", fontsize=9, ha="center", va="bottom", color="#222222")
         from_x = mid_x + 1.0 if lv + 1 == depth - 1 else dec_x

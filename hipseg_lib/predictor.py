@@ -217,20 +217,25 @@ class Predictor:
         assert acc is not None
         return np.asarray(acc - math.log(len(flips)), dtype=np.float32)
 
-    def probabilities(self, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
-        """Class probabilities ``(C, *image.shape)`` (float32, summing to 1 per voxel) in the file's
-        voxel order: outside the body crop, background."""
+    def probabilities(self, image: np.ndarray,
+                      affine: np.ndarray) -> np.ndarray:
+        """Class probabilities ``(C, *image.shape)`` (float32, summing to 1 per
+        voxel) in the file's voxel order: outside the body crop, background."""
         prep = self.preprocessing
         turn = reorient(affine, prep.orientation)
         arr = turn.apply(np.asarray(image, dtype=np.float32))
-        x, where = preprocess_image(arr, prep, turn.spacing(voxel_spacing(affine)), divisor=self.backend.divisor)
-        logp = where.from_grid(self.grid_log_probabilities(x[None, None])[0])
-        # Resizing log-probabilities then normalising equals resizing the logits (a per-voxel shift
-        # does not change a softmax), so plain inference is unchanged by averaging in probability.
+        spacing = turn.spacing(voxel_spacing(affine))
+        x, where = preprocess_image(arr, prep, spacing,
+                                    divisor=self.backend.divisor)
+        logp = self.grid_log_probabilities(x[None, None])[0]
+        logp = where.from_grid(logp)
+        # Resizing log-probabilities then normalising equals resizing the
+        # logits (a per-voxel shift does not change a softmax), so plain
+        # inference is unchanged by averaging in probability.
         logp = resize_image(logp, tuple(b - a for a, b in where.box))
         probs = np.exp(_log_softmax(logp, axis=0))
         full = np.zeros((probs.shape[0], *arr.shape), dtype=np.float32)
-        full[0] = 1.0
+        full[0] = 1.0  # background outside the crop
         full[(slice(None), *(slice(a, b) for a, b in where.box))] = probs
         return np.stack([turn.undo(c) for c in full])
 

@@ -16,9 +16,9 @@ from matplotlib.colors import ListedColormap
 
 from . import BODY, BONES, CLASS_NAMES, PROSTATE
 
-__all__ = ["CLASS_COLOURS", "BOOK_STYLE", "use_book_style", "label_cmap", "show_slice", "orthogonal_views",
-           "prostate_slice", "three_panel", "uncertainty_panel", "overlay_rgba", "class_legend", "per_class_text",
-           "html_table"]
+__all__ = ["CLASS_COLOURS", "BOOK_STYLE", "use_book_style", "label_cmap", "show_slice", "mark_directions",
+           "orthogonal_views", "prostate_slice", "three_panel", "uncertainty_panel", "overlay_rgba", "class_legend",
+           "per_class_text", "html_table"]
 
 # The book's column is about 690 px wide at 1280 px, and a full-width cell about 1020 px: a figure
 # of at most 7 inches (or 10, full width) at 100 dpi is shown at its own size, so text of 8 pt or
@@ -105,9 +105,27 @@ def class_legend(fig, loc: str = "lower center", ncol: int = 5, classes: Sequenc
     handles += [Patch(color=CLASS_COLOURS[c], label=CLASS_NAMES[c]) for c in classes]
     fig.legend(handles=handles, loc=loc, ncol=ncol, frameon=False, fontsize=12 if ncol == 1 else 10)
 
+# Which way each edge of a drawn plane points in the patient, for an LPS array (axis 0 to the
+# left, 1 to the back, 2 to the head) drawn by _plane: (left, right, top, bottom) edges.
+LPS_EDGES = {2: ("R", "L", "A", "P"), 1: ("R", "L", "S", "I"), 0: ("A", "P", "S", "I")}
+
+
+def mark_directions(ax, axis: int) -> None:
+    """Letter the edges of a plane drawn by :func:`show_slice` from an LPS array with the
+    patient's directions (R/L, A/P, S/I): the patient's right is on the viewer's left, as
+    radiologists read scans."""
+    box = dict(boxstyle="round,pad=0.15", fc="black", ec="none", alpha=0.6)
+    left, right, top, bottom = LPS_EDGES[axis]
+    for text, x, y in ((left, 0.02, 0.5), (right, 0.98, 0.5), (top, 0.5, 0.97), (bottom, 0.5, 0.03)):
+        ax.text(x, y, text, transform=ax.transAxes, ha="center", va="center", color="white",
+                fontsize=10, weight="bold", bbox=box)
+
+
 def orthogonal_views(image: np.ndarray, label: np.ndarray | None = None, spacing: Sequence[float] | None = None,
                      center: Sequence[int] | None = None, title: str = ""):
-    """Axial, coronal and sagittal slices through ``center`` (default: the prostate or the middle)."""
+    """Axial, coronal and sagittal slices of an LPS array through ``center`` (default: the
+    prostate or the middle), each edge lettered with the patient's direction
+    (:func:`mark_directions`)."""
     if center is None:
         center = [s // 2 for s in image.shape]
         if label is not None and (label == PROSTATE).any():
@@ -120,6 +138,7 @@ def orthogonal_views(image: np.ndarray, label: np.ndarray | None = None, spacing
     for ax, axis, name in zip(axes, (2, 1, 0), ("axial", "coronal", "sagittal")):
         show_slice(ax, image, label, axis=axis, index=center[axis], spacing=spacing,
                    title=f"{name} (slice {center[axis]})")
+        mark_directions(ax, axis)
     if label is not None:
         class_legend(fig)
     fig.suptitle(title)
@@ -145,7 +164,7 @@ def three_panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, index: i
     show_slice(axes[1], image, truth, index=index, spacing=spacing, title=titles[1], alpha=0.6)
     show_slice(axes[2], image, pred, index=index, spacing=spacing, title=titles[2], alpha=0.6)
     class_legend(fig)
-    fig.suptitle(f"{title} axial slice {index}".strip())
+    fig.suptitle(f"{title} (axial slice {index})" if title else f"axial slice {index}")
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))  # room for the title above the panels' own
     return fig
 
@@ -167,7 +186,7 @@ def uncertainty_panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, un
     axes[2].set_axis_off()
     axes[2].set_title("entropy (0: sure; 1: all classes equal)", fontsize=10)
     fig.colorbar(art, ax=axes[2], fraction=0.046, pad=0.02)
-    fig.suptitle(f"{title} axial slice {index}".strip())
+    fig.suptitle(f"{title} (axial slice {index})" if title else f"axial slice {index}")
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
 

@@ -84,8 +84,13 @@ def test_executed_notebooks_used_the_injected_parameters(built_book, tiny_synth)
     out, _ = built_book
     nb = nbformat.read(out / "_build" / "executed" / "book" / "04_training.ipynb", as_version=4)
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
-    assert injected and "preset = \"smoke\"" in injected[0].source and str(tiny_synth) in injected[0].source
+    assert injected and "preset = \"smoke\"" in injected[0].source
+    assert str(tiny_synth) not in injected[0].source, "the machine's folders are left out once it ran"
     assert (out / "model" / "train_log.jsonl").exists()
+    scored = json.loads((out / "results" / "test_metrics.json").read_text())["cases"]
+    images = [p.name for p in (tiny_synth / "semantic_MRs_anon").iterdir()]
+    assert scored and all(any(f"_{c['id']}_" in name for name in images) for c in scored), \
+        "chapter 5 scored the data set it was given"
 
 
 @pytest.mark.slow  # the book built with papermill
@@ -235,7 +240,7 @@ def test_launch_buttons_only_with_a_repository(built_book, tmp_path):
 
 def test_every_chapter_opens_with_the_same_hidden_setup():
     """The install cell (removed from the page), then the setup (folded), then the parameters
-    (removed); the versions are printed once, in the appendix."""
+    (folded: a reader sees what they can change); the versions are printed once, in the appendix."""
     banners = []
     for nb in chapters(ROOT):
         cells = nbformat.read(nb, as_version=4).cells
@@ -243,7 +248,7 @@ def test_every_chapter_opens_with_the_same_hidden_setup():
         assert code[0].id == "install" and "remove-cell" in code[0].metadata.tags, nb.name
         assert code[1].id == "setup" and "hide-input" in code[1].metadata.tags, nb.name
         assert "use_book_style()" in code[1].source, nb.name
-        assert code[2].metadata.tags == ["parameters", "remove-cell"], nb.name
+        assert code[2].metadata.tags == ["parameters", "hide-input"], nb.name
         banners += [nb.name for c in code if "version_banner()" in c.source]
     assert len(banners) == 1, banners
 
@@ -307,11 +312,12 @@ def test_the_training_step_written_in_chapter_4_is_the_librarys(grad_clip):
 
 @pytest.mark.slow  # the book built with papermill
 def test_plumbing_and_build_paths_are_not_on_the_pages(built_book, tiny_synth):
-    """Install, parameters (papermill's injected ones too), self-checks, the landing page's and the
-    run folder's housekeeping run but are not on the pages; the setup is folded; no page names a
-    folder of the machine that built it."""
+    """Install, papermill's injected parameters, self-checks, the landing page's and the run
+    folder's housekeeping run but are not on the pages; the setup and each chapter's own
+    parameters (what a reader changes) are folded; no page, and no
+    notebook a reader downloads, names a folder of the machine that built it."""
     out, html = built_book
-    hidden = ["tools/repository.py --set URL", "# Parameters", "check_results", "archive_previous_run(out)",
+    hidden = ["tools/repository.py --set URL", "# Parameters", "archive_previous_run(out)",
               "write_landing(", "the hand-written step is the library", "assert "]
     machine = [str(tiny_synth), str(out), str(ROOT), str(Path.home())]
     for path in sorted((html / "book").glob("*.html")):
@@ -322,6 +328,12 @@ def test_plumbing_and_build_paths_are_not_on_the_pages(built_book, tiny_synth):
         assert not paths, f"{path.name} names {paths}"
         if path.stem[:2].isdigit():
             assert re.search(r'class="cell tag_hide-input[^"]*"', text), f"{path.name}: setup not folded"
+            assert re.search(r'class="cell tag_parameters tag_hide-input[^"]*"', text), \
+                f"{path.name}: its parameters are on the page, folded"
+    for path in sorted(f for f in html.rglob("*") if f.is_file() and f.suffix in (".ipynb", ".md", ".js", ".txt")):
+        text = path.read_text(errors="replace")  # the downloadable notebooks (_sources/) among them
+        paths = [m for m in machine if m in text]
+        assert not paths, f"{path.relative_to(html)} names {paths}"
 
 
 @pytest.mark.slow  # the book built with papermill

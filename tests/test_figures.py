@@ -54,3 +54,23 @@ def test_turntable_turns_both_sides_in_jpeg_frames_of_a_static_page():
     assert all(im.startswith(b"\xff\xd8") for im in images), "JPEG data"
     assert len(set(images)) == 4, "every angle is a different picture"
     assert "https://" not in out.data, "nothing is fetched from the network"
+
+
+def test_the_three_views_letter_the_patients_directions_where_the_anatomy_is():
+    """A voxel at the patient's left, back and head (the LPS array's far corner) is drawn at the
+    edges lettered L, P and S in each plane it shows in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from hipseg_lib.viz import orthogonal_views
+
+    vol = np.zeros((10, 8, 6), np.float32)
+    vol[9, 7, 5] = 1.0  # left, posterior, superior corner
+    fig = orthogonal_views(vol, center=(9, 7, 5))
+    for ax, (h_edge, v_edge) in zip(fig.axes[:3], [("L", "P"), ("L", "S"), ("P", "S")]):
+        shown = np.asarray(ax.images[0].get_array())
+        row, col = np.unravel_index(np.argmax(shown), shown.shape)
+        letters = {t.get_text(): t.get_position() for t in ax.texts}
+        at_right, at_bottom = col == shown.shape[1] - 1, row == shown.shape[0] - 1
+        assert (letters[h_edge][0] > 0.5) == at_right, (ax.get_title(), h_edge)
+        assert (letters[v_edge][1] < 0.5) == at_bottom, (ax.get_title(), v_edge)

@@ -49,8 +49,10 @@ def test_evaluate_case_and_summary():
     pred = truth.copy()
     pred[2:4, 2:4, 2:4] = 2
     m = evaluate_case(pred, truth, (1, 1, 1), num_classes=3)
-    assert set(m) == {"dice", "iou", "hd95", "asd"}
+    assert set(m) == {"dice", "iou", "hd95", "asd", "nsd"}
     assert m["dice"][2] == 0.0 and np.isnan(evaluate_case(truth, truth, (1, 1, 1), 3)["dice"][2])
+    assert m["nsd"][2] == 0.0, "an invented organ has no surface within the tolerance"
+    assert np.isnan(evaluate_case(truth, truth, (1, 1, 1), 3)["nsd"][2]) and m["nsd"][1] > 0.5
     s = summarise([m, evaluate_case(truth, truth, (1, 1, 1), 3)], class_names=("bg", "a", "b"))
     assert s["dice"]["b"]["n"] == 1 and s["dice"]["b"]["mean"] == 0.0
     # class a: 216 true voxels, 208 predicted, all inside: Dice 416/424 on one case, 1.0 on the other
@@ -90,7 +92,11 @@ def test_hd95_and_asd_equal_monai(spacing):
                                                   spacing=spacing)[0].numpy()
         m_asd = metrics.compute_average_surface_distance(onehot(pred), onehot(truth), symmetric=True,
                                                          spacing=spacing)[0].numpy()
+        m_nsd = metrics.compute_surface_dice(onehot(pred), onehot(truth), class_thresholds=[2.0, 2.0],
+                                             spacing=spacing)[0].numpy()
     ours = evaluate_case(pred, truth, spacing, num_classes=3)
+    np.testing.assert_allclose(ours["nsd"][1:], m_nsd, rtol=1e-5)
+    assert 0.2 < m_nsd.min() and m_nsd.max() < 0.99, "a tolerance that cuts through the distances"
     np.testing.assert_allclose(ours["hd95"][1:], m_hd, rtol=1e-5)
     np.testing.assert_allclose(ours["asd"][1:], m_asd, rtol=1e-5)
     for c in (1, 2):

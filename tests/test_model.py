@@ -296,6 +296,8 @@ def test_the_network_diagram_is_read_from_the_network():
     assert [r["decoder"] for r in cpu] == ["no conv: head reads concat", "one 3x3x3 conv", "one 3x3x3 conv",
                                            "residual block", None]
     assert [r["deep_supervision"] for r in cpu] == [False, True, True, True, False]
+    net = ResUNet3D(make_config("cpu").model)
+    assert [r["decoder_channels"] for r in cpu] == [net.head.in_channels, 24, 48, 96, None] == [24, 24, 48, 96, None]
     assert [r["down"] for r in cpu] == [None] + ["stride-2 conv"] * 4
     seed = network_levels(ResUNet3D(ModelConfig(base_channels=16, depth=4, downsample="maxpool", light_levels=0)))
     assert [r["down"] for r in seed] == [None] + ["2x2x2 max pool"] * 3
@@ -305,6 +307,7 @@ def test_the_network_diagram_is_read_from_the_network():
     assert sum("1x1x1 head" in t for t in texts) == 4, "the output's head and three deep-supervision heads"
     assert "+" in texts and any("added" in t for t in texts), "their scores are summed"
     assert "level 4: 192 ch at 4x4x3" in " ".join(texts) and "level 0: 12 ch at 64x64x48" in " ".join(texts)
+    assert "level 0: 24 ch at 64x64x48\nno conv" in " ".join(texts), "the decoder's top passes 12 + 12 channels on"
     plain = [t.get_text() for t in network_diagram(ResUNet3D(ModelConfig(base_channels=4, depth=3))).axes[0].texts]
     assert sum("1x1x1 head" in t for t in plain) == 1 and "+" not in plain
 

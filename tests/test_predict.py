@@ -126,7 +126,7 @@ def test_evaluate_folders_pairs_by_name(tiny_model, tiny_synth, tmp_path):
     stray.write_bytes(next((tmp_path / "pred").iterdir()).read_bytes())
     assert evaluate_folders(tmp_path / "pred", truth)["unmatched"] == [str(stray)]
     stray.unlink()
-    assert set(doc["cases"][0]["metrics"]) == {"dice", "iou", "hd95", "asd"}
+    assert set(doc["cases"][0]["metrics"]) == {"dice", "iou", "hd95", "asd", "nsd"}
     assert doc["summary"]["dice"]["background"]["n"] == 2
     assert set(doc["per_patient"]["dice"]) == {"body", "bones", "bladder", "rectum", "prostate"}
     assert set(doc["per_patient"]["dice"]["body"]["patients"]) == {p.id.case for p in pairs}
