@@ -13,12 +13,12 @@ import numpy as np
 
 from . import CLASS_NAMES, HipsegError
 from .io import Pair, load_pair, load_volume, volume_id_in
-from .metrics import METRICS, NSD_TOLERANCE_MM, evaluate_case, per_patient_summary, summarise
+from .metrics import METRICS, NSD_TOLERANCE_MM, evaluate_case, patient_table, per_patient_summary, summarise
 from .portable import collect_inputs, file_stem
 from .predictor import Predictor
 
 __all__ = ["evaluate_pairs", "evaluate_folders", "results_document", "format_summary", "class_rows",
-           "patient_rows", "FOREGROUND"]
+           "patient_rows", "each_patient_rows", "FOREGROUND"]
 
 FOREGROUND = CLASS_NAMES[1:]  # what summary tables report: the background's Dice says nothing
 
@@ -165,6 +165,15 @@ def patient_rows(results: Sequence[dict], level: float = 0.95) -> list[dict]:
     return [{"class": n, "Dice": dice[n]["mean"], f"Dice {pct} CI": _interval(dice[n]),
              "HD95 (mm)": hd[n]["mean"], f"HD95 {pct} CI": _interval(hd[n], ".1f"),
              f"NSD {NSD_TOLERANCE_MM:g} mm": nsd[n]["mean"]} for n in FOREGROUND]
+
+
+def each_patient_rows(results: Sequence[dict], metric: str = "dice") -> list[dict]:
+    """One row per patient: its number of volumes and the mean of ``metric`` over them, per
+    foreground class (:func:`~hipseg_lib.metrics.patient_table`)."""
+    cases, table = patient_table(results, metric)
+    return [{"patient": case, "volumes": sum(r["case"] == case for r in results),
+             **{n: (None if np.isnan(v) else float(v)) for n, v in zip(FOREGROUND, row)}}
+            for case, row in zip(cases, table)]
 
 
 def _interval(s: dict, fmt: str = ".3f") -> str:

@@ -204,21 +204,24 @@ def per_class_text(values: Sequence[float], fmt: str = ".3f", names: Sequence[st
             + " ".join(c.rjust(w) for c, w in zip(cells, widths)))
 
 def html_table(rows: Sequence[dict], columns: Sequence[str] | None = None, floatfmt: str = ".3f", caption: str = ""):
-    """A small HTML table from a list of dicts (no pandas needed)."""
+    """A small HTML table from a list of dicts (no pandas needed). Floats get ``floatfmt``, except
+    in a column whose name says millimetres (``"(mm)"``): a tenth of a millimetre is precision
+    enough there."""
     from html import escape
 
     from IPython.display import HTML
 
     columns = list(columns or (rows[0].keys() if rows else []))
 
-    def fmt(v):
+    def fmt(v, column):
         if isinstance(v, float):
-            return "n/a" if v != v else format(v, floatfmt)
+            return "n/a" if v != v else format(v, ".1f" if "(mm)" in str(column) else floatfmt)
         if isinstance(v, (tuple, list)):
             return " x ".join(str(x) for x in v)
         return "" if v is None else str(v)
 
     head = "".join(f"<th>{escape(str(c))}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{escape(fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{escape(fmt(r.get(c), c))}</td>" for c in columns) + "</tr>"
+                   for r in rows)
     cap = f"<caption>{escape(caption)}</caption>" if caption else ""
     return HTML(f'<table class="hipseg-table">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')

@@ -65,3 +65,18 @@ def test_one_name_parser_pairs_predictions_with_truths():
     assert match_key(__import__("pathlib").Path("B006_Week3_SEMANTIC.nii.gz")) == "B006_Week3"
     assert match_key(__import__("pathlib").Path("scan_pred.nii.gz")) == "scan"  # no case and week
     assert volume_id_in("notes.txt") is None
+
+
+def test_each_patient_row_is_the_mean_of_its_volumes_and_millimetres_get_one_decimal():
+    from hipseg_lib.evaluate import each_patient_rows
+    from hipseg_lib.viz import html_table
+
+    rows = [{"id": "004_Week0", "case": "004", "metrics": _case([1.0, 0.9, 0.8, np.nan, 0.5, 0.25])},
+            {"id": "004_Week1", "case": "004", "metrics": _case([1.0, 0.7, 0.6, 0.4, 0.5, 0.75])},
+            {"id": "007_Week0", "case": "007", "metrics": _case([1.0, 0.6, 0.6, 0.4, 0.9, 0.5])}]
+    each = each_patient_rows(rows)
+    assert [(r["patient"], r["volumes"]) for r in each] == [("004", 2), ("007", 1)]
+    assert each[0]["body"] == 0.8 and each[0]["bladder"] == 0.4 and each[1]["prostate"] == 0.5
+    assert "background" not in each[0]
+    html = html_table([{"HD95 (mm)": 4.399, "Dice": 0.98765}]).data
+    assert "<td>4.4</td>" in html and "<td>0.988</td>" in html
