@@ -18,7 +18,7 @@ from . import BODY, BONES, CLASS_NAMES, PROSTATE
 
 __all__ = ["CLASS_COLOURS", "BOOK_STYLE", "use_book_style", "label_cmap", "show_slice", "mark_directions",
            "orthogonal_views", "prostate_slice", "three_panel", "uncertainty_panel", "overlay_rgba", "class_legend",
-           "per_class_text", "html_table"]
+           "per_class_text", "html_table", "zoom_to"]
 
 # The book's column is about 690 px wide at 1280 px, and a full-width cell about 1020 px: a figure
 # of at most 7 inches (or 10, full width) at 100 dpi is shown at its own size, so text of 8 pt or
@@ -144,6 +144,17 @@ def orthogonal_views(image: np.ndarray, label: np.ndarray | None = None, spacing
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
+
+def zoom_to(axes, mask: np.ndarray, margin: int = 10) -> None:
+    """Zoom axial panels drawn by :func:`show_slice` onto the box around ``mask`` (one axial
+    slice, x by y) plus ``margin`` voxels on each side."""
+    xs, ys = np.nonzero(np.asarray(mask))
+    if not xs.size:
+        return
+    for ax in axes:  # an axial panel's columns are x, its rows y
+        ax.set_xlim(xs.min() - margin - 0.5, xs.max() + margin + 0.5)
+        ax.set_ylim(ys.max() + margin + 0.5, ys.min() - margin - 0.5)
+
 
 def prostate_slice(label: np.ndarray, axis: int = 2) -> int:
     """The slice along ``axis`` (default axial) with the most prostate voxels (the middle slice

@@ -74,3 +74,21 @@ def test_the_three_views_letter_the_patients_directions_where_the_anatomy_is():
         at_right, at_bottom = col == shown.shape[1] - 1, row == shown.shape[0] - 1
         assert (letters[h_edge][0] > 0.5) == at_right, (ax.get_title(), h_edge)
         assert (letters[v_edge][1] < 0.5) == at_bottom, (ax.get_title(), v_edge)
+
+
+def test_zoom_to_frames_the_mask_with_its_margin():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hipseg_lib.viz import show_slice, zoom_to
+
+    vol = np.zeros((40, 30, 4), np.float32)
+    fig, ax = plt.subplots()
+    show_slice(ax, vol, index=1)
+    mask = np.zeros((40, 30), bool)
+    mask[20:25, 5:8] = True  # x 20..24, y 5..7
+    zoom_to([ax], mask, margin=2)
+    assert ax.get_xlim() == (17.5, 26.5) and ax.get_ylim() == (9.5, 2.5), "y runs down the rows"
+    plt.close(fig)
