@@ -18,7 +18,7 @@ from .portable import collect_inputs, file_stem
 from .predictor import Predictor
 
 __all__ = ["evaluate_pairs", "evaluate_folders", "results_document", "format_summary", "class_rows",
-           "patient_rows", "each_patient_rows", "FOREGROUND"]
+           "patient_rows", "each_patient_rows", "is_range", "FOREGROUND"]
 
 FOREGROUND = CLASS_NAMES[1:]  # what summary tables report: the background's Dice says nothing
 
@@ -162,9 +162,23 @@ def patient_rows(results: Sequence[dict], level: float = 0.95) -> list[dict]:
     dice, hd = per_patient_summary(results, "dice", level=level), per_patient_summary(results, "hd95", level=level)
     nsd = per_patient_summary(results, "nsd", level=level)
     pct = f"{100 * level:g} %"
-    return [{"class": n, "Dice": dice[n]["mean"], f"Dice {pct} CI": _interval(dice[n]),
-             "HD95 (mm)": hd[n]["mean"], f"HD95 {pct} CI": _interval(hd[n], ".1f"),
+    ci = f"range (= {pct} CI)" if is_range(dice) and is_range(hd) else f"{pct} CI"
+    return [{"class": n, "Dice": dice[n]["mean"], f"Dice {ci}": _interval(dice[n]),
+             "HD95 (mm)": hd[n]["mean"], f"HD95 {ci}": _interval(hd[n], ".1f"),
              f"NSD {NSD_TOLERANCE_MM:g} mm": nsd[n]["mean"]} for n in FOREGROUND]
+
+
+def is_range(summary: dict) -> bool:
+    """Whether every class's interval in a :func:`~hipseg_lib.metrics.per_patient_summary` is just
+    the lowest and highest patient's value, as a percentile bootstrap over three patients gives
+    (each patient drawn three times has a chance of 1/27, more than a 2.5 % tail)."""
+    spans = []
+    for s in summary.values():
+        values = [v for v in s["patients"].values() if v is not None]
+        if s["low"] is None or not values:
+            continue
+        spans.append(bool(np.isclose(s["low"], min(values)) and np.isclose(s["high"], max(values))))
+    return bool(spans) and all(spans)
 
 
 def each_patient_rows(results: Sequence[dict], metric: str = "dice") -> list[dict]:

@@ -46,6 +46,14 @@ def soft_dice_per_class(
     return dice, present
 
 
+def _check_shapes(logits: torch.Tensor, target: torch.Tensor, num_classes: int) -> None:
+    """Raise ``ValueError`` unless ``logits`` (N, C, X, Y, Z) fit ``target`` (N, X, Y, Z)."""
+    if logits.shape[1] != num_classes:
+        raise ValueError(f"logits have {logits.shape[1]} channels, expected {num_classes}")
+    if logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[1:]:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match")
+
+
 class DiceCELoss(nn.Module):
     """``dice_weight * (1 - mean soft Dice) + ce_weight * cross-entropy``.
 
@@ -84,13 +92,7 @@ class DiceCELoss(nn.Module):
 
     def forward(self, logits: torch.Tensor,
                 target: torch.Tensor) -> torch.Tensor:
-        if logits.shape[1] != self.num_classes:
-            raise ValueError(f"logits have {logits.shape[1]} channels, "
-                             f"expected {self.num_classes}")
-        if (logits.shape[0] != target.shape[0]
-                or logits.shape[2:] != target.shape[1:]):
-            raise ValueError(f"logits {tuple(logits.shape)} and target "
-                             f"{tuple(target.shape)} do not match")
+        _check_shapes(logits, target, self.num_classes)
         target = target.long()
         loss = logits.new_zeros((), dtype=torch.float32)
         if self.ce_weight:

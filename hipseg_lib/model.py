@@ -76,16 +76,20 @@ class DownConv(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """Pre-activation convolution (norm, act, conv): a light stage in place of a residual block.
+    """Pre-activation convolution (norm, act, conv): a light stage in place
+    of a residual block.
 
-    ``kernel_size=1`` mixes channels voxel by voxel (a full-resolution decoder stage with
-    ``top_kernel=1``: the spatial context comes from the levels below).
+    ``kernel_size=1`` mixes channels voxel by voxel (a full-resolution
+    decoder stage with ``top_kernel=1``: the spatial context comes from the
+    levels below).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+    def __init__(self, in_channels: int, out_channels: int,
+                 kernel_size: int = 3):
         super().__init__()
         self.norm, self.act = _norm(in_channels), _act()
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size,
+                              padding=kernel_size // 2, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self.act(self.norm(x)))
@@ -209,38 +213,56 @@ class ResUNet3D(nn.Module):
         if config is None:
             config = ModelConfig(**kwargs)
         elif kwargs:
-            raise SettingsError("pass either a ModelConfig or keyword arguments, not both")
+            raise SettingsError("pass either a ModelConfig or keyword "
+                                "arguments, not both")
         c = self.config = config
-        widths = [c.base_channels * 2 ** i for i in range(c.depth)]  # channels: doubled per level
-        self.stem = nn.Conv3d(c.in_channels, widths[0], 3, padding=1, bias=False)
-        # Level i >= 1 starts by halving the grid: a stride-2 convolution that doubles the
-        # channels too, or (the seed's way) max pooling, after which the level's block doubles them.
+        # channels per level: doubled each time the grid is halved
+        widths = [c.base_channels * 2 ** i for i in range(c.depth)]
+        self.stem = nn.Conv3d(c.in_channels, widths[0], 3, padding=1,
+                              bias=False)
+        # Level i >= 1 starts by halving the grid: a stride-2 convolution
+        # that doubles the channels too, or (the seed's way) max pooling,
+        # after which the level's block doubles them.
         pooled = c.downsample == "maxpool"
-        self.down = nn.ModuleList([nn.MaxPool3d(2) if pooled else DownConv(widths[i - 1], widths[i])
-                                   for i in range(1, c.depth)])
-        entering = [widths[i - 1] if pooled and i else widths[i] for i in range(c.depth)]
-        self.encoder = nn.ModuleList([self._encoder_block(i, entering[i], widths[i])
-                                      for i in range(c.depth - 1)])
-        self.bottleneck = nn.Sequential(ResidualBlock(entering[-1], widths[-1], c.dropout),
-                                        ResidualBlock(widths[-1], widths[-1], c.dropout))
-        # The decoder runs from the coarsest level up: decoder[0] upsamples the bottleneck.
-        self.decoder = nn.ModuleList([UpBlock(widths[i + 1], widths[i], widths[i], c.dropout,
-                                              light=i < c.light_levels,
-                                              kernel_size=c.top_kernel if i == 0 else 3)
-                                      for i in reversed(range(c.depth - 1))])
-        top = widths[0] if c.top_kernel else 2 * widths[0]  # no top convolution: the concatenation
+        self.down = nn.ModuleList([
+            nn.MaxPool3d(2) if pooled else DownConv(widths[i - 1], widths[i])
+            for i in range(1, c.depth)])
+        entering = [widths[i - 1] if pooled and i else widths[i]
+                    for i in range(c.depth)]
+        self.encoder = nn.ModuleList([
+            self._encoder_block(i, entering[i], widths[i])
+            for i in range(c.depth - 1)])
+        self.bottleneck = nn.Sequential(
+            ResidualBlock(entering[-1], widths[-1], c.dropout),
+            ResidualBlock(widths[-1], widths[-1], c.dropout))
+        # The decoder runs from the coarsest level up: decoder[0]
+        # upsamples the bottleneck.
+        self.decoder = nn.ModuleList([
+            UpBlock(widths[i + 1], widths[i], widths[i], c.dropout,
+                    light=i < c.light_levels,
+                    kernel_size=c.top_kernel if i == 0 else 3)
+            for i in reversed(range(c.depth - 1))])
+        # no top convolution: the head reads the concatenation
+        top = widths[0] if c.top_kernel else 2 * widths[0]
         self.final_norm = nn.Sequential(_norm(top), _act())
         self.head = nn.Conv3d(top, c.num_classes, 1)
-        # Deep supervision: 1x1x1 segmentation layers on the coarser decoder levels, coarsest first.
-        self.aux_heads = nn.ModuleList(
-            [nn.Conv3d(widths[i], c.num_classes, 1) for i in reversed(range(1, c.depth - 1))]
-        ) if c.deep_supervision else None
+        # Summed heads: 1x1x1 segmentation layers on the coarser decoder
+        # levels, coarsest first.
+        self.aux_heads = nn.ModuleList([
+            nn.Conv3d(widths[i], c.num_classes, 1)
+            for i in reversed(range(1, c.depth - 1))
+        ]) if c.deep_supervision else None
 
-    def _encoder_block(self, level: int, in_channels: int, out_channels: int) -> nn.Module:
-        """A residual block; at a light level one convolution (at full resolution none: the stem)."""
+    def _encoder_block(self, level: int, in_channels: int,
+                       out_channels: int) -> nn.Module:
+        """A residual block; at a light level one convolution (at full
+        resolution none: the stem)."""
         if level >= self.config.light_levels:
-            return ResidualBlock(in_channels, out_channels, self.config.dropout)
-        return nn.Identity() if level == 0 else ConvBlock(in_channels, out_channels)
+            return ResidualBlock(in_channels, out_channels,
+                                 self.config.dropout)
+        if level == 0:
+            return nn.Identity()
+        return ConvBlock(in_channels, out_channels)
 
     @property
     def divisor(self) -> int:

@@ -308,8 +308,10 @@ def preprocess_image(
     ``cfg.target_shape``. With ``"spacing"`` it is resampled from ``spacing``
     (mm, of the oriented image) to ``cfg.target_spacing`` and centred in
     ``cfg.target_shape``, padded with the crop's lowest value (air); with
-    ``divisor`` (prediction) it is only padded, to the next multiples of
-    ``divisor``, so nothing is ever cut.
+    ``divisor`` (prediction) it is centred in the same grid, grown to the
+    next multiples of ``divisor`` along an axis where the crop is larger, so
+    nothing is ever cut and the network sees as much air around the body as
+    in training (instance norm's statistics include it).
 
     Returns:
         The array on the grid and its :class:`Placement`.
@@ -330,8 +332,8 @@ def preprocess_image(
         shape = resampled_shape(norm.shape, spacing, cfg.target_spacing)
         if divisor is None:
             grid = cfg.target_shape
-        else:  # the next multiples of divisor
-            x, y, z = (-(-n // divisor) * divisor for n in shape)
+        else:  # training's grid, grown to the next multiples of divisor where the crop is larger
+            x, y, z = (max(t, -(-n // divisor) * divisor) for n, t in zip(shape, cfg.target_shape))
             grid = (x, y, z)
     img = resize_image(norm, shape)
     return place(img, grid, float(img.min())), Placement(box, shape, grid)

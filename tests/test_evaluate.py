@@ -80,3 +80,20 @@ def test_each_patient_row_is_the_mean_of_its_volumes_and_millimetres_get_one_dec
     assert "background" not in each[0]
     html = html_table([{"HD95 (mm)": 4.399, "Dice": 0.98765}]).data
     assert "<td>4.4</td>" in html and "<td>0.988</td>" in html
+
+
+def test_an_interval_over_three_patients_is_their_range_and_over_many_it_is_not():
+    from hipseg_lib.evaluate import is_range, patient_rows
+    from hipseg_lib.metrics import per_patient_summary
+
+    rng = np.random.default_rng(1)
+
+    def rows(n):
+        return [{"id": f"{p:03d}_Week0", "case": f"{p:03d}", "metrics": _case([1.0, *rng.uniform(0.5, 1.0, 5)])}
+                for p in range(n)]
+
+    three, many = rows(3), rows(30)
+    assert is_range(per_patient_summary(three, "dice"))
+    assert not is_range(per_patient_summary(many, "dice"))
+    assert "Dice range (= 95 % CI)" in patient_rows(three)[0]
+    assert "Dice 95 % CI" in patient_rows(many)[0]

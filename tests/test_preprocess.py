@@ -127,17 +127,24 @@ def test_resampling_to_a_spacing_keeps_sizes_in_mm(spacing):
         assert abs(got - want) <= t + 1e-6, (extent_mm, spacing)
 
 
-def test_a_prediction_grid_is_padded_to_the_divisor_and_undone_to_the_scans_crop():
-    """With ``divisor`` (prediction) the resampled crop is only padded, centred, to multiples of the
-    divisor; Placement.from_grid takes back exactly that crop, so resizing it to the box returns the
-    input grid."""
+def test_a_prediction_grid_is_training_s_grown_to_the_divisor_and_undone_to_the_scans_crop():
+    """With ``divisor`` (prediction) the resampled crop is centred in training's grid, grown to
+    multiples of the divisor along an axis where the crop is larger (nothing cut); where it fits,
+    the network gets exactly what training gave it (the same air around the body, so the same
+    instance-norm statistics). Placement.from_grid takes back exactly the crop, so resizing it to
+    the box returns the input grid."""
     from hipseg_lib.preprocess import preprocess_image, resize_image
 
     spacing = (1.5, 0.8, 3.0)
     image, _ = _box_scan(spacing)
+    roomy = Preprocessing(target_shape=(96, 96, 48), resample="spacing", target_spacing=(2.0, 2.0, 2.5))
+    trained, _ = preprocess_image(image, roomy, spacing)
+    predicted, _ = preprocess_image(image, roomy, spacing, divisor=8)
+    np.testing.assert_array_equal(predicted, trained)
     cfg = Preprocessing(target_shape=(32, 32, 16), resample="spacing", target_spacing=(2.0, 2.0, 2.5))
     x, where = preprocess_image(image, cfg, spacing, divisor=8)
-    assert all(g % 8 == 0 and g - 8 < r <= g for g, r in zip(x.shape, where.resampled)), (x.shape, where)
+    assert x.shape == tuple(max(t, -(-r // 8) * 8) for t, r in zip(cfg.target_shape, where.resampled))
+    assert any(r > t for r, t in zip(where.resampled, cfg.target_shape)), "an axis grows past training's"
     from hipseg_lib.preprocess import place
 
     marked = place(np.ones(where.resampled, np.float32), x.shape)  # where the crop went
