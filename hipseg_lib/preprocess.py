@@ -332,8 +332,9 @@ def preprocess_image(
         shape = resampled_shape(norm.shape, spacing, cfg.target_spacing)
         if divisor is None:
             grid = cfg.target_shape
-        else:  # training's grid, grown to the next multiples of divisor where the crop is larger
-            x, y, z = (max(t, -(-n // divisor) * divisor) for n, t in zip(shape, cfg.target_shape))
+        else:  # training's grid, grown to multiples of divisor if too small
+            x, y, z = (max(t, -(-n // divisor) * divisor)
+                       for n, t in zip(shape, cfg.target_shape))
             grid = (x, y, z)
     img = resize_image(norm, shape)
     return place(img, grid, float(img.min())), Placement(box, shape, grid)
