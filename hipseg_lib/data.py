@@ -381,21 +381,28 @@ class TrainingBatches:
 
     def order(self, epoch: int) -> list[list[int]]:
         """The volume indices of each of this process's batches in ``epoch``."""
-        self.sampler.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)  # another shuffle every epoch
         idx = list(iter(self.sampler))
-        return [idx[k * self.batch_size:(k + 1) * self.batch_size] for k in range(self.steps_per_epoch)]
+        n = self.batch_size
+        return [idx[k * n:(k + 1) * n] for k in range(self.steps_per_epoch)]
 
-    def batch(self, epoch: int, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch: ``(images (N, 1, X, Y, Z) float32, labels (N, X, Y, Z) int64)`` on the device."""
+    def batch(self, epoch: int, indices: Sequence[int]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch: ``(images (N, 1, X, Y, Z) float32, labels (N, X, Y, Z)
+        int64)`` on the device."""
         from .augment import augment_batch
 
-        images, labels = self.train_set.take(indices)
+        images, labels = self.train_set.take(indices)  # already preprocessed
+        # one generator per sample: the same draws for (seed, epoch, sample)
         rngs = [np.random.default_rng([self.seed, epoch, i]) for i in indices]
-        if self.patch is not None:
-            cut = [self.patch.sample(r, lab)(img, lab) for r, img, lab in zip(rngs, images, labels)]
-            images, labels = torch.stack([c[0] for c in cut]), torch.stack([c[1] for c in cut])
+        if self.patch is not None:  # a random window of each volume
+            cut = [self.patch.sample(r, lab)(img, lab)
+                   for r, img, lab in zip(rngs, images, labels)]
+            images = torch.stack([c[0] for c in cut])
+            labels = torch.stack([c[1] for c in cut])
         if self.augmentation is not None:
-            augs = [self.augmentation.sample(r, self.train_set.spacing(i)) for r, i in zip(rngs, indices)]
+            augs = [self.augmentation.sample(r, self.train_set.spacing(i))
+                    for r, i in zip(rngs, indices)]
             images, labels = augment_batch(images, labels, augs)
         return images, labels
 
