@@ -188,8 +188,8 @@ def uncertainty_panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, un
     fig, axes = plt.subplots(1, 3, figsize=(10, 4))
     show_slice(axes[0], image, pred, index=index, spacing=spacing, title="prediction", alpha=0.6)
     wrong = np.ma.masked_equal((pred != truth).astype(np.uint8), 0)
-    show_slice(axes[1], image, None, index=index, spacing=spacing, title="errors (red)")
-    axes[1].imshow(_plane(wrong, 2, index), cmap=ListedColormap(["red"]), aspect=_aspect(spacing, 2),
+    show_slice(axes[1], image, None, index=index, spacing=spacing, title="errors (cyan)")
+    axes[1].imshow(_plane(wrong, 2, index), cmap=ListedColormap(["#00e5ff"]), aspect=_aspect(spacing, 2),
                    interpolation="nearest")
     plane = _plane(np.asarray(uncertainty, np.float32), 2, index)
     art = axes[2].imshow(plane, cmap="magma", vmin=0, vmax=max(0.05, float(plane.max())),

@@ -361,5 +361,5 @@ def test_uncertainty_panel_draws_three_views():
     pred[2, 2] = BODY
     fig = uncertainty_panel(np.random.default_rng(0).random((8, 8, 4)), truth, pred, np.zeros((8, 8, 4)), index=1)
     assert len(fig.axes) == 4  # three panels and the entropy colour bar
-    assert [a.get_title() for a in fig.axes[:2]] == ["prediction", "errors (red)"]
+    assert [a.get_title() for a in fig.axes[:2]] == ["prediction", "errors (cyan)"]
     plt.close(fig)
