@@ -8,6 +8,7 @@ means stay finite and a miss still counts against the model.
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import Sequence
 
 import numpy as np
@@ -108,8 +109,9 @@ def _distance_metrics(a, b, spacing, reducers) -> list[float]:
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     if not a.any() and not b.any():
         return [float("nan")] * len(reducers)
-    if not a.any() or not b.any():
-        return [float(np.linalg.norm(np.array(a.shape) * np.asarray(spacing, float)))] * len(reducers)
+    if not a.any() or not b.any():  # a missed (or invented) structure: the worst value there is
+        diagonal = float(np.linalg.norm(np.array(a.shape) * np.asarray(spacing, float)))
+        return [0.0 if getattr(reduce, "func", reduce) is _nsd else diagonal for reduce in reducers]
     d_ab, d_ba = surface_distances(a, b, spacing)
     return [reduce(d_ab, d_ba) for reduce in reducers]
 
@@ -133,12 +135,7 @@ def normalised_surface_distance(pred_mask: np.ndarray, truth_mask: np.ndarray, s
         >>> round(normalised_surface_distance(b, a, (2.0, 2.0, 2.0)), 3)  # (7 + 6) / (8 + 6)
         0.929
     """
-    a, b = np.asarray(pred_mask, bool), np.asarray(truth_mask, bool)
-    if not a.any() and not b.any():
-        return float("nan")
-    if not a.any() or not b.any():
-        return 0.0
-    return _nsd(*surface_distances(a, b, spacing), tolerance)
+    return _distance_metrics(pred_mask, truth_mask, spacing, [partial(_nsd, tolerance=tolerance)])[0]
 
 
 def average_surface_distance(pred_mask: np.ndarray, truth_mask: np.ndarray, spacing: Sequence[float]) -> float:
@@ -156,8 +153,6 @@ def evaluate_case(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
         three = np.array([_distance_metrics(pred == c, truth == c, spacing, [_hd95, _asd, _nsd])
                           for c in range(num_classes)]).reshape(num_classes, 3)
         out["hd95"], out["asd"], out["nsd"] = three[:, 0], three[:, 1], three[:, 2]
-        one_sided = np.array([(pred == c).any() != (truth == c).any() for c in range(num_classes)])
-        out["nsd"][one_sided] = 0.0  # a missed (or invented) organ: no surface within reach
     return out
 
 
