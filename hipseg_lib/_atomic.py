@@ -12,9 +12,12 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import nibabel as nib
+import numpy as np
+
 from . import HipsegError, OutputExists
 
-__all__ = ["atomic_path", "write_json_atomic"]
+__all__ = ["atomic_path", "write_json_atomic", "save_nifti_atomic"]
 
 
 def _umask() -> int:
@@ -58,4 +61,30 @@ def write_json_atomic(doc: dict, path: str | os.PathLike, overwrite: bool = True
         raise HipsegError(f"{path.parent}: cannot write here ({exc.strerror})") from None
     with atomic_path(path, suffix=".json") as tmp:
         Path(tmp).write_text(json.dumps(doc, indent=2))
+    return path
+
+
+def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
+                      header: nib.Nifti1Header | None = None, overwrite: bool = False,
+                      scale: float | None = None) -> Path:
+    """Write a NIfTI file so that a crash never leaves a partial file at ``path``.
+
+    The data go to a temporary file in the same folder, which is then renamed. ``scale`` stores
+    ``array`` as it is with that scale factor (scl_slope), so readers get ``array * scale``.
+
+    Raises:
+        HipsegError: the file exists and ``overwrite`` is false, or the folder is not writable.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExists(path)
+    img = nib.Nifti1Image(array, affine, header=header)
+    if header is not None:
+        img.set_data_dtype(array.dtype)
+    img.header.set_xyzt_units("mm", "sec")
+    if scale is not None:
+        img.header.set_slope_inter(scale, 0)
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
+    with atomic_path(path, suffix=suffix) as tmp:
+        nib.save(img, tmp)
     return path

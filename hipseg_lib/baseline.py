@@ -76,14 +76,14 @@ def nearest_label_dice(images: np.ndarray, labels: list, train_idx, test_idx) ->
     return float(np.mean(scores)), copied
 
 
-def split_leak_experiment(volumes, split_seeds: Sequence[int] = (0, 1, 2, 3, 4), test_fraction: float = 0.1,
-                          ) -> list[dict]:
-    """How much a volume-level split flatters a model, against the case-level split.
+def split_leak_experiment(volumes, split_seeds: Sequence[int] = (0, 1, 2, 3, 4)) -> list[dict]:
+    """How much letting a test patient's other weeks into the training pool flatters a model.
 
-    For each seed: a random split of the *volumes* (weekly scans of one patient can land on both
-    sides) and :func:`~hipseg_lib.data.split_by_case` with that seed; the copy-nearest model of
-    :func:`nearest_label_dice` is scored on both. One row per seed: Dice and the share of test
-    volumes whose copied label came from the same patient.
+    For each seed, the test patients of :func:`~hipseg_lib.data.split_by_case`; every test volume
+    is scored twice by the copy-nearest model of :func:`nearest_label_dice`: copying from the
+    training patients' volumes (a split by patient), and from the same pool plus its own patient's
+    other weeks (what a split by scan lets in). Only the pool differs; the test volumes are the
+    same. One row per seed: both Dice, and the share of test volumes that copied their own patient.
     """
     volumes = list(volumes)
     loaded = [v.load() for v in volumes]
@@ -91,18 +91,19 @@ def split_leak_experiment(volumes, split_seeds: Sequence[int] = (0, 1, 2, 3, 4),
     x = (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)
     labels = [np.asarray(label) for _, label in loaded]
     case = np.array([v.id.case for v in volumes])
-    index = {str(v.id): n for n, v in enumerate(volumes)}
     rows = []
     for seed in split_seeds:
-        perm = np.random.default_rng(seed).permutation(len(volumes))
-        n_test = max(1, int(len(volumes) * test_fraction))
-        row: dict[str, float] = {"repeat": seed}
-        by_case = split_by_case([v.pair for v in volumes], seed=seed)
-        splits = {"volume split": (perm[n_test:], perm[:n_test]),
-                  "case split": tuple(np.array([index[str(p.id)] for p in by_case[k]]) for k in ("train", "test"))}
-        for name, (tr, te) in splits.items():
-            dice, copied = nearest_label_dice(x, labels, tr, te)
-            row[f"{name}: Dice"] = dice
-            row[f"{name}: same patient"] = float(np.mean(case[copied] == case[te]))
-        rows.append(row)
+        split = split_by_case(volumes, seed=seed)
+        train = [volumes.index(v) for v in split["train"]]
+        test = [volumes.index(v) for v in split["test"]]
+        by_patient, by_scan, same = [], [], []
+        for t in test:
+            siblings = [i for i in range(len(volumes)) if case[i] == case[t] and i != t]
+            by_patient.append(nearest_label_dice(x, labels, train, [t])[0])
+            dice, copied = nearest_label_dice(x, labels, train + siblings, [t])
+            by_scan.append(dice)
+            same.append(case[copied[0]] == case[t])
+        rows.append({"repeat": seed, "test volumes": len(test), "split by patient: Dice": float(np.mean(by_patient)),
+                     "siblings in the pool: Dice": float(np.mean(by_scan)),
+                     "copied its own patient": float(np.mean(same))})
     return rows

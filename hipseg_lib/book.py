@@ -276,7 +276,8 @@ class BookPlan:
     Attributes:
         preset: ``smoke``, ``cpu``, ``full`` or ``auto`` (``full`` with CUDA, else ``cpu``).
         data_dir: real data folder; default ``$HIPSEG_DATA`` or the synthetic set (made if missing).
-        amp: chapter 4's mixed precision (None: the preset's); ``"off"`` is the fp32 path.
+        precision: the chapters' precision (``auto``, ``bf16``, ``fp16`` or ``fp32``: the fp32 path, as a
+            CPU without native bf16 runs it); None: ``auto``.
         chapters: execute only these chapter stems (e.g. ``("01_data_exploration",)``); None: all.
         model_dir, results_dir: where chapter 4 saves checkpoints and chapter 5 its metrics
             (default ``<root>/model`` and ``<root>/results``).
@@ -286,7 +287,7 @@ class BookPlan:
 
     preset: str = "auto"
     data_dir: str | None = None
-    amp: str | None = None
+    precision: str | None = None
     chapters: Sequence[str] | None = None
     model_dir: str | None = None
     results_dir: str | None = None
@@ -307,7 +308,7 @@ def run_book(plan: BookPlan | None = None, *, build: bool = True, root: Path | N
     Returns:
         The HTML folder (or the executed-notebook folder when ``build`` is false).
     """
-    from .config import resolve_preset
+    from .config import make_config
 
     root = (root or project_root()).resolve()
     build_dir = (build_dir or root / "_build").resolve()
@@ -321,15 +322,16 @@ def run_book(plan: BookPlan | None = None, *, build: bool = True, root: Path | N
             raise HipsegError(f"unknown chapter(s): {', '.join(sorted(unknown))}; "
                               f"choose from {', '.join(nb.stem for nb in nbs)}")
         nbs = [nb for nb in nbs if nb.stem in wanted]
-    preset, amp = resolve_preset(plan.preset), plan.amp
+    preset, precision = make_config(plan.preset).preset, plan.precision
     data = ensure_default_dataset(plan.data_dir)
     params = {"preset": preset, "data_dir": str(data), "live_widgets": False,
               "model_dir": str(Path(plan.model_dir).resolve()) if plan.model_dir else str(root / "model"),
               "results_dir": str(Path(plan.results_dir).resolve()) if plan.results_dir
               else str(root / "results")}
-    if amp is not None:
-        params["amp"] = amp
-    log(f"book: preset {preset}" + (f", amp {amp}" if amp else "") + f", data {data}, {len(nbs)} chapter(s)")
+    if precision is not None:
+        params["precision"] = precision
+    log(f"book: preset {preset}" + (f", precision {precision}" if precision else "")
+        + f", data {data}, {len(nbs)} chapter(s)")
     total = time.perf_counter()
     for nb in nbs:
         out = stage / nb.relative_to(root)

@@ -1,6 +1,7 @@
-"""Checkpoints: atomic writes, metadata, and safe loading (``weights_only=True``).
+"""Checkpoints: saving a trained network with what predicting needs, loading it safely, and
+running it as a :class:`~hipseg_lib.predictor.Predictor`.
 
-A checkpoint is a dict of plain Python values and tensors, so it loads with
+A checkpoint is a dict of plain values and tensors, so it loads with
 ``torch.load(weights_only=True)``: opening a file cannot run code.
 """
 from __future__ import annotations
@@ -9,65 +10,52 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
+import numpy as np
 import torch
 
 from . import CLASS_NAMES, HipsegError, __version__, first_line
 from ._atomic import atomic_path
-from .cpu_kernels import use_cpu_kernels
 from .model import ModelConfig, ResUNet3D
+from .predictor import InferenceSettings, Predictor
 from .preprocess import Preprocessing
+from .runtime import autocast, resolve_device, resolve_precision
 
-__all__ = ["FORMAT", "save_checkpoint", "read_checkpoint", "load_model", "LoadedModel"]
+__all__ = ["FORMAT", "save_checkpoint", "read_checkpoint", "load_model", "LoadedModel",
+           "TorchBackend", "load_predictor"]
 
-# v2: every network and preprocessing setting stored by its own name (v1, before the first
-# release, left out settings that did not exist yet and is not read any more)
-FORMAT = "hipseg-checkpoint-v2"
+FORMAT = "hipseg-checkpoint-v3"
 
 
-def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, model_config: ModelConfig,
-                    preprocessing: Preprocessing, **extra: Any) -> Path:
-    """Write a checkpoint atomically: a temporary file in the same folder, fsync, rename.
+def save_checkpoint(path: str | os.PathLike, network: torch.nn.Module, preprocessing: Preprocessing,
+                    inference: InferenceSettings, **extra: Any) -> Path:
+    """Write the network's weights and settings, the preprocessing and the
+    inference settings its run implies, and ``extra`` (epoch, history, ...).
 
-    A process killed at any moment leaves either the previous complete file or the new one.
-
-    Args:
-        path: destination, e.g. ``model/last.pth``.
-        model: the network (a DDP or compiled wrapper is unwrapped).
-        model_config: its architecture.
-        preprocessing: what the inputs went through.
-        **extra: epoch, metrics, optimizer state, ... (plain values and tensors only).
+    The file is written whole or not at all: to a temporary file that is then
+    renamed, so a process killed at any moment leaves the previous file.
     """
+    net = cast(ResUNet3D, getattr(network, "module", network))  # a DDP wrapper holds it
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    payload = {"format": FORMAT, "library_version": __version__,
+               "class_names": list(CLASS_NAMES[:net.config.num_classes]),
+               "model_config": net.config.to_dict(),
+               "preprocessing": preprocessing.to_dict(),
+               "inference": inference.to_dict(), "model_state": state, **extra}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
-    payload = {
-        "format": FORMAT,
-        "library_version": __version__,
-        "class_names": list(CLASS_NAMES[: model_config.num_classes]),
-        "model_config": model_config.to_dict(),
-        "preprocessing": preprocessing.to_dict(),
-        "model_state": state,
-        **extra,
-    }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return getattr(model, "module", model)  # DistributedDataParallel
-
-
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a hipseg checkpoint dict safely, or raise :class:`HipsegError` naming the file."""
+    """A hipseg checkpoint's dict, loaded safely, or a :class:`HipsegError`
+    naming the file and what is wrong with it."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise HipsegError(f"{path}: no such checkpoint file")
-    if path.is_dir():
-        raise HipsegError(f"{path}: is a folder, expected a checkpoint file")
     if not zipfile.is_zipfile(path):
         raise HipsegError(f"{path}: not a readable PyTorch checkpoint (not a torch.save zip archive)")
     try:
@@ -76,54 +64,71 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise HipsegError(f"{path}: refused to load (not plain weights; {first_line(exc, 120)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise HipsegError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc, 120)})") from None
-    if isinstance(ckpt, dict) and ckpt.get("format") == "hipseg-checkpoint-v1":
-        raise HipsegError(f"{path}: made by a pre-release hipseg (format v1), which this version does not "
-                          "read; train it again (hipseg train)")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise HipsegError(f"{path}: not a hipseg checkpoint (no '{FORMAT}' format marker)")
-    for key in ("model_config", "preprocessing", "model_state"):
-        if key not in ckpt:
-            raise HipsegError(f"{path}: hipseg checkpoint lacks '{key}'")
+        raise HipsegError(f"{path}: not a hipseg checkpoint of this version (no '{FORMAT}' marker)")
     return ckpt
 
 
 class LoadedModel(NamedTuple):
-    """What :func:`load_model` gives: everything prediction needs from a checkpoint."""
+    """What :func:`load_model` gives: the network (in eval mode), its
+    preprocessing and inference settings, and the rest of the checkpoint."""
 
-    network: ResUNet3D  # in eval mode, on the device asked for (on a CPU with its CPU kernels)
-    preprocessing: Preprocessing  # what its inputs went through in training
-    window: tuple[int, int, int] | None  # trained on patches: predict in windows of this size
-    checkpoint: dict  # the rest: epoch, metrics, train_config, ...
+    network: ResUNet3D
+    preprocessing: Preprocessing
+    inference: InferenceSettings
+    checkpoint: dict
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-               expect_classes: int | None = None) -> LoadedModel:
-    """Rebuild the network stored in a checkpoint and load its weights.
-
-    Args:
-        path: checkpoint file.
-        device: where to put the model.
-        expect_classes: if given, refuse a checkpoint with another number of classes.
-
-    Returns:
-        The network with its preprocessing and inference window (:class:`LoadedModel`).
-    """
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the network a checkpoint stores, with its weights, on ``device``."""
     ckpt = read_checkpoint(path)
     try:
-        cfg = ModelConfig.from_dict(ckpt["model_config"])
-        model = ResUNet3D(cfg)
+        network = ResUNet3D(ModelConfig.from_dict(ckpt["model_config"]))
+        network.load_state_dict(ckpt["model_state"])
         prep = Preprocessing.from_dict(ckpt["preprocessing"])
-    except (TypeError, ValueError) as exc:
-        raise HipsegError(f"{path}: unusable model configuration ({exc})") from None
-    if expect_classes is not None and cfg.num_classes != expect_classes:
-        raise HipsegError(f"{path}: checkpoint predicts {cfg.num_classes} classes, expected {expect_classes}")
-    try:
-        model.load_state_dict(ckpt["model_state"])
-    except RuntimeError as exc:
-        raise HipsegError(f"{path}: weights do not fit a ResUNet3D of its stated configuration "
+        inference = InferenceSettings.from_dict(ckpt["inference"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise HipsegError(f"{path}: does not hold a network of its stated settings "
                           f"({first_line(exc, 120)})") from None
-    patch = (ckpt.get("train_config") or {}).get("patch_shape")
-    model = model.to(device).eval()
-    if model.head.weight.device.type == "cpu":
-        use_cpu_kernels(model)  # the same layers, faster kernels (cpu_kernels.py)
-    return LoadedModel(model, prep, tuple(patch) if patch else None, ckpt)
+    return LoadedModel(network.to(device).eval(), prep, inference, ckpt)
+
+
+class TorchBackend:
+    """A PyTorch network as a :class:`~hipseg_lib.predictor.Predictor`'s
+    backend: numpy in, numpy out, computed on ``device`` without gradients,
+    in ``precision`` (``"auto"``: bf16 on a GPU that computes it natively,
+    else fp32, so that every CPU predicts the same labels)."""
+
+    def __init__(self, network: torch.nn.Module, device: str | torch.device = "cpu",
+                 precision: str = "auto", divisor: int | None = None):
+        self.network, self.device = network, torch.device(device)
+        inner = cast(ResUNet3D, getattr(network, "module", network))  # a DDP wrapper holds it
+        self.divisor = divisor or inner.divisor
+        on_gpu = self.device.type == "cuda"
+        dtype = resolve_precision(self.device, precision if on_gpu or precision != "auto" else "fp32")
+        self.dtype = None if dtype == torch.float16 else dtype  # fp16 is for training
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            with torch.no_grad(), autocast(self.device, self.dtype):
+                y = self.network(torch.from_numpy(x).to(self.device))
+        finally:
+            self.network.train(was_training)
+        return y.float().cpu().numpy()
+
+
+def load_predictor(path: str | os.PathLike, device: str = "auto", precision: str = "auto",
+                   **changes) -> Predictor:
+    """A checkpoint's network on ``device`` as a
+    :class:`~hipseg_lib.predictor.Predictor` with the checkpoint's
+    preprocessing and inference settings (``changes`` override them).
+
+    Example:
+        >>> p = load_predictor("model/new_model.pth", postprocess=False)  # doctest: +SKIP
+    """
+    dev = resolve_device(device)
+    loaded = load_model(path, dev)
+    settings = InferenceSettings(**{**loaded.inference.to_dict(), **changes})
+    return Predictor(TorchBackend(loaded.network, dev, precision), loaded.preprocessing, settings)

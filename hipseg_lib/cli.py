@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import BEST_NAME, DEFAULT_POSTPROCESS, DEFAULT_TTA, HipsegError, OutputExists, __version__
+from . import BEST_NAME, HipsegError, OutputExists, __version__
 
 __all__ = ["main", "build_parser"]
 
@@ -31,15 +31,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
     from .synth import make_dataset
 
     t = time.perf_counter()
-    if len(a.shape) == 3:  # the old form, --shape X Y Z
-        print("hipseg synth: --shape X Y Z is deprecated and goes in the next release; write --shape XxYxZ",
-              file=sys.stderr)
-        shape = shape_type(" ".join(a.shape))
-    elif len(a.shape) == 1:
-        shape = shape_type(a.shape[0])
-    else:
-        raise HipsegError(f"--shape: expected XxYxZ such as 128x128x64, got {' '.join(a.shape)}")
-    out = make_dataset(a.out, seed=a.seed, cases=a.cases, shape=shape, weeks=(a.min_weeks, a.max_weeks),
+    out = make_dataset(a.out, seed=a.seed, cases=a.cases, shape=a.shape, weeks=(a.min_weeks, a.max_weeks),
                        workers=a.workers, overwrite=a.overwrite)
     meta = json.loads((out / "synth.json").read_text())
     print(f"wrote {meta['volumes']} image/label pairs of {a.cases} cases to {out} "
@@ -55,9 +47,28 @@ def cmd_check(a: argparse.Namespace) -> int:
     return 1 if audit.problems else 0
 
 
+# The settings with a flag of their own in ``hipseg train``; any other goes by ``--set KEY=VALUE``.
+TRAIN_FLAGS = ("epochs", "batch_size", "lr", "target_shape", "patch_shape", "base_channels", "depth", "seed",
+               "dice_weight", "augmentation")
+
+
+def parse_settings(items: Sequence[str] | None) -> dict:
+    """``["epochs=3", "target_shape=[64,64,48]"]`` -> overrides; each value read as JSON, else a string."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise HipsegError(f"--set {item}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def train_config_of(a: argparse.Namespace):
     """The preset, then --config, then the dedicated flags, then --set (each over the ones before)."""
-    from .config import FLAGGED_SETTINGS, make_config, parse_settings
+    from .config import make_config
 
     overrides: dict = {}
     if a.config:
@@ -71,10 +82,7 @@ def train_config_of(a: argparse.Namespace):
         if not isinstance(settings, dict):
             raise HipsegError(f"{path}: expected a JSON object of settings, found a JSON {type(settings).__name__}")
         overrides.update(settings)
-    for name in FLAGGED_SETTINGS:
-        value = getattr(a, name)
-        if value is not None and value is not False:  # an absent flag leaves the preset's value
-            overrides[name] = value
+    overrides.update({name: getattr(a, name) for name in TRAIN_FLAGS if getattr(a, name) is not None})
     overrides.update(parse_settings(a.set))
     try:
         return make_config(a.preset, **overrides)
@@ -83,15 +91,17 @@ def train_config_of(a: argparse.Namespace):
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .locations import ensure_default_dataset, resolve_data_dir
-    from .runtime import Launch
-    from .train import Trainer
+    from .distributed import Launch
+    from .locations import default_cache_dir, ensure_default_dataset, resolve_data_dir
+    from .trainer import RunOptions, Trainer
 
     launch = Launch.from_environment()
     # Under torchrun every process would make the default set at once: there it must exist.
     data = resolve_data_dir(a.data) if launch.distributed else ensure_default_dataset(a.data)
     cfg = train_config_of(a)
-    result = Trainer(cfg, data, a.out, resume=a.resume, progress=not a.quiet, launch=launch).fit()
+    options = RunOptions(cache_dir=a.cache_dir or default_cache_dir(), device=a.device, precision=a.precision,
+                         compile=a.compile, max_minutes=a.max_minutes, save_every_epoch=a.save_every_epoch)
+    result = Trainer(cfg, data, a.out, options, resume=a.resume, progress=not a.quiet, launch=launch).fit()
     if launch.main:
         best = f"best checkpoint: {result.best_path}" if result.best_path else "no validation, no best checkpoint"
         print(f"{best}  last: {result.last_path}  ({result.stopped_because})")
@@ -99,21 +109,25 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from .predictor import InferenceSettings, Predictor
+    from .predict import onnx_predictor, predict_files
 
-    settings = InferenceSettings(tta=a.tta, postprocess=a.postprocess)
+    changes: dict = {}
+    if not a.tta:
+        changes["mirror_axes"] = ()
+    if a.postprocess is not None:
+        changes["postprocess"] = a.postprocess
     if a.model:
         if a.checkpoint:
             raise HipsegError("give --checkpoint or --model, not both")
         if Path(a.model).suffix.lower() != ".onnx":
             raise HipsegError(f"{a.model}: --model takes an .onnx file written by hipseg export")
-        predictor = Predictor.from_export(a.model, settings)  # ONNX Runtime only: torch is never imported
+        predictor = onnx_predictor(a.model, **changes)  # ONNX Runtime only: torch is never imported
     else:
-        from .predict import load_predictor
+        from .checkpoint import load_predictor
 
-        predictor = load_predictor(a.checkpoint or f"model/{BEST_NAME}", a.device, settings)
-    written = predictor.predict_files(a.inputs, a.out, overwrite=a.overwrite, progress=not a.quiet,
-                                      probabilities=a.probabilities)
+        predictor = load_predictor(a.checkpoint or f"model/{BEST_NAME}", a.device, **changes)
+    written = predict_files(predictor, a.inputs, a.out, overwrite=a.overwrite, progress=not a.quiet,
+                            probabilities=a.probabilities)
     extra = " and probability maps" if a.probabilities else ""
     print(f"wrote {len(written)} label map(s){extra} to {a.out}")
     return 0
@@ -166,7 +180,7 @@ def cmd_lab(a: argparse.Namespace) -> int:
 def cmd_book(a: argparse.Namespace) -> int:
     from .book import BookPlan, run_book
 
-    run_book(BookPlan(preset=a.preset, data_dir=a.data, amp=a.amp, chapters=a.chapter,
+    run_book(BookPlan(preset=a.preset, data_dir=a.data, precision=a.precision, chapters=a.chapter,
                       repository=a.repository), build=not a.no_build)
     return 0
 
@@ -187,7 +201,7 @@ def _add_synth(sub) -> None:
     s.add_argument("--out", required=True, help="destination folder (must not exist)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--cases", type=int, default=30, help="number of patients (default 30)")
-    s.add_argument("--shape", nargs="+", default=["128x128x64"], metavar="XxYxZ",
+    s.add_argument("--shape", type=shape_type, default=(128, 128, 64), metavar="XxYxZ",
                    help="in-plane size and base depth (default 128x128x64; 256x256x128 is the real size)")
     s.add_argument("--min-weeks", type=int, default=2)
     s.add_argument("--max-weeks", type=int, default=5)
@@ -226,28 +240,41 @@ def _add_train(sub) -> None:
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    """A flag for each of config.FLAGGED_SETTINGS, its type read from the settings' dataclasses.
-    Without PyTorch (a PC that only runs exported models) there are no settings to read: the verb
-    then says it needs PyTorch."""
+    """A flag for each of :data:`TRAIN_FLAGS`, its type read from the settings' annotations, and the run's
+    options. Without PyTorch (a PC that only runs exported models) there are no settings to read: the
+    verb then says it needs PyTorch."""
+    import types
+    import typing
+
     try:
-        from .config import FLAGGED_SETTINGS, setting_kinds
+        from .config import TrainConfig
+        from .model import ModelConfig
+        from .preprocess import Preprocessing
     except ModuleNotFoundError as exc:
         if exc.name != "torch":
             raise
         parser.set_defaults(func=_needs_torch)
         return
-    kinds = setting_kinds()
-    choices = {"amp": ("auto", "bf16", "fp16", "off")}
-    for name in FLAGGED_SETTINGS:
-        flag = "--" + name.replace("_", "-")
-        kind = kinds[name]
-        if kind is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=f"set {name}")
-        elif kind is tuple:
+    hints = {name: hint for cls in (TrainConfig, ModelConfig, Preprocessing)
+             for name, hint in typing.get_type_hints(cls).items()}
+    for name in TRAIN_FLAGS:
+        flag, hint = "--" + name.replace("_", "-"), hints[name]
+        kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)  # X | None: X
+        if any(typing.get_origin(k) is tuple for k in kinds):
             parser.add_argument(flag, type=shape_type, metavar="XxYxZ", help=f"{name}, e.g. 64x64x48")
         else:
-            parser.add_argument(flag, type=kind, choices=choices.get(name), metavar=name.upper()
-                                if name not in choices else None)
+            kind = next(k for k in kinds if k in (int, float, str))
+            parser.add_argument(flag, type=kind, metavar=name.upper())
+    run = parser.add_argument_group("where and how it runs (not stored as settings of the experiment)")
+    run.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu, cuda, cuda:1, ...")
+    run.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                     help="auto: bf16 where the device computes it natively, fp16 on an older GPU, else fp32")
+    run.add_argument("--compile", action="store_true", help="torch.compile the network (eager if it fails)")
+    run.add_argument("--max-minutes", type=float, default=0.0,
+                     help="a safety net on the run's time (0: none): the run is shortened, loudly")
+    run.add_argument("--cache-dir", default=None, help="preprocessing cache (default: $HIPSEG_CACHE, else "
+                     "~/.cache/hipseg)")
+    run.add_argument("--save-every-epoch", action="store_true", help="write last.pth after every epoch")
 
 
 def _needs_torch(a: argparse.Namespace) -> int:
@@ -261,18 +288,20 @@ def _add_predict(sub) -> None:
         "with each input's shape, affine and header. Windows (when used) are blended with Gaussian "
         "weights. Every input is read and checked before the first output is written: a bad one "
         "(missing, corrupt, not 3D, NaN or constant) stops the run with its name and nothing written. "
-        "Defaults for --tta and --postprocess were chosen by chapter 5's measurement on the validation cases."))
+        "Test-time mirroring and post-processing follow the checkpoint (the axes its training mirrored, and "
+        "what chapter 5 chose on the validation patients, when it stored its choice)."))
     pr.add_argument("inputs", nargs="+", metavar="INPUT")
     pr.add_argument("--checkpoint", default=None, help=f"a hipseg checkpoint (default: model/{BEST_NAME})")
     pr.add_argument("--model", default=None, help="instead, an .onnx file from hipseg export, run by ONNX Runtime "
                     "(no PyTorch needed; --device does not apply)")
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("--device", default="auto")
-    pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=DEFAULT_TTA,
-                    help="also predict the left-right mirrored scan and average "
-                         "(2x the network time; default: %(default)s)")
-    pr.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=DEFAULT_POSTPROCESS,
-                    help="keep only the largest connected piece of bladder, rectum and prostate (default: %(default)s)")
+    pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                    help="also predict the scan mirrored along the axes training mirrored, and average "
+                         "(--no-tta: one plain pass)")
+    pr.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=None,
+                    help="keep only the largest connected piece of bladder, rectum and prostate "
+                         "(default: as the checkpoint says)")
     pr.add_argument("--probabilities", action="store_true",
                     help="also write <name>_probs.nii.gz: per-class probabilities (x, y, z, class)")
     pr.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -326,9 +355,9 @@ def _add_book(sub) -> None:
     b.add_argument("--data", default=None, help="real data folder (default: $HIPSEG_DATA or the synthetic set)")
     b.add_argument("--chapter", action="append", help="execute only this chapter (file stem; repeatable)")
     b.add_argument("--no-build", action="store_true", help="execute only, do not build HTML")
-    b.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=None,
-                   help="mixed precision for chapter 4 (default: the preset's); 'off' trains in fp32, "
-                        "as a CPU without native bf16 does")
+    b.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default=None,
+                   help="the chapters' precision (default: auto); fp32 runs the book as a CPU without "
+                        "native bf16 does")
     b.add_argument("--repository", default=None, metavar="URL",
                    help="the book's public repository (the publishing workflow passes its own): adds the "
                         "repository, Binder and Colab buttons and the .ipynb download; default: none")
@@ -357,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hipseg: error: {exc}{hint}", file=sys.stderr, flush=True)
         # Under torchrun, let every process print its line (and import torch only then).
         if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's: the one place the CLI reads it itself
-            from .runtime import Launch, wait_for_other_ranks
+            from .distributed import Launch, wait_for_other_ranks
             wait_for_other_ranks(Launch.from_environment())
         return 1
     except KeyboardInterrupt:

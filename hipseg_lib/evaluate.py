@@ -14,7 +14,7 @@ import numpy as np
 from . import CLASS_NAMES, HipsegError
 from .io import Pair, load_pair, load_volume, volume_id_in
 from .metrics import METRICS, NSD_TOLERANCE_MM, evaluate_case, patient_table, per_patient_summary, summarise
-from .portable import collect_inputs, file_stem
+from .predict import collect_inputs, file_stem
 from .predictor import Predictor
 
 __all__ = ["evaluate_pairs", "evaluate_folders", "results_document", "format_summary", "class_rows",

@@ -1,6 +1,6 @@
 """``hipseg export``: a trained checkpoint as ONNX or TorchScript, for tools without hipseg.
 
-Each export writes the model and a JSON file beside it (:data:`~hipseg_lib.portable.EXPORT_FORMAT`):
+Each export writes the model and a JSON file beside it (:data:`~hipseg_lib.predict.EXPORT_FORMAT`):
 what a user of another tool needs to give the network what it saw in training (orientation, the
 body-crop rule, the intensity normalisation, the grid, sizes it takes), and what its outputs
 mean (class names and indices). Before anything is written the exported model is run beside the
@@ -9,9 +9,6 @@ are left free in the exported graph). In fp32 the two must agree: logits within 
 of the largest logit (at least 1), and the same label wherever PyTorch's two best classes are
 further apart than twice the largest difference (closer than that, the two runtimes' rounding
 decides: such ties are counted in the JSON). Otherwise the export fails and writes nothing.
-
-The network is exported as plain PyTorch operations: ``model.Conv3d`` gives up its CPU kernel
-choices while a graph is being traced (the results are the same).
 """
 from __future__ import annotations
 
@@ -23,21 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import (
-    CLASS_NAMES,
-    DEFAULT_POSTPROCESS,
-    DEFAULT_TTA,
-    NUM_CLASSES,
-    HipsegError,
-    OutputExists,
-    __version__,
-    first_line,
-)
+from . import CLASS_NAMES, HipsegError, OutputExists, __version__, first_line
 from ._atomic import atomic_path, write_json_atomic
-from .augment import FLIP_AXES
 from .checkpoint import LoadedModel, load_model
 from .model import ResUNet3D
-from .portable import EXPORT_FORMAT, SINGLE_ORGANS, OnnxModel, sidecar_path
+from .predict import EXPORT_FORMAT, OnnxModel, sidecar_path
+from .predictor import SINGLE_ORGANS
 from .preprocess import Preprocessing, preprocess_image
 
 __all__ = ["export_model", "FORMATS", "OPSET", "TOLERANCE", "export_names"]
@@ -70,7 +58,7 @@ def _example_input(prep: Preprocessing) -> torch.Tensor:
 
 
 def _sidecar(loaded: LoadedModel, fmt: str, model_file: Path, checkpoint: Path, checked: list[dict]) -> dict:
-    model, prep, window, ckpt = loaded
+    model, prep, inference, ckpt = loaded
     cfg = model.config
     return {
         "format": EXPORT_FORMAT, "hipseg_version": __version__, "torch_version": torch.__version__,
@@ -92,13 +80,13 @@ def _sidecar(loaded: LoadedModel, fmt: str, model_file: Path, checkpoint: Path, 
             f"resize trilinearly to {'x'.join(map(str, prep.target_shape))} (align_corners=False)",
             "after the network: softmax, resize the probabilities back to the crop, background outside it, "
             "undo the axis turn"],
-        "inference": {"window": list(window) if window else None,
-                      "window_blend": "Gaussian, sigma 1/8 of the window per axis, half-window overlap",
-                      "tta_axes": list(FLIP_AXES), "default_tta": DEFAULT_TTA,
-                      "default_postprocess": DEFAULT_POSTPROCESS,
-                      "postprocess": f"keep the largest 26-connected piece of classes {list(SINGLE_ORGANS)}"},
-        "network": {"base_channels": cfg.base_channels, "model_config": cfg.to_dict(),
-                    "epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics")},
+        "inference": inference.to_dict(),
+        "inference_steps": [
+            "windows (when a window is given): Gaussian weights, sigma 1/8 of the window per axis",
+            "test-time mirroring: the mean probabilities of the input mirrored along every subset of "
+            "mirror_axes (spatial axes 0, 1, 2), each mirrored back",
+            f"postprocess: keep the largest 26-connected piece of classes {list(SINGLE_ORGANS)}"],
+        "network": {"model_config": cfg.to_dict(), "epoch": ckpt.get("epoch")},
         "checked_against_pytorch": checked,
     }
 
@@ -124,7 +112,7 @@ def _runner(fmt: str, path: str):
 
 def _check(model: ResUNet3D, run, x: torch.Tensor) -> list[dict]:
     """The exported model beside PyTorch at the grid and at a window of half of it."""
-    half = [max(model.divisor, (s // 2) // model.divisor * model.divisor) for s in x.shape[2:]]
+    half = [max(model.divisor, s // 2 // model.divisor * model.divisor) for s in x.shape[2:]]
     rows = []
     for inp in (x, x[:, :, :half[0], :half[1], :half[2]].contiguous()):
         with torch.no_grad():
@@ -161,7 +149,7 @@ def export_model(checkpoint: str | os.PathLike, fmt: str, out_dir: str | os.Path
         for f in (model_file, json_file):
             if f.exists():
                 raise OutputExists(f)
-    loaded = load_model(checkpoint, "cpu", expect_classes=NUM_CLASSES)
+    loaded = load_model(checkpoint, "cpu")
     model = loaded.network
     x = _example_input(loaded.preprocessing)
     model_file.parent.mkdir(parents=True, exist_ok=True)

@@ -9,21 +9,19 @@ from typing import Sequence
 
 import numpy as np
 
-from . import CLASS_NAMES, DEFAULT_POSTPROCESS, DEFAULT_TTA
+from . import CLASS_NAMES
 from .calibration import organ_uncertainty, reliability_counts
 from .io import Pair, load_pair
 from .metrics import evaluate_case
-from .portable import entropy, labels_from_probabilities
-from .predictor import Predictor
+from .predictor import Predictor, entropy, labels_from_probabilities
 
-__all__ = ["VARIANTS", "DEFAULT_VARIANT", "variant_named", "compare_inference", "inference_table",
-           "choose_inference", "postprocessing_changes", "TOLERANCE_DICE", "TOLERANCE_HD95_MM"]
+__all__ = ["VARIANTS", "variant_named", "compare_inference", "inference_table", "choose_inference",
+           "chosen_settings", "postprocessing_changes", "TOLERANCE_DICE", "TOLERANCE_HD95_MM"]
 
 # (name, test-time mirroring, post-processing)
 VARIANTS: tuple[tuple[str, bool, bool], ...] = (
     ("plain", False, False), ("TTA", True, False), ("post-processing", False, True),
     ("TTA + post-processing", True, True))
-DEFAULT_VARIANT = next(n for n, t, p in VARIANTS if (t, p) == (DEFAULT_TTA, DEFAULT_POSTPROCESS))
 # The rule's thresholds: a change of mean Dice within rounding, or of mean HD95 within half a millimetre
 # (well under a voxel), is no change.
 TOLERANCE_DICE = 0.002
@@ -47,8 +45,9 @@ def compare_inference(predictor: Predictor, pairs: Sequence[Pair], variants=VARI
     """Score every inference variant (see :data:`VARIANTS`) on each pair, with seconds per volume, and
     gather how reliable each variant's probabilities are.
 
-    The network runs once without and once with mirroring; post-processing reuses those
-    probabilities, and its own time is added to theirs.
+    The network runs once without and once with mirroring (along the predictor's
+    ``mirror_axes``, those its training mirrored); post-processing reuses those probabilities, and
+    its own time is added to theirs.
 
     Returns:
         ``{"results": {variant: rows (id, case, metrics, image, truth, pred, spacing)},
@@ -69,7 +68,8 @@ def compare_inference(predictor: Predictor, pairs: Sequence[Pair], variants=VARI
         probs, net_time, unc = {}, {}, {}
         for tta in sorted({t for _, t, _ in variants}):
             start = time.perf_counter()
-            probs[tta] = predictor.replace(tta=tta).probabilities(image.array, image.affine)
+            axes = predictor.settings.mirror_axes if tta else ()
+            probs[tta] = predictor.replace(mirror_axes=axes).probabilities(image.array, image.affine)
             net_time[tta] = time.perf_counter() - start
             unc[tta] = entropy(probs[tta]).astype(np.float16)
         scored: list[tuple[np.ndarray, dict]] = []  # a label map equal to an earlier one is not re-scored
@@ -157,3 +157,10 @@ def postprocessing_changes(before: Sequence[dict], after: Sequence[dict]) -> lis
             rows.append({"index": i, "id": b["id"], "class": CLASS_NAMES[int(c)], "voxels": int(m.sum()),
                          "slice": int(np.argmax(m.sum((0, 1))))})
     return sorted(rows, key=lambda r: -r["voxels"])
+
+
+def chosen_settings(predictor: Predictor, variant: str):
+    """The predictor's inference settings with the options of ``variant`` (a name in :data:`VARIANTS`)."""
+    tta, post = next((t, p) for n, t, p in VARIANTS if n == variant)
+    settings = predictor.replace(postprocess=post).settings
+    return settings if tta else predictor.replace(mirror_axes=(), postprocess=post).settings

@@ -22,8 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from . import NUM_CLASSES, HipsegError, OutputExists, first_line
-from ._atomic import atomic_path
+from . import NUM_CLASSES, HipsegError, first_line
 
 # What nibabel raises for a file that is not a readable NIfTI: a bad header or magic, a damaged
 # gzip stream, a truncated file.
@@ -43,7 +42,6 @@ __all__ = [
     "load_pair",
     "pair_problems",
     "constant_image_problem",
-    "save_nifti_atomic",
 ]
 
 # The one place HipMRI names are parsed: a case (optionally "Case_" and a letter) and a week.
@@ -312,29 +310,3 @@ def load_pair(pair: Pair) -> tuple[Volume, Volume]:
     if problems:
         raise HipsegError(problems[0])
     return image, label
-
-
-def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
-                      header: nib.Nifti1Header | None = None, overwrite: bool = False,
-                      scale: float | None = None) -> Path:
-    """Write a NIfTI file so that a crash never leaves a partial file at ``path``.
-
-    The data go to a temporary file in the same folder, which is then renamed. ``scale`` stores
-    ``array`` as it is with that scale factor (scl_slope), so readers get ``array * scale``.
-
-    Raises:
-        HipsegError: the file exists and ``overwrite`` is false, or the folder is not writable.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExists(path)
-    img = nib.Nifti1Image(array, affine, header=header)
-    if header is not None:
-        img.set_data_dtype(array.dtype)
-    img.header.set_xyzt_units("mm", "sec")
-    if scale is not None:
-        img.header.set_slope_inter(scale, 0)
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-    with atomic_path(path, suffix=suffix) as tmp:
-        nib.save(img, tmp)
-    return path

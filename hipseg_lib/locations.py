@@ -9,7 +9,8 @@ from pathlib import Path
 
 from . import HipsegError
 
-__all__ = ["project_root", "resolve_data_dir", "default_data_dir", "ensure_default_dataset", "resolve_output_dir"]
+__all__ = ["project_root", "resolve_data_dir", "default_data_dir", "ensure_default_dataset", "resolve_output_dir",
+           "default_cache_dir"]
 
 
 def project_root() -> Path:
@@ -100,3 +101,12 @@ def _free_name(path: Path) -> Path:
 def resolve_output_dir(path: str | os.PathLike | None, default: str) -> Path:
     """``path`` if given, else ``<project>/<default>``."""
     return Path(path).expanduser().resolve() if path else project_root() / default
+
+
+def default_cache_dir() -> Path:
+    """Where preprocessed volumes are cached: ``$HIPSEG_CACHE``, else ``$XDG_CACHE_HOME/hipseg``, else
+    ``~/.cache/hipseg``."""
+    if os.environ.get("HIPSEG_CACHE"):
+        return Path(os.environ["HIPSEG_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hipseg"

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["soft_dice_per_class", "DiceCELoss"]
+__all__ = ["soft_dice_per_class", "DiceCELoss", "DeepSupervisionLoss",
+           "downsample_label"]
 
 
 def soft_dice_per_class(
@@ -108,3 +109,47 @@ class DiceCELoss(nn.Module):
             per_sample = (dice * w).sum(1) / w.sum(1).clamp_min(1e-8)
             loss = loss + self.dice_weight * (1 - per_sample.mean())
         return loss
+
+
+def downsample_label(label: torch.Tensor, size) -> torch.Tensor:
+    """A label map ``(N, X, Y, Z)`` on a coarser grid ``size``: each coarse
+    voxel takes the label at its centre (nearest neighbour), so it stays a
+    label."""
+    coarse = F.interpolate(label[:, None].float(), size=tuple(size),
+                           mode="nearest-exact")
+    return coarse[:, 0].to(label.dtype)
+
+
+class DeepSupervisionLoss(nn.Module):
+    """nnU-Net's deep supervision: ``loss`` on every head's logits against the
+    label downsampled to that head's grid, weighted 1, 1/2, 1/4, ... from the
+    full-resolution head down, the weights normalised to sum to one.
+
+    Given a single tensor (a network without deep supervision, or in eval
+    mode) it is ``loss`` itself.
+
+    Example:
+        >>> ds = DeepSupervisionLoss(DiceCELoss(6), heads=3)
+        >>> [round(w, 3) for w in ds.weights]
+        [0.571, 0.286, 0.143]
+    """
+
+    def __init__(self, loss: nn.Module, heads: int):
+        super().__init__()
+        self.loss = loss
+        raw = [0.5 ** i for i in range(heads)]
+        self.weights = [w / sum(raw) for w in raw]
+
+    def forward(self, outputs, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(outputs, torch.Tensor):
+            return self.loss(outputs, target)
+        if len(outputs) != len(self.weights):
+            raise ValueError(f"{len(outputs)} outputs for "
+                             f"{len(self.weights)} head weights")
+        total = outputs[0].new_zeros((), dtype=torch.float32)
+        for weight, logits in zip(self.weights, outputs):
+            truth = target
+            if logits.shape[2:] != target.shape[1:]:  # a coarser head
+                truth = downsample_label(target, logits.shape[2:])
+            total = total + weight * self.loss(logits, truth)
+        return total

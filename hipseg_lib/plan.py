@@ -11,7 +11,7 @@ import math
 import torch
 
 __all__ = ["BF16_PEAK_TFLOPS", "PLANNING_MFU", "REAL_SET_TRAIN_VOLUMES", "REAL_SET_VAL_VOLUMES",
-           "peak_tflops", "step_flops", "forward_flops", "RunPlan", "plan_run"]
+           "peak_tflops", "step_flops", "forward_flops", "RunPlan", "plan_run", "saved_tensor_bytes"]
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' data sheets.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0,
@@ -45,7 +45,9 @@ def step_flops(cfg) -> float:
 
     model, x = _meta_model_and_input(cfg, cfg.batch_size)
     with FlopCounterMode(display=False) as counter:
-        model(x).float().sum().backward()
+        outputs = model.train()(x)
+        outputs = outputs if isinstance(outputs, list) else [outputs]
+        sum(o.float().sum() for o in outputs).backward()
     return float(counter.get_total_flops())
 
 
@@ -55,7 +57,7 @@ def forward_flops(cfg) -> float:
 
     model, x = _meta_model_and_input(cfg, 1)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
+        model.eval()(x)
     return float(counter.get_total_flops())
 
 
@@ -94,3 +96,33 @@ def plan_run(cfg, train_volumes: int = REAL_SET_TRAIN_VOLUMES, val_volumes: int 
     return RunPlan(epochs=cfg.epochs, steps_per_epoch=steps, step_tflop=flops / 1e12, train_volumes=train_volumes,
                    batch_size=cfg.batch_size, mfu=mfu, peak_tflops=peak, step_s=step_s, minutes=seconds / 60,
                    volumes_per_s=cfg.batch_size / step_s)
+
+
+def saved_tensor_bytes(config, input_shape: tuple[int, int, int], batch_size: int = 1,
+                       dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the tensors autograd saves for the backward pass of one training forward pass (the
+    bulk of training memory), counted by PyTorch itself (``saved_tensors_hooks``) with the network
+    and its input in ``dtype`` on the ``meta`` device: no memory is used, so the ``full`` preset's
+    grid can be checked on any CPU. Each tensor counts once; the weights do not count.
+
+    Example:
+        >>> from hipseg_lib.model import ModelConfig
+        >>> saved_tensor_bytes(ModelConfig(base_channels=4, depth=3), (16, 16, 8)) > 0
+        True
+    """
+    from .model import ResUNet3D
+
+    with torch.device("meta"):
+        model = ResUNet3D(config).to(dtype).train()
+        x = torch.zeros(batch_size, config.in_channels, *input_shape, dtype=dtype)
+    saved: dict[int, torch.Tensor] = {}
+    weights = {id(p) for p in model.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in weights:
+            saved[id(t)] = t  # keeping a reference keeps the id unique
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(t.numel() * t.element_size() for t in saved.values())

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from . import HipsegError, SettingsError
 
-__all__ = ["Preprocessing", "normalise_intensity", "resize_image", "resize_linear", "resize_label",
+__all__ = ["Preprocessing", "normalise_intensity", "resize_image", "resize_label",
            "foreground_box", "crop", "Placement", "place", "resampled_shape", "voxel_spacing",
            "preprocess_image", "preprocess_pair", "Reorientation", "reorient", "RESAMPLING"]
 
@@ -119,67 +119,47 @@ def normalise_intensity(
     return ((img - img.mean()) / std).astype(np.float32)
 
 
-def _torch():
-    """torch when installed; None on a PyTorch-free install (the ONNX path, :mod:`.portable`)."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
-
-
 def resize_image(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Trilinear resize of a 3D float array, or of each channel of a ``(C, X, Y, Z)`` one, to
-    ``shape`` (PyTorch's ``interpolate``, or :func:`resize_linear`, the same to float rounding,
-    where torch is not installed)."""
-    if tuple(image.shape[-3:]) == tuple(shape):
-        return np.asarray(image, dtype=np.float32)
-    torch = _torch()
-    if torch is None:
-        return resize_linear(image, shape)
-    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-    lead = t.shape[:-3]
-    t = t.reshape(1, -1, *t.shape[-3:])
-    out = torch.nn.functional.interpolate(t, size=tuple(shape), mode="trilinear", align_corners=False)
-    return out.reshape(*lead, *shape).numpy()
-
-
-def resize_linear(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Linear resize of the last ``len(shape)`` axes of a float array in numpy, with PyTorch's
-    ``interpolate(mode="trilinear", align_corners=False)`` sampling: output voxel ``i`` reads the
-    input at ``(i + 0.5) * in / out - 0.5``, clamped to the edges. One axis at a time.
+    """Linear resize of the last ``len(shape)`` axes of a float array, one
+    axis at a time (trilinear for three). Output voxel ``i`` reads the input at
+    ``(i + 0.5) * n_in / n_out - 0.5``: voxel centres map to voxel centres,
+    as PyTorch's ``interpolate(align_corners=False)`` samples.
 
     Example:
-        >>> resize_linear(np.array([0.0, 1.0]), (4,)).tolist()
+        >>> resize_image(np.array([0.0, 1.0]), (4,)).tolist()
         [0.0, 0.25, 0.75, 1.0]
     """
-    out = np.asarray(array, dtype=np.float32)
-    lead = out.ndim - len(shape)
+    out = np.asarray(image, dtype=np.float32)
+    lead = out.ndim - len(shape)  # leading axes (channels) stay as they are
     for k, n_out in enumerate(shape):
         axis, n_in = lead + k, out.shape[lead + k]
         if n_in == n_out:
             continue
-        scale = np.float32(n_in / n_out)
-        src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
-        i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-        i1 = np.minimum(i0 + 1, n_in - 1)
+        src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+        src = np.clip(src, 0, n_in - 1)
+        i0 = np.floor(src).astype(np.int64)  # the voxel below ...
+        i1 = np.minimum(i0 + 1, n_in - 1)    # ... and the one above
         w = (src - i0).astype(np.float32)
-        view = [1] * out.ndim
-        view[axis] = n_out
-        w = w.reshape(view)
-        out = np.take(out, i0, axis=axis) * (1 - w) + np.take(out, i1, axis=axis) * w
-    return out.astype(np.float32, copy=False)
+        w = w.reshape([n_out if a == axis else 1 for a in range(out.ndim)])
+        out = (np.take(out, i0, axis=axis) * (1 - w)
+               + np.take(out, i1, axis=axis) * w)
+    return out
 
 
-def resize_label(label: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a label map: every output value is an input value."""
-    if tuple(label.shape) == tuple(shape):
-        return np.asarray(label, dtype=np.uint8)
-    import torch  # training only: prediction never resizes a label
+def resize_label(label: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label map: each output voxel takes the
+    label of the input voxel its centre falls in, so no new value appears.
 
-    t = torch.from_numpy(np.ascontiguousarray(label, dtype=np.uint8))[None, None]
-    out = torch.nn.functional.interpolate(t, size=tuple(shape), mode="nearest-exact")
-    return out[0, 0].numpy().astype(np.uint8)
+    Example:
+        >>> resize_label(np.array([[[1, 2, 3]]]), (1, 1, 6)).ravel().tolist()
+        [1, 1, 2, 2, 3, 3]
+    """
+    out = np.asarray(label, dtype=np.uint8)
+    for axis, n_out in enumerate(shape):
+        n_in = out.shape[axis]
+        centre = ((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64)
+        out = np.take(out, np.minimum(centre, n_in - 1), axis=axis)
+    return out
 
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
@@ -345,15 +325,14 @@ def _whole(shape) -> Box:
     return ((0, int(shape[0])), (0, int(shape[1])), (0, int(shape[2])))
 
 
-def preprocess_pair(image: np.ndarray, label: np.ndarray | None, cfg: Preprocessing, spacing=(1.0, 1.0, 1.0),
-                    name: str = "image") -> tuple[np.ndarray, np.ndarray | None, Placement]:
-    """:func:`preprocess_image`, and the label (if given) cropped, resized (nearest neighbour) and
-    placed the same way."""
+def preprocess_pair(image: np.ndarray, label: np.ndarray, cfg: Preprocessing,
+                    spacing=(1.0, 1.0, 1.0), name: str = "image"
+                    ) -> tuple[np.ndarray, np.ndarray, Placement]:
+    """:func:`preprocess_image`, and its label cropped, resized (nearest
+    neighbour) and placed the same way."""
     img, where = preprocess_image(image, cfg, spacing, name)
-    lab = None
-    if label is not None:
-        lab = place(resize_label(crop(label, where.box), where.resampled), where.grid, 0)
-    return img, lab, where
+    lab = resize_label(crop(label, where.box), where.resampled)
+    return img, place(lab, where.grid, 0), where
 
 
 @dataclass(frozen=True)

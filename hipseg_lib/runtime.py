@@ -1,89 +1,37 @@
-"""Where and how the network runs: device, seeds, mixed precision, processes, compilation.
-
-Used by training, prediction and the benchmarks alike, so that ``"auto"`` means the same
-everywhere.
-"""
+"""Where and how the network runs: the device, the seeds and the precision, the same for
+training and prediction."""
 from __future__ import annotations
 
 import contextlib
-import datetime
-import functools
-import os
 import random
-import time
-import warnings
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from . import HipsegError, first_line
-from .hostinfo import available_memory
+from . import HipsegError, SettingsError
 
-__all__ = ["Launch", "available_bytes", "resolve_device", "seed_everything", "autocast_for", "cpu_has_bf16",
-           "cuda_has_bf16", "host_to", "Dist", "wait_for_other_ranks", "CompiledOrEager", "PROCESS_GROUP_TIMEOUT"]
+__all__ = ["resolve_device", "seed_everything", "cpu_has_bf16", "cuda_has_bf16", "PRECISIONS",
+           "resolve_precision", "autocast", "precision_name"]
 
-# How long a process waits in a collective: long enough for rank 0 to preprocess a cold cache of the
-# real set while the others wait (PyTorch's default, 10 minutes, is not).
-PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
-
-
-@dataclass(frozen=True)
-class Launch:
-    """How this process was started: alone, or as one of torchrun's processes. Read once, from the
-    environment torchrun sets, by the entry point (the command line, or :func:`~hipseg_lib.train.train`
-    called from a notebook) and passed down.
-
-    Example:
-        >>> Launch.from_environment({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1",
-        ...                          "TORCHELASTIC_RUN_ID": "x"}).rank
-        1
-    """
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    distributed: bool = False  # under torchrun, even with one process (a process group is made)
-    run_id: str | None = None
-    master_addr: str | None = None
-    master_port: int | None = None
-    restart: int = 0
-
-    @classmethod
-    def from_environment(cls, env=None) -> "Launch":
-        env = os.environ if env is None else env
-        world = int(env.get("WORLD_SIZE", "1"))
-        run_id = env.get("TORCHELASTIC_RUN_ID")
-        return cls(rank=int(env.get("RANK", "0")), world=world, local_rank=int(env.get("LOCAL_RANK", "0")),
-                   distributed=world > 1 or ("LOCAL_RANK" in env and run_id is not None), run_id=run_id,
-                   master_addr=env.get("MASTER_ADDR"),
-                   master_port=int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else None,
-                   restart=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+# The one precision vocabulary, for training and prediction alike.
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> this process's CUDA device when present (``local_rank`` under torchrun), else CPU."""
+    """``"auto"``: this process's CUDA device where there is one, else the CPU.
+
+    Raises:
+        HipsegError: a CUDA device was asked for and none can be used.
+    """
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
         return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HipsegError(f"device {device!r} requested but no CUDA device is available")
+        raise HipsegError(f"device {device!r} asked for, but CUDA cannot be used here "
+                          "(no GPU, or a driver this torch build does not support)")
     return dev
-
-
-def available_bytes(device: torch.device) -> int:
-    """Free memory of ``device`` in bytes: the GPU's, or the host's available RAM."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    return available_memory()
 
 
 def seed_everything(seed: int) -> None:
@@ -93,232 +41,50 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@functools.lru_cache(maxsize=None)
-def version_banner() -> str:
-    """The versions a chapter ran with, on two lines (each chapter prints it first).
-
-    Example:
-        >>> version_banner().splitlines()[1].startswith("numpy ")
-        True
-    """
-    import platform
-
-    import matplotlib
-    import nibabel
-
-    from . import __version__
-
-    first = [f"python {platform.python_version()}", f"torch {torch.__version__}", f"nibabel {nibabel.__version__}"]
-    second = [f"numpy {np.__version__}", f"matplotlib {matplotlib.__version__}", f"hipseg {__version__}"]
-    return " | ".join(first) + "\n" + " | ".join(second)
-
-
-def host_to(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A small host tensor on ``device`` without a synchronising copy: pinned and non-blocking when
-    the device is a GPU, a plain ``.to`` otherwise."""
-    device = torch.device(device)
-    if device.type != "cuda" or tensor.device.type == "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
 def cuda_has_bf16() -> bool:
-    """Whether the current GPU computes bf16 natively (Ampere and newer); emulated bf16 does not count,
-    since it is slower than fp16 there."""
-    try:
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    except TypeError:  # an older torch without the argument
-        return bool(torch.cuda.is_bf16_supported())
+    """Whether the GPU computes bf16 natively (Ampere and newer)."""
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has native bf16 (AVX512-BF16/AMX), where bf16 autocast speeds training up."""
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX).
+
+    Example:
+        >>> cpu_has_bf16() in (True, False)
+        True
+    """
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
 
-class Autocast(NamedTuple):
-    """What :func:`autocast_for` chose: the context to compute in and its dtype (None: fp32)."""
-
-    context: contextlib.AbstractContextManager
-    dtype: torch.dtype | None
-
-    @property
-    def name(self) -> str:
-        """``fp32``, ``bf16`` or ``fp16``."""
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
-
-
-def autocast_for(device: torch.device, amp: str) -> Autocast:
-    """The autocast context and dtype for ``amp`` on ``device`` (``nullcontext`` and None when off).
-
-    ``"auto"``: bf16 on a CUDA device that supports it, else fp16; bf16 on a CPU with native bf16,
-    else off (fp32).
+def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The 16-bit type to compute in, or None for fp32. ``"auto"``: bf16 where
+    the device computes it natively (a recent GPU or CPU), fp16 on an older
+    GPU, fp32 on any other CPU.
 
     Example:
-        >>> autocast_for(torch.device("cpu"), "off").name
-        'fp32'
+        >>> resolve_precision(torch.device("cpu"), "fp32") is None
+        True
     """
-    if amp == "auto":
+    if precision not in PRECISIONS:
+        raise SettingsError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
         if device.type == "cuda":
-            amp = "bf16" if cuda_has_bf16() else "fp16"
-        elif device.type == "cpu" and cpu_has_bf16():
-            amp = "bf16"
+            precision = "bf16" if cuda_has_bf16() else "fp16"
         else:
-            amp = "off"
-    if amp == "off":
-        return Autocast(contextlib.nullcontext(), None)
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return Autocast(torch.autocast(device_type=device.type, dtype=dtype), dtype)
+            precision = "bf16" if cpu_has_bf16() else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
-class CompiledOrEager:
-    """Call ``torch.compile(net)``, or ``net`` itself once compiling fails (with one warning).
-
-    Compilation happens lazily: the first call compiles the forward pass and, inside the same guard,
-    runs a backward pass through it (which compiles the backward graph), leaving no gradients behind.
-    A failure of either means eager from then on. Running out of memory and CUDA errors are not
-    compilation failures: they are raised. ``agree`` (e.g. ``Dist.min_int``) makes every process take
-    the same road: if compiling failed on one, all run eager.
-    """
-
-    def __init__(self, net: torch.nn.Module, enabled: bool = True, agree=None):
-        self.net = net
-        self.compiled = None
-        self.agree = agree
-        self.warmed = False
-        if enabled:
-            try:
-                self.compiled = torch.compile(net)
-            except Exception as exc:  # noqa: BLE001 - any failure to build means: run eager
-                warnings.warn(f"torch.compile unavailable ({first_line(exc, 200)}); running eager", stacklevel=2)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.compiled is not None and not self.warmed:
-            self._warm_up(x)
-        if self.compiled is not None:
-            return self.compiled(x)
-        return self.net(x)
-
-    def _warm_up(self, x: torch.Tensor) -> None:
-        assert self.compiled is not None
-        ok = True
-        try:
-            out = self.compiled(x)
-            if out.requires_grad:
-                out.float().sum().backward()
-        except (torch.OutOfMemoryError, KeyboardInterrupt):
-            raise
-        except Exception as exc:  # noqa: BLE001 - a compiler's failure comes in many types
-            if "CUDA" in str(exc) or "cuda" in type(exc).__name__.lower():
-                raise
-            warnings.warn(f"torch.compile failed ({first_line(exc, 200)}); running eager", stacklevel=3)
-            ok = False
-        finally:
-            for p in self.net.parameters():
-                p.grad = None
-        if self.agree is not None:
-            ok = bool(self.agree(int(ok)))
-        if not ok:
-            self.compiled = None
-        self.warmed = True
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``"bf16"``, ``"fp16"`` or ``"fp32"``."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
 
 
-class Dist:
-    """Process-group helpers for torchrun (NCCL on GPUs, gloo on CPUs); a no-op in one process."""
-
-    def __init__(self, device_pref: str, launch: Launch | None = None):
-        launch = launch or Launch()
-        # Under torchrun, even with one process, a process group is made: a one-GPU torchrun run
-        # initialises NCCL exactly as a multi-GPU one does.
-        self.enabled = launch.distributed
-        if self.enabled and not dist.is_initialized():
-            cuda = torch.cuda.is_available() and device_pref != "cpu"
-            if cuda:
-                torch.cuda.set_device(launch.local_rank)
-            dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
-            self.owns_group = True
-        else:
-            self.owns_group = False
-        self.rank = dist.get_rank() if self.enabled else 0
-        self.world = dist.get_world_size() if self.enabled else 1
-        self.backend = dist.get_backend() if self.enabled else "none"
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def _device(self):
-        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else None
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-    def gather(self, obj) -> list:
-        """Every rank's ``obj``, in rank order (``[obj]`` in one process)."""
-        if not self.enabled:
-            return [obj]
-        out: list = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def min_int(self, value: int) -> int:
-        """The smallest of every rank's ``value`` (so that all ranks take the same decision)."""
-        if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.int64, device=self._device() or "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return int(t.item())
-
-    def main_first(self, fn, then_others: bool = True):
-        """Run ``fn`` on rank 0, then (``then_others``) on the other ranks: e.g. fill a cache once.
-
-        A ``HipsegError`` on rank 0 is passed to every rank, so that each ends with the same one
-        line instead of waiting in a collective that rank 0 never reaches.
-        """
-        if not self.enabled:
-            return fn()
-        if self.main:
-            try:
-                out = fn()
-            except HipsegError as exc:
-                dist.broadcast_object_list([str(exc)], src=0, device=self._device())
-                raise
-            dist.broadcast_object_list([None], src=0, device=self._device())
-            return out
-        message = [None]
-        dist.broadcast_object_list(message, src=0, device=self._device())
-        if message[0] is not None:
-            raise HipsegError(message[0])
-        return fn() if then_others else None
-
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def wait_for_other_ranks(launch: Launch, timeout: float = 20.0) -> None:
-    """Under torchrun, wait (at most ``timeout`` seconds) until every process has got here.
-
-    torchrun stops all processes as soon as one exits, so a process that ends first with an error
-    would cut the others off before they print their line. The command line calls this after
-    printing an error. It uses torchrun's own key-value store, so it works with any backend and
-    after the process group has ended; outside torchrun, or if the store cannot be reached, it
-    returns at once.
-    """
-    if launch.world < 2 or not launch.run_id or not launch.master_addr or launch.master_port is None:
-        return
-    key = f"hipseg/{launch.run_id}/{launch.restart}/ended"
-    deadline = time.monotonic() + timeout
-    try:
-        store = dist.TCPStore(launch.master_addr, launch.master_port, is_master=False,
-                              timeout=datetime.timedelta(seconds=timeout))
-        store.add(key, 1)
-        while store.add(key, 0) < launch.world and time.monotonic() < deadline:
-            time.sleep(0.02)
-    except (RuntimeError, OSError, dist.DistStoreError):  # the line is out already; waiting is a courtesy
-        return
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The context that computes in ``dtype`` on ``device`` (nothing for fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

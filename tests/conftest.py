@@ -67,13 +67,16 @@ def _cache_in_tmp(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_synth, tmp_path_factory) -> Path:
     """A checkpoint trained for 2 smoke epochs on the tiny synthetic set."""
+    import torch
+
     from hipseg_lib.config import make_config
-    from hipseg_lib.train import train
+    from hipseg_lib.train import fit, prepare_data
 
     out = tmp_path_factory.mktemp("model")
-    cfg = make_config("smoke", target_shape=(16, 16, 8), base_channels=4, depth=3, epochs=2, amp="off",
-                      cache_dir=str(tmp_path_factory.getbasetemp() / "cache"))
-    train(cfg, tiny_synth, out, progress=False, log=lambda s: None)
+    cfg = make_config("smoke", target_shape=(16, 16, 8), base_channels=4, depth=3, epochs=2)
+    cpu = torch.device("cpu")
+    data = prepare_data(cfg, tiny_synth, tmp_path_factory.getbasetemp() / "cache", cpu)
+    fit(cfg, data, out, cpu, precision="fp32", log=lambda s: None)
     return out / "new_model.pth"
 
 

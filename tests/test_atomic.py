@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from hipseg_lib._atomic import save_nifti_atomic
 from hipseg_lib.checkpoint import save_checkpoint
-from hipseg_lib.io import save_nifti_atomic
 from hipseg_lib.model import ModelConfig, ResUNet3D
 from hipseg_lib.preprocess import Preprocessing
 

@@ -72,11 +72,8 @@ def test_synth_and_check_round_trip(tmp_path):
     out = tmp_path / "s"
     r = run_cli("synth", "--out", out, "--cases", 3, "--shape", "24x24x16", "--max-weeks", 2, "--workers", 1)
     assert r.returncode == 0 and "image/label pairs of 3 cases" in r.stdout and not r.stderr
-    # the old form still works for one release, with a line that says what replaces it
-    old = run_cli("synth", "--out", tmp_path / "old", "--cases", 3, "--shape", 24, 24, 16, "--max-weeks", 2,
-                  "--workers", 1)
-    assert old.returncode == 0 and "--shape X Y Z is deprecated" in old.stderr and "--shape XxYxZ" in old.stderr
-    assert (tmp_path / "old" / "synth.json").read_text() == (out / "synth.json").read_text()
+    old = run_cli("synth", "--out", tmp_path / "old", "--cases", 3, "--shape", 24, 24, 16)
+    assert old.returncode == 2 and "expected three sizes like 64x64x32" in old.stderr, "one shape syntax: XxYxZ"
     r = run_cli("check", out, "--quiet")
     assert r.returncode == 0 and "no problems found" in r.stdout and "LPS" in r.stdout
     r = run_cli("synth", "--out", out, "--cases", 3)
@@ -111,7 +108,7 @@ def _data(tmp_path, n_cases=3):
 @pytest.mark.parametrize("setup, needles", [
     (lambda d: d / "missing", ["missing", "no such folder"]),
     (lambda d: (d / "empty").mkdir() or d / "empty", ["no .nii or .nii.gz files"]),
-    (lambda d: _data(d, 2), ["too few cases to split: 2 found"]),
+    (lambda d: _data(d, 2), ["too few patients to split: 2 found"]),
 ])
 def test_train_bad_data(tmp_path, setup, needles):
     data = setup(tmp_path)
@@ -132,13 +129,13 @@ def test_train_cli_config_and_overrides(tmp_path, tiny_synth):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"epochs": 1, "base_channels": 4, "depth": 3}))
     r = run_cli("train", "--preset", "smoke", "--data", tiny_synth, "--out", tmp_path / "m", "--config", cfg,
-                "--target-shape", "16x16x8", "--set", "amp=\"off\"", "--quiet")
+                "--target-shape", "16x16x8", "--precision", "fp32", "--quiet")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m" / "new_model.pth").exists()
     bad = tmp_path / "bad.json"
     bad.write_text("{nope")
     _one_line_error(run_cli("train", "--data", tiny_synth, "--config", bad), "bad.json", "not valid JSON")
-    _one_line_error(run_cli("train", "--data", tiny_synth, "--set", "colour=1"), "unknown training settings")
+    _one_line_error(run_cli("train", "--data", tiny_synth, "--set", "colour=1"), "unknown setting: colour")
 
 
 def test_train_override_order_is_preset_config_flags_set(tmp_path):
@@ -195,9 +192,9 @@ def test_a_bad_input_in_a_real_process_is_one_line_and_exit_1(tiny_model, tmp_pa
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_predict_checks_every_input_before_writing_any(tiny_model, tiny_synth, tmp_path):
+def test_predict_writes_nothing_when_any_input_is_bad(tiny_model, tiny_synth, tmp_path):
     """Good scans first, bad ones last in the folder's order: the run stops naming the first bad
-    file and counting the rest, and writes no label map at all (not the good ones before it)."""
+    file and writes no label map at all (not the good ones before it)."""
     folder = tmp_path / "in"
     folder.mkdir()
     for img in sorted((tiny_synth / "semantic_MRs_anon").iterdir())[:2]:
@@ -208,7 +205,7 @@ def test_predict_checks_every_input_before_writing_any(tiny_model, tiny_synth, t
     write_nifti(folder / "zz_zconst.nii.gz", np.full((16, 16, 8), 7, np.float32))
     out = tmp_path / "out"
     r = run_cli("predict", "--checkpoint", tiny_model, folder, "--out", out, "--device", "cpu")
-    _one_line_error(r, "zz_trunc.nii.gz", "truncated or corrupt", "and 1 more bad input", "nothing was written")
+    _one_line_error(r, "zz_trunc.nii.gz", "truncated or corrupt", "nothing was written")
     assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
 
 

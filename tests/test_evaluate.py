@@ -6,15 +6,14 @@ import json
 import numpy as np
 
 from hipseg_lib import CLASS_NAMES
+from hipseg_lib.checkpoint import load_predictor
 from hipseg_lib.evaluate import evaluate_pairs, format_summary, match_key, results_document
 from hipseg_lib.io import find_pairs, load_pair, volume_id_in
 from hipseg_lib.metrics import METRICS, evaluate_case, summarise
-from hipseg_lib.predict import load_predictor
-from hipseg_lib.predictor import InferenceSettings
 
 
 def test_evaluate_pairs_scores_what_the_predictor_predicts(tiny_model, tiny_synth):
-    predictor = load_predictor(tiny_model, "cpu", InferenceSettings(tta=False))
+    predictor = load_predictor(tiny_model, "cpu", mirror_axes=())
     pairs = find_pairs(tiny_synth).pairs[:2]
     rows = evaluate_pairs(predictor, pairs, keep_predictions=True)
     assert [r["id"] for r in rows] == [str(p.id) for p in pairs]

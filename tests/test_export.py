@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from hipseg_lib import CLASS_NAMES, HipsegError
-from hipseg_lib.checkpoint import load_model, save_checkpoint
+from hipseg_lib.checkpoint import load_model, load_predictor, save_checkpoint
 from hipseg_lib.config import make_config
 from hipseg_lib.io import find_pairs, load_volume
 from hipseg_lib.model import ResUNet3D
-from hipseg_lib.predict import load_predictor
+from hipseg_lib.predict import onnx_predictor, predict_files
 from hipseg_lib.preprocess import Preprocessing, preprocess_image
+from hipseg_lib.train import inference_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 ort = pytest.importorskip("onnxruntime")
@@ -28,7 +29,7 @@ def _checkpoint(tmp_path: Path, preset: str) -> Path:
     cfg = make_config(preset)
     torch.manual_seed(0)
     net = ResUNet3D(cfg.model).eval()
-    return save_checkpoint(tmp_path / f"{preset}.pth", net, cfg.model, cfg.preprocessing, epoch=0)
+    return save_checkpoint(tmp_path / f"{preset}.pth", net, cfg.preprocessing, inference_settings(cfg), epoch=0)
 
 
 def _scan_input(prep: Preprocessing, seed: int) -> torch.Tensor:
@@ -46,7 +47,6 @@ def test_onnx_and_torchscript_give_pytorchs_logits_and_labels(tmp_path, preset):
 
     ckpt = _checkpoint(tmp_path, preset)
     model, prep, _, saved = load_model(ckpt)
-    assert model.config.deep_supervision == (preset == "cpu"), "the cpu network's coarse heads are exported too"
     x = _scan_input(prep, seed=5)  # not the scan the export checked itself on
     with torch.no_grad():
         ref = model(x).numpy()
@@ -116,8 +116,8 @@ def test_predict_with_the_onnx_model_writes_the_checkpoints_labels_without_torch
     r = _run_without_torch("predict", "--model", str(onnx_file), *map(str, images), "--out",
                            str(tmp_path / "onnx"), "--quiet", "--probabilities")
     assert r.returncode == 0, r.stderr
-    ref = load_predictor(tiny_model, "cpu").predict_files(images, tmp_path / "torch", progress=False,
-                                                          probabilities=True)
+    ref = predict_files(load_predictor(tiny_model, "cpu"), images, tmp_path / "torch", progress=False,
+                        probabilities=True)
     for path in ref:
         mine = nib.load(tmp_path / "onnx" / path.name)
         theirs = nib.load(path)
@@ -134,25 +134,21 @@ def test_predict_with_the_onnx_model_writes_the_checkpoints_labels_without_torch
         "(an exported .onnx model predicts without it)"], r.stderr
 
 
-@pytest.mark.parametrize("memory_bytes", [1, 1 << 40])
-def test_onnx_and_pytorch_choose_the_same_windows_and_labels(tiny_model, tiny_synth, tmp_path, memory_bytes):
-    """One predictor pipeline, two backends: under the same memory limit both cut the scan into the
-    same windows (Gaussian-weighted, with mirroring) or none, and give the same probabilities."""
+@pytest.mark.parametrize("window", [None, (8, 8, 4)])
+def test_onnx_and_pytorch_predict_alike_with_the_checkpoints_settings(tiny_model, tiny_synth, tmp_path, window):
+    """One predictor pipeline, two backends: the export carries the checkpoint's inference settings
+    (the axes its training mirrored), and both give the same probabilities, whole or in windows."""
     from hipseg_lib.export import export_model
-    from hipseg_lib.predictor import InferenceSettings, Predictor
 
     onnx_file, _ = export_model(tiny_model, "onnx", tmp_path / "exported")
-    settings = InferenceSettings(tta=True, memory_bytes=memory_bytes)
-    torch_predictor = load_predictor(tiny_model, "cpu", settings)
-    onnx_predictor = Predictor.from_export(onnx_file, settings)
+    torch_predictor = load_predictor(tiny_model, "cpu", window=window)
+    exported = onnx_predictor(onnx_file, window=window)
+    assert exported.settings == torch_predictor.settings and exported.settings.mirror_axes == (0,)
     vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
-    grid = torch_predictor.preprocessing.target_shape
-    assert torch_predictor.window(grid) == onnx_predictor.window(grid) == (None if memory_bytes > 1 else (8, 8, 4))
     ref = torch_predictor.probabilities(vol.array, vol.affine)
-    got = onnx_predictor.probabilities(vol.array, vol.affine)
+    got = exported.probabilities(vol.array, vol.affine)
     assert got.shape == ref.shape and float(np.abs(got - ref).max()) <= 1e-4
-    np.testing.assert_array_equal(onnx_predictor.labels(vol.array, vol.affine),
-                                  torch_predictor.labels(vol.array, vol.affine))
+    np.testing.assert_array_equal(exported.labels(vol.array, vol.affine), torch_predictor.labels(vol.array, vol.affine))
 
 
 def test_bad_model_files_are_one_line_errors(tmp_path, tiny_synth):
@@ -167,8 +163,7 @@ def test_bad_model_files_are_one_line_errors(tmp_path, tiny_synth):
     (tmp_path / "junk.json").write_text(json.dumps({"format": "hipseg-export-1", "model_format": "onnx",
                                                      "preprocessing": {"target_shape": [16, 16, 8]},
                                                      "input": {"divisible_by": 4},
-                                                     "inference": {"window": None, "tta_axes": [0]},
-                                                     "network": {"base_channels": 4},
+                                                     "inference": {"window": None, "mirror_axes": [0]},
                                                      "class_names": list(CLASS_NAMES)}))
     r = _run_without_torch("predict", "--model", str(junk), image, "--out", str(tmp_path / "o"))
     assert r.returncode == 1 and "junk.onnx: not a loadable ONNX model" in r.stderr, r.stderr

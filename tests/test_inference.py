@@ -7,16 +7,19 @@ import numpy as np
 import pytest
 
 from hipseg_lib import BLADDER, BODY, BONES, NUM_CLASSES, PROSTATE, HipsegError
+from hipseg_lib.checkpoint import load_predictor
 from hipseg_lib.io import find_pairs, load_volume
-from hipseg_lib.portable import (
+from hipseg_lib.predict import predict_files, prediction_name, probabilities_name
+from hipseg_lib.predictor import (
+    InferenceSettings,
+    Predictor,
     entropy,
+    gaussian_weight,
     keep_largest_component,
     labels_from_probabilities,
-    prediction_name,
-    probabilities_name,
+    plan_windows,
+    window_starts,
 )
-from hipseg_lib.predict import load_predictor
-from hipseg_lib.predictor import InferenceSettings, Predictor, gaussian_weight, plan_windows
 from hipseg_lib.preprocess import Preprocessing
 
 
@@ -24,16 +27,12 @@ class Stub:
     """A stand-in backend: ``score`` turns images ``(N, 1, X, Y, Z)`` into class scores (numpy)."""
 
     divisor = 1
-    base_channels = 1
 
     def __init__(self, score):
         self.score = score
 
     def __call__(self, x):
         return self.score(np.asarray(x, np.float32)).astype(np.float32)
-
-    def free_bytes(self):
-        return 1 << 40
 
 
 def pointwise():
@@ -105,16 +104,23 @@ def test_windows_cover_the_grid_and_stay_inside_it():
         assert covered.min() >= 1
 
 
-def test_too_little_memory_means_windows_of_half_the_grid():
-    assert predictor(pointwise(), memory_bytes=1).window((16, 16, 8)) == (8, 8, 4)
-    assert predictor(pointwise(), memory_bytes=1 << 40).window((16, 16, 8)) is None
+def test_window_starts_are_evenly_spaced_from_edge_to_edge_as_nnunet_places_them():
+    assert window_starts(10, 4, 0.5) == [0, 2, 4, 6]
+    assert window_starts(9, 4, 0.5) == [0, 2, 3, 5], "four windows spaced by (9 - 4) / 3, rounded"
+    assert window_starts(64, 48, 0.5) == [0, 16]
+    assert window_starts(8, 8, 0.5) == window_starts(5, 8, 0.5) == [0], "one window covers it"
+    for size, window, overlap in [(17, 8, 0.5), (100, 32, 0.25), (33, 16, 0.5)]:
+        starts = window_starts(size, window, overlap)
+        steps = np.diff(starts)
+        assert starts[0] == 0 and starts[-1] == size - window
+        assert steps.max() <= window * (1 - overlap) and steps.max() - steps.min() <= 1, "even steps"
 
 
 def test_tta_changes_nothing_for_a_mirror_symmetric_model():
     image = scan()
     for backend in (pointwise(), Stub(copy_input)):  # copy_input: asymmetric input, flips undone
-        plain = predictor(backend, tta=False).probabilities(image, np.eye(4))
-        tta = predictor(backend, tta=True).probabilities(image, np.eye(4))
+        plain = predictor(backend, mirror_axes=()).probabilities(image, np.eye(4))
+        tta = predictor(backend, mirror_axes=(0,)).probabilities(image, np.eye(4))
         np.testing.assert_allclose(tta, plain, atol=1e-5)
 
 
@@ -122,8 +128,8 @@ def test_tta_undoes_the_flip_known_answer():
     # The ramp says "class 1" on one side and "class 0" on the other; its mirrored copy says the
     # opposite. Averaged, both classes are equally likely everywhere.
     image = scan()
-    plain = predictor(Stub(ramp), tta=False).probabilities(image, np.eye(4))
-    tta = predictor(Stub(ramp), tta=True).probabilities(image, np.eye(4))
+    plain = predictor(Stub(ramp), mirror_axes=()).probabilities(image, np.eye(4))
+    tta = predictor(Stub(ramp), mirror_axes=(0,)).probabilities(image, np.eye(4))
     assert plain[1].max() > 0.8 and plain[1].min() < 0.2
     np.testing.assert_allclose(tta[0], 0.5, atol=1e-5)
     np.testing.assert_allclose(tta[1], 0.5, atol=1e-5)
@@ -142,7 +148,7 @@ def half_sure(x):
 def test_tta_averages_the_probabilities_not_the_logits():
     """Mean of softmax: (0.982 + 0.5) / 2 = 0.741. The mean of the logits (or a geometric mean of
     the probabilities) would give 0.881: this stub tells them apart, where the ramp cannot."""
-    tta = predictor(Stub(half_sure), tta=True).probabilities(scan(), np.eye(4))
+    tta = predictor(Stub(half_sure), mirror_axes=(0,)).probabilities(scan(), np.eye(4))
     sure = 1 / (1 + np.exp(-4.0))
     away_from_the_middle = np.r_[0:7, 13:20]  # axis 0 of the 20-voxel scan; the step blurs between
     np.testing.assert_allclose(tta[1][away_from_the_middle], (sure + 0.5) / 2, atol=1e-4)
@@ -172,8 +178,8 @@ def test_gaussian_blending_is_the_weighted_mean_of_the_windows_known_answer():
 
 def test_probabilities_sum_to_one_and_match_the_label(tiny_model, tiny_synth):
     vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
-    for tta in (False, True):
-        probs = load_predictor(tiny_model, "cpu", InferenceSettings(tta=tta)).probabilities(vol.array, vol.affine)
+    for axes in ((), (0,)):
+        probs = load_predictor(tiny_model, "cpu", mirror_axes=axes).probabilities(vol.array, vol.affine)
         assert probs.shape == (NUM_CLASSES, *vol.shape) and probs.dtype == np.float32
         np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
         u = entropy(probs)
@@ -244,8 +250,8 @@ def test_predict_files_writes_probabilities_and_refuses_to_overwrite(tiny_model,
     pair = find_pairs(tiny_synth).pairs[0]
     out = tmp_path / "pred"
     # without post-processing the label map is the arg-max of the probabilities written beside it
-    plain = load_predictor(tiny_model, "cpu", InferenceSettings(postprocess=False))
-    written = plain.predict_files([pair.image], out, progress=False, probabilities=True)
+    plain = load_predictor(tiny_model, "cpu", postprocess=False)
+    written = predict_files(plain, [pair.image], out, progress=False, probabilities=True)
     label = nib.load(written[0])
     probs_path = out / probabilities_name(pair.image)
     probs = nib.load(probs_path)
@@ -259,9 +265,9 @@ def test_predict_files_writes_probabilities_and_refuses_to_overwrite(tiny_model,
     (out / prediction_name(pair.image)).unlink()
     stamp = probs_path.stat().st_mtime_ns
     with pytest.raises(HipsegError, match="_probs.nii.gz: already exists"):
-        plain.predict_files([pair.image], out, progress=False, probabilities=True)
+        predict_files(plain, [pair.image], out, progress=False, probabilities=True)
     assert not (out / prediction_name(pair.image)).exists() and probs_path.stat().st_mtime_ns == stamp
-    plain.predict_files([pair.image], out, progress=False, probabilities=True, overwrite=True)
+    predict_files(plain, [pair.image], out, progress=False, probabilities=True, overwrite=True)
     assert (out / prediction_name(pair.image)).exists()
 
 
@@ -279,25 +285,28 @@ def test_predict_cli_options(tiny_model, tiny_synth, tmp_path):
 
 def test_compare_inference_scores_every_variant(tiny_model, tiny_synth):
     from hipseg_lib.calibration import organ_uncertainty, reliability_counts
-    from hipseg_lib.inference_options import DEFAULT_VARIANT, VARIANTS, compare_inference, inference_table
+    from hipseg_lib.inference_options import VARIANTS, chosen_settings, compare_inference, inference_table
 
     predictor = load_predictor(tiny_model, "cpu")
     pairs = find_pairs(tiny_synth).pairs[:2]
     comp = compare_inference(predictor, pairs)
-    assert list(comp["results"]) == [n for n, _, _ in VARIANTS] and DEFAULT_VARIANT == "TTA + post-processing"
+    assert list(comp["results"]) == [n for n, _, _ in VARIANTS]
+    assert chosen_settings(predictor, "post-processing") == InferenceSettings(mirror_axes=(), postprocess=True)
+    assert chosen_settings(predictor, "TTA") == InferenceSettings(mirror_axes=(0,), postprocess=False)
     for name, tta, post in VARIANTS:
         rows = comp["results"][name]
         assert [r["id"] for r in rows] == [str(p.id) for p in pairs]
         assert len(comp["seconds"][name]) == len(pairs), "seconds per volume, for each volume"
         for r in rows:
-            single = predictor.replace(tta=tta).probabilities(r["image"], load_volume(pairs[0].image).affine) \
+            axes = (0,) if tta else ()
+            single = predictor.replace(mirror_axes=axes).probabilities(r["image"], load_volume(pairs[0].image).affine) \
                 if r["id"] == str(pairs[0].id) else None
             if single is not None:  # the same label map as predicting that way directly
                 np.testing.assert_array_equal(r["pred"], labels_from_probabilities(single, post))
     assert len(comp["entropy"]["TTA"]) == 2 and comp["entropy"]["TTA"][0].dtype == np.float16
     # the reference variant's calibration counts and organ uncertainty, as computed directly
     vol = load_volume(pairs[0].image)
-    probs = predictor.replace(tta=True).probabilities(vol.array, vol.affine)
+    probs = predictor.replace(mirror_axes=(0,)).probabilities(vol.array, vol.affine)
     truth = comp["results"]["TTA"][0]["truth"]
     pred = comp["results"]["TTA"][0]["pred"]
     first = reliability_counts(probs, truth, (truth > 0) | (pred > 0))

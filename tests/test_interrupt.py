@@ -20,8 +20,8 @@ EPOCHS = 24
 
 def _train_cmd(data, out, resume=False):
     cmd = [sys.executable, "-m", "hipseg_lib", "train", "--preset", "smoke", "--data", str(data), "--out", str(out),
-           "--epochs", str(EPOCHS), "--target-shape", "16x16x8", "--base-channels", "4", "--depth", "3", "--amp", "off",
-           "--device", "cpu", "--quiet"]
+           "--epochs", str(EPOCHS), "--target-shape", "16x16x8", "--base-channels", "4", "--depth", "3",
+           "--precision", "fp32", "--device", "cpu", "--quiet"]
     return cmd + (["--resume"] if resume else [])
 
 

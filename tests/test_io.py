@@ -8,6 +8,7 @@ import pytest
 from conftest import LPS, make_pair_arrays, write_csiro_pair, write_nifti
 
 from hipseg_lib import HipsegError
+from hipseg_lib._atomic import save_nifti_atomic
 from hipseg_lib.io import (
     VolumeId,
     find_pairs,
@@ -15,7 +16,6 @@ from hipseg_lib.io import (
     load_volume,
     pair_problems,
     parse_volume_name,
-    save_nifti_atomic,
 )
 
 

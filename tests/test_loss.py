@@ -57,3 +57,21 @@ def test_gradients_flow_in_bf16_autocast():
     assert loss.dtype == torch.float32
     loss.backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_deep_supervision_weights_halve_with_depth_and_labels_are_downsampled():
+    from hipseg_lib.loss import DeepSupervisionLoss, downsample_label
+
+    ds = DeepSupervisionLoss(DiceCELoss(6), heads=3)
+    assert ds.weights == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    y = torch.randint(0, 6, (2, 8, 8, 4))
+    coarse = downsample_label(y, (4, 4, 2))
+    assert torch.equal(coarse, y[:, 1::2, 1::2, 1::2]), "each coarse voxel takes the label at its centre"
+    outs = [torch.randn(2, 6, 8, 8, 4), torch.randn(2, 6, 4, 4, 2), torch.randn(2, 6, 2, 2, 1)]
+    base = DiceCELoss(6)
+    expected = sum(w * base(o, downsample_label(y, o.shape[2:]) if o.shape[2:] != y.shape[1:] else y)
+                   for w, o in zip(ds.weights, outs))
+    assert torch.allclose(ds(outs, y), expected)
+    assert torch.equal(ds(outs[0], y), base(outs[0], y)), "one tensor: the loss itself"
+    with pytest.raises(ValueError, match="2 outputs for 3 head weights"):
+        ds(outs[:2], y)

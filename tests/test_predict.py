@@ -6,14 +6,11 @@ import pytest
 import torch
 
 from hipseg_lib import HipsegError
-from hipseg_lib.checkpoint import load_model, read_checkpoint, save_checkpoint
+from hipseg_lib.checkpoint import load_model, load_predictor, read_checkpoint
 from hipseg_lib.evaluate import evaluate_folders
 from hipseg_lib.io import find_pairs, load_volume
 from hipseg_lib.model import ModelConfig, ResUNet3D
-from hipseg_lib.portable import prediction_name
-from hipseg_lib.predict import load_predictor
-from hipseg_lib.predictor import InferenceSettings
-from hipseg_lib.preprocess import Preprocessing
+from hipseg_lib.predict import predict_files, prediction_name
 
 
 def test_labels_keep_the_scans_shape_and_follow_its_orientation(tiny_model, tiny_synth):
@@ -33,7 +30,7 @@ def test_sliding_windows_give_the_whole_volumes_labels_mostly(tiny_model, tiny_s
     predictor = load_predictor(tiny_model, "cpu")
     vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
     whole = predictor.labels(vol.array, vol.affine)
-    windows = predictor.replace(memory_bytes=1).labels(vol.array, vol.affine)
+    windows = predictor.replace(window=(16, 16, 8)).labels(vol.array, vol.affine)
     assert windows.shape == whole.shape
     assert (windows == whole).mean() > 0.8
 
@@ -42,14 +39,27 @@ def test_predict_files_writes_uint8_with_input_geometry(tiny_model, tiny_synth, 
     pair = find_pairs(tiny_synth).pairs[0]
     out = tmp_path / "pred"
     predictor = load_predictor(tiny_model, "cpu")
-    written = predictor.predict_files([pair.image], out, progress=False)
+    written = predict_files(predictor, [pair.image], out, progress=False)
     assert [w.name for w in written] == [prediction_name(pair.image)]
     src, res = nib.load(pair.image), nib.load(written[0])
     assert res.shape == src.shape and np.allclose(res.affine, src.affine)
     assert res.get_data_dtype() == np.uint8
     with pytest.raises(HipsegError, match="already exists"):
-        predictor.predict_files([pair.image], out, progress=False)
-    predictor.predict_files([pair.image], out, overwrite=True, progress=False)
+        predict_files(predictor, [pair.image], out, progress=False)
+    predict_files(predictor, [pair.image], out, overwrite=True, progress=False)
+    assert [f.name for f in out.iterdir()] == [written[0].name], "no staging folder left behind"
+
+
+def test_a_bad_input_among_good_ones_writes_nothing(tiny_model, tiny_synth, tmp_path):
+    """All or nothing: the third of three inputs is truncated; no label map is written."""
+    pairs = find_pairs(tiny_synth).pairs[:3]
+    bad = tmp_path / "in" / "Case_999_Week0_LFOV.nii.gz"
+    bad.parent.mkdir()
+    bad.write_bytes(pairs[0].image.read_bytes()[:400])
+    out = tmp_path / "out"
+    with pytest.raises(HipsegError, match="Case_999_Week0_LFOV.nii.gz"):
+        predict_files(load_predictor(tiny_model, "cpu"), [p.image for p in pairs[:2]] + [bad], out, progress=False)
+    assert list(out.iterdir()) == []
 
 
 def test_predict_any_dtype_and_big_endian(tiny_model, tiny_synth, tmp_path):
@@ -68,7 +78,7 @@ def test_predict_any_dtype_and_big_endian(tiny_model, tiny_synth, tmp_path):
         nib.save(img, paths[order])
     assert nib.load(paths[">"]).header.endianness == ">"
     predictor = load_predictor(tiny_model, "cpu")
-    out = {o: predictor.predict_files([p], tmp_path / f"o{i}", progress=False)[0]
+    out = {o: predict_files(predictor, [p], tmp_path / f"o{i}", progress=False)[0]
            for i, (o, p) in enumerate(paths.items())}
     labels = {o: np.asanyarray(nib.load(f).dataobj) for o, f in out.items()}
     assert labels[">"].shape == vol.shape and np.array_equal(labels[">"], labels["<"])
@@ -99,23 +109,18 @@ def test_checkpoint_refusals(tiny_model, tmp_path):
     torch.save({"format": "hipseg-checkpoint-v1", "x": Evil()}, evil)
     with pytest.raises(HipsegError, match="refused to load"):
         read_checkpoint(evil)
-    # Another architecture, and another number of classes.
+    # Weights of another architecture.
     ck = read_checkpoint(tiny_model)
     other = tmp_path / "other.pth"
     state = ResUNet3D(ModelConfig(base_channels=8, depth=3)).state_dict()
     torch.save({**ck, "model_state": state}, other)
-    with pytest.raises(HipsegError, match="weights do not fit"):
+    with pytest.raises(HipsegError, match="does not hold a network of its stated settings"):
         load_model(other)
-    seven = tmp_path / "seven.pth"
-    save_checkpoint(seven, ResUNet3D(ModelConfig(base_channels=4, depth=3, num_classes=7)),
-                    ModelConfig(base_channels=4, depth=3, num_classes=7), Preprocessing((16, 16, 8)))
-    with pytest.raises(HipsegError, match="predicts 7 classes, expected 6"):
-        load_model(seven, expect_classes=6)
 
 
 def test_evaluate_folders_pairs_by_name(tiny_model, tiny_synth, tmp_path):
     pairs = find_pairs(tiny_synth).pairs[:2]
-    load_predictor(tiny_model, "cpu").predict_files([p.image for p in pairs], tmp_path / "pred", progress=False)
+    predict_files(load_predictor(tiny_model, "cpu"), [p.image for p in pairs], tmp_path / "pred", progress=False)
     truth = tmp_path / "truth"
     truth.mkdir()
     for p in pairs:
@@ -143,29 +148,25 @@ def test_a_patch_trained_network_validates_and_predicts_in_windows(tiny_synth, t
     """Trained on 8x8x8 patches of a 16x16x8 grid, the network is validated during training and
     run by ``hipseg predict``'s predictor in sliding windows of that patch size, never on the whole
     grid: every input the network sees is one patch."""
-    import hipseg_lib.predict as P
+    import hipseg_lib.checkpoint as C
     from hipseg_lib.config import make_config
-    from hipseg_lib.train import train
+    from hipseg_lib.predictor import plan_windows
+    from hipseg_lib.train import fit, prepare_data
 
     seen = []
-    real = P.TorchBackend.__call__
-    monkeypatch.setattr(P.TorchBackend, "__call__", lambda self, x: seen.append(tuple(x.shape[2:])) or real(self, x))
-    cfg = make_config("smoke", target_shape=(16, 16, 8), patch_shape=(8, 8, 8), base_channels=4, depth=2,
-                      epochs=1, amp="off", cache_dir=str(tmp_path / "cache"))
-    train(cfg, tiny_synth, tmp_path / "m", progress=False, log=lambda s: None)
-    from hipseg_lib.data import split_folder
-    n_val = len(split_folder(tiny_synth, cfg.split_seed)["val"])
-    from hipseg_lib.predictor import plan_windows
-
+    real = C.TorchBackend.__call__
+    monkeypatch.setattr(C.TorchBackend, "__call__", lambda self, x: seen.append(tuple(x.shape[2:])) or real(self, x))
+    cfg = make_config("smoke", target_shape=(16, 16, 8), patch_shape=(8, 8, 8), base_channels=4, depth=2, epochs=1)
+    data = prepare_data(cfg, tiny_synth, tmp_path / "cache", torch.device("cpu"))
+    fit(cfg, data, tmp_path / "m", torch.device("cpu"), "fp32", log=lambda s: None)
     per_volume = len(plan_windows((16, 16, 8), (8, 8, 8)))  # 3 x 3 x 1 overlapping by half
-    assert n_val > 0 and per_volume == 9 and len(seen) == per_volume * n_val
+    assert per_volume == 9 and len(seen) == per_volume * len(data.validation) > 0
     assert set(seen) == {(8, 8, 8)}
-
     seen.clear()
-    predictor = load_predictor(tmp_path / "m" / "new_model.pth", "cpu", InferenceSettings(tta=False))
+    predictor = load_predictor(tmp_path / "m" / "new_model.pth", "cpu", mirror_axes=())
     assert predictor.settings.window == (8, 8, 8)
     image = find_pairs(tiny_synth).pairs[0].image
-    written = predictor.predict_files([image], tmp_path / "out")
+    written = predict_files(predictor, [image], tmp_path / "out")
     assert len(written) == 1 and nib.load(written[0]).shape == load_volume(image).shape
     assert seen and set(seen) == {(8, 8, 8)}, "prediction ran in windows of the patch size"
 
@@ -173,15 +174,16 @@ def test_a_patch_trained_network_validates_and_predicts_in_windows(tiny_synth, t
 def test_a_model_trained_on_a_planned_spacing_predicts_on_each_scans_own_grid(tiny_synth, tmp_path):
     """resample="spacing": training plans the grid's voxel size from the training scans and stores it
     in the checkpoint; prediction resamples each scan to it and back, to the scan's own shape, in
-    either orientation, and the torch-free numpy path puts it back the same way."""
+    either orientation."""
     from hipseg_lib.config import make_config
-    from hipseg_lib.data import plan_target_spacing, split_folder
-    from hipseg_lib.train import train
+    from hipseg_lib.data import plan_target_spacing, split_folder, with_planned_spacing
+    from hipseg_lib.train import fit, prepare_data
 
-    cfg = make_config("smoke", target_shape=(32, 32, 16), base_channels=4, depth=3, epochs=1, amp="off",
-                      resample="spacing")
-    r = train(cfg, tiny_synth, tmp_path / "m", progress=False, log=lambda s: None)
-    predictor = load_predictor(r.best_path, "cpu")
+    cfg = with_planned_spacing(make_config("smoke", target_shape=(32, 32, 16), base_channels=4, depth=3, epochs=1,
+                                           resample="spacing"), tiny_synth)
+    data = prepare_data(cfg, tiny_synth, tmp_path / "cache", torch.device("cpu"))
+    fit(cfg, data, tmp_path / "m", torch.device("cpu"), "fp32", log=lambda s: None)
+    predictor = load_predictor(tmp_path / "m" / "new_model.pth", "cpu")
     prep = predictor.preprocessing
     planned = plan_target_spacing(split_folder(tiny_synth)["train"], cfg.preprocessing)
     assert prep.resample == "spacing" and prep.target_spacing == planned
@@ -193,14 +195,3 @@ def test_a_model_trained_on_a_planned_spacing_predicts_on_each_scans_own_grid(ti
     ras[:, 0] *= -1
     ras[:, 1] *= -1
     np.testing.assert_array_equal(predictor.labels(vol.array[::-1, ::-1].copy(), ras), pred[::-1, ::-1])
-
-
-def test_the_old_prediction_functions_still_work_and_say_what_replaces_them(tiny_model, tiny_synth):
-    from hipseg_lib.predict import predict_array
-
-    model, prep, _, _ = load_model(tiny_model)
-    vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
-    with pytest.warns(DeprecationWarning, match="load_predictor"):
-        old = predict_array(model, vol.array, vol.affine, prep, tta=False)
-    new = load_predictor(tiny_model, "cpu", InferenceSettings(tta=False)).labels(vol.array, vol.affine)
-    np.testing.assert_array_equal(old, new)

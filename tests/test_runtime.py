@@ -1,11 +1,11 @@
-"""Where and how the network runs: the torch.compile guard."""
+"""The torch.compile guard, and the one precision vocabulary."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from hipseg_lib.runtime import CompiledOrEager
+from hipseg_lib.distributed import CompiledOrEager
 
 
 class _BackwardFails(torch.autograd.Function):
@@ -58,3 +58,19 @@ def test_every_process_takes_the_same_road(monkeypatch):
     guarded(torch.randn(3, 2))
     guarded(torch.randn(3, 2))
     assert votes == [1] and guarded.compiled is None and calls == [1], "asked once, then eager"
+
+
+def test_one_precision_vocabulary_for_training_and_prediction():
+    from hipseg_lib import HipsegError, SettingsError
+    from hipseg_lib.runtime import cpu_has_bf16, precision_name, resolve_device, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision(cpu, "fp32") is None and precision_name(None) == "fp32"
+    assert resolve_precision(cpu, "bf16") == torch.bfloat16
+    assert precision_name(resolve_precision(cpu, "auto")) == ("bf16" if cpu_has_bf16() else "fp32")
+    with pytest.raises(SettingsError, match="precision must be one of auto, bf16, fp16, fp32, got 'off'"):
+        resolve_precision(cpu, "off")
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(HipsegError, match="CUDA cannot be used here"):
+            resolve_device("cuda")

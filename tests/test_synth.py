@@ -69,7 +69,7 @@ def test_class_intensities_overlap():
         assert ranges[1][0] < np.median(img[lab == c]) < ranges[1][1]
 
 
-def test_needs_spatial_context(tiny_synth):
+def test_needs_spatial_context(tiny_synth, tmp_path):
     """A per-voxel intensity classifier (histogram MAP, fitted on training cases) scores
     mean foreground Dice below 0.5 on the test cases: intensity alone cannot segment it."""
     from hipseg_lib.baseline import fit_intensity_classifier
@@ -78,8 +78,8 @@ def test_needs_spatial_context(tiny_synth):
 
     split = split_by_case(find_pairs(tiny_synth).pairs, seed=0)
     prep = Preprocessing(target_shape=(32, 32, 16))
-    train = cache_pairs(split["train"], prep)
-    test = cache_pairs(split["test"] + split["val"], prep)
+    train = cache_pairs(split["train"], prep, tmp_path / "cache")
+    test = cache_pairs(split["test"] + split["val"], prep, tmp_path / "cache")
     dice = {}
     for balanced in (False, True):
         clf = fit_intensity_classifier([v.load() for v in train], balanced=balanced)

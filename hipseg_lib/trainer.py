@@ -1,0 +1,398 @@
+"""The production trainer behind ``hipseg train``: the core's step, epoch, validation and schedule
+(:mod:`~hipseg_lib.train`), plus what a long run needs and a chapter does not: several processes
+(torchrun), resuming from ``last.pth``, a time limit, fp16's gradient scaler, compilation, a
+training log and progress bars.
+
+With one process and no time limit it trains the same model as :func:`~hipseg_lib.train.fit`
+(a test checks that the weights are equal).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import BEST_NAME, LAST_NAME, HipsegError
+from .checkpoint import TorchBackend, read_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import with_planned_spacing
+from .distributed import CompiledOrEager, Dist, Launch
+from .model import ResUNet3D
+from .predictor import InferenceSettings, Predictor
+from .runs import check_run_folder, prepare_run_folder, write_log
+from .runtime import precision_name, resolve_device, resolve_precision, seed_everything
+from .train import (
+    NonFiniteLoss,
+    PolySchedule,
+    inference_settings,
+    make_loss,
+    prepare_data,
+    train_epoch,
+    training_step,
+    validate,
+    warmup_steps,
+)
+
+__all__ = ["RunOptions", "Trainer", "TrainResult", "time_limited_epochs", "mean_over_volumes"]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how a run happens; not part of the experiment (not stored as its settings).
+
+    Args:
+        cache_dir: the preprocessing cache.
+        device: ``"auto"`` (this process's GPU when there is one), ``"cpu"``, ``"cuda:1"``, ...
+        precision: ``"auto"``, ``"bf16"``, ``"fp16"`` or ``"fp32"`` (:mod:`~hipseg_lib.runtime`).
+        compile: wrap the network in ``torch.compile`` (eager if compiling fails).
+        max_minutes: a safety net on the run's time (0: none): when the epochs timed so far show
+            that the planned ones will not fit, the run is shortened and the learning rate decays
+            to zero over what fits; the log says so.
+        save_every_epoch: write ``last.pth`` after every epoch (else after each validation).
+    """
+
+    cache_dir: str | os.PathLike
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    max_minutes: float = 0.0
+    save_every_epoch: bool = False
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns (rank 0 holds the full picture)."""
+
+    history: list[dict] = field(default_factory=list)
+    best_path: Path | None = None
+    last_path: Path | None = None
+    stopped_because: str = ""
+    best_val_dice: list[float] | None = None
+    seconds: float = 0.0
+
+
+def time_limited_epochs(seconds_per_epoch: Sequence[float], budget_s: float, done: int, planned: int) -> int:
+    """How many epochs a run can have in all, given its time budget and the epochs timed so far.
+
+    The rest are assumed to take the median of the last three (the first left out once later ones
+    are timed: it carries one-off costs). Returns ``planned`` when they fit.
+
+    Example:
+        >>> time_limited_epochs([90, 60, 60], budget_s=400, done=3, planned=12)
+        6
+    """
+    if not math.isfinite(budget_s) or done >= planned:
+        return planned
+    spent = float(np.sum(seconds_per_epoch))
+    if spent >= budget_s:
+        return done
+    recent = list(seconds_per_epoch[1:] if len(seconds_per_epoch) > 1 else seconds_per_epoch)[-3:]
+    fit = int((budget_s - spent) // max(float(np.median(recent)), 1e-9))
+    return max(done, min(planned, done + fit))
+
+
+def mean_over_volumes(rows: Sequence[Sequence[float]]) -> list[float | None]:
+    """The mean per class of per-volume Dice rows, NaN-aware; None where no volume has the class."""
+    table = np.asarray(rows, dtype=float)
+    with np.errstate(all="ignore"):
+        means = np.nanmean(table, axis=0)
+    return [None if math.isnan(m) else float(m) for m in means]
+
+
+class Trainer:
+    """A training run that builds itself (data, network, optimiser, schedule), resuming from
+    ``out_dir/last.pth`` when asked; :meth:`fit` runs it. Under torchrun each process trains on
+    its share of every batch (DistributedDataParallel) and rank 0 writes.
+
+    Args:
+        cfg: the experiment, e.g. ``make_config("cpu")``.
+        data_dir: folder of image/label pairs (either HipMRI layout).
+        out_dir: where ``new_model.pth`` (best validation), ``last.pth`` and ``train_log.jsonl`` go.
+        options: where and how it runs (:class:`RunOptions`).
+        resume: continue from ``out_dir/last.pth``.
+        progress: a progress bar for the whole run.
+        log: where one-line messages go.
+        launch: how this process was started (default: read from the environment).
+    """
+
+    def __init__(self, cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                 options: RunOptions, resume: bool = False, progress: bool = True,
+                 log: Callable[[str], None] = print, launch: Launch | None = None):
+        self.started = time.perf_counter()
+        launch = launch or Launch.from_environment()
+        self.dist = Dist(options.device, launch)
+        try:
+            self._build(cfg, data_dir, Path(out_dir), options, resume, progress, log, launch)
+        except BaseException:
+            self.dist.close()
+            raise
+
+    def _build(self, cfg, data_dir, out: Path, options: RunOptions, resume: bool, progress: bool,
+               log, launch: Launch) -> None:
+        self.out, self.options, self.progress, self.log = out, options, progress, log
+        dist_ = self.dist
+        self.device = resolve_device(options.device, launch.local_rank)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+        dist_.main_first(lambda: check_run_folder(out, resume), then_others=False)
+        self.cfg = cfg = dist_.main_first(lambda: with_planned_spacing(cfg, data_dir))
+        self.data = dist_.main_first(lambda: prepare_data(cfg, data_dir, options.cache_dir, self.device,
+                                                          dist_.rank, dist_.world))
+        if dist_.main:
+            prepare_run_folder(out)
+        seed_everything(cfg.seed + dist_.rank)  # as fit() does, before the weights are drawn
+        self.network = ResUNet3D(cfg.model).to(self.device)
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        total = cfg.epochs * self.data.batches.steps_per_epoch
+        self.schedule = PolySchedule(self.optimizer, total, warmup_steps(total))
+        self.loss_fn = make_loss(cfg)
+        self.dtype = resolve_precision(self.device, options.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+        self.state = RunState(planned=cfg.epochs)
+        if resume:
+            self._restore()
+        forward: torch.nn.Module = self.network
+        if dist_.enabled:
+            forward = torch.nn.parallel.DistributedDataParallel(
+                self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        compiled = CompiledOrEager(forward, options.compile, agree=dist_.min_int)
+        self.step = partial(training_step, compiled, self.loss_fn, self.optimizer, dtype=self.dtype,
+                            grad_clip=cfg.grad_clip, scaler=self.scaler)
+        plain = InferenceSettings(mirror_axes=(), window=cfg.patch_shape)  # validation: one plain pass
+        backend = TorchBackend(self.network, self.device, options.precision, cfg.model.divisor)
+        self.predictor = Predictor(backend, cfg.preprocessing, plain)
+        self.stop_signal: str = ""
+
+    def _restore(self) -> None:
+        """Continue from ``last.pth``: weights, optimiser, schedule, history, best score, random states."""
+        path, cfg = self.out / LAST_NAME, self.cfg
+        ck = read_checkpoint(path)
+        saved = TrainConfig.from_dict(ck["train_config"])
+        for part in ("model", "preprocessing"):
+            mine, theirs = getattr(cfg, part).to_dict(), getattr(saved, part).to_dict()
+            diff = sorted(k for k in mine if mine[k] != theirs[k])
+            if diff:
+                raise HipsegError(f"{path}: was trained with {diff[0]}={theirs[diff[0]]}, not {mine[diff[0]]}; "
+                                  "resume with the same settings")
+        self.network.load_state_dict(ck["model_state"])
+        self.optimizer.load_state_dict(ck["optimizer_state"])
+        self.schedule.load_state_dict(ck["scheduler_state"])
+        if self.scaler is not None and ck.get("scaler_state"):
+            self.scaler.load_state_dict(ck["scaler_state"])
+        self.state = RunState(start_epoch=int(ck["epoch"]) + 1, planned=cfg.epochs,
+                              history=list(ck["history"]), best_score=float(ck["best_score"]),
+                              best_dice=ck.get("best_val_dice"))
+        states = ck["rng_states"]
+        if len(states) == self.dist.world:
+            torch.set_rng_state(states[self.dist.rank]["cpu"])
+            if states[self.dist.rank].get("cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(states[self.dist.rank]["cuda"], self.device)
+        else:
+            self.say(f"WARNING: {path} holds the random states of {len(states)} process(es), this run has "
+                     f"{self.dist.world}: dropout will not repeat the interrupted run")
+        start = self.state.start_epoch
+        if int(ck.get("planned_epochs", cfg.epochs)) != cfg.epochs and start < cfg.epochs:
+            self.schedule.replan((cfg.epochs - start) * self.data.batches.steps_per_epoch)
+        self.say(f"resumed from {path} at epoch {start + 1}")
+
+    def say(self, message: str) -> None:
+        """``message`` to the log, from rank 0 only."""
+        if self.dist.main:
+            self.log(message)
+
+    def fit(self) -> TrainResult:
+        """Train the planned epochs (or what the time limit and the stopping rule leave of them)."""
+        try:
+            result = TrainResult(best_path=self.out / BEST_NAME, last_path=self.out / LAST_NAME)
+            if self.state.start_epoch >= self.cfg.epochs:
+                result.history, result.stopped_because = self.state.history, "already complete"
+                return result
+            self._announce()
+            with _signals_stop(self):
+                result.stopped_because = self.epochs()
+            result.history = self.state.history
+            if not (self.out / BEST_NAME).exists():
+                result.best_path = None
+            result.best_val_dice = self.state.best_dice
+            result.seconds = time.perf_counter() - self.started
+            return result
+        finally:
+            self.dist.close()
+
+    def _announce(self) -> None:
+        n_params = sum(p.numel() for p in self.network.parameters())
+        self.say(f"training {n_params / 1e6:.2f} M parameters on {self.device} x {self.dist.world}, "
+                 f"{precision_name(self.dtype)}; {len(self.data.batches.train_set)} training volumes, batch "
+                 f"{self.cfg.batch_size}, grid {self.cfg.preprocessing.target_shape}")
+
+    def epochs(self) -> str:
+        """The epochs from where the run stands; returns why it stopped. The run's last epoch is always
+        validated, however it ends, so that its best checkpoint exists."""
+        cfg, state = self.cfg, self.state
+        steps = self.data.batches.steps_per_epoch
+        bar = None
+        if self.progress and self.dist.main:
+            from .progress import progress
+            bar = progress(total=(state.planned - state.start_epoch) * steps, unit="epoch step", leave=True)
+        stop = ""
+        for epoch in range(state.start_epoch, cfg.epochs):
+            t = time.perf_counter()
+            self.network.train()
+            losses = self.dist.sum(train_epoch(self.step, self.data.batches, epoch, self.schedule)) / self.dist.world
+            record = self._epoch_record(epoch, losses.cpu(), time.perf_counter() - t)
+            last = epoch + 1 == cfg.epochs
+            validated = (epoch + 1) % cfg.val_every == 0 or last
+            if validated:
+                stop = self._validate(record)
+            record["wall_seconds"] = time.perf_counter() - t
+            state.history.append(record)
+            limit = self._replan(epoch)
+            if limit and not validated:  # the shortened run ends here: validate its last weights
+                stop = self._validate(record) or stop
+                validated = True
+            stop = stop or limit or self.stop_signal
+            record["planned_epochs"] = state.planned
+            self._check_weights(epoch)
+            self._save(record, validated or bool(stop) or self.options.save_every_epoch, bool(stop))
+            if bar is not None:
+                bar.update(steps)
+            if stop:
+                break
+        if bar is not None:
+            bar.close()
+        stop = stop or f"planned {cfg.epochs} epochs done"
+        self.say(("WARNING: " if state.planned < cfg.epochs else "") + f"stopped: {stop}")
+        return stop
+
+    def _epoch_record(self, epoch: int, losses: torch.Tensor, seconds: float) -> dict:
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            step = int(bad[0])
+            raise NonFiniteLoss(f"the training loss became {losses[step].item()} at epoch {epoch + 1}, step "
+                                f"{step + 1}; stopped, and the checkpoints saved so far keep the last finite "
+                                "state (a lower lr, or precision fp32, may help)")
+        record = {"epoch": epoch + 1, "loss": losses.mean().item(), "lr": self.optimizer.param_groups[0]["lr"],
+                  "seconds": seconds, "steps": len(losses), "world_size": self.dist.world}
+        if self.device.type == "cuda":
+            record["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return record
+
+    def _validate(self, record: dict) -> str:
+        """Validate (each process its share of the volumes), record it; returns why to stop, or ""."""
+        dice_rows, losses = validate(self.predictor, self.data.validation, self.loss_fn)
+        everyone = self.dist.gather((dice_rows.tolist(), losses.tolist()))
+        dice = mean_over_volumes([row for rows, _ in everyone for row in rows])
+        record["val_dice"] = dice
+        record["val_loss"] = float(np.mean([v for _, ls in everyone for v in ls]))
+        fg = [d for d in dice[1:] if d is not None]
+        score = float(np.mean(fg)) if fg else -1.0
+        record["val_mean_fg_dice"] = score
+        state = self.state
+        record["improved"] = score > state.best_score
+        if record["improved"]:
+            state.best_score, state.best_dice = score, dice
+        threshold = self.cfg.early_stop_dice
+        if threshold > 0 and all(d is None or d >= threshold for d in dice):
+            return f"every class reached validation Dice >= {threshold:g}"
+        return ""
+
+    def _replan(self, epoch: int) -> str:
+        """The time limit: when the epochs timed so far show that the planned ones will not fit, shorten
+        the run and let the learning rate reach zero at its new end. Returns the stop reason when this
+        epoch is the shortened run's last."""
+        cfg, state = self.cfg, self.state
+        minutes = self.options.max_minutes
+        budget = minutes * 60 if minutes > 0 else math.inf
+        walls = [h["wall_seconds"] for h in state.history]
+        fits = self.dist.min_int(time_limited_epochs(walls, budget, epoch + 1, cfg.epochs))
+        if fits != state.planned:
+            state.planned = fits
+            if epoch + 1 < fits:
+                self.schedule.replan((fits - epoch - 1) * self.data.batches.steps_per_epoch)
+            self.say(f"WARNING: time limit of {minutes:g} min: at the speed measured so far this machine fits "
+                     f"{fits} of {cfg.epochs} epochs; the learning rate now decays to zero over {fits}")
+        if epoch + 1 >= state.planned and state.planned < cfg.epochs:
+            return f"time limit of {minutes:g} minutes: stopped after {epoch + 1} of {cfg.epochs} planned epochs"
+        return ""
+
+    def _check_weights(self, epoch: int) -> None:
+        finite = torch.stack([torch.isfinite(p.detach()).all() for p in self.network.parameters()]).all()
+        if not bool(finite):
+            raise NonFiniteLoss(f"the weights became NaN or infinite in epoch {epoch + 1}; stopped, and the "
+                                "checkpoints saved so far keep the last finite state")
+
+    def _save(self, record: dict, write_last: bool, stopping: bool) -> None:
+        """``new_model.pth`` when validation improved, ``last.pth`` when ``write_last``, the log every epoch."""
+        rng = self.dist.gather({"cpu": torch.get_rng_state(),
+                                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+                                else None}) if write_last else None
+        if not self.dist.main:
+            return
+        cfg, state = self.cfg, self.state
+        extra = dict(train_config=cfg.to_dict(), epoch=record["epoch"] - 1, history=state.history,
+                     best_score=state.best_score, best_val_dice=state.best_dice,
+                     optimizer_state=self.optimizer.state_dict(), scheduler_state=self.schedule.state_dict(),
+                     scaler_state=self.scaler.state_dict() if self.scaler is not None else {},
+                     rng_states=rng, planned_epochs=state.planned, stopped=stopping)
+        keep = dict(preprocessing=cfg.preprocessing, inference=inference_settings(cfg))
+        if write_last:
+            save_checkpoint(self.out / LAST_NAME, self.network, **keep, **extra)
+        if record.get("improved"):
+            save_checkpoint(self.out / BEST_NAME, self.network, **keep, **extra)
+        write_log(self.out, state.history)
+        self.log(_epoch_line(record, state.planned))
+
+
+@dataclass
+class RunState:
+    """What a run carries from epoch to epoch and keeps in ``last.pth`` to resume from."""
+
+    start_epoch: int = 0
+    planned: int = 0  # the epochs the run now plans (fewer when the time limit shortened it)
+    history: list = field(default_factory=list)
+    best_score: float = -math.inf
+    best_dice: list | None = None
+
+
+class _signals_stop:
+    """While a run trains, SIGUSR1 and SIGTERM (a batch system's warning before its time limit) end it
+    after the current epoch, with ``last.pth`` written: ``--resume`` continues from there."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.previous: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.trainer.stop_signal = f"signal {signal.Signals(signum).name}: stopped after this epoch to resume later"
+
+    def __enter__(self):
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _epoch_line(record: dict, planned: int) -> str:
+    dice = " ".join("nan" if d is None else f"{d:.2f}" for d in record.get("val_dice", [])[1:])
+    return (f"epoch {record['epoch']}/{planned} loss {record['loss']:.3f} {record['seconds']:.0f} s"
+            + (f" | val Dice {dice}" if dice else ""))
+
+
+def log_lines(path: str | os.PathLike) -> list[dict]:
+    """The records of a ``train_log.jsonl``."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
