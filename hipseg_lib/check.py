@@ -33,7 +33,6 @@ class Audit:
     root: Path
     rows: list[AuditRow] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-    unmatched: int = 0
 
     @property
     def volumes_per_case(self) -> dict[str, int]:
@@ -47,7 +46,7 @@ def audit_folder(root: str | os.PathLike, progress: bool = False) -> Audit:
         HipsegError: only when ``root`` itself is unusable (missing, empty of NIfTI files).
     """
     search = find_pairs(root)
-    audit = Audit(Path(root), problems=list(search.problems), unmatched=len(search.unmatched))
+    audit = Audit(Path(root), problems=list(search.problems))
     if not search.pairs:
         audit.problems.append(f"{root}: no image/label pairs found")
     pairs = search.pairs
@@ -69,8 +68,7 @@ def audit_folder(root: str | os.PathLike, progress: bool = False) -> Audit:
         counts = np.bincount(label.array.ravel(), minlength=NUM_CLASSES).tolist()
         audit.rows.append(AuditRow(str(pair.id), pair.id.case, image.shape,
                                    tuple(round(s, 3) for s in image.spacing), image.orientation,
-                                   str(image.header.get_data_dtype()) if image.header is not None else "?",
-                                   str(label.header.get_data_dtype()) if label.header is not None else "?",
+                                   str(image.header.get_data_dtype()), str(label.header.get_data_dtype()),
                                    counts))
     return audit
 
@@ -78,7 +76,7 @@ def audit_folder(root: str | os.PathLike, progress: bool = False) -> Audit:
 def format_audit(audit: Audit, max_rows: int = 20) -> str:
     """A readable summary: per-pair table (first ``max_rows``), totals, and every problem."""
     lines = [f"{audit.root}: {len(audit.rows)} pairs read, {len(audit.volumes_per_case)} cases, "
-             f"{audit.unmatched} unmatched files"]
+             f"{len(audit.problems)} problem(s)"]
     head = f"{'pair':<22}{'shape':<18}{'spacing (mm)':<22}{'orient':<8}{'image':<9}{'label':<8}"
     lines += ["", head, "-" * len(head)]
     for r in audit.rows[:max_rows]:

@@ -1,12 +1,11 @@
-"""Checkpoints: saving a trained network with what predicting needs, loading it safely, and
-running it as a :class:`~hipseg_lib.predictor.Predictor`.
+"""Checkpoints: a trained network saved with what predicting needs, loaded
+safely, and run as a :class:`~hipseg_lib.predictor.Predictor`.
 
 A checkpoint is a dict of plain values and tensors, so it loads with
 ``torch.load(weights_only=True)``: opening a file cannot run code.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -22,27 +21,30 @@ from .predictor import InferenceSettings, Predictor
 from .preprocess import Preprocessing
 from .runtime import autocast, resolve_device, resolve_precision
 
-__all__ = ["FORMAT", "save_checkpoint", "read_checkpoint", "load_model", "LoadedModel",
-           "TorchBackend", "load_predictor"]
+__all__ = ["FORMAT", "save_checkpoint", "read_checkpoint", "load_model",
+           "LoadedModel", "TorchBackend", "load_predictor"]
 
 FORMAT = "hipseg-checkpoint-v3"
 
 
-def save_checkpoint(path: str | os.PathLike, network: torch.nn.Module, preprocessing: Preprocessing,
-                    inference: InferenceSettings, **extra: Any) -> Path:
-    """Write the network's weights and settings, the preprocessing and the
-    inference settings its run implies, and ``extra`` (epoch, history, ...).
+def save_checkpoint(path, network: torch.nn.Module,
+                    preprocessing: Preprocessing, inference: InferenceSettings,
+                    **extra: Any) -> Path:
+    """Write the network's settings and weights, the preprocessing its
+    inputs had, how it predicts, and ``extra`` (epoch, history, ...).
 
-    The file is written whole or not at all: to a temporary file that is then
-    renamed, so a process killed at any moment leaves the previous file.
+    The file is written whole or not at all (a temporary file, then
+    renamed): a process killed at any moment leaves the previous file.
     """
-    net = cast(ResUNet3D, getattr(network, "module", network))  # a DDP wrapper holds it
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    net = cast(ResUNet3D, getattr(network, "module", network))  # DDP's
     payload = {"format": FORMAT, "library_version": __version__,
-               "class_names": list(CLASS_NAMES[:net.config.num_classes]),
+               "class_names": list(CLASS_NAMES),
                "model_config": net.config.to_dict(),
                "preprocessing": preprocessing.to_dict(),
-               "inference": inference.to_dict(), "model_state": state, **extra}
+               "inference": inference.to_dict(),
+               "model_state": {k: v.detach().cpu()
+                               for k, v in net.state_dict().items()},
+               **extra}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -50,37 +52,42 @@ def save_checkpoint(path: str | os.PathLike, network: torch.nn.Module, preproces
     return path
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """A hipseg checkpoint's dict, loaded safely, or a :class:`HipsegError`
-    naming the file and what is wrong with it."""
+def read_checkpoint(path) -> dict:
+    """A hipseg checkpoint's dict, loaded safely, or a one-line
+    :class:`~hipseg_lib.HipsegError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise HipsegError(f"{path}: no such checkpoint file")
     if not zipfile.is_zipfile(path):
-        raise HipsegError(f"{path}: not a readable PyTorch checkpoint (not a torch.save zip archive)")
+        raise HipsegError(f"{path}: not a readable PyTorch checkpoint "
+                          "(not a torch.save zip archive)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise HipsegError(f"{path}: refused to load (not plain weights; {first_line(exc, 120)})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise HipsegError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc, 120)})") from None
+        raise HipsegError(f"{path}: refused to load (not plain weights; "
+                          f"{first_line(exc, 120)})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError,
+            ValueError) as exc:
+        raise HipsegError(f"{path}: not a readable PyTorch checkpoint "
+                          f"({first_line(exc, 120)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise HipsegError(f"{path}: not a hipseg checkpoint of this version (no '{FORMAT}' marker)")
+        raise HipsegError(f"{path}: not a hipseg checkpoint of this version "
+                          f"(no '{FORMAT}' marker)")
     return ckpt
 
 
 class LoadedModel(NamedTuple):
-    """What :func:`load_model` gives: the network (in eval mode), its
-    preprocessing and inference settings, and the rest of the checkpoint."""
+    """What :func:`load_model` gives."""
 
-    network: ResUNet3D
+    network: ResUNet3D  # in eval mode
     preprocessing: Preprocessing
     inference: InferenceSettings
-    checkpoint: dict
+    checkpoint: dict  # the rest: epoch, history, train_config, ...
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the network a checkpoint stores, with its weights, on ``device``."""
+def load_model(path, device="cpu") -> LoadedModel:
+    """Rebuild the network a checkpoint stores, with its weights, on
+    ``device``."""
     ckpt = read_checkpoint(path)
     try:
         network = ResUNet3D(ModelConfig.from_dict(ckpt["model_config"]))
@@ -88,8 +95,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
         prep = Preprocessing.from_dict(ckpt["preprocessing"])
         inference = InferenceSettings.from_dict(ckpt["inference"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise HipsegError(f"{path}: does not hold a network of its stated settings "
-                          f"({first_line(exc, 120)})") from None
+        raise HipsegError(f"{path}: does not hold a network of its stated "
+                          f"settings ({first_line(exc, 120)})") from None
     return LoadedModel(network.to(device).eval(), prep, inference, ckpt)
 
 
@@ -99,14 +106,13 @@ class TorchBackend:
     in ``precision`` (``"auto"``: bf16 on a GPU that computes it natively,
     else fp32, so that every CPU predicts the same labels)."""
 
-    def __init__(self, network: torch.nn.Module, device: str | torch.device = "cpu",
-                 precision: str = "auto", divisor: int | None = None):
+    def __init__(self, network: torch.nn.Module, device="cpu",
+                 precision: str = "auto"):
         self.network, self.device = network, torch.device(device)
-        inner = cast(ResUNet3D, getattr(network, "module", network))  # a DDP wrapper holds it
-        self.divisor = divisor or inner.divisor
-        on_gpu = self.device.type == "cuda"
-        dtype = resolve_precision(self.device, precision if on_gpu or precision != "auto" else "fp32")
-        self.dtype = None if dtype == torch.float16 else dtype  # fp16 is for training
+        if precision == "auto" and self.device.type != "cuda":
+            precision = "fp32"
+        dtype = resolve_precision(self.device, precision)
+        self.dtype = None if dtype == torch.float16 else dtype
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         was_training = self.network.training
@@ -119,16 +125,18 @@ class TorchBackend:
         return y.float().cpu().numpy()
 
 
-def load_predictor(path: str | os.PathLike, device: str = "auto", precision: str = "auto",
+def load_predictor(path, device: str = "auto", precision: str = "auto",
                    **changes) -> Predictor:
     """A checkpoint's network on ``device`` as a
     :class:`~hipseg_lib.predictor.Predictor` with the checkpoint's
     preprocessing and inference settings (``changes`` override them).
 
     Example:
-        >>> p = load_predictor("model/new_model.pth", postprocess=False)  # doctest: +SKIP
+        >>> p = load_predictor("model/new_model.pth", postprocess=False)
+        ... # doctest: +SKIP
     """
     dev = resolve_device(device)
     loaded = load_model(path, dev)
     settings = InferenceSettings(**{**loaded.inference.to_dict(), **changes})
-    return Predictor(TorchBackend(loaded.network, dev, precision), loaded.preprocessing, settings)
+    backend = TorchBackend(loaded.network, dev, precision)
+    return Predictor(backend, loaded.preprocessing, settings)

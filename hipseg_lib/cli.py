@@ -153,7 +153,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from ._atomic import write_json_atomic
-    from .evaluate import evaluate_folders, format_summary
+    from .folders import evaluate_folders, format_summary
 
     if a.json and Path(a.json).exists() and not a.overwrite:
         raise OutputExists(a.json)

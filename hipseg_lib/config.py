@@ -1,8 +1,8 @@
-"""The settings of an experiment (:class:`TrainConfig`) and the named presets.
+"""The settings of an experiment (:class:`TrainConfig`) and the presets.
 
-A :class:`TrainConfig` holds the network's :class:`~hipseg_lib.model.ModelConfig` and the
-:class:`~hipseg_lib.preprocess.Preprocessing`, and adds what training needs. It is stored in every
-checkpoint. Where the run happens (device, precision, cache) is not part of it: those are
+A :class:`TrainConfig` holds the network's settings and the preprocessing,
+and adds what training needs; it is stored in every checkpoint. Where a run
+happens (the device, the precision, the cache) is not part of it: those are
 arguments of the training functions.
 """
 from __future__ import annotations

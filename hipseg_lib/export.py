@@ -53,7 +53,7 @@ def _example_input(prep: Preprocessing) -> torch.Tensor:
     rng = np.random.default_rng(0)
     spec = SynthSpec(shape=(128, 128, 64), spacing=(1.6, 1.6, 2.5))
     image, _ = render_volume(make_case_anatomy(rng), spec, rng)
-    x, _ = preprocess_image(image, prep, spec.spacing)
+    x, _ = preprocess_image(image, prep)
     return torch.from_numpy(x)[None, None]
 
 

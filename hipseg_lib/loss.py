@@ -1,7 +1,8 @@
-"""Soft multiclass Dice plus cross-entropy.
+"""The loss: soft Dice plus cross-entropy, and deep supervision around it.
 
-Plain cross-entropy leaves the small classes (prostate, rectum) at Dice 0 because the
-background outnumbers them ~600 to 1; the Dice term weighs every class equally.
+Plain cross-entropy leaves the small organs (prostate, rectum) behind, since
+the background outnumbers them hundreds to one; the Dice term weighs every
+class equally.
 """
 from __future__ import annotations
 
@@ -11,89 +12,69 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["soft_dice_per_class", "DiceCELoss", "DeepSupervisionLoss",
-           "downsample_label"]
+__all__ = ["soft_dice_per_class", "DiceCELoss", "downsample_label",
+           "DeepSupervisionLoss"]
 
 
-def soft_dice_per_class(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    smooth: float = 1e-5,
-    per_sample: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Soft Dice of each class, over the whole batch or per sample.
+def soft_dice_per_class(logits: torch.Tensor, target: torch.Tensor,
+                        smooth: float = 1e-5
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The soft Dice of each sample and class, ``(N, C)``, and whether the
+    class is in that sample's truth.
 
     Args:
-        logits: ``(N, C, X, Y, Z)`` raw scores.
-        target: ``(N, X, Y, Z)`` integer labels.
-        per_sample: one Dice per sample and class (``(N, C)``) instead of
-            pooling the batch (``(C,)``).
-
-    Returns:
-        ``(dice, present)``: the soft Dice and whether the class occurs in
-        ``target``.
+        logits: ``(N, C, X, Y, Z)`` class scores.
+        target: ``(N, X, Y, Z)`` class numbers.
     """
-    num_classes = logits.shape[1]
     probs = torch.softmax(logits.float(), dim=1)
-    onehot = F.one_hot(target.long(), num_classes)
-    onehot = onehot.movedim(-1, 1).to(probs.dtype)  # (N, C, X, Y, Z)
-    dims = tuple(range(2, logits.dim()))  # the voxels
-    if not per_sample:
-        dims = (0, *dims)  # and the samples
-    inter = (probs * onehot).sum(dims)
-    denom = probs.sum(dims) + onehot.sum(dims)
+    onehot = F.one_hot(target.long(), logits.shape[1])  # (N, X, Y, Z, C)
+    onehot = onehot.movedim(-1, 1).float()               # (N, C, X, Y, Z)
+    voxels = tuple(range(2, logits.dim()))
+    inter = (probs * onehot).sum(voxels)
+    denom = probs.sum(voxels) + onehot.sum(voxels)
     dice = (2 * inter + smooth) / (denom + smooth)
-    present = onehot.sum(dims) > 0
-    return dice, present
-
-
-def _check_shapes(logits: torch.Tensor, target: torch.Tensor, num_classes: int) -> None:
-    """Raise ``ValueError`` unless ``logits`` (N, C, X, Y, Z) fit ``target`` (N, X, Y, Z)."""
-    if logits.shape[1] != num_classes:
-        raise ValueError(f"logits have {logits.shape[1]} channels, expected {num_classes}")
-    if logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[1:]:
-        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match")
+    return dice, onehot.sum(voxels) > 0
 
 
 class DiceCELoss(nn.Module):
-    """``dice_weight * (1 - mean soft Dice) + ce_weight * cross-entropy``.
+    """``ce_weight * cross-entropy + dice_weight * (1 - mean soft Dice)``.
 
-    The Dice is computed per sample and averaged over the classes present in that sample's
-    target, then over the samples: a class absent from a sample has no overlap to reward, and its
-    false positives are already penalised by the cross-entropy, so a perfect prediction scores ~0
-    whatever classes are missing. Averaging per sample also makes the loss of a batch split over
-    several processes (DistributedDataParallel) equal to the loss of the whole batch.
-
-    Args:
-        num_classes: number of classes C.
-        class_weights: optional per-class weights for both terms (length C).
-        dice_weight: weight of the Dice term.
-        ce_weight: weight of the cross-entropy term.
+    The Dice is averaged over the classes present in each sample's truth,
+    then over the samples: a class a sample lacks has no overlap to reward
+    (its false positives cost cross-entropy), so a perfect prediction scores
+    about 0, and a batch split over several processes gets the same loss.
 
     Example:
         >>> loss = DiceCELoss(6)
-        >>> loss(torch.randn(2, 6, 8, 8, 8), torch.randint(0, 6, (2, 8, 8, 8))).item() > 0
+        >>> x, y = torch.randn(2, 6, 4, 4, 4), torch.randint(0, 6, (2, 4, 4, 4))
+        >>> loss(x, y).item() > 0
         True
     """
 
-    def __init__(self, num_classes: int, class_weights: Sequence[float] | None = None,
-                 dice_weight: float = 1.0, ce_weight: float = 1.0, smooth: float = 1e-5):
+    def __init__(self, num_classes: int,
+                 class_weights: Sequence[float] | None = None,
+                 dice_weight: float = 1.0, ce_weight: float = 1.0,
+                 smooth: float = 1e-5):
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if class_weights is not None and len(class_weights) != num_classes:
-            raise ValueError(f"class_weights needs {num_classes} values, got {len(class_weights)}")
         if dice_weight < 0 or ce_weight < 0 or dice_weight + ce_weight == 0:
-            raise ValueError("dice_weight and ce_weight must be >= 0 and not both 0")
-        self.num_classes = num_classes
-        self.dice_weight, self.ce_weight, self.smooth = dice_weight, ce_weight, smooth
-        w = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+            raise ValueError("dice_weight and ce_weight must be >= 0 and "
+                             "not both 0")
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise ValueError(f"class_weights needs {num_classes} values")
+        self.num_classes, self.smooth = num_classes, smooth
+        self.dice_weight, self.ce_weight = dice_weight, ce_weight
         self.class_weights: torch.Tensor | None
-        self.register_buffer("class_weights", w, persistent=False)
+        weights = None if class_weights is None else torch.tensor(
+            class_weights, dtype=torch.float32)
+        self.register_buffer("class_weights", weights, persistent=False)
 
     def forward(self, logits: torch.Tensor,
                 target: torch.Tensor) -> torch.Tensor:
-        _check_shapes(logits, target, self.num_classes)
+        if logits.shape[1] != self.num_classes or \
+                logits.shape[2:] != target.shape[1:]:
+            raise ValueError(f"logits {tuple(logits.shape)} do not fit "
+                             f"target {tuple(target.shape)} and "
+                             f"{self.num_classes} classes")
         target = target.long()
         loss = logits.new_zeros((), dtype=torch.float32)
         if self.ce_weight:
@@ -101,9 +82,8 @@ class DiceCELoss(nn.Module):
                                  weight=self.class_weights)
             loss = loss + self.ce_weight * ce
         if self.dice_weight:
-            dice, present = soft_dice_per_class(logits, target, self.smooth,
-                                                per_sample=True)
-            w = present.float()
+            dice, present = soft_dice_per_class(logits, target, self.smooth)
+            w = present.float()  # 1 for the classes in each sample's truth
             if self.class_weights is not None:
                 w = w * self.class_weights
             per_sample = (dice * w).sum(1) / w.sum(1).clamp_min(1e-8)
@@ -113,20 +93,18 @@ class DiceCELoss(nn.Module):
 
 def downsample_label(label: torch.Tensor, size) -> torch.Tensor:
     """A label map ``(N, X, Y, Z)`` on a coarser grid ``size``: each coarse
-    voxel takes the label at its centre (nearest neighbour), so it stays a
-    label."""
+    voxel takes the label at its centre, so it stays a label."""
     coarse = F.interpolate(label[:, None].float(), size=tuple(size),
                            mode="nearest-exact")
     return coarse[:, 0].to(label.dtype)
 
 
 class DeepSupervisionLoss(nn.Module):
-    """nnU-Net's deep supervision: ``loss`` on every head's logits against the
-    label downsampled to that head's grid, weighted 1, 1/2, 1/4, ... from the
-    full-resolution head down, the weights normalised to sum to one.
-
-    Given a single tensor (a network without deep supervision, or in eval
-    mode) it is ``loss`` itself.
+    """Deep supervision, as nnU-Net does it: ``loss`` on every head's logits
+    against the label downsampled to that head's grid, weighted 1, 1/2,
+    1/4, ... from the full-resolution head down, the weights normalised to
+    sum to one. Given one tensor (a network in eval mode, or one with a
+    single head), it is ``loss`` itself.
 
     Example:
         >>> ds = DeepSupervisionLoss(DiceCELoss(6), heads=3)

@@ -1,14 +1,14 @@
-"""Segmentation metrics per class: Dice, IoU, HD95 and average surface distance (mm).
+"""Segmentation metrics per class, and how to report them over patients.
 
-A class absent from both the truth and the prediction is excluded (NaN), never a free
-1.0. When a class is in one and not the other, Dice and IoU are 0 and the distances take
-the volume's diagonal in mm (the worst possible value) rather than infinity, so that
-means stay finite and a miss still counts against the model.
+Dice and IoU (overlap); HD95, the average surface distance and the normalised
+surface distance (boundaries, in mm), each computed over the boundary voxels
+of the two masks, as MONAI's functions are. A class in neither truth nor
+prediction is left out (NaN), never a free 1.0; a class in only one of them
+scores Dice 0 and the volume's diagonal as its distances (the worst value).
 """
 from __future__ import annotations
 
 import warnings
-from functools import partial
 from typing import Sequence
 
 import numpy as np
@@ -16,32 +16,34 @@ from scipy import ndimage
 
 from . import CLASS_NAMES, NUM_CLASSES
 
-__all__ = ["dice_per_class", "iou_per_class", "surface_distances", "hd95", "average_surface_distance",
-           "normalised_surface_distance", "evaluate_case", "summarise", "METRICS", "NSD_TOLERANCE_MM",
-           "patient_table", "bootstrap_interval", "per_patient_summary"]
+__all__ = ["dice_per_class", "iou_per_class", "surface_distances", "hd95",
+           "average_surface_distance", "normalised_surface_distance",
+           "evaluate_case", "METRICS", "NSD_TOLERANCE_MM", "patient_table",
+           "bootstrap_interval", "per_patient_summary"]
 
 METRICS = ("dice", "iou", "hd95", "asd", "nsd")
+FOREGROUND = tuple(range(1, NUM_CLASSES))  # the classes tables report
 NSD_TOLERANCE_MM = 2.0  # the normalised surface distance's tolerance
 
 
 def _counts(pred: np.ndarray, truth: np.ndarray, num_classes: int):
-    pred = np.asarray(pred)
-    truth = np.asarray(truth)
+    """True positives, false positives and false negatives of each class,
+    from the confusion matrix ``cm[t, p]``: voxels of class t predicted p."""
+    pred, truth = np.asarray(pred), np.asarray(truth)
     if pred.shape != truth.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from truth "
-                         f"shape {truth.shape}")
-    # the confusion matrix: cm[t, p] voxels of class t predicted as p
+        raise ValueError(f"prediction shape {pred.shape} differs from "
+                         f"truth shape {truth.shape}")
     k = num_classes
     idx = truth.astype(np.int64).ravel() * k + pred.astype(np.int64).ravel()
     cm = np.bincount(idx, minlength=k * k).reshape(k, k)
     tp = np.diag(cm).astype(np.float64)
-    return tp, cm.sum(0) - tp, cm.sum(1) - tp  # tp, fp, fn
+    return tp, cm.sum(0) - tp, cm.sum(1) - tp
 
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray,
                    num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """Dice ``2|P∩T| / (|P| + |T|)`` per class; NaN where a class is in
-    neither.
+    """Dice ``2 TP / (2 TP + FP + FN)`` per class; NaN where a class is in
+    neither prediction nor truth.
 
     Example:
         >>> dice_per_class(np.array([0, 1, 1]), np.array([0, 1, 0]), 3)
@@ -53,8 +55,9 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray,
         return np.where(denom > 0, 2 * tp / denom, np.nan)
 
 
-def iou_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """Intersection over union per class; NaN where a class is in neither."""
+def iou_per_class(pred: np.ndarray, truth: np.ndarray,
+                  num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Intersection over union ``TP / (TP + FP + FN)`` per class."""
     tp, fp, fn = _counts(pred, truth, num_classes)
     denom = tp + fp + fn
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -62,202 +65,166 @@ def iou_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int = NUM_CL
 
 
 def _border(mask: np.ndarray) -> np.ndarray:
-    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1),
-                                          border_value=0)
+    """The mask's boundary voxels: those with a face-neighbour outside it."""
+    inside = ndimage.binary_erosion(
+        mask, ndimage.generate_binary_structure(3, 1), border_value=0)
+    return mask & ~inside
 
 
-def _bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
-    return tuple(box)
-
-
-def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float],
+def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]
                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Distances (mm) from each surface voxel of ``a`` to the surface of
-    ``b``, and back.
-
-    Both masks must be non-empty. The work is done inside the box that holds
-    both masks (plus a one-voxel margin, so that surfaces are found exactly
-    as on the whole volume): distances between surface voxels do not depend
-    on what lies outside it.
-    """
+    """Distances (mm) from each boundary voxel of ``a`` to the nearest of
+    ``b``'s, and back; both masks non-empty. Only the box that holds both
+    (and a voxel of margin) is searched: nothing outside it is nearer."""
     a, b = np.asarray(a, bool), np.asarray(b, bool)
-    box = _bounding_box(a | b)
-    a, b = a[box], b[box]
-    sa, sb = _border(a), _border(b)
-    dist_to_b = ndimage.distance_transform_edt(~sb, sampling=spacing)
-    dist_to_a = ndimage.distance_transform_edt(~sa, sampling=spacing)
-    return dist_to_b[sa], dist_to_a[sb]
+    box = []
+    for axis in range(3):  # the rows along this axis that hold either mask
+        rows = np.flatnonzero((a | b).any(axis=tuple({0, 1, 2} - {axis})))
+        box.append(slice(max(int(rows[0]) - 1, 0), int(rows[-1]) + 2))
+    sa, sb = _border(a[tuple(box)]), _border(b[tuple(box)])
+    to_b = ndimage.distance_transform_edt(~sb, sampling=spacing)
+    to_a = ndimage.distance_transform_edt(~sa, sampling=spacing)
+    return to_b[sa], to_a[sb]
 
 
 def _hd95(x: np.ndarray, y: np.ndarray) -> float:
+    """The larger of the two directed 95th percentiles."""
     return float(max(np.percentile(x, 95), np.percentile(y, 95)))
 
 
 def _asd(x: np.ndarray, y: np.ndarray) -> float:
+    """The mean over both boundaries' distances."""
     return float(np.concatenate([x, y]).mean())
 
 
-def _nsd(x: np.ndarray, y: np.ndarray, tolerance: float = NSD_TOLERANCE_MM) -> float:
-    return float(((x <= tolerance).sum() + (y <= tolerance).sum()) / (x.size + y.size))
+def _nsd(x: np.ndarray, y: np.ndarray) -> float:
+    """The share of both boundaries' voxels within the tolerance."""
+    near = (x <= NSD_TOLERANCE_MM).sum() + (y <= NSD_TOLERANCE_MM).sum()
+    return float(near / (x.size + y.size))
 
 
-def _distance_metrics(a, b, spacing, reducers) -> list[float]:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    if not a.any() and not b.any():
-        return [float("nan")] * len(reducers)
-    if not a.any() or not b.any():  # a missed (or invented) structure: the worst value there is
-        diagonal = float(np.linalg.norm(np.array(a.shape) * np.asarray(spacing, float)))
-        return [0.0 if getattr(reduce, "func", reduce) is _nsd else diagonal for reduce in reducers]
-    d_ab, d_ba = surface_distances(a, b, spacing)
-    return [reduce(d_ab, d_ba) for reduce in reducers]
+def _distances(pred, truth, spacing) -> list[float]:
+    """HD95, ASD and NSD of one class's masks (NaN when both are empty)."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if not pred.any() and not truth.any():
+        return [np.nan] * 3
+    if not pred.any() or not truth.any():  # a miss: the worst values
+        diagonal = float(np.linalg.norm(np.multiply(pred.shape, spacing)))
+        return [diagonal, diagonal, 0.0]
+    d_pt, d_tp = surface_distances(pred, truth, spacing)
+    return [_hd95(d_pt, d_tp), _asd(d_pt, d_tp), _nsd(d_pt, d_tp)]
 
 
-def hd95(pred_mask: np.ndarray, truth_mask: np.ndarray, spacing: Sequence[float]) -> float:
-    """Symmetric 95th-percentile Hausdorff distance in mm: the larger of the two directed
-    95th percentiles (as MONAI's ``compute_hausdorff_distance(percentile=95)``)."""
-    return _distance_metrics(pred_mask, truth_mask, spacing, [_hd95])[0]
+def hd95(pred_mask, truth_mask, spacing) -> float:
+    """Symmetric 95th-percentile Hausdorff distance (mm) of boundary voxels,
+    as MONAI's ``compute_hausdorff_distance(percentile=95)``."""
+    return _distances(pred_mask, truth_mask, spacing)[0]
 
 
-def normalised_surface_distance(pred_mask: np.ndarray, truth_mask: np.ndarray, spacing: Sequence[float],
-                                tolerance: float = NSD_TOLERANCE_MM) -> float:
-    """Normalised surface distance (surface Dice, Nikolov et al. 2021): the share of both surfaces'
-    voxels that lie within ``tolerance`` mm of the other surface (as MONAI's
-    ``compute_surface_dice``). 1 when every boundary is within the tolerance; 0 when one mask is
-    empty and the other not; NaN when both are.
+def average_surface_distance(pred_mask, truth_mask, spacing) -> float:
+    """Symmetric average surface distance (mm) of boundary voxels."""
+    return _distances(pred_mask, truth_mask, spacing)[1]
+
+
+def normalised_surface_distance(pred_mask, truth_mask, spacing) -> float:
+    """The share of both masks' boundary voxels within
+    :data:`NSD_TOLERANCE_MM` of the other boundary: the normalised surface
+    distance (Nikolov et al. 2021) counted over voxels, as MONAI's
+    ``compute_surface_dice``; Nikolov's own weighs surface area instead.
 
     Example:
         >>> a = np.zeros((12, 1, 1), bool); a[2:8] = True
-        >>> b = np.zeros_like(a); b[2:10] = True  # two voxels too long, 2 mm each
-        >>> round(normalised_surface_distance(b, a, (2.0, 2.0, 2.0)), 3)  # (7 + 6) / (8 + 6)
+        >>> b = np.zeros_like(a); b[2:10] = True  # two 2-mm voxels too long
+        >>> round(normalised_surface_distance(b, a, (2, 2, 2)), 3)  # 13 / 14
         0.929
     """
-    return _distance_metrics(pred_mask, truth_mask, spacing, [partial(_nsd, tolerance=tolerance)])[0]
+    return _distances(pred_mask, truth_mask, spacing)[2]
 
 
-def average_surface_distance(pred_mask: np.ndarray, truth_mask: np.ndarray, spacing: Sequence[float]) -> float:
-    """Symmetric average surface distance in mm (mean over both surfaces' distances)."""
-    return _distance_metrics(pred_mask, truth_mask, spacing, [_asd])[0]
-
-
-def evaluate_case(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
-                  num_classes: int = NUM_CLASSES, distances: bool = True) -> dict[str, np.ndarray]:
-    """All metrics for one case: ``{"dice": [C], "iou": [C], "hd95": [C], "asd": [C], "nsd": [C]}``
-    (``nsd`` at :data:`NSD_TOLERANCE_MM`)."""
-    out = {"dice": dice_per_class(pred, truth, num_classes), "iou": iou_per_class(pred, truth, num_classes)}
-    if distances:
-        pred, truth = np.asarray(pred), np.asarray(truth)
-        three = np.array([_distance_metrics(pred == c, truth == c, spacing, [_hd95, _asd, _nsd])
-                          for c in range(num_classes)]).reshape(num_classes, 3)
-        out["hd95"], out["asd"], out["nsd"] = three[:, 0], three[:, 1], three[:, 2]
-    return out
-
-
-def summarise(cases: Sequence[dict[str, np.ndarray]], class_names: Sequence[str] = CLASS_NAMES) -> dict:
-    """Aggregate per-case metrics: for each metric and class the mean, std, median and the
-    number of cases that counted (NaN entries are skipped)."""
-    out: dict = {}
-    if not cases:
-        return out
-    for metric in cases[0]:
-        table = np.stack([c[metric] for c in cases]).astype(float)
-        per_class = {}
-        for k, name in enumerate(class_names):
-            col = table[:, k][~np.isnan(table[:, k])]
-            per_class[name] = {
-                "mean": float(col.mean()) if col.size else None,
-                "std": float(col.std()) if col.size else None,
-                "median": float(np.median(col)) if col.size else None,
-                "n": int(col.size),
-            }
-        out[metric] = per_class
-    return out
+def evaluate_case(pred: np.ndarray, truth: np.ndarray, spacing,
+                  num_classes: int = NUM_CLASSES) -> dict[str, np.ndarray]:
+    """Every metric of one case, each an array with one value per class:
+    ``{"dice", "iou", "hd95", "asd", "nsd"}``."""
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    dist = np.array([_distances(pred == c, truth == c, spacing)
+                     for c in range(num_classes)])
+    return {"dice": dice_per_class(pred, truth, num_classes),
+            "iou": iou_per_class(pred, truth, num_classes),
+            "hd95": dist[:, 0], "asd": dist[:, 1], "nsd": dist[:, 2]}
 
 
 def patient_table(rows: Sequence[dict], metric: str = "dice",
-                  classes: Sequence[int] = tuple(range(1, NUM_CLASSES))) -> tuple[list[str], np.ndarray]:
-    """One row per patient: the mean of ``metric`` over that patient's volumes, for ``classes`` (the
-    foreground by default). Weekly scans of one patient are not independent, so a patient, not a
-    volume, is the unit of a confidence interval.
+                  classes=FOREGROUND) -> tuple[list[str], np.ndarray]:
+    """One row per patient: the mean of ``metric`` over that patient's
+    volumes, for ``classes``. Weekly scans of one patient are not
+    independent: a patient, not a volume, is the unit of an interval.
 
     Args:
-        rows: per-volume results, each with ``"case"`` and ``"metrics"`` (``{metric: [C values]}``).
-
-    Returns:
-        ``(patients, table)``: sorted patient IDs and a ``(patients, len(classes))`` array (NaN where a
-        class was absent from every volume of a patient).
+        rows: per-volume results, each with ``"case"`` and ``"metrics"``.
 
     Example:
-        >>> rows = [{"case": "a", "metrics": {"dice": [1, .8, .6]}}, {"case": "a", "metrics": {"dice": [1, .6, .6]}},
-        ...         {"case": "b", "metrics": {"dice": [1, .9, .3]}}]
-        >>> patient_table(rows, classes=(1, 2))[1].round(2).tolist()
-        [[0.7, 0.6], [0.9, 0.3]]
+        >>> rows = [{"case": "a", "metrics": {"dice": [1, .8]}},
+        ...         {"case": "a", "metrics": {"dice": [1, .6]}},
+        ...         {"case": "b", "metrics": {"dice": [1, .9]}}]
+        >>> patient_table(rows, classes=(1,))[1].round(2).tolist()
+        [[0.7], [0.9]]
     """
     cases = sorted({r["case"] for r in rows})
     table = np.full((len(cases), len(classes)), np.nan)
     for i, case in enumerate(cases):
-        values = np.array([np.asarray(r["metrics"][metric], float)[list(classes)] for r in rows if r["case"] == case])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from all of a patient's scans
+        values = np.array([np.asarray(r["metrics"][metric])[list(classes)]
+                           for r in rows if r["case"] == case], dtype=float)
+        with warnings.catch_warnings():  # a class none of its scans has
+            warnings.simplefilter("ignore", RuntimeWarning)
             table[i] = np.nanmean(values, axis=0)
     return cases, table
 
 
-def bootstrap_interval(table: np.ndarray, level: float = 0.95, resamples: int = 10000,
-                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile-bootstrap confidence interval of each column's mean, resampling the *rows* (the
-    independent units: patients) with replacement.
-
-    With few units the interval is wide and coarse: 3 patients allow only 10 different resamples, so
-    it says how far the mean could move with other patients of the same kind, not more.
-
-    Returns:
-        ``(low, high)`` per column.
+def bootstrap_interval(table: np.ndarray, level: float = 0.95,
+                       resamples: int = 10000, seed: int = 0
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """A percentile-bootstrap interval of each column's mean: the rows (the
+    patients) are drawn with replacement ``resamples`` times, the mean taken
+    each time, and the middle ``level`` of those means kept.
 
     Example:
-        >>> low, high = bootstrap_interval(np.array([[0.5], [0.5], [0.5]]))  # identical patients
+        >>> low, high = bootstrap_interval(np.array([[0.5], [0.5]]))
         >>> float(low[0]), float(high[0])
         (0.5, 0.5)
     """
     table = np.asarray(table, float)
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(table), size=(resamples, len(table)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a resample where a column is all NaN
-        means = np.nanmean(table[idx], axis=1)
+    drawn = rng.integers(0, len(table), size=(resamples, len(table)))
+    with warnings.catch_warnings():  # a draw where a column is all NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(table[drawn], axis=1)  # (resamples, columns)
     tail = 100 * (1 - level) / 2
     low, high = np.nanpercentile(means, [tail, 100 - tail], axis=0)
     return low, high
 
 
-def per_patient_summary(rows: Sequence[dict], metric: str = "dice", class_names: Sequence[str] = CLASS_NAMES,
+def per_patient_summary(rows: Sequence[dict], metric: str = "dice",
                         level: float = 0.95) -> dict:
-    """The foreground classes' ``metric`` as the field reports it: per class the mean over patients (each
-    patient the mean of its volumes), its ``level`` bootstrap interval over patients, the mean over
-    volumes, and each patient's value.
-
-    Returns:
-        ``{class: {"mean", "low", "high", "volume_mean", "patients": {case: value}}}``.
-    """
-    classes = tuple(range(1, len(class_names)))
+    """Each foreground class's ``metric`` as the field reports it: the mean
+    over patients, its bootstrap interval over patients, the mean over
+    volumes, and each patient's value (None where there is none)."""
+    classes = tuple(range(1, len(CLASS_NAMES)))
     cases, table = patient_table(rows, metric, classes)
     low, high = bootstrap_interval(table, level)
-    volumes = np.array([np.asarray(r["metrics"][metric], float)[list(classes)] for r in rows])
+    volumes = np.array([np.asarray(r["metrics"][metric], float)[list(classes)]
+                        for r in rows])
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for k, c in enumerate(classes):
-            col = table[:, k]
-            out[class_names[c]] = {
-                "mean": _finite(np.nanmean(col)), "low": _finite(low[k]), "high": _finite(high[k]),
-                "volume_mean": _finite(np.nanmean(volumes[:, k])),
-                "patients": {case: _finite(v) for case, v in zip(cases, col)}}
+            out[CLASS_NAMES[c]] = {
+                "mean": _number(np.nanmean(table[:, k])),
+                "low": _number(low[k]), "high": _number(high[k]),
+                "volume_mean": _number(np.nanmean(volumes[:, k])),
+                "patients": {p: _number(v) for p, v in zip(cases, table[:, k])}}
     return out
 
 
-def _finite(v) -> float | None:
+def _number(v) -> float | None:
     v = float(v)
     return v if np.isfinite(v) else None

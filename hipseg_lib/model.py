@@ -1,8 +1,9 @@
-"""The residual 3D U-Net (ResU-Net) of the seed project.
+"""The residual 3D U-Net of the seed project.
 
-Building blocks first (:class:`ResidualBlock`, :class:`Downsample`, :class:`UpBlock`), then the
-network assembled from them (:class:`ResUNet3D`). Every block is 3D and pre-activation: instance
-norm and leaky ReLU come before each convolution.
+The building blocks first (:class:`ResidualBlock`, :class:`Downsample`,
+:class:`UpBlock`), then the network assembled from them
+(:class:`ResUNet3D`). Every block is pre-activation: an instance norm and a
+leaky ReLU come before each convolution.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch.nn as nn
 
 from . import NUM_CLASSES, SettingsError
 
-__all__ = ["ModelConfig", "ResidualBlock", "Downsample", "UpBlock", "ResUNet3D", "count_parameters"]
+__all__ = ["ModelConfig", "ResidualBlock", "Downsample", "UpBlock",
+           "ResUNet3D", "count_parameters", "norm_act"]
 
 
 def norm_act(channels: int) -> nn.Sequential:

@@ -126,7 +126,7 @@ def sidecar_path(model_path: str | os.PathLike) -> Path:
 class OnnxModel:
     """An exported network run by ONNX Runtime on the CPU: a
     :class:`~hipseg_lib.predictor.Backend`, with the preprocessing and inference settings of the
-    JSON file beside it (``preprocessing``, ``inference``, ``divisor``, ``class_names``)."""
+    JSON file beside it (``preprocessing``, ``inference``, ``class_names``)."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         path = Path(path)
@@ -141,7 +141,6 @@ class OnnxModel:
                 raise ValueError(f"not a {EXPORT_FORMAT} file for an ONNX model")
             self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
             self.inference = InferenceSettings.from_dict(meta["inference"])
-            self.divisor = int(meta["input"]["divisible_by"])
             self.class_names = list(meta["class_names"])
         except (ValueError, KeyError, TypeError) as exc:
             raise HipsegError(f"{side}: unreadable export settings ({first_line(exc, 120)})") from None

@@ -1,5 +1,5 @@
-"""Where and how the network runs: the device, the seeds and the precision, the same for
-training and prediction."""
+"""Where and how the network runs: the device, the seeds and the precision,
+the same for training and prediction."""
 from __future__ import annotations
 
 import contextlib
@@ -10,15 +10,17 @@ import torch
 
 from . import HipsegError, SettingsError
 
-__all__ = ["resolve_device", "seed_everything", "cpu_has_bf16", "cuda_has_bf16", "PRECISIONS",
-           "resolve_precision", "autocast", "precision_name"]
+__all__ = ["resolve_device", "seed_everything", "cpu_has_bf16",
+           "cuda_has_bf16", "PRECISIONS", "resolve_precision", "autocast",
+           "precision_name"]
 
 # The one precision vocabulary, for training and prediction alike.
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """``"auto"``: this process's CUDA device where there is one, else the CPU.
+    """``"auto"``: this process's CUDA device where there is one, else the
+    CPU.
 
     Raises:
         HipsegError: a CUDA device was asked for and none can be used.
@@ -29,13 +31,14 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HipsegError(f"device {device!r} asked for, but CUDA cannot be used here "
-                          "(no GPU, or a driver this torch build does not support)")
+        raise HipsegError(f"device {device!r} asked for, but CUDA cannot be "
+                          "used here (no GPU, or a driver this torch build "
+                          "does not support)")
     return dev
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (all devices)."""
+    """Seed Python, numpy and torch (every device)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -59,32 +62,36 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The 16-bit type to compute in, or None for fp32. ``"auto"``: bf16 where
-    the device computes it natively (a recent GPU or CPU), fp16 on an older
-    GPU, fp32 on any other CPU.
+def resolve_precision(device: torch.device,
+                      precision: str = "auto") -> torch.dtype | None:
+    """The 16-bit type to compute in, or None for fp32. ``"auto"``: bf16
+    where the device computes it natively (a recent GPU or CPU), fp16 on an
+    older GPU, fp32 on any other CPU.
 
     Example:
         >>> resolve_precision(torch.device("cpu"), "fp32") is None
         True
     """
     if precision not in PRECISIONS:
-        raise SettingsError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise SettingsError(f"precision must be one of "
+                            f"{', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
         if device.type == "cuda":
             precision = "bf16" if cuda_has_bf16() else "fp16"
         else:
             precision = "bf16" if cpu_has_bf16() else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    types = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    return types[precision]
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
     """``"bf16"``, ``"fp16"`` or ``"fp32"``."""
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
+    return names[dtype]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
-    """The context that computes in ``dtype`` on ``device`` (nothing for fp32)."""
+    """The context that computes in ``dtype`` on ``device`` (none: fp32)."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)

@@ -1,11 +1,11 @@
-"""Training: one step, one epoch, one validation, the learning-rate schedule, and :func:`fit`, the
-loop the training chapter runs. The production trainer (:mod:`~hipseg_lib.trainer`: several
-processes, resuming, a time limit) composes the same functions.
+"""Training: one step, one epoch, one validation, the learning-rate schedule,
+and :func:`fit`, the loop the training chapter runs. The production trainer
+(:mod:`~hipseg_lib.trainer`: several processes, resuming, a time limit)
+composes the same functions.
 """
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,19 +25,22 @@ from .model import ResUNet3D
 from .predictor import InferenceSettings, Predictor
 from .runtime import autocast, resolve_precision, seed_everything
 
-__all__ = ["make_loss", "training_step", "PolySchedule", "warmup_steps", "train_epoch", "validate",
-           "TrainingData", "prepare_data", "inference_settings", "NonFiniteLoss", "fit"]
+__all__ = ["make_loss", "training_step", "warmup_steps", "PolySchedule",
+           "train_epoch", "validate", "TrainingData", "prepare_data",
+           "inference_settings", "NonFiniteLoss", "fit", "epoch_line"]
 
 
 class NonFiniteLoss(HipsegError):
-    """The loss became NaN or infinite: the run stops; its checkpoints keep the last finite state."""
+    """The loss became NaN or infinite: the run stops; its checkpoints keep
+    the last finite state."""
 
 
 def make_loss(cfg: TrainConfig) -> DeepSupervisionLoss:
     """Soft Dice plus cross-entropy, on every head of the network."""
     heads = cfg.model.depth - 1 if cfg.model.deep_supervision else 1
-    return DeepSupervisionLoss(
-        DiceCELoss(NUM_CLASSES, dice_weight=cfg.dice_weight, ce_weight=cfg.ce_weight), heads)
+    dice_ce = DiceCELoss(NUM_CLASSES, dice_weight=cfg.dice_weight,
+                         ce_weight=cfg.ce_weight)
+    return DeepSupervisionLoss(dice_ce, heads)
 
 
 def training_step(network, loss_fn, optimizer, image, label,
@@ -51,19 +54,19 @@ def training_step(network, loss_fn, optimizer, image, label,
         outputs = network(image)                # 1. forward
     loss = loss_fn(outputs, label)              # 2. the loss, in fp32
     optimizer.zero_grad(set_to_none=True)       # 3. forget old gradients
-    if scaler is not None:                      # fp16: scaled so that small
-        loss = scaler.scale(loss)               #    gradients do not vanish
-    loss.backward()                             # 4. backward: the gradients
-    if scaler is not None:
+    if scaler is None:
+        loss.backward()                         # 4. backward: gradients
+    else:  # fp16: scaled, so that small gradients do not vanish
+        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
     if grad_clip > 0:                           # ... clipped to grad_clip
         params = [p for g in optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    if scaler is not None:
+    if scaler is None:
+        optimizer.step()                        # 5. the update
+    else:
         scaler.step(optimizer)                  # (skipped if fp16 overflowed)
         scaler.update()
-        return loss.detach() / scaler.get_scale()
-    optimizer.step()                            # 5. the update
     return loss.detach()
 
 
@@ -75,12 +78,11 @@ def warmup_steps(total: int) -> int:
 class PolySchedule:
     """The learning rate: a linear warm-up to the base rate, then a
     polynomial decay (power 0.9) to zero at the run's last step.
-
-    :meth:`replan` changes how many steps remain, so that a run shortened
-    by a time limit still decays to zero, with no jump.
+    :meth:`replan` changes how many steps remain, so that a run a time limit
+    shortens still decays to zero, with no jump.
 
     Example:
-        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1)
         >>> sched = PolySchedule(opt, total_steps=10, warmup=2)
         >>> for _ in range(10):
         ...     opt.step(); sched.step()
@@ -93,13 +95,13 @@ class PolySchedule:
         self.optimizer, self.power = optimizer, power
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.warmup = max(0, min(warmup, total_steps - 1))
-        self.steps = 0           # steps taken
-        self.progress = 0.0      # share of the decay done
+        self.steps = 0          # steps taken
+        self.progress = 0.0     # share of the decay done
         self.remaining = max(1, total_steps - self.warmup)  # decay steps left
         self._apply()
 
     def factor(self) -> float:
-        """The multiplier of the base learning rate for the next step."""
+        """The base learning rate's multiplier for the next step."""
         if self.steps < self.warmup:
             return (self.steps + 1) / self.warmup
         return max(0.0, 1.0 - self.progress) ** self.power
@@ -122,8 +124,8 @@ class PolySchedule:
             group["lr"] = base * self.factor()
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in
-                ("base_lrs", "warmup", "power", "steps", "progress", "remaining")}
+        return {k: getattr(self, k) for k in ("base_lrs", "warmup", "power",
+                                              "steps", "progress", "remaining")}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
@@ -134,8 +136,8 @@ class PolySchedule:
 def train_epoch(step: Callable, batches: TrainingBatches, epoch: int,
                 schedule: PolySchedule) -> torch.Tensor:
     """One pass over an epoch's batches: the training step on each, the
-    learning rate moved on after each. Returns the losses, left on the device
-    (read once, after the epoch, not once per step)."""
+    learning rate moved on after each. Returns the losses, left where they
+    are (on a GPU, read once after the epoch, not once a step)."""
     losses = []
     for image, label in batches.epoch(epoch):
         losses.append(step(image, label))
@@ -143,11 +145,12 @@ def train_epoch(step: Callable, batches: TrainingBatches, epoch: int,
     return torch.stack(losses).float()
 
 
-def validate(predictor: Predictor, volumes: Sequence[tuple[np.ndarray, np.ndarray]],
+def validate(predictor: Predictor,
+             volumes: Sequence[tuple[np.ndarray, np.ndarray]],
              loss_fn) -> tuple[np.ndarray, np.ndarray]:
-    """Each validation volume's Dice per class (on the network's grid; NaN
-    for a class in neither truth nor prediction), ``(volumes, C)``, and its
-    loss, ``(volumes,)``."""
+    """Each validation volume's Dice per class on the network's grid
+    (``(volumes, C)``; NaN for a class in neither truth nor prediction) and
+    its loss (``(volumes,)``)."""
     dice, losses = [], []
     for image, label in volumes:
         logp = predictor.grid_log_probabilities(image[None, None])
@@ -163,37 +166,40 @@ class TrainingData:
     """What a run trains and validates on."""
 
     batches: TrainingBatches
-    validation: list[tuple[np.ndarray, np.ndarray]]  # (image, label) on the grid
+    validation: list[tuple[np.ndarray, np.ndarray]]  # on the network's grid
 
 
-def prepare_data(cfg: TrainConfig, data_dir: str | os.PathLike,
-                 cache_dir: str | os.PathLike, device: torch.device,
+def prepare_data(cfg: TrainConfig, data_dir, cache_dir, device,
                  rank: int = 0, world: int = 1) -> TrainingData:
-    """The preprocessed volumes of ``data_dir`` (cached), the training ones
+    """The volumes of ``data_dir``, preprocessed (cached): the training ones
     as batches (patches and augmentation as ``cfg`` says), the validation
-    ones as arrays (each process takes every ``world``-th)."""
+    ones as arrays (each of ``world`` processes takes every world-th)."""
     vols = load_split_volumes(data_dir, cfg, cache_dir)
-    aug = augmentation_named(cfg.augmentation)
-    patch = RandomPatch(cfg.patch_shape, cfg.foreground_fraction) if cfg.patch_shape else None
-    batches = TrainingBatches(TrainingSet(vols["train"], device), cfg.batch_size, cfg.seed,
-                              aug, patch, rank, world)
+    patch = None
+    if cfg.patch_shape:
+        patch = RandomPatch(cfg.patch_shape, cfg.foreground_fraction)
+    batches = TrainingBatches(TrainingSet(vols["train"], device),
+                              cfg.batch_size, cfg.seed,
+                              augmentation_named(cfg.augmentation), patch,
+                              rank, world)
     return TrainingData(batches, [v.load() for v in vols["val"][rank::world]])
 
 
 def inference_settings(cfg: TrainConfig) -> InferenceSettings:
-    """How a network of this run predicts: mirrored along the axes it was
-    trained mirrored along, in windows of its patch size (if any)."""
+    """How a network of this run predicts: mirrored along the axes its
+    training mirrored, in windows of its patch size (if it had patches)."""
     aug = augmentation_named(cfg.augmentation)
-    return InferenceSettings(mirror_axes=aug.mirror_axes if aug else (), window=cfg.patch_shape)
+    return InferenceSettings(mirror_axes=aug.mirror_axes if aug else (),
+                             window=cfg.patch_shape)
 
 
-def fit(cfg: TrainConfig, data: TrainingData, out_dir: str | os.PathLike,
-        device: torch.device, precision: str = "auto",
-        log: Callable[[str], None] = print, network=None) -> list[dict]:
+def fit(cfg: TrainConfig, data: TrainingData, out_dir, device,
+        precision: str = "auto", log: Callable[[str], None] = print,
+        network: torch.nn.Module | None = None) -> list[dict]:
     """Train a :class:`~hipseg_lib.model.ResUNet3D` (or ``network``) for
-    ``cfg.epochs`` and keep the epoch of the best mean validation Dice as
-    ``new_model.pth`` (``last.pth``: the last epoch). Returns one record
-    per epoch."""
+    ``cfg.epochs``, keeping the epoch of the best mean validation Dice as
+    ``new_model.pth`` and the last as ``last.pth``. Returns one record per
+    epoch."""
     seed_everything(cfg.seed)
     network = (network or ResUNet3D(cfg.model)).to(device)
     optimizer = torch.optim.Adam(network.parameters(), lr=cfg.lr,
@@ -206,11 +212,12 @@ def fit(cfg: TrainConfig, data: TrainingData, out_dir: str | os.PathLike,
         return training_step(network, loss_fn, optimizer, image, label,
                              dtype, cfg.grad_clip)
 
-    # validation: one plain pass on the grid (no mirroring)
+    # validation: one plain pass (no mirroring) on the network's grid
     plain = InferenceSettings(mirror_axes=(), window=cfg.patch_shape)
-    backend = TorchBackend(network, device, precision, cfg.model.divisor)
+    backend = TorchBackend(network, device, precision)
     predictor = Predictor(backend, cfg.preprocessing, plain)
-    out, history, best = Path(out_dir), list[dict](), -1.0
+    out, best = Path(out_dir), -1.0
+    history: list[dict] = []
 
     def save(name: str, epoch: int) -> None:
         save_checkpoint(out / name, network, cfg.preprocessing,
@@ -228,20 +235,19 @@ def fit(cfg: TrainConfig, data: TrainingData, out_dir: str | os.PathLike,
                   "lr": optimizer.param_groups[0]["lr"]}
         last = epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.val_every == 0 or last:
-            dice_rows, val_losses = validate(predictor, data.validation,
-                                             loss_fn)
+            dice, val_losses = validate(predictor, data.validation, loss_fn)
             with np.errstate(all="ignore"):  # a class no volume has: NaN
-                record["val_dice"] = np.nanmean(dice_rows, axis=0).tolist()
+                record["val_dice"] = np.nanmean(dice, axis=0).tolist()
             record["val_loss"] = float(val_losses.mean())
         record["seconds"] = time.perf_counter() - start
         history.append(record)
         log(epoch_line(record, cfg.epochs))
         if "val_dice" in record:
-            dice = np.array(record["val_dice"][1:])  # the foreground classes
-            if np.nanmean(dice) > best:  # the best epoch so far: keep it
-                best = float(np.nanmean(dice))
+            organs = np.array(record["val_dice"][1:])  # the foreground
+            if np.nanmean(organs) > best:  # the best epoch so far: keep it
+                best = float(np.nanmean(organs))
                 save(BEST_NAME, epoch)
-            if cfg.early_stop_dice > 0 and np.nanmin(dice) >= cfg.early_stop_dice:
+            if 0 < cfg.early_stop_dice <= np.nanmin(organs):
                 last = True  # the seed project's rule: every class passed
         if last:
             save(LAST_NAME, epoch)
@@ -254,6 +260,7 @@ def epoch_line(record: dict, epochs: int) -> str:
     line = (f"epoch {record['epoch']}/{epochs} loss {record['loss']:.3f} "
             f"{record['seconds']:.0f} s")
     if "val_dice" in record:
-        dice = " ".join("nan" if math.isnan(d) else f"{d:.2f}" for d in record["val_dice"][1:])
+        dice = " ".join("nan" if math.isnan(d) else f"{d:.2f}"
+                        for d in record["val_dice"][1:])
         line += f" | val loss {record['val_loss']:.3f} Dice {dice}"
     return line

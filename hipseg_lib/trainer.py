@@ -24,7 +24,6 @@ import torch
 from . import BEST_NAME, LAST_NAME, HipsegError
 from .checkpoint import TorchBackend, read_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import with_planned_spacing
 from .distributed import CompiledOrEager, Dist, Launch
 from .model import ResUNet3D
 from .predictor import InferenceSettings, Predictor
@@ -144,7 +143,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
         dist_.main_first(lambda: check_run_folder(out, resume), then_others=False)
-        self.cfg = cfg = dist_.main_first(lambda: with_planned_spacing(cfg, data_dir))
+        self.cfg = cfg
         self.data = dist_.main_first(lambda: prepare_data(cfg, data_dir, options.cache_dir, self.device,
                                                           dist_.rank, dist_.world))
         if dist_.main:
@@ -168,7 +167,7 @@ class Trainer:
         self.step = partial(training_step, compiled, self.loss_fn, self.optimizer, dtype=self.dtype,
                             grad_clip=cfg.grad_clip, scaler=self.scaler)
         plain = InferenceSettings(mirror_axes=(), window=cfg.patch_shape)  # validation: one plain pass
-        backend = TorchBackend(self.network, self.device, options.precision, cfg.model.divisor)
+        backend = TorchBackend(self.network, self.device, options.precision)
         self.predictor = Predictor(backend, cfg.preprocessing, plain)
         self.stop_signal: str = ""
 

@@ -18,21 +18,20 @@ def test_nearest_label_copies_the_most_similar_image():
     images[3] = images[1]  # volume 3 looks exactly like volume 1
     labels = [np.full((2, 2, 2), k, np.uint8) for k in range(4)]
     labels[3] = labels[1].copy()
-    dice, copied = nearest_label_dice(images, labels, train_idx=[0, 1, 2], test_idx=[3])
+    dice, copied = nearest_label_dice(images, labels, pool=[0, 1, 2], test=[3])
     assert copied == [1] and dice == 1.0
 
 
 def test_the_split_leak_changes_only_the_pool_and_sibling_weeks_flatter(tiny_synth, tmp_path):
     vols = _volumes(tiny_synth, tmp_path)
     rows = split_leak_experiment(vols, split_seeds=range(5))
-    assert [r["repeat"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["seed"] for r in rows] == [0, 1, 2, 3, 4]
     for seed, r in zip(range(5), rows):
         assert r["test volumes"] == len(split_by_case(vols, seed=seed)["test"]), "the same test volumes"
     # the leak: with a test patient's other weeks in the pool, the copy-nearest model copies its own
     # patient and scores higher than from the training patients alone
     assert max(r["copied its own patient"] for r in rows) > 0
-    assert np.mean([r["siblings in the pool: Dice"] for r in rows]) > np.mean([r["split by patient: Dice"]
-                                                                               for r in rows])
+    assert np.mean([r["other weeks in the pool"] for r in rows]) > np.mean([r["split by patient"] for r in rows])
 
 
 def test_intensity_baseline_finds_background_but_not_organs(tiny_synth, tmp_path):

@@ -46,7 +46,7 @@ def test_cache_is_reused_and_invalidated(tmp_path):
     cache = tmp_path / "cache"
     prep = Preprocessing(target_shape=(8, 8, 4))
     v1 = cache_pairs(pairs, prep, cache)[0]
-    assert v1.spacing == (2.0, 2.0, 3.0) and v1.placement.grid == (8, 8, 4)
+    assert v1.box == ((0, 16), (0, 16), (0, 8)) and v1.grid_spacing == (4.0, 4.0, 6.0), "a 16x16x8 crop of 2x2x3 mm"
     img, lab = v1.load()
     assert img.shape == (8, 8, 4) and lab.dtype == np.uint8
     mtime = v1.image.stat().st_mtime_ns
@@ -125,7 +125,7 @@ def test_parallel_preprocessing_writes_the_same_bytes_as_serial(tmp_path):
     assert len(files) == 12 and files == sorted(f.name for f in (tmp_path / "parallel").iterdir())
     for name in files:
         assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "parallel" / name).read_bytes(), name
-    assert [v.placement for v in serial] == [v.placement for v in parallel]
+    assert [(v.box, v.grid_spacing) for v in serial] == [(v.box, v.grid_spacing) for v in parallel]
 
 
 def test_parallel_preprocessing_names_a_bad_file(tmp_path):

@@ -43,8 +43,7 @@ def test_find_pairs_csiro_layout_pairs_by_id_not_sort_order(tmp_path):
     assert [str(p.id) for p in s.pairs] == ["004_Week0", "004_Week1", "010_Week0"]
     for p in s.pairs:
         assert parse_volume_name(p.image)[0] == parse_volume_name(p.label)[0] == p.id
-    assert [x.name for x in s.unmatched] == ["Case_007_Week0_LFOV.nii.gz"]
-    assert "no matching label" in s.problems[0]
+    assert s.problems == ["semantic_MRs_anon/Case_007_Week0_LFOV.nii.gz: no matching label file"]
 
 
 def test_find_pairs_reshared_layout_skips_keras_slices(tmp_path):

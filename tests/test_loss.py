@@ -21,7 +21,7 @@ def test_absent_class_not_counted_in_dice_but_false_positives_cost():
     y = torch.zeros(1, 8, 8, 4, dtype=torch.long)
     y[:, 2:5, 2:5, :] = 1
     dice, present = soft_dice_per_class(_perfect_logits(y), y)
-    assert present.tolist() == [True, True, False, False, False, False]
+    assert present.tolist() == [[True, True, False, False, False, False]], "(samples, classes)"
     wrong = _perfect_logits(y)
     wrong[:, 5, 0, 0, 0] = 100.0  # one false-positive prostate voxel
     assert DiceCELoss(6)(wrong, y) > DiceCELoss(6)(_perfect_logits(y), y)
@@ -32,7 +32,7 @@ def test_known_value_dice_only():
     y = torch.tensor([[[[1, 1, 0, 0]]]])
     logits = _perfect_logits(torch.tensor([[[[1, 0, 1, 0]]]]), c=2, scale=50.0)
     dice, _ = soft_dice_per_class(logits, y)
-    torch.testing.assert_close(dice, torch.tensor([0.5, 0.5]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(dice, torch.tensor([[0.5, 0.5]]), atol=1e-4, rtol=0)
     loss = DiceCELoss(2, dice_weight=1.0, ce_weight=0.0)(logits, y)
     assert abs(loss.item() - 0.5) < 1e-4
 
@@ -45,7 +45,7 @@ def test_class_weights_and_validation():
     assert torch.isfinite(a) and torch.isfinite(b) and a != b
     with pytest.raises(ValueError, match="class_weights needs 3"):
         DiceCELoss(3, class_weights=[1.0])
-    with pytest.raises(ValueError, match="channels"):
+    with pytest.raises(ValueError, match="do not fit target"):
         DiceCELoss(4)(logits, y)
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hipseg_lib.metrics import average_surface_distance, dice_per_class, evaluate_case, hd95, iou_per_class, summarise
+from hipseg_lib.folders import summarise
+from hipseg_lib.metrics import average_surface_distance, dice_per_class, evaluate_case, hd95, iou_per_class
 
 
 def test_dice_iou_known_values_and_absent_class_is_nan():
@@ -121,10 +122,10 @@ def test_the_interval_resamples_patients_not_volumes():
 
     rng = np.random.default_rng(0)
     level = {"p1": 0.60, "p2": 0.75, "p3": 0.85, "p4": 0.95}
-    rows = [{"case": case, "metrics": {"dice": np.array([1.0, v + rng.normal(0, 0.005), 0.9])}}
+    rows = [{"case": case, "metrics": {"dice": np.array([1.0, v + rng.normal(0, 0.005), 0.9, 0.9, 0.9, 0.9])}}
             for case, v in level.items() for _ in range(5)]
-    rows += [{"case": "p4", "metrics": {"dice": np.array([1.0, 0.95, 0.9])}}]  # p4 has one more volume
-    body = per_patient_summary(rows, "dice", class_names=("background", "body", "bones"))["body"]
+    rows += [{"case": "p4", "metrics": {"dice": np.array([1.0, 0.95, 0.9, 0.9, 0.9, 0.9])}}]  # p4: one more
+    body = per_patient_summary(rows, "dice")["body"]
     volumes = np.array([[r["metrics"]["dice"][1]] for r in rows])
     v_low, v_high = bootstrap_interval(volumes)
     assert body["high"] - body["low"] > 1.5 * float(v_high[0] - v_low[0])

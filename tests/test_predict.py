@@ -7,7 +7,7 @@ import torch
 
 from hipseg_lib import HipsegError
 from hipseg_lib.checkpoint import load_model, load_predictor, read_checkpoint
-from hipseg_lib.evaluate import evaluate_folders
+from hipseg_lib.folders import evaluate_folders
 from hipseg_lib.io import find_pairs, load_volume
 from hipseg_lib.model import ModelConfig, ResUNet3D
 from hipseg_lib.predict import predict_files, prediction_name
@@ -169,29 +169,3 @@ def test_a_patch_trained_network_validates_and_predicts_in_windows(tiny_synth, t
     written = predict_files(predictor, [image], tmp_path / "out")
     assert len(written) == 1 and nib.load(written[0]).shape == load_volume(image).shape
     assert seen and set(seen) == {(8, 8, 8)}, "prediction ran in windows of the patch size"
-
-
-def test_a_model_trained_on_a_planned_spacing_predicts_on_each_scans_own_grid(tiny_synth, tmp_path):
-    """resample="spacing": training plans the grid's voxel size from the training scans and stores it
-    in the checkpoint; prediction resamples each scan to it and back, to the scan's own shape, in
-    either orientation."""
-    from hipseg_lib.config import make_config
-    from hipseg_lib.data import plan_target_spacing, split_folder, with_planned_spacing
-    from hipseg_lib.train import fit, prepare_data
-
-    cfg = with_planned_spacing(make_config("smoke", target_shape=(32, 32, 16), base_channels=4, depth=3, epochs=1,
-                                           resample="spacing"), tiny_synth)
-    data = prepare_data(cfg, tiny_synth, tmp_path / "cache", torch.device("cpu"))
-    fit(cfg, data, tmp_path / "m", torch.device("cpu"), "fp32", log=lambda s: None)
-    predictor = load_predictor(tmp_path / "m" / "new_model.pth", "cpu")
-    prep = predictor.preprocessing
-    planned = plan_target_spacing(split_folder(tiny_synth)["train"], cfg.preprocessing)
-    assert prep.resample == "spacing" and prep.target_spacing == planned
-    vol = load_volume(find_pairs(tiny_synth).pairs[0].image)
-    probs = predictor.probabilities(vol.array, vol.affine)
-    assert probs.shape == (6, *vol.shape) and np.allclose(probs.sum(0), 1, atol=1e-4)
-    pred = predictor.labels(vol.array, vol.affine)
-    ras = vol.affine.copy()
-    ras[:, 0] *= -1
-    ras[:, 1] *= -1
-    np.testing.assert_array_equal(predictor.labels(vol.array[::-1, ::-1].copy(), ras), pred[::-1, ::-1])
