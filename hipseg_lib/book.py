@@ -21,6 +21,7 @@ from ._atomic import atomic_path
 from .locations import ensure_default_dataset, project_root
 
 __all__ = ["chapters", "BookPlan", "run_book", "execute_chapter", "build_html", "write_landing", "publishing_config",
+           "check_answer",
            "start_here"]
 
 
@@ -347,3 +348,44 @@ def run_book(plan: BookPlan | None = None, *, build: bool = True, root: Path | N
     html = build_html(stage, build_dir.parent if build_dir.name == "_build" else build_dir)
     log(f"book built in {time.perf_counter() - total:.0f} s: {html / 'index.html'}")
     return html
+
+
+def _same(got, want, tolerance: float) -> bool:
+    """Whether two results agree: arrays, tensors and numbers to ``tolerance``, tuples and lists
+    element by element, anything else by ``==``."""
+    import numpy as np
+
+    if isinstance(want, (tuple, list)):
+        return isinstance(got, (tuple, list)) and len(got) == len(want) and all(
+            _same(g, w, tolerance) for g, w in zip(got, want))
+    if hasattr(want, "detach"):  # a torch tensor
+        want = want.detach().cpu().numpy()
+    if hasattr(got, "detach"):
+        got = got.detach().cpu().numpy()
+    if isinstance(want, (np.ndarray, float, int, np.number)):
+        got, want = np.asarray(got, dtype=float), np.asarray(want, dtype=float)
+        return got.shape == want.shape and bool(np.allclose(got, want, atol=tolerance, rtol=0, equal_nan=True))
+    return bool(got == want)
+
+
+def check_answer(yours, answer, reference, cases, tolerance: float = 1e-6) -> bool:
+    """An exercise's check: ``yours`` (the reader's function) beside ``reference`` (the library's) on each of
+    ``cases`` (argument tuples); prints ``pass`` or the first case where they differ, and returns whether
+    they agree. While ``yours`` still raises ``NotImplementedError``, ``answer`` (the chapter's folded
+    answer) is checked in its place and the output says so."""
+    name = getattr(yours, "__name__", "your function")
+    library = getattr(reference, "__qualname__", "the library's")
+    try:
+        yours(*cases[0])
+        checked = yours
+        print(f"checking your {name} against {library}")
+    except NotImplementedError:
+        checked = answer
+        print(f"{name} is not written yet: checking the folded answer")
+    for k, args in enumerate(cases, 1):
+        got, want = checked(*args), reference(*args)
+        if not _same(got, want, tolerance):
+            print(f"FAIL on case {k} of {len(cases)}:\n  it gives {got!r}\n  {library} gives {want!r}")
+            return False
+    print(f"pass: {len(cases)} of {len(cases)} cases agree with {library}")
+    return True

@@ -65,7 +65,7 @@ class TrainConfig:
     foreground_fraction: float = 0.33
     batch_size: int = 1
     epochs: int = 16
-    lr: float = 2e-3
+    lr: float = 5e-3
     weight_decay: float = 1e-5
     grad_clip: float = 5.0
     dice_weight: float = 1.0
@@ -158,8 +158,8 @@ PRESETS: dict[str, dict] = {
     # seconds: for tests and a first look
     "smoke": dict(target_shape=(32, 32, 16), base_channels=4, depth=3,
                   batch_size=2, epochs=2, augmentation="nnunet"),
-    # 2 CPU cores: TrainConfig's defaults (chosen on the validation
-    # patients: benchmarks/results/cpu_preset_validation.md)
+    # 2 CPU cores: TrainConfig's defaults, chosen on the validation patients
+    # (the measurements: benchmarks/results/cpu_preset.md)
     "cpu": {},
     # one modern GPU at the seed's scale: the body crop near the scans' own
     # resolution, batch 2, nnU-Net's augmentation, 600 epochs
