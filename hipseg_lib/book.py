@@ -21,7 +21,7 @@ from ._atomic import atomic_path
 from .locations import ensure_default_dataset, project_root
 
 __all__ = ["chapters", "BookPlan", "run_book", "execute_chapter", "build_html", "write_landing", "publishing_config",
-           "check_answer",
+           "check_answer", "version_banner",
            "start_here"]
 
 
@@ -389,3 +389,19 @@ def check_answer(yours, answer, reference, cases, tolerance: float = 1e-6) -> bo
             return False
     print(f"pass: {len(cases)} of {len(cases)} cases agree with {library}")
     return True
+
+
+def version_banner() -> str:
+    """The versions a build ran with, on two lines (the appendix prints it)."""
+    import platform
+
+    import matplotlib
+    import nibabel
+    import numpy
+    import torch
+
+    from . import __version__
+
+    first = [f"python {platform.python_version()}", f"torch {torch.__version__}", f"nibabel {nibabel.__version__}"]
+    second = [f"numpy {numpy.__version__}", f"matplotlib {matplotlib.__version__}", f"hipseg {__version__}"]
+    return " | ".join(first) + "\n" + " | ".join(second)

@@ -22,7 +22,7 @@ from .preprocess import Preprocessing
 from .runtime import autocast, resolve_device, resolve_precision
 
 __all__ = ["FORMAT", "save_checkpoint", "read_checkpoint", "load_model",
-           "LoadedModel", "TorchBackend", "load_predictor"]
+           "LoadedModel", "TorchBackend", "load_predictor", "store_inference"]
 
 FORMAT = "hipseg-checkpoint-v3"
 
@@ -140,3 +140,13 @@ def load_predictor(path, device: str = "auto", precision: str = "auto",
     settings = InferenceSettings(**{**loaded.inference.to_dict(), **changes})
     backend = TorchBackend(loaded.network, dev, precision)
     return Predictor(backend, loaded.preprocessing, settings)
+
+
+def store_inference(path, settings: InferenceSettings) -> None:
+    """Write ``settings`` into a checkpoint: how its network predicts from
+    now on (``hipseg predict``, an export). Chapter 5 stores the options
+    its validation patients chose."""
+    ckpt = read_checkpoint(path)
+    ckpt["inference"] = settings.to_dict()
+    with atomic_path(Path(path)) as tmp:
+        torch.save(ckpt, tmp)

@@ -12,7 +12,12 @@ from . import CLASS_NAMES
 from .calibration import organ_uncertainty, reliability_counts
 from .io import Pair, load_pair
 from .metrics import evaluate_case, patient_table
-from .predictor import InferenceSettings, Predictor, entropy, labels_from_probabilities
+from .predictor import (
+    InferenceSettings,
+    Predictor,
+    entropy,
+    labels_from_probabilities,
+)
 
 __all__ = ["VARIANTS", "compare_inference", "inference_table",
            "choose_inference", "chosen_settings", "postprocessing_changes",

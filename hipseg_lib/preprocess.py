@@ -12,7 +12,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
 import numpy as np
-from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from nibabel.orientations import (
+    apply_orientation,
+    axcodes2ornt,
+    io_orientation,
+    ornt_transform,
+)
 from scipy import ndimage
 
 from . import HipsegError, SettingsError

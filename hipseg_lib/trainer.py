@@ -234,34 +234,37 @@ class Trainer:
                  f"{self.cfg.batch_size}, grid {self.cfg.preprocessing.target_shape}")
 
     def epochs(self) -> str:
-        """The epochs from where the run stands; returns why it stopped. The run's last epoch is always
-        validated, however it ends, so that its best checkpoint exists."""
+        """The epochs from where the run stands; returns why it stopped. The
+        run's last epoch is always validated, however it ends, so that its
+        best checkpoint exists."""
         cfg, state = self.cfg, self.state
         steps = self.data.batches.steps_per_epoch
-        bar = None
-        if self.progress and self.dist.main:
-            from .progress import progress
-            bar = progress(total=(state.planned - state.start_epoch) * steps, unit="epoch step", leave=True)
+        bar = self._bar((state.planned - state.start_epoch) * steps)
         stop = ""
         for epoch in range(state.start_epoch, cfg.epochs):
             t = time.perf_counter()
             self.network.train()
-            losses = self.dist.sum(train_epoch(self.step, self.data.batches, epoch, self.schedule)) / self.dist.world
-            record = self._epoch_record(epoch, losses.cpu(), time.perf_counter() - t)
-            last = epoch + 1 == cfg.epochs
-            validated = (epoch + 1) % cfg.val_every == 0 or last
+            losses = train_epoch(self.step, self.data.batches, epoch,
+                                 self.schedule)
+            losses = self.dist.sum(losses) / self.dist.world  # every rank's
+            record = self._epoch_record(epoch, losses.cpu(),
+                                        time.perf_counter() - t)
+            validated = (epoch + 1) % cfg.val_every == 0 \
+                or epoch + 1 == cfg.epochs
             if validated:
                 stop = self._validate(record)
             record["wall_seconds"] = time.perf_counter() - t
             state.history.append(record)
-            limit = self._replan(epoch)
-            if limit and not validated:  # the shortened run ends here: validate its last weights
+            limit = self._replan(epoch)  # the time limit
+            if limit and not validated:  # a shortened run's last epoch
                 stop = self._validate(record) or stop
                 validated = True
             stop = stop or limit or self.stop_signal
             record["planned_epochs"] = state.planned
             self._check_weights(epoch)
-            self._save(record, validated or bool(stop) or self.options.save_every_epoch, bool(stop))
+            write_last = validated or bool(stop) or \
+                self.options.save_every_epoch
+            self._save(record, write_last, bool(stop))
             if bar is not None:
                 bar.update(steps)
             if stop:
@@ -269,8 +272,16 @@ class Trainer:
         if bar is not None:
             bar.close()
         stop = stop or f"planned {cfg.epochs} epochs done"
-        self.say(("WARNING: " if state.planned < cfg.epochs else "") + f"stopped: {stop}")
+        warn = "WARNING: " if state.planned < cfg.epochs else ""
+        self.say(f"{warn}stopped: {stop}")
         return stop
+
+    def _bar(self, total: int):
+        """A progress bar for the whole run (rank 0, when asked for)."""
+        if not (self.progress and self.dist.main):
+            return None
+        from .progress import progress
+        return progress(total=total, unit="step", leave=True)
 
     def _epoch_record(self, epoch: int, losses: torch.Tensor, seconds: float) -> dict:
         bad = (~torch.isfinite(losses)).nonzero()
