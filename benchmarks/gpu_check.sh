@@ -4,6 +4,11 @@
 # folder on PYTHONPATH first; the repository itself is on PYTHONPATH, so hipseg_lib needs no install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# On a lent GPU machine only $OUT comes back: the log goes there beside the results.
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+fi
 PY=${GPU_PYTHON:-}
 if [ -z "$PY" ]; then
   for cand in /opt/torch/.venv/bin/python3 .venv/bin/python python3; do

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 DEST=${1:-.gpu-wheels}
 PY=${GPU_PYTHON_VERSION:-3.12}
 mkdir -p "$DEST"
-# papermill, ipykernel, nibabel, MONAI and batchgeneratorsv2 (bench_loader's nnU-Net rows) with everything they import that the machine lacks
+# papermill, ipykernel, nibabel and MONAI with everything they import that the machine lacks
+# (IPython 9.18 needs no decorator: its metadata lists none; pygments comes with pytest)
 # (versions as in requirements.txt / .venv; aiohttp is papermill's dependency on Python >= 3.12).
 PKGS=(
   nibabel==5.4.2 papermill==2.7.0 nbclient==0.11.0 nbformat==5.11.1 jupyter-client==8.10.0
@@ -22,7 +23,6 @@ PKGS=(
   charset-normalizer==3.5.3 certifi==2026.10.19.post1 entrypoints==0.4.2 tenacity==9.2.1
   aiohttp aiohappyeyeballs aiosignal frozenlist multidict propcache yarl
   monai==1.6.1
-  batchgeneratorsv2==0.3.6 scikit-image==0.26.0 lazy_loader==0.6 imageio==2.38.1 tifffile==2026.3.3 networkx==3.6.1
 )
 python3 -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
   --python-version "$PY" --implementation cp --platform manylinux2014_x86_64 \

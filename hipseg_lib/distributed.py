@@ -89,20 +89,21 @@ class CompiledOrEager:
     def _warm_up(self, x: torch.Tensor) -> None:
         assert self.compiled is not None
         ok = True
-        try:
-            out = self.compiled(x)
-            if out.requires_grad:
-                out.float().sum().backward()
-        except (torch.OutOfMemoryError, KeyboardInterrupt):
-            raise
-        except Exception as exc:  # noqa: BLE001 - a compiler's failure comes in many types
-            if "CUDA" in str(exc) or "cuda" in type(exc).__name__.lower():
-                raise
-            warnings.warn(f"torch.compile failed ({first_line(exc, 200)}); running eager", stacklevel=3)
-            ok = False
-        finally:
-            for p in self.net.parameters():
-                p.grad = None
+        # the warm-up's dropout draws are put back: a compiled run draws what an eager one does
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            try:
+                out = self.compiled(x)
+                if out.requires_grad:
+                    out.float().sum().backward()
+            except (torch.OutOfMemoryError, torch.AcceleratorError, KeyboardInterrupt):
+                raise  # the device's failures, not the compiler's
+            except Exception as exc:  # noqa: BLE001 - a compiler's failure comes in many types
+                warnings.warn(f"torch.compile failed ({first_line(exc, 200)}); running eager", stacklevel=3)
+                ok = False
+            finally:
+                for p in self.net.parameters():
+                    p.grad = None
         if self.agree is not None:
             ok = bool(self.agree(int(ok)))
         if not ok:

@@ -28,9 +28,11 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import nibabel as nib
@@ -705,7 +707,9 @@ def make_dataset(out: str | os.PathLike, seed: int = 0, cases: int = 30,
             j["out"] = str(tmp)
         workers = workers or min(os.cpu_count() or 1, len(jobs))
         if workers > 1:
-            with ProcessPoolExecutor(workers) as pool:
+            torch = sys.modules.get("torch")  # synth never imports it; its caller may have
+            start = "spawn" if torch is not None and torch.cuda.is_initialized() else None
+            with ProcessPoolExecutor(workers, get_context(start)) as pool:  # a fork cannot use CUDA
                 list(pool.map(_write_case, jobs))
         else:
             for j in jobs:

@@ -229,7 +229,8 @@ class Trainer:
 
     def _announce(self) -> None:
         n_params = sum(p.numel() for p in self.network.parameters())
-        self.say(f"training {n_params / 1e6:.2f} M parameters on {self.device} x {self.dist.world}, "
+        group = f" ({self.dist.backend})" if self.dist.enabled else ""
+        self.say(f"training {n_params / 1e6:.2f} M parameters on {self.device} x {self.dist.world}{group}, "
                  f"{precision_name(self.dtype)}; {len(self.data.batches.train_set)} training volumes, batch "
                  f"{self.cfg.batch_size}, grid {self.cfg.preprocessing.target_shape}")
 
@@ -298,7 +299,9 @@ class Trainer:
 
     def _validate(self, record: dict) -> str:
         """Validate (each process its share of the volumes), record it; returns why to stop, or ""."""
+        start = time.perf_counter()
         dice_rows, losses = validate(self.predictor, self.data.validation, self.loss_fn)
+        record["val_seconds"] = time.perf_counter() - start
         everyone = self.dist.gather((dice_rows.tolist(), losses.tolist()))
         dice = mean_over_volumes([row for rows, _ in everyone for row in rows])
         record["val_dice"] = dice
@@ -354,10 +357,12 @@ class Trainer:
                      scaler_state=self.scaler.state_dict() if self.scaler is not None else {},
                      rng_states=rng, planned_epochs=state.planned, stopped=stopping)
         keep = dict(preprocessing=cfg.preprocessing, inference=inference_settings(cfg))
+        start = time.perf_counter()
         if write_last:
             save_checkpoint(self.out / LAST_NAME, self.network, **keep, **extra)
         if record.get("improved"):
             save_checkpoint(self.out / BEST_NAME, self.network, **keep, **extra)
+        record["save_seconds"] = time.perf_counter() - start
         write_log(self.out, state.history)
         self.log(_epoch_line(record, state.planned))
 

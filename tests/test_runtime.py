@@ -38,7 +38,7 @@ def test_a_backward_that_fails_to_compile_falls_back_to_eager_and_leaves_no_grad
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
-                                   RuntimeError("CUDA error: an illegal memory access was encountered")])
+                                   torch.AcceleratorError("CUDA error: an illegal memory access was encountered")])
 def test_memory_and_cuda_errors_are_raised_not_taken_for_a_compile_failure(monkeypatch, error):
     def broken(x):
         raise error
@@ -46,6 +46,17 @@ def test_memory_and_cuda_errors_are_raised_not_taken_for_a_compile_failure(monke
     _compile_to(monkeypatch, broken)
     with pytest.raises(type(error), match="CUDA"):
         CompiledOrEager(nn.Linear(2, 2))(torch.randn(3, 2))
+
+
+def test_the_warm_up_puts_back_the_random_numbers_it_drew(monkeypatch):
+    """A compiled run with dropout draws what an eager run draws: the warm-up's draws are undone."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    _compile_to(monkeypatch, lambda x: net(x))
+    guarded = CompiledOrEager(net)
+    torch.manual_seed(0)
+    compiled = guarded(torch.ones(2, 4))
+    torch.manual_seed(0)
+    assert torch.equal(compiled, net(torch.ones(2, 4)))
 
 
 def test_every_process_takes_the_same_road(monkeypatch):

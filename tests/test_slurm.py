@@ -116,7 +116,7 @@ def _submit(slurm_env: dict, script: str, folder: Path, data: Path, extra: list[
 def test_the_multi_node_script_trains_two_processes_through_torchrun(slurm, tiny_synth, tmp_path):
     """srun starts torchrun with a rendezvous taken from Slurm's node list; two processes (gloo)
     train, and the job's folder holds the checkpoints and the log of both ranks' steps."""
-    run = _submit(slurm, "train_multi_node.sbatch", tmp_path, tiny_synth, ["--nodes=1", "--gpus-per-node=0"],
+    run = _submit(slurm, "train_multi_node.sbatch", tmp_path, tiny_synth, ["--nodes=1", "--gres=none"],
                   GPUS_PER_NODE="2", MASTER_PORT=str(_free_port()), HIPSEG_ARGS="--device cpu --epochs 2 --quiet")
     assert {"new_model.pth", "last.pth", "train_log.jsonl", "job.out"} <= {p.name for p in run.iterdir()}
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
