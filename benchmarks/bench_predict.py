@@ -1,4 +1,4 @@
-"""Peak memory and time of `predict_array` on a large scan, per inference option (CPU path), and
+"""Peak memory and time of `Predictor.labels` on a large scan, per inference option (CPU path), and
 of the same network exported to ONNX and run by ONNX Runtime without torch (`hipseg predict --model`).
 
 Each configuration runs in its own process, so that its peak resident memory (ru_maxrss) is its
@@ -26,24 +26,24 @@ from provenance import cpu_model, markdown_line, provenance  # noqa: E402
 
 from hipseg_lib.cli import shape_type  # noqa: E402
 
-# name: (Predictor settings, memory the network may use in GB; None = what is free)
-OPTIONS = {"plain": (dict(tta=False, postprocess=False), None),
-           "TTA": (dict(tta=True, postprocess=False), None),
-           "TTA + post-processing": (dict(tta=True, postprocess=True), None),
-           "TTA, windows": (dict(tta=True, postprocess=False), 0),  # 0: windows of half the grid
+# name: (Predictor settings, whether to predict in windows of half the grid)
+OPTIONS = {"plain": (dict(mirror_axes=(), postprocess=False), False),
+           "TTA": (dict(mirror_axes=(0,), postprocess=False), False),
+           "TTA + post-processing": (dict(mirror_axes=(0,), postprocess=True), False),
+           "TTA, windows": (dict(mirror_axes=(0,), postprocess=False), True),
            # the same network exported by `hipseg export`, run by ONNX Runtime in a process without torch
-           "ONNX Runtime: TTA + post-processing": (dict(tta=True, postprocess=True), None)}
+           "ONNX Runtime: TTA + post-processing": (dict(mirror_axes=(0,), postprocess=True), False)}
 
 
 def one_onnx(model_path: str, option: str, shape: tuple[int, int, int]) -> dict:
     sys.modules["torch"] = None  # as on a PC without PyTorch: importing it fails
     import numpy as np
 
-    from hipseg_lib.predictor import InferenceSettings, Predictor
+    from hipseg_lib.predict import onnx_predictor
     from hipseg_lib.synth import SynthSpec, make_case_anatomy, render_volume
 
     options, _ = OPTIONS[option]
-    predictor = Predictor.from_export(model_path, InferenceSettings(**options))
+    predictor = onnx_predictor(model_path, **options)
     model = predictor.backend
     spec = SynthSpec(shape=shape, spacing=(1.4, 1.4, 2.5))
     rng = np.random.default_rng(0)
@@ -66,10 +66,12 @@ def export_random(preset_name: str, folder: Path) -> Path:
     from hipseg_lib.config import make_config
     from hipseg_lib.export import export_model
     from hipseg_lib.model import ResUNet3D
+    from hipseg_lib.train import inference_settings
 
     cfg = make_config(preset_name)
     torch.manual_seed(0)
-    ckpt = save_checkpoint(folder / f"{preset_name}.pth", ResUNet3D(cfg.model).eval(), cfg.model, cfg.preprocessing)
+    ckpt = folder / f"{preset_name}.pth"
+    save_checkpoint(ckpt, ResUNet3D(cfg.model).eval(), cfg.preprocessing, inference_settings(cfg))
     return export_model(ckpt, "onnx", folder)[0]
 
 
@@ -77,26 +79,25 @@ def one(preset_name: str, option: str, shape: tuple[int, int, int]) -> dict:
     import numpy as np
     import torch
 
+    from hipseg_lib.checkpoint import TorchBackend
     from hipseg_lib.config import make_config
-    from hipseg_lib.cpu_kernels import use_cpu_kernels
     from hipseg_lib.model import ResUNet3D
-    from hipseg_lib.predict import TorchBackend
     from hipseg_lib.predictor import InferenceSettings, Predictor
     from hipseg_lib.synth import SynthSpec, make_case_anatomy, render_volume
 
     torch.set_num_threads(2)
     cfg = make_config(preset_name)
-    model = use_cpu_kernels(ResUNet3D(cfg.model).eval())  # as a checkpoint loads on a CPU
+    model = ResUNet3D(cfg.model).eval()
     spec = SynthSpec(shape=shape, spacing=(1.4, 1.4, 2.5))
     rng = np.random.default_rng(0)
     image, _ = render_volume(make_case_anatomy(rng), spec, rng)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    options, memory_gb = OPTIONS[option]
-    memory = None if memory_gb is None else int(memory_gb * 2**30)
+    options, windows = OPTIONS[option]
+    window = tuple(s // 2 for s in cfg.preprocessing.target_shape) if windows else None
     for _ in range(2):  # the second call is timed: the first also sets up oneDNN's kernels
         start = time.perf_counter()
         predictor = Predictor(TorchBackend(model, "cpu"), cfg.preprocessing,
-                              InferenceSettings(memory_bytes=memory, **options))
+                              InferenceSettings(window=window, **options))
         label = predictor.labels(image, spec.affine)
         seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -135,7 +136,7 @@ def main() -> int:
                 return 1
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    lines = [f"# predict_array on one {shape[0]}x{shape[1]}x{shape[2]} scan, CPU ({cpu_model()}, "
+    lines = [f"# Predictor.labels on one {shape[0]}x{shape[1]}x{shape[2]} scan, CPU ({cpu_model()}, "
              f"{os.cpu_count()} cores, 2 threads)", "", markdown_line(provenance()), "",
              "Peak resident memory of the whole process (Python, torch or ONNX Runtime, and the model included); "
              "random weights; "

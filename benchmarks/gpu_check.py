@@ -408,8 +408,8 @@ def stage_resume(ctx: Context, out: dict) -> None:
     run_child(ctx, _train_cmd(ctx, again), "hipseg train")
     a, b, c = (read_checkpoint(p / "last.pth")["model_state"] for p in (straight, again, killed))
     noise, gap = _max_difference(a, b), _max_difference(a, c)
-    out["two uninterrupted runs differ by (max |w|)"] = noise
-    out["resumed run differs from the uninterrupted by"] = gap
+    out["two uninterrupted runs: largest weight difference"] = noise
+    out["resumed against uninterrupted: largest weight difference"] = gap
     allowed = RESUME_NOISE_FACTOR * noise + RESUME_FLOOR
     out["resumed within the noise"] = gap <= allowed
     if gap > allowed:

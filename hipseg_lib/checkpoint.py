@@ -9,7 +9,7 @@ from __future__ import annotations
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -36,10 +36,11 @@ def save_checkpoint(path, network: torch.nn.Module,
     The file is written whole or not at all (a temporary file, then
     renamed): a process killed at any moment leaves the previous file.
     """
-    net = cast(ResUNet3D, getattr(network, "module", network))  # DDP's
+    net = getattr(network, "module", network)  # DDP's
+    config = getattr(net, "config", None)  # None: not a ResUNet3D
     payload = {"format": FORMAT, "library_version": __version__,
                "class_names": list(CLASS_NAMES),
-               "model_config": net.config.to_dict(),
+               "model_config": config.to_dict() if config else None,
                "preprocessing": preprocessing.to_dict(),
                "inference": inference.to_dict(),
                "model_state": {k: v.detach().cpu()

@@ -72,8 +72,8 @@ def test_dry_run_with_a_failing_stage_keeps_every_other_stage(tmp_path):
     assert len(fig["chapters"]["test Dice per patient (3 epochs: not a result)"].split()) == 5
     resume = fig["resume"]
     assert resume["resumed within the noise"] is True
-    assert resume["two uninterrupted runs differ by (max |w|)"] == 0.0, "the CPU is deterministic"
-    assert resume["resumed run differs from the uninterrupted by"] == 0.0
+    assert resume["two uninterrupted runs: largest weight difference"] == 0.0, "the CPU is deterministic"
+    assert resume["resumed against uninterrupted: largest weight difference"] == 0.0
     assert fig["torchrun"]["torchrun"].startswith("ok: gloo on cpu, world size 1")
     assert "monai-UNet" in fig["models"]["table"] and "hipseg-ResUNet3D" in fig["models"]["table"]
     assert (tmp_path / "work" / "executed" / "04_training.ipynb").exists()
