@@ -3,8 +3,8 @@ need spatial context) and a copy-the-nearest-label model (letting a test
 patient's other weeks into training flatters a model)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

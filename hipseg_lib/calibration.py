@@ -4,7 +4,7 @@ error), and a signal per scan (how unsure the network is inside an organ it
 predicts, against that organ's Dice)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -9,8 +9,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from . import BEST_NAME, HipsegError, OutputExists, __version__
 

@@ -43,7 +43,7 @@ class Launch:
     restart: int = 0
 
     @classmethod
-    def from_environment(cls, env=None) -> "Launch":
+    def from_environment(cls, env=None) -> Launch:
         env = os.environ if env is None else env
         world = int(env.get("WORLD_SIZE", "1"))
         run_id = env.get("TORCHELASTIC_RUN_ID")
@@ -76,7 +76,7 @@ class CompiledOrEager:
         if enabled:
             try:
                 self.compiled = torch.compile(net)
-            except Exception as exc:  # noqa: BLE001 - any failure to build means: run eager
+            except Exception as exc:
                 warnings.warn(f"torch.compile unavailable ({first_line(exc, 200)}); running eager", stacklevel=2)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +98,7 @@ class CompiledOrEager:
                     out.float().sum().backward()
             except (torch.OutOfMemoryError, torch.AcceleratorError, KeyboardInterrupt):
                 raise  # the device's failures, not the compiler's
-            except Exception as exc:  # noqa: BLE001 - a compiler's failure comes in many types
+            except Exception as exc:
                 warnings.warn(f"torch.compile failed ({first_line(exc, 200)}); running eager", stacklevel=3)
                 ok = False
             finally:

@@ -3,7 +3,7 @@ tables the field reports: foreground classes, over patients, with intervals
 (:mod:`~hipseg_lib.metrics`)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

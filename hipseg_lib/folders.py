@@ -3,8 +3,8 @@ week in their names, and the tables the command prints (per volume and per patie
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -4,7 +4,7 @@ decides them, and how reliable each option's probabilities are."""
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -9,7 +9,7 @@ scores Dice 0 and the volume's diagonal as its distances (the worst value).
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage

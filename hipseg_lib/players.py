@@ -4,7 +4,7 @@ live ipywidgets viewer for a running kernel.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -84,7 +84,7 @@ def static_slider(image: np.ndarray, labels: Sequence[np.ndarray | None] = (None
     def update(k):
         for (im, lab_art), lab in zip(artists, labels):
             im.set_data(_plane(image, 2, k))
-            if lab_art is not None:
+            if lab_art is not None and lab is not None:
                 lab_art.set_data(overlay_rgba(_plane(lab, 2, k), lab_art.hipseg_alpha))
         caption.set_text(captions[k])
         return []

@@ -8,8 +8,8 @@ torch-free prediction path (an exported model) runs it too.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Sequence
 
 import numpy as np
 from nibabel.orientations import (

@@ -3,7 +3,7 @@ turning (a JavaScript player that needs no kernel).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 import matplotlib.pyplot as plt

@@ -598,7 +598,7 @@ def _smooth_noise(rng: np.random.Generator, shape, sigma) -> np.ndarray:
     return field / np.float32(field.std(dtype=np.float64) + 1e-6)  # float64: the same on every CPU
 
 
-def _acquire(tissue, kind, spec: SynthSpec, cv: "_Frame", anat: dict, rng: np.random.Generator) -> np.ndarray:
+def _acquire(tissue, kind, spec: SynthSpec, cv: _Frame, anat: dict, rng: np.random.Generator) -> np.ndarray:
     """Texture, fat septa in muscle, partial-volume blur, bias field and Rician noise."""
     vox = np.array(spec.spacing)
     muscle = kind == TISSUES.index("muscle")
@@ -624,18 +624,18 @@ def _acquire(tissue, kind, spec: SynthSpec, cv: "_Frame", anat: dict, rng: np.ra
 
 
 def _case_specs(n_cases: int, weeks_range: tuple[int, int], shape, rng) -> list[dict]:
-    X, Y, Z = shape
-    deep = int(round(Z * 144 / 128))
+    nx, ny, nz = shape
+    deep = int(round(nz * 144 / 128))
     cases = []
     for i in range(n_cases):
-        depth = deep if rng.random() < 0.2 else Z
-        sxy = float(rng.uniform(1.7, 1.9)) * 256 / X
-        sz = float(rng.uniform(1.5, 2.5)) * 128 / Z
-        if depth != Z:
-            sz = sz * Z / depth * 1.05
+        depth = deep if rng.random() < 0.2 else nz
+        sxy = float(rng.uniform(1.7, 1.9)) * 256 / nx
+        sz = float(rng.uniform(1.5, 2.5)) * 128 / nz
+        if depth != nz:
+            sz = sz * nz / depth * 1.05
         n_weeks = int(rng.integers(weeks_range[0], weeks_range[1] + 1))
         weeks = sorted(rng.choice(np.arange(8), size=n_weeks, replace=False).tolist())
-        cases.append({"case": f"{4 + i * 3:03d}", "shape": (X, Y, depth), "spacing": (sxy, sxy, sz),
+        cases.append({"case": f"{4 + i * 3:03d}", "shape": (nx, ny, depth), "spacing": (sxy, sxy, sz),
                       "weeks": weeks, "seed": int(rng.integers(2**31))})
     return cases
 

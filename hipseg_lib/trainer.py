@@ -13,10 +13,10 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -216,7 +216,7 @@ class Trainer:
                 result.history, result.stopped_because = self.state.history, "already complete"
                 return result
             self._announce()
-            with _signals_stop(self):
+            with _SignalsStop(self):
                 result.stopped_because = self.epochs()
             result.history = self.state.history
             if not (self.out / BEST_NAME).exists():
@@ -378,7 +378,7 @@ class RunState:
     best_dice: list | None = None
 
 
-class _signals_stop:
+class _SignalsStop:
     """While a run trains, SIGUSR1 and SIGTERM (a batch system's warning before its time limit) end it
     after the current epoch, with ``last.pth`` written: ``--resume`` continues from there."""
 

@@ -8,7 +8,8 @@ in :mod:`~hipseg_lib.surfaces`.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, cast
+from collections.abc import Sequence
+from typing import Any, cast
 
 import matplotlib.pyplot as plt
 import numpy as np
