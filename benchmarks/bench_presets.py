@@ -53,7 +53,7 @@ def run(name: str, data_dir, cache_dir, precision: str) -> dict:
 def table(rows: list[dict]) -> str:
     head = ("| variant | epochs | best epoch | " + " | ".join(CLASS_NAMES[1:])
             + " | mean | lowest | s / epoch |")
-    lines = [head, "|" + "---|" * (8 + len(CLASS_NAMES) - 1)]
+    lines = [head, "|" + "---|" * (6 + len(CLASS_NAMES) - 1)]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['epochs']} | {r['best_epoch']} | "
                      + " | ".join(f"{d:.3f}" for d in r["val_dice"][1:])
