@@ -69,7 +69,6 @@ def main() -> int:
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = p.parse_args()
     data = ensure_default_dataset(a.data)
-    torch.set_num_threads(torch.get_num_threads())
     rows = [run(name, data, default_cache_dir(), a.precision) for name in a.variants]
     prov = provenance()
     out = Path(a.out)

@@ -15,9 +15,8 @@ import argparse
 import json
 import re
 import sys
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CELL_LINE = re.compile(r'^REPOSITORY = "(?P<url>[^"]*)"')
