@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 # On a lent GPU machine only $OUT comes back: the log goes there beside the results.
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
-  exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+  exec > >(tee -a "$OUT/gpu_check.log") 2> >(tee -a "$OUT/gpu_check.log" >&2)
 fi
 PY=${GPU_PYTHON:-}
 if [ -z "$PY" ]; then
