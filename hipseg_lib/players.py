@@ -10,9 +10,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from . import BODY, BONES, CLASS_NAMES
-from .viz import CLASS_COLOURS, _opening_slice, _plane, _slice_caption, class_legend, overlay_rgba, show_slice
+from .viz import CLASS_COLOURS, class_legend, opening_slice, overlay_rgba, show_slice, slice_caption, slice_plane
 
-__all__ = ["slider_frames", "static_slider", "live_slider", "SliceViewer", "slice_browser"]
+__all__ = ["slider_frames", "static_slider", "live_slider", "SliceViewer", "slice_browser", "jshtml_player"]
 
 
 def _interesting_range(labels: Sequence[np.ndarray | None], depth: int, pad: int = 2) -> tuple[int, int]:
@@ -25,7 +25,7 @@ def _interesting_range(labels: Sequence[np.ndarray | None], depth: int, pad: int
 
 _FONT_AWESOME_CDN = re.compile(r'<link rel="stylesheet"\s+href="https://[^"]*font-awesome[^"]*">\s*')
 
-def _player(anim, mode: str) -> str:
+def jshtml_player(anim, mode: str) -> str:
     """matplotlib's JavaScript player of ``anim`` with nothing fetched from the network: its
     stylesheet link to Font Awesome on a CDN is dropped (the book's theme ships the icons)."""
     html, found = _FONT_AWESOME_CDN.subn("", anim.to_jshtml(default_mode=mode))
@@ -64,15 +64,16 @@ def static_slider(image: np.ndarray, labels: Sequence[np.ndarray | None] = (None
 
     lo, hi = _interesting_range(labels, image.shape[2])
     frames = slider_frames(lo, hi, max_frames)
-    start = _opening_slice(labels)
+    start = opening_slice(labels)
     start = frames[len(frames) // 2] if start is None else start
     frames = sorted(set(frames) | {start})
-    captions = {k: _slice_caption("axial", k, image.shape[2], spacing, 2) for k in frames}
+    captions = {k: slice_caption("axial", k, image.shape[2], spacing, 2) for k in frames}
     side = panel_px / 100
     legend = any(lab is not None for lab in labels)
     fig, axes = plt.subplots(1, len(labels), figsize=(side * len(labels), side + (0.8 if legend else 0.4)),
                              dpi=100, squeeze=False)
-    artists = [show_slice(ax, image, lab, index=start, spacing=spacing, title=t)
+    alpha = 0.45  # the overlay's opacity, drawn again on every frame
+    artists = [show_slice(ax, image, lab, index=start, spacing=spacing, title=t, alpha=alpha)
                for ax, lab, t in zip(axes[0], labels, titles)]
     caption = fig.suptitle("", fontsize=11)
     if legend:
@@ -83,15 +84,15 @@ def static_slider(image: np.ndarray, labels: Sequence[np.ndarray | None] = (None
 
     def update(k):
         for (im, lab_art), lab in zip(artists, labels):
-            im.set_data(_plane(image, 2, k))
+            im.set_data(slice_plane(image, 2, k))
             if lab_art is not None and lab is not None:
-                lab_art.set_data(overlay_rgba(_plane(lab, 2, k), lab_art.hipseg_alpha))
+                lab_art.set_data(overlay_rgba(slice_plane(lab, 2, k), alpha))
         caption.set_text(captions[k])
         return []
 
     anim = animation.FuncAnimation(fig, update, frames=frames, interval=200, blit=False)
     with matplotlib.rc_context({"animation.frame_format": "jpeg"}):
-        html = _player(anim, "once")
+        html = jshtml_player(anim, "once")
     plt.close(fig)
     # matplotlib's player opens on its first frame: open it on the prostate slice instead.
     html, found = re.subn(r"(anim(\w+) = new Animation\([^;]*\);)",
@@ -168,7 +169,7 @@ class SliceViewer:
 
     def _start_index(self, axis: int) -> int:
         """The slice through the prostate (from any label map), else the middle."""
-        start = _opening_slice(self.maps.values(), axis)
+        start = opening_slice(self.maps.values(), axis)
         return self.image.shape[axis] // 2 if start is None else start
 
     def _set_plane(self, name: str) -> None:
@@ -195,7 +196,7 @@ class SliceViewer:
         """Source row and column of each displayed pixel: the physical aspect from the spacing,
         the longer side ``size`` pixels, nearest-neighbour."""
         axis = _PLANES[plane]
-        h, w = _plane(self.grey, axis, 0).shape
+        h, w = slice_plane(self.grey, axis, 0).shape
         sp = {2: (self.spacing[1], self.spacing[0]), 1: (self.spacing[2], self.spacing[0]),
               0: (self.spacing[2], self.spacing[1])}[axis]
         scale = self.size / max(h * sp[0], w * sp[1])
@@ -205,11 +206,11 @@ class SliceViewer:
 
     def _compose(self, plane: str, index: int, which: str, opacity: float) -> np.ndarray:
         axis = _PLANES[plane]
-        grey = _plane(self.grey, axis, index)
+        grey = slice_plane(self.grey, axis, index)
         rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
         lab = self.maps[which]
         if lab is not None:
-            sl = _plane(lab, axis, index)
+            sl = slice_plane(lab, axis, index)
             if which == "difference":
                 _blend(rgb, sl > 0, (255, 0, 255), opacity)
             else:  # the same overlay as the static figures, its outline a little stronger
@@ -226,7 +227,7 @@ class SliceViewer:
         self.frame.width, self.frame.height = str(w), str(h)
         self.frame.value = png
         axis = _PLANES[plane]
-        self.caption.value = _slice_caption(plane, index, self.image.shape[axis], self.spacing, axis)
+        self.caption.value = slice_caption(plane, index, self.image.shape[axis], self.spacing, axis)
 
 def _blend(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], alpha: float) -> None:
     if mask.any() and alpha > 0:

@@ -9,8 +9,8 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
-from . import BLADDER, BONES, PROSTATE, RECTUM
-from .players import _player
+from . import BLADDER, BONES, CLASS_NAMES, PROSTATE, RECTUM
+from .players import jshtml_player
 from .viz import CLASS_COLOURS, class_legend
 
 __all__ = ["SURFACE_CLASSES", "class_surfaces", "surface_view", "surface_turntable"]
@@ -63,7 +63,7 @@ def _surface_figure(truth: np.ndarray, pred: np.ndarray, spacing: Sequence[float
         for c, (verts, faces) in found.items():
             mesh = Poly3DCollection(verts[faces], alpha=0.2 if c == BONES else 0.9, linewidths=0,
                                     facecolors=CLASS_COLOURS[c], shade=True)
-            mesh.hipseg_class = c
+            mesh.set_label(CLASS_NAMES[c])
             ax.add_collection3d(mesh)
         ax.set_xlim(lo[0], hi[0])
         ax.set_ylim(lo[1], hi[1])
@@ -109,7 +109,7 @@ def surface_turntable(truth: np.ndarray, pred: np.ndarray, spacing: Sequence[flo
 
     anim = animation.FuncAnimation(fig, turn, frames=azimuths, interval=150, blit=False)
     with matplotlib.rc_context({"animation.frame_format": "jpeg"}):
-        html = _player(anim, "loop")
+        html = jshtml_player(anim, "loop")
     plt.close(fig)
     out = HTML(f'<div class="hipseg-turntable">{html}</div>')
     setattr(out, "azimuths", azimuths)  # noqa: B010  (an attribute IPython's HTML does not declare)

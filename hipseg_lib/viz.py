@@ -19,7 +19,7 @@ from . import BODY, BONES, CLASS_NAMES, PROSTATE
 
 __all__ = ["CLASS_COLOURS", "BOOK_STYLE", "use_book_style", "label_cmap", "show_slice", "mark_directions",
            "orthogonal_views", "prostate_slice", "three_panel", "uncertainty_panel", "overlay_rgba", "class_legend",
-           "per_class_text", "html_table", "zoom_to"]
+           "per_class_text", "html_table", "zoom_to", "slice_plane", "opening_slice", "slice_caption"]
 
 # The book's column is about 690 px wide at 1280 px, and a full-width cell about 1020 px: a figure
 # of at most 7 inches (or 10, full width) at 100 dpi is shown at its own size, so text of 8 pt or
@@ -40,7 +40,7 @@ def label_cmap() -> ListedColormap:
     """Colours of the six classes (background transparent)."""
     return ListedColormap(CLASS_COLOURS, name="hipseg")
 
-def _plane(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+def slice_plane(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     sl = np.take(volume, index, axis=axis)
     return sl.T if axis == 2 else sl.T[::-1]  # axial: rows=y (anterior up); others: superior up
 
@@ -66,13 +66,13 @@ def overlay_rgba(label_plane: np.ndarray, alpha: float = 0.45, outline_alpha: fl
     rgba[_outline(label_plane >= BODY)] = (*(v / 255 for v in _rgb(CLASS_COLOURS[BODY])), outline_alpha)
     return rgba
 
-def _opening_slice(labels, axis: int = 2) -> int | None:
+def opening_slice(labels, axis: int = 2) -> int | None:
     """The prostate slice of the first label map that holds prostate (None when none does): where
     slice browsers open."""
     given = [lab for lab in labels if lab is not None and (lab == PROSTATE).any()]
     return prostate_slice(given[0], axis) if given else None
 
-def _slice_caption(plane: str, index: int, n: int, spacing: Sequence[float] | None, axis: int) -> str:
+def slice_caption(plane: str, index: int, n: int, spacing: Sequence[float] | None, axis: int) -> str:
     """"axial slice 12 of 64 (43.2 mm)": the index and the position along the axis."""
     where = f"{index * spacing[axis]:.1f} mm" if spacing is not None else f"{index} voxels"
     return f"{plane} slice {index} of {n} ({where})"
@@ -82,12 +82,11 @@ def show_slice(ax, image: np.ndarray, label: np.ndarray | None = None, axis: int
     """Draw one slice of ``image`` with ``label`` overlaid (:func:`overlay_rgba`); returns the
     image artists (the overlay's is None without a label)."""
     index = image.shape[axis] // 2 if index is None else index
-    im = ax.imshow(_plane(image, axis, index), cmap="gray", aspect=_aspect(spacing, axis), interpolation="nearest")
+    im = ax.imshow(slice_plane(image, axis, index), cmap="gray", aspect=_aspect(spacing, axis), interpolation="nearest")
     lab = None
     if label is not None:
-        lab = ax.imshow(overlay_rgba(_plane(label, axis, index), alpha), aspect=_aspect(spacing, axis),
+        lab = ax.imshow(overlay_rgba(slice_plane(label, axis, index), alpha), aspect=_aspect(spacing, axis),
                         interpolation="nearest")
-        lab.hipseg_alpha = alpha
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=11)
@@ -107,7 +106,7 @@ def class_legend(fig, loc: str = "lower center", ncol: int = 5, classes: Sequenc
     fig.legend(handles=handles, loc=loc, ncol=ncol, frameon=False, fontsize=12 if ncol == 1 else 10)
 
 # Which way each edge of a drawn plane points in the patient, for an LPS array (axis 0 to the
-# left, 1 to the back, 2 to the head) drawn by _plane: (left, right, top, bottom) edges.
+# left, 1 to the back, 2 to the head) drawn by slice_plane: (left, right, top, bottom) edges.
 LPS_EDGES = {2: ("R", "L", "A", "P"), 1: ("R", "L", "S", "I"), 0: ("A", "P", "S", "I")}
 
 
@@ -190,9 +189,9 @@ def uncertainty_panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, un
     show_slice(axes[0], image, pred, index=index, spacing=spacing, title="prediction", alpha=0.6)
     wrong = np.ma.masked_equal((pred != truth).astype(np.uint8), 0)
     show_slice(axes[1], image, None, index=index, spacing=spacing, title="errors (cyan)")
-    axes[1].imshow(_plane(wrong, 2, index), cmap=ListedColormap(["#00e5ff"]), aspect=_aspect(spacing, 2),
+    axes[1].imshow(slice_plane(wrong, 2, index), cmap=ListedColormap(["#00e5ff"]), aspect=_aspect(spacing, 2),
                    interpolation="nearest")
-    plane = _plane(np.asarray(uncertainty, np.float32), 2, index)
+    plane = slice_plane(np.asarray(uncertainty, np.float32), 2, index)
     art = axes[2].imshow(plane, cmap="magma", vmin=0, vmax=max(0.05, float(plane.max())),
                          aspect=_aspect(spacing, 2), interpolation="nearest")
     axes[2].set_axis_off()
