@@ -12,7 +12,7 @@ from . import HipsegError, SettingsError
 
 __all__ = ["resolve_device", "seed_everything", "cpu_has_bf16",
            "cuda_has_bf16", "PRECISIONS", "resolve_precision", "autocast",
-           "precision_name"]
+           "precision_name", "memory_layout"]
 
 # The one precision vocabulary, for training and prediction alike.
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -95,3 +95,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def memory_layout(device: torch.device,
+                  dtype: torch.dtype | None) -> torch.memory_format:
+    """How the network's weights and inputs lie in memory. In fp32 on a CPU,
+    channels last: oneDNN then computes every convolution, where PyTorch
+    would send the small deep-level ones to a slower kernel of its own
+    (``benchmarks/bench_step.py`` times both). Elsewhere PyTorch's default."""
+    if device.type == "cpu" and dtype is None:
+        return torch.channels_last_3d
+    return torch.contiguous_format

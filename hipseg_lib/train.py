@@ -23,11 +23,17 @@ from .loss import DeepSupervisionLoss, DiceCELoss
 from .metrics import dice_per_class
 from .model import ResUNet3D
 from .predictor import InferenceSettings, Predictor
-from .runtime import autocast, resolve_precision, seed_everything
+from .runtime import (
+    autocast,
+    memory_layout,
+    resolve_precision,
+    seed_everything,
+)
 
 __all__ = ["make_loss", "training_step", "warmup_steps", "PolySchedule",
            "train_epoch", "validate", "TrainingData", "prepare_data",
-           "inference_settings", "NonFiniteLoss", "fit", "epoch_line"]
+           "inference_settings", "NonFiniteLoss", "TrainingRun", "start_run",
+           "reached_early_stop", "fit", "epoch_line"]
 
 
 class NonFiniteLoss(HipsegError):
@@ -193,6 +199,53 @@ def inference_settings(cfg: TrainConfig) -> InferenceSettings:
                              window=cfg.patch_shape)
 
 
+@dataclass
+class TrainingRun:
+    """What a run trains with, built once by :func:`start_run`: for
+    :func:`fit` and for the production trainer alike."""
+
+    network: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: PolySchedule
+    loss_fn: DeepSupervisionLoss
+    dtype: torch.dtype | None       # the 16-bit type, or None for fp32
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    layout: torch.memory_format     # the batches' layout (the network's)
+    predictor: Predictor            # validation: one plain pass
+
+
+def start_run(cfg: TrainConfig, data: TrainingData, device,
+              precision: str = "auto",
+              network: torch.nn.Module | None = None) -> TrainingRun:
+    """The network (a :class:`~hipseg_lib.model.ResUNet3D` unless one is
+    given) on ``device``, Adam, the schedule over the whole run, the loss,
+    the arithmetic and the validation predictor."""
+    dtype = resolve_precision(device, precision)
+    layout = memory_layout(device, dtype)
+    network = (network or ResUNet3D(cfg.model)).to(device)
+    network.to(memory_format=layout)  # type: ignore[call-overload]
+    optimizer = torch.optim.Adam(network.parameters(), lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay)
+    total = cfg.epochs * data.batches.steps_per_epoch
+    schedule = PolySchedule(optimizer, total, warmup_steps(total))
+    scaler = None
+    if dtype == torch.float16:
+        scaler = torch.amp.GradScaler(torch.device(device).type)
+    plain = InferenceSettings(mirror_axes=(), window=cfg.patch_shape)
+    backend = TorchBackend(network, device, precision)
+    return TrainingRun(network, optimizer, schedule, make_loss(cfg), dtype,
+                       scaler, layout,
+                       Predictor(backend, cfg.preprocessing, plain))
+
+
+def reached_early_stop(cfg: TrainConfig, val_dice: Sequence) -> bool:
+    """The seed project's rule (``cfg.early_stop_dice`` > 0): every organ's
+    validation Dice, the background's aside, at the threshold or above; a
+    class no volume holds (None or NaN) does not count."""
+    organs = [d for d in val_dice[1:] if d is not None and not math.isnan(d)]
+    return 0 < cfg.early_stop_dice <= min(organs, default=0.0)
+
+
 def fit(cfg: TrainConfig, data: TrainingData, out_dir, device,
         precision: str = "auto", log: Callable[[str], None] = print,
         network: torch.nn.Module | None = None) -> list[dict]:
@@ -201,21 +254,14 @@ def fit(cfg: TrainConfig, data: TrainingData, out_dir, device,
     ``new_model.pth`` and the last as ``last.pth``. Returns one record per
     epoch."""
     seed_everything(cfg.seed)
-    network = (network or ResUNet3D(cfg.model)).to(device)
-    optimizer = torch.optim.Adam(network.parameters(), lr=cfg.lr,
-                                 weight_decay=cfg.weight_decay)
-    total = cfg.epochs * data.batches.steps_per_epoch
-    schedule = PolySchedule(optimizer, total, warmup_steps(total))
-    loss_fn, dtype = make_loss(cfg), resolve_precision(device, precision)
+    run = start_run(cfg, data, device, precision, network)
+    network, optimizer = run.network, run.optimizer
 
     def step(image, label):
-        return training_step(network, loss_fn, optimizer, image, label,
-                             dtype, cfg.grad_clip)
+        return training_step(network, run.loss_fn, optimizer,
+                             image.to(memory_format=run.layout), label,
+                             run.dtype, cfg.grad_clip, run.scaler)
 
-    # validation: one plain pass (no mirroring) on the network's grid
-    plain = InferenceSettings(mirror_axes=(), window=cfg.patch_shape)
-    backend = TorchBackend(network, device, precision)
-    predictor = Predictor(backend, cfg.preprocessing, plain)
     out, best = Path(out_dir), -1.0
     history: list[dict] = []
 
@@ -227,7 +273,8 @@ def fit(cfg: TrainConfig, data: TrainingData, out_dir, device,
     for epoch in range(cfg.epochs):
         start = time.perf_counter()
         network.train()
-        losses = train_epoch(step, data.batches, epoch, schedule).cpu()
+        losses = train_epoch(step, data.batches, epoch,
+                             run.schedule).cpu()
         if not torch.isfinite(losses).all():
             raise NonFiniteLoss(f"the loss became {losses.sum().item()} in "
                                 f"epoch {epoch + 1}: try a lower lr")
@@ -235,7 +282,8 @@ def fit(cfg: TrainConfig, data: TrainingData, out_dir, device,
                   "lr": optimizer.param_groups[0]["lr"]}
         last = epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.val_every == 0 or last:
-            dice, val_losses = validate(predictor, data.validation, loss_fn)
+            dice, val_losses = validate(run.predictor, data.validation,
+                                        run.loss_fn)
             with np.errstate(all="ignore"):  # a class no volume has: NaN
                 record["val_dice"] = np.nanmean(dice, axis=0).tolist()
             record["val_loss"] = float(val_losses.mean())
@@ -247,8 +295,8 @@ def fit(cfg: TrainConfig, data: TrainingData, out_dir, device,
             if np.nanmean(organs) > best:  # the best epoch so far: keep it
                 best = float(np.nanmean(organs))
                 save(BEST_NAME, epoch)
-            if 0 < cfg.early_stop_dice <= np.nanmin(organs):
-                last = True  # the seed project's rule: every class passed
+            if reached_early_stop(cfg, record["val_dice"]):
+                last = True  # the seed project's rule: every organ passed
         if last:
             save(LAST_NAME, epoch)
             break

@@ -22,23 +22,20 @@ import numpy as np
 import torch
 
 from . import BEST_NAME, LAST_NAME, HipsegError
-from .checkpoint import TorchBackend, read_checkpoint, save_checkpoint
+from .checkpoint import read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import CompiledOrEager, Dist, Launch
-from .model import ResUNet3D
-from .predictor import InferenceSettings, Predictor
 from .runs import check_run_folder, prepare_run_folder, write_log
-from .runtime import precision_name, resolve_device, resolve_precision, seed_everything
+from .runtime import precision_name, resolve_device, seed_everything
 from .train import (
     NonFiniteLoss,
-    PolySchedule,
     inference_settings,
-    make_loss,
     prepare_data,
+    reached_early_stop,
+    start_run,
     train_epoch,
     training_step,
     validate,
-    warmup_steps,
 )
 
 __all__ = ["RunOptions", "Trainer", "TrainResult", "time_limited_epochs", "mean_over_volumes"]
@@ -149,13 +146,10 @@ class Trainer:
         if dist_.main:
             prepare_run_folder(out)
         seed_everything(cfg.seed + dist_.rank)  # as fit() does, before the weights are drawn
-        self.network = ResUNet3D(cfg.model).to(self.device)
-        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        total = cfg.epochs * self.data.batches.steps_per_epoch
-        self.schedule = PolySchedule(self.optimizer, total, warmup_steps(total))
-        self.loss_fn = make_loss(cfg)
-        self.dtype = resolve_precision(self.device, options.precision)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+        run = start_run(cfg, self.data, self.device, options.precision)
+        self.network, self.optimizer, self.schedule = run.network, run.optimizer, run.schedule
+        self.loss_fn, self.dtype, self.scaler = run.loss_fn, run.dtype, run.scaler
+        self.predictor, layout = run.predictor, run.layout
         self.state = RunState(planned=cfg.epochs)
         if resume:
             self._restore()
@@ -164,11 +158,9 @@ class Trainer:
             forward = torch.nn.parallel.DistributedDataParallel(
                 self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         compiled = CompiledOrEager(forward, options.compile, agree=dist_.min_int)
-        self.step = partial(training_step, compiled, self.loss_fn, self.optimizer, dtype=self.dtype,
-                            grad_clip=cfg.grad_clip, scaler=self.scaler)
-        plain = InferenceSettings(mirror_axes=(), window=cfg.patch_shape)  # validation: one plain pass
-        backend = TorchBackend(self.network, self.device, options.precision)
-        self.predictor = Predictor(backend, cfg.preprocessing, plain)
+        step = partial(training_step, compiled, self.loss_fn, self.optimizer, dtype=self.dtype,
+                       grad_clip=cfg.grad_clip, scaler=self.scaler)
+        self.step = lambda image, label: step(image.to(memory_format=layout), label)
         self.stop_signal: str = ""
 
     def _restore(self) -> None:
@@ -313,9 +305,8 @@ class Trainer:
         record["improved"] = score > state.best_score
         if record["improved"]:
             state.best_score, state.best_dice = score, dice
-        threshold = self.cfg.early_stop_dice
-        if threshold > 0 and all(d is None or d >= threshold for d in dice):
-            return f"every class reached validation Dice >= {threshold:g}"
+        if reached_early_stop(self.cfg, dice):
+            return f"every organ reached validation Dice >= {self.cfg.early_stop_dice:g}"
         return ""
 
     def _replan(self, epoch: int) -> str:
