@@ -1,25 +1,32 @@
-"""Which speed features help: the library's training step (:func:`hipseg_lib.train.training_step`,
-the loss of :func:`hipseg_lib.train.make_loss`) on the preset's network, timed in one run.
+"""Which speed features help: the library's own training step, timed in one run.
 
-Variants: fp32, the device's best low precision, channels-last 3D, and ``torch.compile`` (each on
-top of that precision). Prints seconds per step and the ratio to fp32, so the comparison holds on a
-shared machine. cuDNN's autotuner is on, as in training.
+Each variant is built by :func:`hipseg_lib.train.start_run` (the network, Adam, the loss, the
+arithmetic and the memory layout that ``fit`` and ``hipseg train`` use) and stepped by
+:func:`hipseg_lib.train.training_step` on the preset's grid. Variants: fp32 and the device's best
+low precision, each in PyTorch's default memory layout and channels-last 3D (the library's choice
+is marked), and ``torch.compile``. Prints seconds per step and the ratio to the first variant, so
+the comparison holds on a shared machine; ``--out FILE.json`` also writes the rows with their
+provenance (``benchmarks/results/``). cuDNN's autotuner is on, as in training.
 
-    .venv/bin/python benchmarks/bench_step.py [--preset cpu] [--steps 8] [--no-compile]
+    .venv/bin/python benchmarks/bench_step.py [--preset cpu] [--steps 8] [--no-compile] [--out F]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
+from provenance import provenance
 
 from hipseg_lib import NUM_CLASSES
 from hipseg_lib.config import TrainConfig, make_config
-from hipseg_lib.model import ResUNet3D
-from hipseg_lib.runtime import precision_name, resolve_device, resolve_precision
-from hipseg_lib.train import make_loss, training_step
+from hipseg_lib.runtime import memory_layout, precision_name, resolve_device, resolve_precision
+from hipseg_lib.train import start_run, training_step
+
+LAYOUTS = {"default": torch.contiguous_format, "channels-last": torch.channels_last_3d}
 
 
 def _sync(device: torch.device) -> None:
@@ -27,26 +34,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(cfg: TrainConfig, device: torch.device, precision: str, channels_last: bool,
+def time_steps(cfg: TrainConfig, device: torch.device, precision: str, layout: str,
                compile_: bool, steps: int) -> tuple[float, float]:
     """The mean seconds of ``steps`` training steps after one warm-up step, and the
     warm-up's seconds (compilation included). On a GPU, CUDA events time the steps in the stream."""
     torch.backends.cudnn.benchmark = True  # as the trainer runs
     torch.manual_seed(0)
-    model = ResUNet3D(cfg.model).to(device)
+    run = start_run(cfg, steps + 1, device, precision)
+    fmt = LAYOUTS[layout]
+    run.network.to(memory_format=fmt)  # type: ignore[call-overload]
     shape = cfg.patch_shape or cfg.preprocessing.target_shape
-    x = torch.randn(cfg.batch_size, 1, *shape, device=device)
+    x = torch.randn(cfg.batch_size, 1, *shape, device=device).to(memory_format=fmt)
     y = torch.randint(0, NUM_CLASSES, (cfg.batch_size, *shape), device=device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-        x = x.to(memory_format=torch.channels_last_3d)
-    net = torch.compile(model) if compile_ else model
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    loss_fn, dtype = make_loss(cfg), resolve_precision(device, precision)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    net = torch.compile(run.network) if compile_ else run.network
 
     def step() -> None:
-        training_step(net, loss_fn, opt, x, y, dtype, cfg.grad_clip, scaler)
+        training_step(net, run.loss_fn, run.optimizer, x, y, run.dtype, cfg.grad_clip, run.scaler)
 
     t = time.perf_counter()
     step()  # warm-up (and compilation)
@@ -67,34 +70,45 @@ def time_steps(cfg: TrainConfig, device: torch.device, precision: str, channels_
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--preset", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--out", help="also write the rows, with their provenance, to this JSON file")
     a = p.parse_args()
     cfg = make_config(a.preset)
     device = resolve_device(a.device)
     best = precision_name(resolve_precision(device, "auto"))
-    variants = [("fp32", "fp32", False, False)]
-    if best != "fp32":
-        variants.append((best, best, False, False))
-    variants.append((f"{best} + channels-last 3D", best, True, False))
+    variants = [(precision, layout, False) for precision in dict.fromkeys(["fp32", best])
+                for layout in LAYOUTS]
     if not a.no_compile:
-        variants.append((f"{best} + torch.compile", best, False, True))
+        variants.append((best, "default", True))
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU, {torch.get_num_threads()} threads")
     print(f"{name}; preset {cfg.preset}: grid {cfg.preprocessing.target_shape}, batch {cfg.batch_size}, "
           f"base {cfg.model.base_channels}, depth {cfg.model.depth}")
-    base = None
-    for label, precision, cl, comp in variants:
+    rows, base = [], None
+    for precision, layout, comp in variants:
+        dtype = resolve_precision(device, precision)
+        chosen = LAYOUTS[layout] == memory_layout(device, dtype) and not comp
+        label = f"{precision}, {layout} layout" + (" + torch.compile" if comp else "") \
+            + (" (the library's)" if chosen else "")
         try:
-            secs, first = time_steps(cfg, device, precision, cl, comp, a.steps)
+            secs, first = time_steps(cfg, device, precision, layout, comp, a.steps)
         except Exception as exc:  # e.g. no working compiler for torch.compile
-            print(f"{label:<32} failed: {str(exc).splitlines()[0][:100]}")
+            print(f"{label:<44} failed: {str(exc).splitlines()[0][:100]}")
             continue
         base = base or secs
-        print(f"{label:<32} {secs:7.3f} s/step  x{base / secs:4.2f} vs fp32   (first step {first:.1f} s)")
+        rows.append({"variant": label, "precision": precision, "layout": layout, "compile": comp,
+                     "library_choice": chosen, "s_per_step": round(secs, 4),
+                     "ratio_to_first": round(secs / base, 3)})
+        print(f"{label:<44} {secs:7.3f} s/step  x{secs / base:4.2f} the first's time   "
+              f"(first step {first:.1f} s)")
+    if a.out:
+        doc = {"provenance": provenance(), "device": name, "preset": cfg.preset, "rows": rows}
+        Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {a.out}")
     return 0
 
 

@@ -12,11 +12,6 @@ CLASS_NAMES: tuple[str, ...] = ("background", "body", "bones", "bladder", "rectu
 NUM_CLASSES: int = len(CLASS_NAMES)
 # Named class indices, so that code reads ``label == PROSTATE`` rather than ``label == 5``.
 BACKGROUND, BODY, BONES, BLADDER, RECTUM, PROSTATE = range(NUM_CLASSES)
-# Inference defaults (hipseg predict, chapter 5), chosen by chapter 5's measurement on the
-# validation cases (never the test cases, which are scored once, with these); kept here, free of
-# torch, so that the command line's --help stays instant.
-DEFAULT_TTA: bool = True
-DEFAULT_POSTPROCESS: bool = True
 # What a training run writes to its folder (the best checkpoint keeps the seed's file name).
 BEST_NAME = "new_model.pth"
 LAST_NAME = "last.pth"
@@ -53,4 +48,4 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
 
 __all__ = ["__version__", "CLASS_NAMES", "NUM_CLASSES", "HipsegError", "SettingsError", "OutputExists", "first_line",
            "BACKGROUND", "BODY", "BONES", "BLADDER", "RECTUM", "PROSTATE",
-           "DEFAULT_TTA", "DEFAULT_POSTPROCESS", "BEST_NAME", "LAST_NAME", "LOG_NAME"]
+           "BEST_NAME", "LAST_NAME", "LOG_NAME"]

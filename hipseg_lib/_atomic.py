@@ -64,16 +64,21 @@ def write_json_atomic(doc: dict, path: str | os.PathLike, overwrite: bool = True
     return path
 
 
-def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
-                      header: nib.Nifti1Header | None = None, overwrite: bool = False,
+def save_nifti_atomic(array: np.ndarray, affine: np.ndarray,
+                      path: str | os.PathLike,
+                      header: nib.Nifti1Header | None = None,
+                      overwrite: bool = False,
                       scale: float | None = None) -> Path:
-    """Write a NIfTI file so that a crash never leaves a partial file at ``path``.
+    """Write a NIfTI file so that a crash never leaves a partial file at
+    ``path``.
 
-    The data go to a temporary file in the same folder, which is then renamed. ``scale`` stores
-    ``array`` as it is with that scale factor (scl_slope), so readers get ``array * scale``.
+    The data go to a temporary file in the same folder, which is then
+    renamed. ``scale`` stores ``array`` as it is with that scale factor
+    (scl_slope), so readers get ``array * scale``.
 
     Raises:
-        HipsegError: the file exists and ``overwrite`` is false, or the folder is not writable.
+        HipsegError: the file exists and ``overwrite`` is false, or the
+            folder is not writable.
     """
     path = Path(path)
     if path.exists() and not overwrite:

@@ -368,11 +368,14 @@ def _same(got, want, tolerance: float) -> bool:
     return bool(got == want)
 
 
-def check_answer(yours, answer, reference, cases, tolerance: float = 1e-6) -> bool:
-    """An exercise's check: ``yours`` (the reader's function) beside ``reference`` (the library's) on each of
-    ``cases`` (argument tuples); prints ``pass`` or the first case where they differ, and returns whether
-    they agree. While ``yours`` still raises ``NotImplementedError``, ``answer`` (the chapter's folded
-    answer) is checked in its place and the output says so."""
+def check_answer(yours, answer, reference, cases,
+                 tolerance: float = 1e-6) -> bool:
+    """An exercise's check: ``yours`` (the reader's function) beside
+    ``reference`` (the library's) on each of ``cases`` (argument tuples);
+    prints ``pass`` or the first case where they differ, and returns whether
+    they agree. While ``yours`` still raises ``NotImplementedError``,
+    ``answer`` (the chapter's folded answer) is checked in its place and the
+    output says so."""
     name = getattr(yours, "__name__", "your function")
     library = getattr(reference, "__qualname__", "the library's")
     try:
@@ -385,7 +388,8 @@ def check_answer(yours, answer, reference, cases, tolerance: float = 1e-6) -> bo
     for k, args in enumerate(cases, 1):
         got, want = checked(*args), reference(*args)
         if not _same(got, want, tolerance):
-            print(f"FAIL on case {k} of {len(cases)}:\n  it gives {got!r}\n  {library} gives {want!r}")
+            print(f"FAIL on case {k} of {len(cases)}:\n  it gives {got!r}\n"
+                  f"  {library} gives {want!r}")
             return False
     print(f"pass: {len(cases)} of {len(cases)} cases agree with {library}")
     return True

@@ -109,13 +109,16 @@ def plan_outputs(files: Sequence[Path], out_dir: str | os.PathLike, overwrite: b
     return targets, prob_targets
 
 
-def save_label_map(label: np.ndarray, like: Volume, path: Path, overwrite: bool = False) -> None:
-    """Write a uint8 label map atomically with the geometry (affine, header) of the scan it came from."""
+def save_label_map(label: np.ndarray, like: Volume, path: Path,
+                   overwrite: bool = False) -> None:
+    """Write a uint8 label map atomically with the geometry (affine,
+    header) of the scan it came from."""
     header = like.header.copy() if like.header is not None else None
     if header is not None:
         header.set_data_dtype(np.uint8)
         header.set_slope_inter(1, 0)
-    save_nifti_atomic(label, like.affine, path, header=header, overwrite=overwrite)
+    save_nifti_atomic(label, like.affine, path, header=header,
+                      overwrite=overwrite)
 
 
 def sidecar_path(model_path: str | os.PathLike) -> Path:

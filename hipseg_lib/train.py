@@ -214,7 +214,7 @@ class TrainingRun:
     predictor: Predictor            # validation: one plain pass
 
 
-def start_run(cfg: TrainConfig, data: TrainingData, device,
+def start_run(cfg: TrainConfig, steps_per_epoch: int, device,
               precision: str = "auto",
               network: torch.nn.Module | None = None) -> TrainingRun:
     """The network (a :class:`~hipseg_lib.model.ResUNet3D` unless one is
@@ -226,7 +226,7 @@ def start_run(cfg: TrainConfig, data: TrainingData, device,
     network.to(memory_format=layout)  # type: ignore[call-overload]
     optimizer = torch.optim.Adam(network.parameters(), lr=cfg.lr,
                                  weight_decay=cfg.weight_decay)
-    total = cfg.epochs * data.batches.steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
     schedule = PolySchedule(optimizer, total, warmup_steps(total))
     scaler = None
     if dtype == torch.float16:
@@ -254,7 +254,8 @@ def fit(cfg: TrainConfig, data: TrainingData, out_dir, device,
     ``new_model.pth`` and the last as ``last.pth``. Returns one record per
     epoch."""
     seed_everything(cfg.seed)
-    run = start_run(cfg, data, device, precision, network)
+    run = start_run(cfg, data.batches.steps_per_epoch, device, precision,
+                    network)
     network, optimizer = run.network, run.optimizer
 
     def step(image, label):

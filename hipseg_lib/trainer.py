@@ -146,7 +146,7 @@ class Trainer:
         if dist_.main:
             prepare_run_folder(out)
         seed_everything(cfg.seed + dist_.rank)  # as fit() does, before the weights are drawn
-        run = start_run(cfg, self.data, self.device, options.precision)
+        run = start_run(cfg, self.data.batches.steps_per_epoch, self.device, options.precision)
         self.network, self.optimizer, self.schedule = run.network, run.optimizer, run.schedule
         self.loss_fn, self.dtype, self.scaler = run.loss_fn, run.dtype, run.scaler
         self.predictor, layout = run.predictor, run.layout

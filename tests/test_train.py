@@ -147,3 +147,30 @@ def test_batches_are_fresh_every_epoch(tiny_data):
     assert all(torch.equal(a, b) for a, b in zip(first, again)), "an epoch repeats itself"
     repeated = sum(any(torch.equal(x, y) for y in first) for x in second)
     assert repeated <= len(second) // 3
+
+
+def test_the_early_stop_rule_reads_the_organs_not_the_background():
+    from hipseg_lib.train import reached_early_stop
+
+    cfg = smoke(early_stop_dice=0.7)
+    assert reached_early_stop(cfg, [0.2, 0.9, 0.8, 0.75, 0.71, 0.7]), "a low background does not hold it back"
+    assert not reached_early_stop(cfg, [1.0, 0.9, 0.8, 0.75, 0.71, 0.69])
+    assert reached_early_stop(cfg, [1.0, 0.9, None, 0.75, float("nan"), 0.7]), "a class no volume has is left out"
+    assert not reached_early_stop(smoke(), [1.0] * 6), "0: off"
+
+
+def test_a_run_in_fp32_on_a_cpu_lies_channels_last_and_bf16_as_pytorch_lays_it():
+    """start_run's memory layout: channels-last 3D for fp32 on a CPU (oneDNN for every convolution),
+    PyTorch's default layout for bf16."""
+    from hipseg_lib.train import start_run
+
+    def conv_weight(run):
+        return next(p for p in run.network.parameters() if p.dim() == 5 and p.shape[1] > 1)
+
+    fp32 = start_run(smoke(), 4, CPU, "fp32")
+    assert fp32.layout == torch.channels_last_3d and fp32.dtype is None
+    w = conv_weight(fp32)
+    assert w.is_contiguous(memory_format=torch.channels_last_3d) and not w.is_contiguous()
+    bf16 = start_run(smoke(), 4, CPU, "bf16")
+    assert bf16.layout == torch.contiguous_format and conv_weight(bf16).is_contiguous()
+    assert fp32.schedule.warmup == bf16.schedule.warmup and fp32.scaler is None
