@@ -59,6 +59,8 @@ def parse_settings(items: Sequence[str] | None) -> dict:
         if "=" not in item:
             raise HipsegError(f"--set {item}: expected KEY=VALUE")
         key, value = item.split("=", 1)
+        if value.lower() in ("true", "false"):  # as Python writes them, too
+            value = value.lower()
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:

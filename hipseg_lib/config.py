@@ -8,6 +8,8 @@ arguments of the training functions.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 
 import torch
@@ -17,9 +19,38 @@ from .augment import augmentation_named
 from .model import ModelConfig
 from .preprocess import Preprocessing
 
-__all__ = ["TrainConfig", "PRESETS", "make_config"]
+__all__ = ["TrainConfig", "PRESETS", "make_config", "checked_setting"]
 
 _PARTS = {"model": ModelConfig, "preprocessing": Preprocessing}
+
+
+def checked_setting(name: str, value, hint):
+    """``value`` as the type its field is annotated with (an int where a
+    float is wanted becomes a float, a list of numbers a tuple), or a
+    SettingsError that names the setting: ``deep_supervision="False"``
+    (a string, and true) is refused, not taken."""
+    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) \
+        else (hint,)
+    for kind in kinds:
+        origin = typing.get_origin(kind) or kind
+        if value is None and kind is type(None):
+            return None
+        if isinstance(value, bool) != (origin is bool):
+            continue  # True is an int to Python, not to a setting
+        if origin in (int, str, bool, dict) and isinstance(value, origin):
+            return value
+        if origin is float and isinstance(value, (int, float)):
+            return float(value)
+        if origin is tuple and isinstance(value, (list, tuple)) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool)
+                for v in value):
+            return tuple(value)
+    wanted = " or ".join(getattr(k, "__name__", str(k)) for k in kinds)
+    raise SettingsError(f"{name} must be {wanted}, got {value!r}")
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
 
 
 @dataclass(frozen=True)
@@ -64,7 +95,7 @@ class TrainConfig:
     patch_shape: tuple[int, int, int] | None = None
     foreground_fraction: float = 0.33
     batch_size: int = 1
-    epochs: int = 16
+    epochs: int = 14
     lr: float = 5e-3
     weight_decay: float = 1e-5
     grad_clip: float = 5.0
@@ -117,9 +148,10 @@ class TrainConfig:
                          if key in {f.name for f in dataclasses.fields(cls)}),
                         None)
             if key in mine:
-                own[key] = value
+                own[key] = checked_setting(key, value, _hints(TrainConfig)[key])
             elif part is not None:
-                parts[part][key] = value
+                hint = _hints(_PARTS[part])[key]
+                parts[part][key] = checked_setting(key, value, hint)
             else:
                 raise SettingsError(f"unknown setting: {key}")
         for name, changed in parts.items():

@@ -38,7 +38,13 @@ from .train import (
     validate,
 )
 
-__all__ = ["RunOptions", "Trainer", "TrainResult", "time_limited_epochs", "mean_over_volumes"]
+__all__ = ["RunOptions", "Trainer", "TrainResult", "time_limited_epochs", "mean_over_volumes",
+           "RESUMABLE_CHANGES"]
+
+# The settings a resumed run may change: how long it runs and how often it validates. Any other
+# change (the learning rate, the batch, the augmentation...) would make the checkpoint misreport
+# how its weights were trained.
+RESUMABLE_CHANGES = ("epochs", "val_every", "early_stop_dice")
 
 
 @dataclass(frozen=True)
@@ -167,13 +173,15 @@ class Trainer:
         """Continue from ``last.pth``: weights, optimiser, schedule, history, best score, random states."""
         path, cfg = self.out / LAST_NAME, self.cfg
         ck = read_checkpoint(path)
-        saved = TrainConfig.from_dict(ck["train_config"])
-        for part in ("model", "preprocessing"):
-            mine, theirs = getattr(cfg, part).to_dict(), getattr(saved, part).to_dict()
-            diff = sorted(k for k in mine if mine[k] != theirs[k])
-            if diff:
-                raise HipsegError(f"{path}: was trained with {diff[0]}={theirs[diff[0]]}, not {mine[diff[0]]}; "
-                                  "resume with the same settings")
+        if "optimizer_state" not in ck:
+            raise HipsegError(f"{path}: written by fit (the chapters' loop), which keeps no optimiser state: "
+                              "it predicts, but cannot be resumed; resume a folder that hipseg train wrote")
+        theirs = TrainConfig.from_dict(ck["train_config"]).flat_dict()
+        mine = TrainConfig.from_dict(cfg.to_dict()).flat_dict()  # the same JSON round trip
+        diff = sorted(k for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs.get(k))
+        if diff:
+            raise HipsegError(f"{path}: was trained with {diff[0]}={theirs.get(diff[0])}, not {mine[diff[0]]}; "
+                              f"resume with the same settings (only {', '.join(RESUMABLE_CHANGES)} may change)")
         self.network.load_state_dict(ck["model_state"])
         self.optimizer.load_state_dict(ck["optimizer_state"])
         self.schedule.load_state_dict(ck["scheduler_state"])

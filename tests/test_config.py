@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from hipseg_lib import SettingsError
 from hipseg_lib.config import PRESETS, TrainConfig, make_config
 from hipseg_lib.model import ModelConfig
 from hipseg_lib.preprocess import Preprocessing
@@ -93,3 +94,18 @@ def test_the_defaults_are_the_cpu_preset_and_the_loss_weights_are_checked():
         make_config("cpu", dice_weight=0.0, ce_weight=0.0)
     with pytest.raises(ValueError, match="dice_weight and ce_weight"):
         make_config("cpu", dice_weight=-1.0)
+
+
+def test_a_setting_of_the_wrong_type_is_refused_by_name_and_numbers_are_coerced():
+    from hipseg_lib.cli import parse_settings
+
+    with pytest.raises(SettingsError, match="deep_supervision must be bool, got 'False'"):
+        make_config("smoke", deep_supervision="False")  # a non-empty string would be true
+    with pytest.raises(SettingsError, match="epochs must be int, got 2.5"):
+        make_config("smoke", epochs=2.5)
+    with pytest.raises(SettingsError, match="batch_size must be int, got True"):
+        make_config("smoke", batch_size=True)
+    cfg = make_config("smoke", lr=1, target_shape=[32, 32, 16], patch_shape=None)
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.preprocessing.target_shape == (32, 32, 16)
+    assert parse_settings(["deep_supervision=False", "dropout=0.1"]) == {"deep_supervision": False, "dropout": 0.1}
+    assert make_config("smoke", **parse_settings(["deep_supervision=False"])).model.deep_supervision is False

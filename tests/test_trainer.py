@@ -70,6 +70,8 @@ def test_refuses_to_overwrite_and_resume_continues_as_if_never_stopped(tiny_synt
     assert all(torch.equal(a[k], b[k]) for k in b), "fp32 on a CPU: the same weights"
     with pytest.raises(HipsegError, match="was trained with base_channels=4"):
         run(smoke(epochs=3, base_channels=8), tiny_synth, out, resume=True)
+    with pytest.raises(HipsegError, match=r"was trained with lr=.*only epochs, val_every"):
+        run(smoke(epochs=3, lr=1e-4), tiny_synth, out, resume=True)
     with pytest.raises(HipsegError, match="nothing to resume"):
         run(smoke(), tiny_synth, tmp_path / "empty", resume=True)
 
@@ -143,3 +145,13 @@ def test_archive_previous_run_keeps_files(tiny_synth, tmp_path):
     moved = archive_previous_run(out)
     assert moved is not None and (moved / BEST_NAME).read_bytes() == before
     assert not (out / BEST_NAME).exists()
+
+
+def test_a_folder_written_by_fit_is_refused_for_resuming_in_one_line(tiny_synth, tmp_path):
+    """fit (the chapters' loop) keeps no optimiser state: --resume on its folder says so."""
+    cfg = smoke(epochs=1)
+    data = prepare_data(cfg, tiny_synth, tmp_path / "cache", torch.device("cpu"))
+    fit(cfg, data, tmp_path / "chapter", torch.device("cpu"), "fp32", log=lambda s: None)
+    with pytest.raises(HipsegError, match="written by fit .* cannot be resumed"):
+        run(smoke(epochs=2), tiny_synth, tmp_path / "chapter", resume=True)
+
