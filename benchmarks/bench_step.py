@@ -4,18 +4,22 @@ Each variant is built by :func:`hipseg_lib.train.start_run` (the network, Adam, 
 arithmetic and the memory layout that ``fit`` and ``hipseg train`` use) and stepped by
 :func:`hipseg_lib.train.training_step` on the preset's grid. Variants: fp32 and the device's best
 low precision, each in PyTorch's default memory layout and channels-last 3D (the library's choice
-is marked), and ``torch.compile``. Prints seconds per step and the ratio to the first variant, so
-the comparison holds on a shared machine; ``--out FILE.json`` also writes the rows with their
+is marked), and ``torch.compile``. The variants are timed in turn over several rounds (the median
+kept), and printed as seconds per step and the ratio to the first, so the comparison holds on a
+shared machine; ``--out FILE.json`` also writes the rows with their
 provenance (``benchmarks/results/``). cuDNN's autotuner is on, as in training.
 
-    .venv/bin/python benchmarks/bench_step.py [--preset cpu] [--steps 8] [--no-compile] [--out F]
+    .venv/bin/python benchmarks/bench_step.py [--preset cpu] [--steps 4] [--rounds 5] [--no-compile]
+        [--out F]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,10 +38,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(cfg: TrainConfig, device: torch.device, precision: str, layout: str,
-               compile_: bool, steps: int) -> tuple[float, float]:
-    """The mean seconds of ``steps`` training steps after one warm-up step, and the
-    warm-up's seconds (compilation included). On a GPU, CUDA events time the steps in the stream."""
+def make_step(cfg: TrainConfig, device: torch.device, precision: str, layout: str,
+              compile_: bool, steps: int) -> tuple[Callable[[], None], float]:
+    """One variant's training step, ready to call, and its warm-up's seconds (compilation
+    included)."""
     torch.backends.cudnn.benchmark = True  # as the trainer runs
     torch.manual_seed(0)
     run = start_run(cfg, steps + 1, device, precision)
@@ -54,7 +58,12 @@ def time_steps(cfg: TrainConfig, device: torch.device, precision: str, layout: s
     t = time.perf_counter()
     step()  # warm-up (and compilation)
     _sync(device)
-    first = time.perf_counter() - t
+    return step, time.perf_counter() - t
+
+
+def time_steps(step: Callable[[], None], device: torch.device, steps: int) -> float:
+    """The mean seconds of ``steps`` calls of ``step``; on a GPU, CUDA events time them in the
+    stream."""
     if device.type == "cuda":
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
@@ -62,18 +71,19 @@ def time_steps(cfg: TrainConfig, device: torch.device, precision: str, layout: s
             step()
         end.record()
         _sync(device)
-        return begin.elapsed_time(end) / 1000 / steps, first
+        return begin.elapsed_time(end) / 1000 / steps
     t = time.perf_counter()
     for _ in range(steps):
         step()
-    return (time.perf_counter() - t) / steps, first
+    return (time.perf_counter() - t) / steps
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--preset", default="auto")
     p.add_argument("--device", default="auto")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per variant and round")
+    p.add_argument("--rounds", type=int, default=5, help="rounds over the variants (the median is kept)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--out", help="also write the rows, with their provenance, to this JSON file")
     a = p.parse_args()
@@ -88,18 +98,27 @@ def main() -> int:
             else f"CPU, {torch.get_num_threads()} threads")
     print(f"{name}; preset {cfg.preset}: grid {cfg.preprocessing.target_shape}, batch {cfg.batch_size}, "
           f"base {cfg.model.base_channels}, depth {cfg.model.depth}")
-    rows, base = [], None
+    built = []
     for precision, layout, comp in variants:
         dtype = resolve_precision(device, precision)
         chosen = LAYOUTS[layout] == memory_layout(device, dtype) and not comp
         label = f"{precision}, {layout} layout" + (" + torch.compile" if comp else "") \
             + (" (the library's)" if chosen else "")
         try:
-            secs, first = time_steps(cfg, device, precision, layout, comp, a.steps)
+            step, first = make_step(cfg, device, precision, layout, comp, a.steps)
         except Exception as exc:  # e.g. no working compiler for torch.compile
             print(f"{label:<44} failed: {str(exc).splitlines()[0][:100]}")
             continue
-        base = base or secs
+        built.append((label, precision, layout, comp, chosen, step, first))
+    # Rounds: every variant in turn, so that a change in the machine's load hits them alike.
+    times: list[list[float]] = [[] for _ in built]
+    for _ in range(a.rounds):
+        for k, (*_, step, _first) in enumerate(built):
+            times[k].append(time_steps(step, device, a.steps))
+    rows: list[dict] = []
+    base = statistics.median(times[0]) if times else 0.0
+    for (label, precision, layout, comp, chosen, _, first), spent in zip(built, times):
+        secs = statistics.median(spent)
         rows.append({"variant": label, "precision": precision, "layout": layout, "compile": comp,
                      "library_choice": chosen, "s_per_step": round(secs, 4),
                      "ratio_to_first": round(secs / base, 3)})
