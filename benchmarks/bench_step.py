@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from provenance import provenance
+from provenance import provenance, with_provenance
 
 from hipseg_lib import NUM_CLASSES
 from hipseg_lib.config import TrainConfig, make_config
@@ -85,7 +85,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=4, help="timed steps per variant and round")
     p.add_argument("--rounds", type=int, default=5, help="rounds over the variants (the median is kept)")
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--out", help="also write the rows, with their provenance, to this JSON file")
+    p.add_argument("--out", help="also write the rows, with their provenance, to this JSON file (and .md)")
+    p.add_argument("--note", help="a remark kept with the provenance (what else ran, say)")
     a = p.parse_args()
     cfg = make_config(a.preset)
     device = resolve_device(a.device)
@@ -125,9 +126,18 @@ def main() -> int:
         print(f"{label:<44} {secs:7.3f} s/step  x{secs / base:4.2f} the first's time   "
               f"(first step {first:.1f} s)")
     if a.out:
-        doc = {"provenance": provenance(), "device": name, "preset": cfg.preset, "rows": rows}
-        Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {a.out}")
+        out, prov = Path(a.out), provenance()
+        if a.note:
+            prov["note"] = a.note
+        doc = {"provenance": prov, "device": name, "preset": cfg.preset, "rows": rows}
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        lines = ["| variant | s / step | x the first's time |", "|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['s_per_step']:.3f} | {r['ratio_to_first']:.2f} |" for r in rows]
+        text = (f"# The library's training step, {cfg.preset} preset: layouts and precisions\n\n"
+                f"{name}. Each variant built by `start_run`, timed in turn (median of {a.rounds} "
+                f"rounds of {a.steps} steps).\n\n" + "\n".join(lines) + "\n")
+        out.with_suffix(".md").write_text(with_provenance(text, prov))
+        print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
 
