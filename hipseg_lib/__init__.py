@@ -8,9 +8,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-CLASS_NAMES: tuple[str, ...] = ("background", "body", "bones", "bladder", "rectum", "prostate")
+CLASS_NAMES: tuple[str, ...] = (
+    "background", "body", "bones", "bladder", "rectum", "prostate")
 NUM_CLASSES: int = len(CLASS_NAMES)
-# Named class indices, so that code reads ``label == PROSTATE`` rather than ``label == 5``.
+# Named class indices, so that code reads ``label == PROSTATE`` rather
+# than ``label == 5``.
 BACKGROUND, BODY, BONES, BLADDER, RECTUM, PROSTATE = range(NUM_CLASSES)
 # What a training run writes to its folder (the best checkpoint keeps the seed's file name).
 BEST_NAME = "new_model.pth"
