@@ -26,6 +26,11 @@ class HipsegError(Exception):
 
     cli_hint: str = ""
 
+    def __init__(self, *args, cli_hint: str | None = None):
+        super().__init__(*args)
+        if cli_hint is not None:
+            self.cli_hint = cli_hint
+
 
 class SettingsError(HipsegError, ValueError):
     """A bad setting (of the network, the preprocessing, training or inference): an unknown name or

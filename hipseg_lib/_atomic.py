@@ -21,6 +21,15 @@ __all__ = ["atomic_path", "write_json_atomic", "save_nifti_atomic"]
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where the system can tell it (Linux's
+    /proc); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -28,8 +28,8 @@ __all__ = ["Mirror", "Affine", "rotation_matrix", "GaussianNoise",
            "AUGMENTATIONS", "augmentation_named", "Crop", "RandomPatch"]
 
 Pair = tuple[torch.Tensor, torch.Tensor]
-# nnU-Net's rule: slices this many times thicker than the in-plane voxels
-# get in-plane rotation only
+# Slices this many times thicker than the in-plane voxels get in-plane rotation only (nnU-Net
+# applies its threshold of 3 to the patch shape rather than the spacing)
 ANISO_THRESHOLD = 3.0
 
 

@@ -45,14 +45,12 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     default = default_data_dir()
     found = anatomy_of(default)
     if found is None:
-        error = HipsegError(f"{default}: no data yet (ensure_default_dataset() makes it)")
-        error.cli_hint = f"make it first: hipseg synth --out {default}, or make data"
-        raise error
+        raise HipsegError(f"{default}: no data yet (ensure_default_dataset() makes it)",
+                          cli_hint=f"make it first: hipseg synth --out {default}, or make data")
     if found != ANATOMY:
-        error = HipsegError(f"{default}: made by an older generator (anatomy {found}, now {ANATOMY}; "
-                            "ensure_default_dataset() renews it)")
-        error.cli_hint = "renew it first: make data"
-        raise error
+        raise HipsegError(f"{default}: made by an older generator (anatomy {found}, now {ANATOMY}; "
+                          "ensure_default_dataset() renews it)",
+                          cli_hint="renew it first: make data")
     return default
 
 
@@ -60,10 +58,9 @@ def default_data_dir() -> Path:
     """``<project>/data/synthetic``, where the default synthetic set lives (whether it exists or not)."""
     root = project_root()
     if not (root / "_config.yml").exists():
-        error = HipsegError(f"no hipseg project checkout above {Path.cwd()} and no data folder given "
-                            "(the data folder argument or $HIPSEG_DATA)")
-        error.cli_hint = "point --data at a data folder"
-        raise error
+        raise HipsegError(f"no hipseg project checkout above {Path.cwd()} and no data folder given "
+                          "(the data folder argument or $HIPSEG_DATA)",
+                          cli_hint="point --data at a data folder")
     return root / "data" / "synthetic"
 
 

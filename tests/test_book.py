@@ -69,7 +69,7 @@ def test_book_executes_and_builds(built_book):
                                                                            "references.html"])
     for page in pages:
         text = (html / "book" / page).read_text()
-        if page not in ("index.html", "references.html", "glossary.html", "06_under_the_hood.html"):
+        if page not in ("index.html", "references.html", "glossary.html", "07_under_the_hood.html"):
             assert "data:image/png;base64" in text or "<img" in text, f"{page} has figures"
             assert "Traceback" not in text
     # The static slider is embedded (matplotlib jshtml), not an ipywidget needing a kernel.
