@@ -28,8 +28,8 @@ __all__ = ["Mirror", "Affine", "rotation_matrix", "GaussianNoise",
            "AUGMENTATIONS", "augmentation_named", "Crop", "RandomPatch"]
 
 Pair = tuple[torch.Tensor, torch.Tensor]
-# Slices this many times thicker than the in-plane voxels get in-plane rotation only (nnU-Net
-# applies its threshold of 3 to the patch shape rather than the spacing)
+# Slices this many times thicker than the in-plane voxels get in-plane
+# rotation only (nnU-Net applies its threshold of 3 to the patch shape)
 ANISO_THRESHOLD = 3.0
 
 
