@@ -17,16 +17,17 @@ from hipseg_lib import CLASS_NAMES
 from hipseg_lib.baseline import intensity_baseline_dice
 from hipseg_lib.config import make_config
 from hipseg_lib.data import load_split_volumes
-from hipseg_lib.locations import ensure_default_dataset
+from hipseg_lib.locations import default_cache_dir, ensure_default_dataset
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None)
     p.add_argument("--preset", default="cpu")
-    a = p.parse_args()
+    p.add_argument("--cache-dir", default=None, help="default: $HIPSEG_CACHE or the user's cache")
+    a = p.parse_args(argv)
     cfg = make_config(a.preset)
-    vols = load_split_volumes(ensure_default_dataset(a.data), cfg)
+    vols = load_split_volumes(ensure_default_dataset(a.data), cfg, a.cache_dir or default_cache_dir())
     print(f"intensity-only classifiers, {len(vols['train'])} training / {len(vols['test'])} test volumes, "
           f"grid {cfg.preprocessing.target_shape}")
     for balanced in (False, True):

@@ -25,7 +25,8 @@ from . import SettingsError
 __all__ = ["Mirror", "Affine", "rotation_matrix", "GaussianNoise",
            "GaussianBlur", "Brightness", "Contrast", "LowResolution", "Gamma",
            "Augmentation", "augment_batch", "RandomAugmentation",
-           "AUGMENTATIONS", "augmentation_named", "Crop", "RandomPatch"]
+           "AUGMENTATIONS", "augmentation_named", "mirrored_axes", "Crop",
+           "RandomPatch"]
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 # Slices this many times thicker than the in-plane voxels get in-plane
@@ -363,6 +364,13 @@ def augmentation_named(spec: str | dict) -> RandomAugmentation | None:
                             f"{', '.join(AUGMENTATIONS)}, none or a dict of "
                             f"settings, got {spec!r}")
     return AUGMENTATIONS[spec]
+
+
+def mirrored_axes(spec: str | dict) -> tuple[int, ...]:
+    """The axes training with augmentation ``spec`` mirrors: the axes
+    test-time mirroring uses for a network trained so."""
+    aug = augmentation_named(spec)
+    return aug.mirror_axes if aug else ()
 
 
 @dataclass(frozen=True)

@@ -14,17 +14,18 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from . import CLASS_NAMES, HipsegError, __version__, first_line
+from . import CLASS_NAMES, HipsegError, SettingsError, __version__, first_line
 from ._atomic import atomic_path
 from .model import ModelConfig, ResUNet3D
 from .predictor import InferenceSettings, Predictor
 from .preprocess import Preprocessing
-from .runtime import autocast, resolve_device, resolve_precision
+from .runtime import autocast, cuda_has_bf16, resolve_device, resolve_precision
 
 __all__ = ["FORMAT", "save_checkpoint", "read_checkpoint", "load_model",
-           "LoadedModel", "TorchBackend", "load_predictor", "store_inference"]
+           "LoadedModel", "TorchBackend", "load_predictor", "store_inference",
+           "trained_mirror_axes"]
 
-FORMAT = "hipseg-checkpoint-v3"
+FORMAT = "hipseg-checkpoint-v4"
 
 
 def save_checkpoint(path, network: torch.nn.Module,
@@ -32,6 +33,8 @@ def save_checkpoint(path, network: torch.nn.Module,
                     **extra: Any) -> Path:
     """Write the network's settings and weights, the preprocessing its
     inputs had, how it predicts, and ``extra`` (epoch, history, ...).
+    ``inference`` is also kept as what the network trained with
+    (``trained_mirror_axes``), which :func:`store_inference` leaves alone.
 
     The file is written whole or not at all (a temporary file, then
     renamed): a process killed at any moment leaves the previous file.
@@ -43,6 +46,7 @@ def save_checkpoint(path, network: torch.nn.Module,
                "model_config": config.to_dict() if config else None,
                "preprocessing": preprocessing.to_dict(),
                "inference": inference.to_dict(),
+               "trained_mirror_axes": list(inference.mirror_axes),
                "model_state": {k: v.detach().cpu()
                                for k, v in net.state_dict().items()},
                **extra}
@@ -104,16 +108,19 @@ def load_model(path, device="cpu") -> LoadedModel:
 class TorchBackend:
     """A PyTorch network as a :class:`~hipseg_lib.predictor.Predictor`'s
     backend: numpy in, numpy out, computed on ``device`` without gradients,
-    in ``precision`` (``"auto"``: bf16 on a GPU that computes it natively,
-    else fp32, so that every CPU predicts the same labels)."""
+    in ``precision``: bf16 or fp32 (``"auto"``: bf16 on a GPU that computes
+    it natively, else fp32, so that every CPU predicts the same labels).
+    Prediction never runs in fp16: asked for, it is refused."""
 
     def __init__(self, network: torch.nn.Module, device="cpu",
                  precision: str = "auto"):
         self.network, self.device = network, torch.device(device)
-        if precision == "auto" and self.device.type != "cuda":
-            precision = "fp32"
-        dtype = resolve_precision(self.device, precision)
-        self.dtype = None if dtype == torch.float16 else dtype
+        if precision == "auto":
+            native = self.device.type == "cuda" and cuda_has_bf16()
+            precision = "bf16" if native else "fp32"
+        if precision == "fp16":
+            raise SettingsError("prediction runs in bf16 or fp32, not fp16")
+        self.dtype = resolve_precision(self.device, precision)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         was_training = self.network.training
@@ -126,11 +133,19 @@ class TorchBackend:
         return y.float().cpu().numpy()
 
 
+def trained_mirror_axes(checkpoint: dict) -> tuple[int, ...]:
+    """The axes the checkpoint's training mirrored (what test-time mirroring
+    uses, whatever inference the checkpoint now stores)."""
+    return tuple(checkpoint["trained_mirror_axes"])
+
+
 def load_predictor(path, device: str = "auto", precision: str = "auto",
-                   **changes) -> Predictor:
+                   tta: bool | None = None, **changes) -> Predictor:
     """A checkpoint's network on ``device`` as a
     :class:`~hipseg_lib.predictor.Predictor` with the checkpoint's
     preprocessing and inference settings (``changes`` override them).
+    ``tta``: None keeps the stored mirroring; True mirrors along the axes
+    training mirrored; False predicts once.
 
     Example:
         >>> p = load_predictor("model/new_model.pth", postprocess=False)
@@ -138,6 +153,9 @@ def load_predictor(path, device: str = "auto", precision: str = "auto",
     """
     dev = resolve_device(device)
     loaded = load_model(path, dev)
+    if tta is not None:
+        changes["mirror_axes"] = \
+            trained_mirror_axes(loaded.checkpoint) if tta else ()
     settings = InferenceSettings(**{**loaded.inference.to_dict(), **changes})
     backend = TorchBackend(loaded.network, dev, precision)
     return Predictor(backend, loaded.preprocessing, settings)

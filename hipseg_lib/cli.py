@@ -113,9 +113,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_predict(a: argparse.Namespace) -> int:
     from .predict import onnx_predictor, predict_files
 
-    changes: dict = {}
-    if not a.tta:
-        changes["mirror_axes"] = ()
+    changes: dict = {"tta": a.tta}
     if a.postprocess is not None:
         changes["postprocess"] = a.postprocess
     if a.model:
@@ -298,9 +296,9 @@ def _add_predict(sub) -> None:
                     "(no PyTorch needed; --device does not apply)")
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("--device", default="auto")
-    pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+    pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                     help="also predict the scan mirrored along the axes training mirrored, and average "
-                         "(--no-tta: one plain pass)")
+                         "(--no-tta: one plain pass; default: as the checkpoint says)")
     pr.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=None,
                     help="keep only the largest connected piece of bladder, rectum and prostate "
                          "(default: as the checkpoint says)")

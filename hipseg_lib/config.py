@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import SettingsError
+from . import CLASS_NAMES, NUM_CLASSES, SettingsError
 from .augment import augmentation_named
 from .model import ModelConfig
 from .preprocess import Preprocessing
@@ -122,6 +122,11 @@ class TrainConfig:
                                 "not both 0")
         if not 0.0 <= self.foreground_fraction <= 1.0:
             raise SettingsError("foreground_fraction must be in [0, 1]")
+        io = (self.model.in_channels, self.model.num_classes)
+        if io != (1, NUM_CLASSES):  # what the data and the metrics have
+            raise SettingsError(f"in_channels must be 1 and num_classes "
+                                f"{NUM_CLASSES} ({', '.join(CLASS_NAMES)}): "
+                                f"got {io[0]} and {io[1]}")
         grid = self.preprocessing.target_shape
         if self.patch_shape is not None:
             patch = tuple(int(s) for s in self.patch_shape)

@@ -24,8 +24,8 @@ PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
 @dataclass(frozen=True)
 class Launch:
     """How this process was started: alone, or as one of torchrun's processes. Read once, from the
-    environment torchrun sets, by the entry point (the command line, or :func:`~hipseg_lib.train.train`
-    called from a notebook) and passed down.
+    environment torchrun sets, by the entry point (the command line, or a
+    :class:`~hipseg_lib.trainer.Trainer` made in a notebook) and passed down.
 
     Example:
         >>> Launch.from_environment({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1",

@@ -13,9 +13,9 @@ from .metrics import evaluate_case, patient_table, per_patient_summary
 from .predictor import Predictor
 
 __all__ = ["evaluate_pairs", "named", "results_document", "patient_rows",
-           "each_patient_rows", "is_range", "FOREGROUND"]
+           "each_patient_rows", "is_range", "FOREGROUND_NAMES"]
 
-FOREGROUND = CLASS_NAMES[1:]  # what tables report: the background says little
+FOREGROUND_NAMES = CLASS_NAMES[1:]  # what tables report: not the background
 
 
 def evaluate_pairs(predictor: Predictor, pairs: Sequence[Pair],
@@ -83,7 +83,7 @@ def patient_rows(results: Sequence[dict], level: float = 0.95) -> list[dict]:
              f"Dice {ci}": _interval(dice[n], ".3f"),
              "HD95 (mm)": _interval(hd[n], ".1f", "mean"),
              f"HD95 {ci}": _interval(hd[n], ".1f"),
-             "NSD 2 mm": nsd[n]["mean"]} for n in FOREGROUND]
+             "NSD 2 mm": nsd[n]["mean"]} for n in FOREGROUND_NAMES]
 
 
 def each_patient_rows(results: Sequence[dict], metric: str = "dice"
@@ -94,7 +94,7 @@ def each_patient_rows(results: Sequence[dict], metric: str = "dice"
     return [{"patient": case,
              "volumes": sum(r["case"] == case for r in results),
              **{n: None if np.isnan(v) else float(v)
-                for n, v in zip(FOREGROUND, row)}}
+                for n, v in zip(FOREGROUND_NAMES, row)}}
             for case, row in zip(cases, table)]
 
 

@@ -22,7 +22,7 @@ import torch
 
 from . import CLASS_NAMES, HipsegError, OutputExists, __version__, first_line
 from ._atomic import atomic_path, write_json_atomic
-from .checkpoint import LoadedModel, load_model
+from .checkpoint import LoadedModel, load_model, trained_mirror_axes
 from .model import ResUNet3D
 from .predict import EXPORT_FORMAT, OnnxModel, sidecar_path
 from .predictor import SINGLE_ORGANS
@@ -81,6 +81,7 @@ def _sidecar(loaded: LoadedModel, fmt: str, model_file: Path, checkpoint: Path, 
             "after the network: softmax, resize the probabilities back to the crop, background outside it, "
             "undo the axis turn"],
         "inference": inference.to_dict(),
+        "trained_mirror_axes": list(trained_mirror_axes(ckpt)),
         "inference_steps": [
             "windows (when a window is given): Gaussian weights, sigma 1/8 of the window per axis",
             "test-time mirroring: the mean probabilities of the input mirrored along every subset of "

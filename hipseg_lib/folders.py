@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from . import CLASS_NAMES, HipsegError
-from .evaluate import FOREGROUND, named
+from .evaluate import FOREGROUND_NAMES, named
 from .io import load_volume, volume_id_in
 from .metrics import METRICS, NSD_TOLERANCE_MM, evaluate_case, per_patient_summary
 from .predict import collect_inputs, file_stem
 
-__all__ = ["summarise", "match_key", "evaluate_folders", "format_summary", "class_rows"]
+__all__ = ["summarise", "match_key", "evaluate_folders", "format_summary"]
 
 
 def _progress(items, progress: bool):
@@ -102,13 +102,13 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike, 
 def format_summary(summary: dict, metrics: Sequence[str] = METRICS, per_patient: dict | None = None) -> str:
     """Table of the foreground classes: mean (std) over volumes for each metric, then, with
     ``per_patient`` (an evaluation document's), the mean over patients and its 95 % interval."""
-    head = f"{'metric':<10}" + "".join(f"{n:>17}" for n in FOREGROUND)
+    head = f"{'metric':<10}" + "".join(f"{n:>17}" for n in FOREGROUND_NAMES)
     lines = ["per volume: mean (std)", head, "-" * len(head)]
     for m in metrics:
         if m not in summary:
             continue
         cells = []
-        for n in FOREGROUND:
+        for n in FOREGROUND_NAMES:
             s = summary[m][n]
             cells.append(f"{'n/a':>17}" if s["mean"] is None else f"{s['mean']:>9.3f} ({s['std']:.3f})")
         unit = {"hd95": " mm", "asd": " mm", "nsd": f" {NSD_TOLERANCE_MM:g}mm"}.get(m, "")
@@ -120,12 +120,3 @@ def format_summary(summary: dict, metrics: Sequence[str] = METRICS, per_patient:
             value = "n/a" if s["mean"] is None else f"{s['mean']:.3f} [{s['low']:.3f}, {s['high']:.3f}]"
             lines.append(f"  {n:<10} {value}")
     return "\n".join(lines)
-
-
-def class_rows(results: Sequence[dict]) -> list[dict]:
-    """One row per foreground class, over volumes: Dice mean and std, HD95 mean and median, and the
-    number of volumes that scored the class (the :func:`~hipseg_lib.metrics.summarise` of ``results``)."""
-    summary = summarise([r["metrics"] for r in results])
-    return [{"class": n, "Dice mean": summary["dice"][n]["mean"], "Dice std": summary["dice"][n]["std"],
-             "HD95 mean (mm)": summary["hd95"][n]["mean"], "HD95 median (mm)": summary["hd95"][n]["median"],
-             "volumes": summary["dice"][n]["n"]} for n in FOREGROUND]

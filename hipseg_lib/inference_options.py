@@ -87,18 +87,20 @@ def inference_table(comparison: dict, metric: str = "dice") -> list[dict]:
     return rows
 
 
-def choose_inference(comparison: dict) -> tuple[str, list[str]]:
+def choose_inference(comparison: dict, tol_dice: float = TOLERANCE_DICE,
+                     tol_hd95_mm: float = TOLERANCE_HD95_MM,
+                     ) -> tuple[str, list[str]]:
     """The options the validation patients support, by one rule, with the
     reasons in words.
 
     - **Mirroring** stays on unless it lowers a foreground class's mean Dice
-      by more than :data:`TOLERANCE_DICE`: it is nnU-Net's default and the
-      network was trained on mirrored scans.
+      by more than ``tol_dice``: it is nnU-Net's default and the network was
+      trained on mirrored scans.
     - **Post-processing** is switched on only when it makes some class
-      better by more than :data:`TOLERANCE_DICE` of mean Dice or
-      :data:`TOLERANCE_HD95_MM` of mean HD95 (a stray piece far from its
-      organ barely moves Dice but ruins HD95) and none worse: on a scan
-      whose field of view cuts an organ in two it would delete a true piece.
+      better by more than ``tol_dice`` of mean Dice or ``tol_hd95_mm`` of
+      mean HD95 (a stray piece far from its organ barely moves Dice but
+      ruins HD95) and none worse: on a scan whose field of view cuts an
+      organ in two it would delete a true piece.
     """
     dice = {r["inference"]: r for r in inference_table(comparison, "dice")}
     hd = {r["inference"]: r for r in inference_table(comparison, "hd95")}
@@ -110,14 +112,14 @@ def choose_inference(comparison: dict) -> tuple[str, list[str]]:
 
     tta_dice, _ = gain("TTA")
     worst = min(classes, key=lambda c: tta_dice[c])
-    tta = tta_dice[worst] >= -TOLERANCE_DICE
+    tta = tta_dice[worst] >= -tol_dice
     reasons = [f"mirroring {'on' if tta else 'off'}: worst class {worst}, "
                f"{tta_dice[worst]:+.4f} mean Dice"]
     post_dice, post_hd = gain("post-processing")
-    better = [c for c in classes if post_dice[c] > TOLERANCE_DICE
-              or post_hd[c] > TOLERANCE_HD95_MM]
-    worse = [c for c in classes if post_dice[c] < -TOLERANCE_DICE
-             or post_hd[c] < -TOLERANCE_HD95_MM]
+    better = [c for c in classes if post_dice[c] > tol_dice
+              or post_hd[c] > tol_hd95_mm]
+    worse = [c for c in classes if post_dice[c] < -tol_dice
+             or post_hd[c] < -tol_hd95_mm]
     post = bool(better) and not worse
     moved = f"{len(better)} class(es) better, {len(worse)} worse" \
         if better or worse else "no class moved beyond the tolerances"

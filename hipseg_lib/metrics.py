@@ -22,7 +22,7 @@ __all__ = ["dice_per_class", "iou_per_class", "surface_distances", "hd95",
            "bootstrap_interval", "per_patient_summary"]
 
 METRICS = ("dice", "iou", "hd95", "asd", "nsd")
-FOREGROUND = tuple(range(1, NUM_CLASSES))  # the classes tables report
+FOREGROUND_CLASSES = tuple(range(1, NUM_CLASSES))  # the classes tables report
 NSD_TOLERANCE_MM = 2.0  # the normalised surface distance's tolerance
 
 
@@ -154,7 +154,7 @@ def evaluate_case(pred: np.ndarray, truth: np.ndarray, spacing,
 
 
 def patient_table(rows: Sequence[dict], metric: str = "dice",
-                  classes=FOREGROUND) -> tuple[list[str], np.ndarray]:
+                  classes=FOREGROUND_CLASSES) -> tuple[list[str], np.ndarray]:
     """One row per patient: the mean of ``metric`` over that patient's
     volumes, for ``classes``. Weekly scans of one patient are not
     independent: a patient, not a volume, is the unit of an interval.

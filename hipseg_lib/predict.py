@@ -1,5 +1,5 @@
 """``hipseg predict``: segmenting files, with a checkpoint or with an exported model, and writing
-the results; everything here but :func:`load_any` runs without PyTorch.
+the results; everything here runs without PyTorch.
 
 :class:`OnnxModel` runs a network exported by ``hipseg export`` with ONNX Runtime, so that a PC
 without PyTorch can segment scans (``pip install onnxruntime nibabel scipy`` and this package):
@@ -29,7 +29,7 @@ __all__ = ["EXPORT_FORMAT", "collect_inputs", "file_stem", "prediction_name", "p
            "plan_outputs", "save_label_map", "save_probabilities", "OnnxModel",
            "sidecar_path", "onnx_predictor", "predict_files"]
 
-EXPORT_FORMAT = "hipseg-export-1"  # the JSON beside an exported model; bump when its meaning changes
+EXPORT_FORMAT = "hipseg-export-2"  # the JSON beside an exported model; bump when its meaning changes
 
 
 
@@ -144,6 +144,7 @@ class OnnxModel:
                 raise ValueError(f"not a {EXPORT_FORMAT} file for an ONNX model")
             self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
             self.inference = InferenceSettings.from_dict(meta["inference"])
+            self.trained_mirror_axes = tuple(meta["trained_mirror_axes"])
             self.class_names = list(meta["class_names"])
         except (ValueError, KeyError, TypeError) as exc:
             raise HipsegError(f"{side}: unreadable export settings ({first_line(exc, 120)})") from None
@@ -176,10 +177,13 @@ class OnnxModel:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
-def onnx_predictor(path: str | os.PathLike, **changes) -> Predictor:
+def onnx_predictor(path: str | os.PathLike, tta: bool | None = None, **changes) -> Predictor:
     """An exported network (``.onnx`` with its JSON) as a :class:`~hipseg_lib.predictor.Predictor`
-    with the export's preprocessing and inference settings (``changes`` override them)."""
+    with the export's preprocessing and inference settings (``changes`` override them; ``tta`` as
+    :func:`~hipseg_lib.checkpoint.load_predictor`'s)."""
     model = OnnxModel(path)
+    if tta is not None:
+        changes["mirror_axes"] = model.trained_mirror_axes if tta else ()
     return Predictor(model, model.preprocessing, dataclasses.replace(model.inference, **changes))
 
 

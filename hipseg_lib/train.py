@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import BEST_NAME, LAST_NAME, NUM_CLASSES, HipsegError
-from .augment import RandomPatch, augmentation_named
+from .augment import RandomPatch, augmentation_named, mirrored_axes
 from .checkpoint import TorchBackend, save_checkpoint
 from .config import TrainConfig
 from .data import TrainingBatches, TrainingSet, load_split_volumes
@@ -194,8 +194,7 @@ def prepare_data(cfg: TrainConfig, data_dir, cache_dir, device,
 def inference_settings(cfg: TrainConfig) -> InferenceSettings:
     """How a network of this run predicts: mirrored along the axes its
     training mirrored, in windows of its patch size (if it had patches)."""
-    aug = augmentation_named(cfg.augmentation)
-    return InferenceSettings(mirror_axes=aug.mirror_axes if aug else (),
+    return InferenceSettings(mirror_axes=mirrored_axes(cfg.augmentation),
                              window=cfg.patch_shape)
 
 

@@ -8,7 +8,6 @@ With one process and no time limit it trains the same model as :func:`~hipseg_li
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -405,8 +404,3 @@ def _epoch_line(record: dict, planned: int) -> str:
     dice = " ".join("nan" if d is None else f"{d:.2f}" for d in record.get("val_dice", [])[1:])
     return (f"epoch {record['epoch']}/{planned} loss {record['loss']:.3f} {record['seconds']:.0f} s"
             + (f" | val Dice {dice}" if dice else ""))
-
-
-def log_lines(path: str | os.PathLike) -> list[dict]:
-    """The records of a ``train_log.jsonl``."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

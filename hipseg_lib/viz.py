@@ -17,7 +17,7 @@ from matplotlib.colors import ListedColormap
 
 from . import BODY, BONES, CLASS_NAMES, PROSTATE
 
-__all__ = ["CLASS_COLOURS", "BOOK_STYLE", "use_book_style", "label_cmap", "show_slice", "mark_directions",
+__all__ = ["CLASS_COLOURS", "BOOK_STYLE", "use_book_style", "show_slice", "mark_directions",
            "orthogonal_views", "prostate_slice", "three_panel", "uncertainty_panel", "overlay_rgba", "class_legend",
            "per_class_text", "html_table", "zoom_to", "slice_plane", "opening_slice", "slice_caption"]
 
@@ -36,9 +36,6 @@ def use_book_style() -> None:
 
 CLASS_COLOURS = ["#00000000", "#4daf4a", "#ffff33", "#377eb8", "#ff7f00", "#e41a1c"]
 
-def label_cmap() -> ListedColormap:
-    """Colours of the six classes (background transparent)."""
-    return ListedColormap(CLASS_COLOURS, name="hipseg")
 
 def slice_plane(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     sl = np.take(volume, index, axis=axis)

@@ -42,3 +42,19 @@ def test_intensity_baseline_finds_background_but_not_organs(tiny_synth, tmp_path
     assert dice.shape == (6,)
     assert dice[0] > 0.8, "air is dark: background is easy"
     assert np.nanmax(dice[2:]) < 0.5, "organs and bones share intensities with other tissue"
+
+
+def test_the_intensity_baseline_benchmark_runs_on_a_data_folder(tiny_synth, tmp_path):
+    """benchmarks/intensity_baseline.py: both classifiers' test Dice, one number per class."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "intensity_baseline.py"
+    proc = subprocess.run([sys.executable, str(script), "--data", str(tiny_synth), "--preset", "smoke",
+                           "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("intensity-only classifiers,") and len(lines) == 3, proc.stdout
+    for line, name in zip(lines[1:], ("maximum a posteriori", "maximum likelihood (class-balanced)")):
+        assert line.startswith(f"{name}: test Dice background ") and "mean foreground 0." in line, line

@@ -109,3 +109,13 @@ def test_a_setting_of_the_wrong_type_is_refused_by_name_and_numbers_are_coerced(
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.preprocessing.target_shape == (32, 32, 16)
     assert parse_settings(["deep_supervision=False", "dropout=0.1"]) == {"deep_supervision": False, "dropout": 0.1}
     assert make_config("smoke", **parse_settings(["deep_supervision=False"])).model.deep_supervision is False
+
+
+def test_the_network_has_the_datas_channels_and_classes():
+    """The data have one image channel and six classes: a network with others is refused by name,
+    not left to fail inside the loss."""
+    from hipseg_lib.config import make_config
+
+    for changes, got in (({"num_classes": 3}, "got 1 and 3"), ({"in_channels": 2}, "got 2 and 6")):
+        with pytest.raises(SettingsError, match=f"in_channels must be 1 and num_classes 6 .*: {got}"):
+            make_config("smoke", **changes)

@@ -16,7 +16,7 @@ from hipseg_lib.checkpoint import load_model, load_predictor, save_checkpoint
 from hipseg_lib.config import make_config
 from hipseg_lib.io import find_pairs, load_volume
 from hipseg_lib.model import ResUNet3D
-from hipseg_lib.predict import onnx_predictor, predict_files
+from hipseg_lib.predict import EXPORT_FORMAT, onnx_predictor, predict_files
 from hipseg_lib.preprocess import Preprocessing, preprocess_image
 from hipseg_lib.train import inference_settings
 
@@ -160,11 +160,46 @@ def test_bad_model_files_are_one_line_errors(tmp_path, tiny_synth):
         r = _run_without_torch("predict", "--model", str(model), image, "--out", str(tmp_path / "o"))
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and str(model.name) in lines[0] and needle in lines[0], r.stderr
-    (tmp_path / "junk.json").write_text(json.dumps({"format": "hipseg-export-1", "model_format": "onnx",
+    (tmp_path / "junk.json").write_text(json.dumps({"format": EXPORT_FORMAT, "model_format": "onnx",
                                                      "preprocessing": {"target_shape": [16, 16, 8]},
                                                      "input": {"divisible_by": 4},
                                                      "inference": {"window": None, "mirror_axes": [0]},
+                                                     "trained_mirror_axes": [0],
                                                      "class_names": list(CLASS_NAMES)}))
     r = _run_without_torch("predict", "--model", str(junk), image, "--out", str(tmp_path / "o"))
     assert r.returncode == 1 and "junk.onnx: not a loadable ONNX model" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_tta_mirrors_along_the_trained_axes_whatever_the_checkpoint_stores(tiny_model, tiny_synth, tmp_path):
+    """Chapter 5 may store "no mirroring" in a checkpoint; `--tta` then mirrors along the axes the
+    network trained with (kept in the checkpoint and in its export), `--no-tta` never mirrors, and
+    no flag does what the checkpoint says."""
+    import shutil
+
+    from hipseg_lib.checkpoint import store_inference
+    from hipseg_lib.cli import main
+    from hipseg_lib.export import export_model
+
+    ckpt = shutil.copy(tiny_model, tmp_path / "plain.pth")
+    trained = load_predictor(ckpt, "cpu").settings.mirror_axes
+    assert trained == (0,)  # the smoke preset's augmentation mirrors left-right
+    store_inference(ckpt, load_predictor(ckpt, "cpu", mirror_axes=()).settings)
+    assert load_predictor(ckpt, "cpu").settings.mirror_axes == ()
+    assert load_predictor(ckpt, "cpu", tta=True).settings.mirror_axes == trained
+    assert load_predictor(ckpt, "cpu", tta=False, mirror_axes=(0, 1)).settings.mirror_axes == ()
+    onnx_file, _ = export_model(ckpt, "onnx", tmp_path / "exported")
+    assert onnx_predictor(onnx_file).settings.mirror_axes == ()
+    assert onnx_predictor(onnx_file, tta=True).settings.mirror_axes == trained
+    image = find_pairs(tiny_synth).pairs[0].image
+    for flags, tta in (([], False), (["--tta"], True), (["--no-tta"], False)):
+        out = tmp_path / f"cli{len(flags)}{tta}"
+        assert main(["predict", "--checkpoint", str(ckpt), str(image), "--out", str(out), "--quiet",
+                     "--probabilities", *flags]) == 0
+        ref = predict_files(load_predictor(ckpt, "cpu", tta=tta), [image], tmp_path / f"ref{tta}",
+                            progress=False, probabilities=True, overwrite=True)[0]
+        probs = ref.name.replace("_pred", "_probs")
+        np.testing.assert_array_equal(np.asarray(nib.load(out / probs).dataobj),
+                                      np.asarray(nib.load(ref.parent / probs).dataobj))
+    plain, mirrored = (np.asarray(nib.load(tmp_path / d / probs).dataobj) for d in ("refFalse", "refTrue"))
+    assert not np.array_equal(plain, mirrored)  # the flag changes what is written

@@ -345,6 +345,10 @@ def test_the_inference_rule_decides_from_validation_numbers():
     assert name == "TTA + post-processing" and "prostate" in reasons[2], "a stray piece removed: HD95 2 mm better"
     hurt = dict(flat, **{"post-processing": [0.9, 0.8, 0.95, 0.85, 0.7]})
     assert choose_inference(_comparison(hurt, hd))[0] == "TTA", "a gain elsewhere does not pay for a loss"
+    slight = dict(flat, TTA=[0.9, 0.8, 0.9, 0.85, 0.7985])  # mirroring costs the prostate 0.0015
+    assert choose_inference(_comparison(slight, hd))[0] == "TTA", "within the default tolerance, 0.002"
+    assert choose_inference(_comparison(slight, hd), tol_dice=0.001)[0] == "plain", "beyond a stricter one"
+    assert choose_inference(_comparison(flat, far), tol_hd95_mm=2.5)[0] == "TTA", "2 mm is within 2.5 mm"
 
 
 def test_postprocessing_changes_lists_removed_pieces():

@@ -169,3 +169,16 @@ def test_a_patch_trained_network_validates_and_predicts_in_windows(tiny_synth, t
     written = predict_files(predictor, [image], tmp_path / "out")
     assert len(written) == 1 and nib.load(written[0]).shape == load_volume(image).shape
     assert seen and set(seen) == {(8, 8, 8)}, "prediction ran in windows of the patch size"
+
+
+def test_the_torch_backend_predicts_in_fp32_on_a_cpu_and_refuses_fp16():
+    """"auto" means fp32 on any CPU (every CPU predicts the same labels); fp16 is refused, never
+    silently replaced."""
+    from hipseg_lib import SettingsError
+    from hipseg_lib.checkpoint import TorchBackend
+
+    net = ResUNet3D(ModelConfig(base_channels=2, depth=2))
+    assert TorchBackend(net, "cpu").dtype is None
+    assert TorchBackend(net, "cpu", "bf16").dtype is torch.bfloat16
+    with pytest.raises(SettingsError, match="bf16 or fp32, not fp16"):
+        TorchBackend(net, "cpu", "fp16")
