@@ -208,7 +208,8 @@ class TrainingBatches:
     ``batch_size`` per step, each sample cut to a random patch and augmented
     where it trains.
 
-    Sample ``i`` of epoch ``e`` draws its patch and augmentation from
+    Epoch ``e``'s order comes from the seed sequence ``[seed, e]`` and its
+    sample ``i``'s patch and augmentation from
     ``np.random.default_rng([seed, e, i])``: the same batches on any machine.
     Under several processes, each takes every ``world``-th volume of the
     shuffled order, so that N processes of batch ``b`` see what one process
@@ -230,7 +231,9 @@ class TrainingBatches:
 
     def order(self, epoch: int) -> list[list[int]]:
         """This process's batches of ``epoch``, as volume indices."""
-        g = torch.Generator().manual_seed(self.seed + epoch)
+        # one stream per (seed, epoch): no seed replays another's epochs
+        stream = np.random.SeedSequence([self.seed, epoch]).generate_state(1)
+        g = torch.Generator().manual_seed(int(stream[0]))
         shuffled = torch.randperm(len(self.train_set), generator=g).tolist()
         mine, n = shuffled[self.rank::self.world], self.batch_size
         return [mine[k * n:(k + 1) * n] for k in range(self.steps_per_epoch)]

@@ -87,6 +87,15 @@ def test_batches_differ_between_epochs_and_repeat_within_one(tmp_path):
     assert [idx for idx, _, _ in e0] != [idx for idx, _, _ in e1], "and another order"
 
 
+
+def test_no_seed_replays_another_seeds_epochs(tmp_path):
+    """Seed 1's epoch 0 is not seed 0's epoch 1 (as with a generator seeded with seed + epoch)."""
+    ts = TrainingSet(_volumes(tmp_path, n=8), torch.device("cpu"))
+    orders = {s: [TrainingBatches(ts, 1, seed=s).order(e) for e in range(3)] for s in (0, 1)}
+    assert all(orders[1][e] != orders[0][e + 1] for e in range(2)), orders
+    assert orders[0] == [TrainingBatches(ts, 1, seed=0).order(e) for e in range(3)], "and each seed repeats"
+
+
 def test_patches_are_cut_before_augmentation_and_centred_on_organs(tmp_path):
     vols = _volumes(tmp_path)
     batches = TrainingBatches(TrainingSet(vols, torch.device("cpu")), 2, seed=1, patch=RandomPatch((8, 8, 8), 1.0))
