@@ -40,7 +40,7 @@ class Preprocessing:
         orientation: the axis codes every scan is turned to (HipMRI: LPS).
     """
 
-    target_shape: tuple[int, int, int] = (64, 64, 32)
+    target_shape: tuple[int, int, int] = (64, 64, 48)  # the cpu preset's
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     crop_foreground: bool = True
     orientation: str = "LPS"

@@ -8,6 +8,7 @@ import torch
 from hipseg_lib._atomic import save_nifti_atomic
 from hipseg_lib.checkpoint import save_checkpoint
 from hipseg_lib.model import ModelConfig, ResUNet3D
+from hipseg_lib.predictor import InferenceSettings
 from hipseg_lib.preprocess import Preprocessing
 
 
@@ -27,11 +28,11 @@ def test_a_checkpoint_write_that_fails_leaves_the_old_checkpoint(tmp_path, monke
     import hipseg_lib.checkpoint as C
 
     cfg = ModelConfig(base_channels=4, depth=3)
-    path = save_checkpoint(tmp_path / "last.pth", ResUNet3D(cfg), cfg, Preprocessing(), epoch=0)
+    path = save_checkpoint(tmp_path / "last.pth", ResUNet3D(cfg), Preprocessing(), InferenceSettings(), epoch=0)
     before = path.read_bytes()
     monkeypatch.setattr(C.torch, "save", _dies_half_way(torch.save))
     with pytest.raises(OSError, match="No space left"):
-        save_checkpoint(path, ResUNet3D(cfg), cfg, Preprocessing(), epoch=1)
+        save_checkpoint(path, ResUNet3D(cfg), Preprocessing(), InferenceSettings(), epoch=1)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"], "no temporary file left"
 
