@@ -32,7 +32,7 @@ from hipseg_lib.config import make_config
 from hipseg_lib.locations import default_cache_dir, ensure_default_dataset
 from hipseg_lib.model import ResUNet3D, count_parameters
 from hipseg_lib.runtime import precision_name, resolve_device, resolve_precision
-from hipseg_lib.train import fit, prepare_data
+from hipseg_lib.train import best_record, fit, prepare_data
 
 MODELS = ("hipseg-ResUNet3D", "monai-UNet", "monai-BasicUNet")
 
@@ -69,7 +69,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def worker(name: str, args) -> dict:
     """One network trained by :func:`~hipseg_lib.train.fit`; its row of the table."""
-    cfg = make_config(args.preset, epochs=args.epochs, seed=args.seed)
+    cfg = make_config(args.preset, epochs=args.epochs, seed=args.seed, val_every=args.val_every)
     device = resolve_device(args.device)
     data = prepare_data(cfg, args.data, args.cache_dir, device)
     torch.manual_seed(cfg.seed)
@@ -78,7 +78,7 @@ def worker(name: str, args) -> dict:
         history = fit(cfg, data, out, device, args.precision, log=lambda s: None, network=network)
     steps = data.batches.steps_per_epoch
     seconds = [h["seconds"] for h in history[1:] or history]  # the first epoch carries one-off costs
-    best = max(history, key=lambda h: np.nanmean(h["val_dice"][1:]))
+    best = best_record(history)  # epochs without validation are skipped
     return {"model": name, "parameters": count_parameters(network), "epochs": len(history),
             "step_s": float(np.median(seconds)) / steps, "best_epoch": best["epoch"],
             "val_dice": best["val_dice"], "peak_memory_gb": peak_memory_gb(device),
@@ -104,6 +104,7 @@ def main() -> int:
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-every", type=int, default=None, help="default: the preset's")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--worker", help=argparse.SUPPRESS)

@@ -23,7 +23,7 @@ from hipseg_lib import CLASS_NAMES
 from hipseg_lib.config import make_config
 from hipseg_lib.locations import default_cache_dir, ensure_default_dataset
 from hipseg_lib.runtime import precision_name, resolve_precision
-from hipseg_lib.train import fit, prepare_data
+from hipseg_lib.train import best_record, fit, prepare_data
 
 VARIANTS: dict[str, dict] = {
     "preset": {},
@@ -41,13 +41,13 @@ def run(name: str, data_dir, cache_dir, precision: str) -> dict:
     data = prepare_data(cfg, data_dir, cache_dir, device)
     with tempfile.TemporaryDirectory() as out:
         history = fit(cfg, data, out, device, precision, log=lambda s: print(f"  {name}: {s}", flush=True))
-    best = max(history, key=lambda h: np.nanmean(h["val_dice"][1:]))
+    best = best_record(history)  # epochs without validation are skipped
     return {"variant": name, "changes": VARIANTS[name], "epochs": cfg.epochs,
             "best_epoch": best["epoch"], "val_dice": best["val_dice"],
             "mean_fg": float(np.nanmean(best["val_dice"][1:])), "min_fg": float(np.nanmin(best["val_dice"][1:])),
             "epoch_s": float(np.median([h["seconds"] for h in history[1:]])),
             "precision": precision_name(resolve_precision(device, precision)),
-            "history": [{"epoch": h["epoch"], "val_dice": h["val_dice"]} for h in history]}
+            "history": [{"epoch": h["epoch"], "val_dice": h.get("val_dice")} for h in history]}
 
 
 def table(rows: list[dict]) -> str:

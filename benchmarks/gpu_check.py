@@ -474,7 +474,8 @@ def stage_models(ctx: Context, out: dict) -> None:
     out_dir = ctx.work / "models"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_models.py"), "--data", str(_need_data(ctx)),
            "--out", str(out_dir), "--cache-dir", str(ctx.work / "cache")]
-    cmd += (["--preset", "smoke", "--epochs", "1", "--device", "cpu"] if ctx.dry
+    # the dry run validates every other epoch, as the full preset does, so that its bookkeeping runs
+    cmd += (["--preset", "smoke", "--epochs", "2", "--val-every", "2", "--device", "cpu"] if ctx.dry
             else ["--preset", "full", "--epochs", "2", "--device", "cuda"])
     run_child(ctx, cmd, "bench_models")
     out["table"] = sorted(out_dir.glob("models_*.md"))[0].read_text().strip()

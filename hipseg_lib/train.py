@@ -33,7 +33,7 @@ from .runtime import (
 __all__ = ["make_loss", "training_step", "warmup_steps", "PolySchedule",
            "train_epoch", "validate", "TrainingData", "prepare_data",
            "inference_settings", "NonFiniteLoss", "TrainingRun", "start_run",
-           "reached_early_stop", "fit", "epoch_line"]
+           "reached_early_stop", "fit", "epoch_line", "best_record"]
 
 
 class NonFiniteLoss(HipsegError):
@@ -231,7 +231,9 @@ def start_run(cfg: TrainConfig, steps_per_epoch: int, device,
     if dtype == torch.float16:
         scaler = torch.amp.GradScaler(torch.device(device).type)
     plain = InferenceSettings(mirror_axes=(), window=cfg.patch_shape)
-    backend = TorchBackend(network, device, precision)
+    # validation as training computes, but never in fp16 (see TorchBackend)
+    checked = "fp32" if dtype == torch.float16 else precision
+    backend = TorchBackend(network, device, checked)
     return TrainingRun(network, optimizer, schedule, make_loss(cfg), dtype,
                        scaler, layout,
                        Predictor(backend, cfg.preprocessing, plain))
@@ -243,6 +245,15 @@ def reached_early_stop(cfg: TrainConfig, val_dice: Sequence) -> bool:
     class no volume holds (None or NaN) does not count."""
     organs = [d for d in val_dice[1:] if d is not None and not math.isnan(d)]
     return 0 < cfg.early_stop_dice <= min(organs, default=0.0)
+
+
+def best_record(history: Sequence[dict]) -> dict:
+    """The validated epoch with the best mean foreground Dice (the first,
+    on a tie): the one :func:`fit` keeps as its best checkpoint."""
+    validated = [r for r in history if "val_dice" in r]
+    if not validated:
+        raise ValueError("no epoch of this history was validated")
+    return max(validated, key=lambda r: np.nanmean(r["val_dice"][1:]))
 
 
 def fit(cfg: TrainConfig, data: TrainingData, out_dir, device,

@@ -174,3 +174,17 @@ def test_a_run_in_fp32_on_a_cpu_lies_channels_last_and_bf16_as_pytorch_lays_it()
     bf16 = start_run(smoke(), 4, CPU, "bf16")
     assert bf16.layout == torch.contiguous_format and conv_weight(bf16).is_contiguous()
     assert fp32.schedule.warmup == bf16.schedule.warmup and fp32.scaler is None
+
+
+def test_the_best_record_skips_epochs_without_validation():
+    """With val_every > 1 most records have no val_dice: the best is chosen among the others (the
+    benchmarks' and the GPU check's rule, and fit's), the first on a tie."""
+    import math
+
+    from hipseg_lib.train import best_record
+
+    history = [{"epoch": 1}, {"epoch": 2, "val_dice": [1.0, 0.5, 0.6]}, {"epoch": 3},
+               {"epoch": 4, "val_dice": [0.0, 0.7, math.nan]}, {"epoch": 5, "val_dice": [1.0, 0.7, 0.7]}]
+    assert best_record(history)["epoch"] == 4, "mean foreground 0.7 (NaN aside), the first of two"
+    with pytest.raises(ValueError, match="no epoch of this history was validated"):
+        best_record(history[:1])
