@@ -38,14 +38,15 @@ class InferenceSettings:
 
     Args:
         mirror_axes: the axes test-time augmentation mirrors (those the
-            training mirrored); ``()``: none.
+            training mirrored, as a checkpoint stores them); ``()``, the
+            default: none.
         postprocess: keep the largest piece of each single organ.
         window: predict in overlapping windows of this size (a network
             trained on patches); None: the whole grid at once.
         overlap: how much neighbouring windows overlap (0.5: by half).
     """
 
-    mirror_axes: tuple[int, ...] = (0,)
+    mirror_axes: tuple[int, ...] = ()
     postprocess: bool = True
     window: tuple[int, ...] | None = None
     overlap: float = 0.5
