@@ -125,6 +125,8 @@ def main() -> int:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             print(done.stderr[-3000:], file=sys.stderr)
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            print(f"bench_models: {name} failed: {last}", file=sys.stderr)
             return 1
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"{name}: {rows[-1]['step_s']:.3f} s a step, best mean foreground validation Dice "

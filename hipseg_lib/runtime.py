@@ -3,7 +3,9 @@ the same for training and prediction."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,17 +51,54 @@ def cuda_has_bf16() -> bool:
     return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
+# oneDNN's instruction-set caps (ONEDNN_MAX_CPU_ISA) that keep native bf16
+_BF16_ISAS = ("ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16",
+              "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512",
+              "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512",
+              "AVX10_2_512_AMX_2")
+# the CPU flags (Linux's /proc/cpuinfo) of native bf16: x86's and Arm's
+_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (none known elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _onednn_runs_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX).
+
+    oneDNN also runs bf16 on older AVX-512 CPUs (Skylake, Cascade Lake) by
+    emulating it; that does not count: it is no faster than fp32 there,
+    and it has turned a network's loss into NaN. An instruction-set cap
+    (``ONEDNN_MAX_CPU_ISA=AVX2``, say) below AVX512_CORE_BF16 counts as no
+    bf16, so that a bf16 machine can stand in for an older one.
 
     Example:
         >>> cpu_has_bf16() in (True, False)
         True
     """
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
+    if not _onednn_runs_bf16():
         return False
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get(
+        "DNNL_MAX_CPU_ISA")
+    if cap and cap.strip().upper() not in _BF16_ISAS:
+        return False
+    return bool(_cpu_flags() & _BF16_FLAGS)
 
 
 def resolve_precision(device: torch.device,

@@ -85,3 +85,36 @@ def test_one_precision_vocabulary_for_training_and_prediction():
     if not torch.cuda.is_available():
         with pytest.raises(HipsegError, match="CUDA cannot be used here"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("flags, cap, native", [
+    ({"avx512f", "avx512_vnni"}, None, False),            # Cascade Lake: oneDNN emulates bf16
+    ({"avx512f", "avx512_bf16", "amx_bf16"}, None, True),  # Sapphire Rapids
+    ({"avx512f", "avx512_bf16"}, "AVX512_CORE_VNNI", False),  # capped below bf16
+    ({"avx512f", "avx512_bf16"}, "avx512_core_bf16", True),
+    ({"avx2", "fma"}, None, False),
+])
+def test_auto_means_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, flags, cap, native):
+    """oneDNN says it "supports" bf16 on any AVX-512 CPU, emulated on the older ones, where it is
+    no faster and once turned a network's loss into NaN: auto picks fp32 there."""
+    from hipseg_lib import runtime
+
+    monkeypatch.setattr(runtime, "_onednn_runs_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: flags)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert runtime.cpu_has_bf16() is native
+    want = torch.bfloat16 if native else None
+    assert runtime.resolve_precision(torch.device("cpu"), "auto") is want
+
+
+def test_this_cpus_flags_are_read():
+    """The flags come from the machine itself (every x86 CPU has sse2)."""
+    from hipseg_lib.runtime import _cpu_flags
+
+    import platform
+    if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
+        assert "sse2" in _cpu_flags()
