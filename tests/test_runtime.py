@@ -113,8 +113,8 @@ def test_auto_means_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, fl
 
 def test_this_cpus_flags_are_read():
     """The flags come from the machine itself (every x86 CPU has sse2)."""
-    from hipseg_lib.runtime import _cpu_flags
-
     import platform
+
+    from hipseg_lib.runtime import _cpu_flags
     if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
         assert "sse2" in _cpu_flags()
