@@ -49,7 +49,7 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 # The settings with a flag of their own in ``hipseg train``; any other goes by ``--set KEY=VALUE``.
 TRAIN_FLAGS = ("epochs", "batch_size", "lr", "target_shape", "patch_shape", "base_channels", "depth", "seed",
-               "dice_weight", "augmentation")
+               "dice_weight", "augmentation", "fold", "folds")
 
 
 def parse_settings(items: Sequence[str] | None) -> dict:

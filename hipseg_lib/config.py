@@ -16,6 +16,7 @@ import torch
 
 from . import CLASS_NAMES, NUM_CLASSES, SettingsError
 from .augment import augmentation_named
+from .data import check_fold
 from .model import ModelConfig
 from .preprocess import Preprocessing
 
@@ -77,6 +78,9 @@ class TrainConfig:
             settings changed from nnU-Net's (:mod:`~hipseg_lib.augment`).
         seed: seeds the weights, the batches and the augmentation.
         split_seed: seeds the split by patient.
+        fold, folds: cross-validation: validate on group ``fold`` of the
+            non-test patients dealt into ``folds`` (None: the presets'
+            split, the same test patients either way).
         val_every: validate every N epochs (and always after the last).
         early_stop_dice: stop once every class reaches this validation Dice
             (the seed project's rule); 0: off, as in every preset.
@@ -104,6 +108,8 @@ class TrainConfig:
     augmentation: str | dict = "light"
     seed: int = 0
     split_seed: int = 0
+    fold: int | None = None
+    folds: int = 5
     val_every: int = 1
     early_stop_dice: float = 0.0
 
@@ -120,6 +126,7 @@ class TrainConfig:
                 or self.dice_weight + self.ce_weight == 0:
             raise SettingsError("dice_weight and ce_weight must be >= 0 and "
                                 "not both 0")
+        check_fold(self.fold, self.folds)
         if not 0.0 <= self.foreground_fraction <= 1.0:
             raise SettingsError("foreground_fraction must be in [0, 1]")
         io = (self.model.in_channels, self.model.num_classes)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import HipsegError
+from . import HipsegError, SettingsError
 from ._atomic import atomic_path
 from .augment import RandomAugmentation, RandomPatch, augment_batch
 from .io import Pair, VolumeId, find_pairs, load_pair
@@ -36,13 +36,19 @@ def cases_of(pairs) -> list[str]:
 
 
 def split_by_case(pairs: Sequence, fractions=(0.8, 0.1, 0.1),
-                  seed: int = 0) -> dict[str, list]:
+                  seed: int = 0, fold: int | None = None,
+                  folds: int = 5) -> dict[str, list]:
     """Split pairs (or anything with an ``id``) into train, val and test so
     that no patient is in two: the patients are shuffled with ``seed``;
     validation and test each get ``max(1, round(fraction * patients))``.
 
+    ``fold`` (0 to ``folds - 1``) is for cross-validation, as nnU-Net does
+    it: the test patients stay the same, the others are dealt into
+    ``folds`` groups like cards, and group ``fold`` validates.
+
     Raises:
-        HipsegError: fewer than 3 patients (each subset needs one).
+        HipsegError: fewer than 3 patients (each subset needs one), or
+            fewer patients outside the test set than folds.
     """
     cases = cases_of(pairs)
     n = len(cases)
@@ -54,19 +60,35 @@ def split_by_case(pairs: Sequence, fractions=(0.8, 0.1, 0.1),
     n_test = max(1, round(fractions[2] * n))
     if n - n_val - n_test < 1:
         n_val = n_test = 1
-    subset = {c: "test" for c in shuffled[:n_test]}
-    subset |= {c: "val" for c in shuffled[n_test:n_test + n_val]}
+    test, rest = shuffled[:n_test], shuffled[n_test:]
+    if fold is None:
+        val = rest[:n_val]
+    else:
+        check_fold(fold, folds)
+        if len(rest) < folds:
+            raise HipsegError(f"too few patients for {folds} folds: "
+                              f"{len(rest)} outside the test set")
+        val = rest[fold::folds]
+    subset = {c: "test" for c in test} | {c: "val" for c in val}
     return {name: [p for p in pairs if subset.get(p.id.case, "train") == name]
             for name in ("train", "val", "test")}
 
 
-def split_folder(data_dir, seed: int = 0) -> dict[str, list[Pair]]:
+def check_fold(fold: int | None, folds: int) -> None:
+    """Refuse a fold that is not one of ``0 .. folds - 1``."""
+    if folds < 2 or (fold is not None and not 0 <= fold < folds):
+        raise SettingsError(f"fold must be 0 to folds - 1 and folds >= 2, "
+                            f"got fold {fold} of {folds}")
+
+
+def split_folder(data_dir, seed: int = 0, fold: int | None = None,
+                 folds: int = 5) -> dict[str, list[Pair]]:
     """The pairs of ``data_dir``, split by patient: the one split that
     training, evaluation and the benchmarks share."""
     pairs = find_pairs(data_dir).pairs
     if not pairs:
         raise HipsegError(f"{data_dir}: no image/label pairs found")
-    return split_by_case(pairs, seed=seed)
+    return split_by_case(pairs, seed=seed, fold=fold, folds=folds)
 
 
 @dataclass(frozen=True)
@@ -163,9 +185,9 @@ def cache_pairs(pairs: Sequence[Pair], cfg: Preprocessing, cache_dir,
 
 def load_split_volumes(data_dir, cfg, cache_dir) -> dict[str, list]:
     """Every pair of ``data_dir``, split by patient with ``cfg.split_seed``
-    and preprocessed with ``cfg.preprocessing`` (cached):
+    (and ``cfg.fold``) and preprocessed with ``cfg.preprocessing`` (cached):
     ``{"train": [...], "val": [...], "test": [...]}``."""
-    split = split_folder(data_dir, cfg.split_seed)
+    split = split_folder(data_dir, cfg.split_seed, cfg.fold, cfg.folds)
     return {name: cache_pairs(pairs, cfg.preprocessing, cache_dir)
             for name, pairs in split.items()}
 

@@ -136,6 +136,7 @@ def test_train_cli_config_and_overrides(tmp_path, tiny_synth):
     bad.write_text("{nope")
     _one_line_error(run_cli("train", "--data", tiny_synth, "--config", bad), "bad.json", "not valid JSON")
     _one_line_error(run_cli("train", "--data", tiny_synth, "--set", "colour=1"), "unknown setting: colour")
+    _one_line_error(run_cli("train", "--data", tiny_synth, "--fold", "5"), "fold must be 0 to folds - 1")
 
 
 def test_train_override_order_is_preset_config_flags_set(tmp_path):
@@ -157,6 +158,8 @@ def test_train_override_order_is_preset_config_flags_set(tmp_path):
     c = parse("--config", cfg, "--epochs", 4, "--set", "epochs=6", "--set", "target_shape=[32,32,16]")
     assert (c.epochs, c.lr, c.preprocessing.target_shape, c.batch_size) == (6, 0.1, (32, 32, 16), 5), \
         "--set over flags"
+    c = parse("--fold", 2, "--folds", 3)
+    assert (c.fold, c.folds) == (2, 3), "cross-validation's fold has a flag"
     help_text = io.StringIO()
     with contextlib.redirect_stdout(help_text), pytest.raises(SystemExit) as ended:
         main(["train", "--help"])

@@ -197,3 +197,46 @@ def test_cache_key_follows_the_code_that_computes_it(tmp_path, monkeypatch):
         (lib / f"{name}.py").write_text(source)
     (lib / "viz.py").write_text("# unrelated\n")
     assert cached_file() == first, "code that does not compute the cache does not change it"
+
+
+@pytest.mark.parametrize("n_cases, folds", [(30, 5), (10, 3), (6, 5)])
+def test_folds_keep_the_test_patients_and_validate_each_other_patient_once(n_cases, folds):
+    """Cross-validation as nnU-Net does it: the same test patients in every fold, and the other
+    patients dealt into `folds` groups, each validating once; the default split is untouched."""
+    pairs = _fake_pairs(n_cases)
+    plain = split_by_case(pairs, seed=3)
+    tests = set(cases_of(plain["test"]))
+    rest = set(cases_of(pairs)) - tests
+    seen = []
+    for k in range(folds):
+        split = split_by_case(pairs, seed=3, fold=k, folds=folds)
+        sets = {name: set(cases_of(v)) for name, v in split.items()}
+        assert sets["test"] == tests, "the test patients never move"
+        assert sets["val"] | sets["train"] == rest and not sets["val"] & sets["train"]
+        assert len(rest) // folds <= len(sets["val"]) <= -(-len(rest) // folds), "even groups"
+        seen += sorted(sets["val"])
+    assert sorted(seen) == sorted(rest), "every other patient validates exactly once"
+    assert split_by_case(pairs, seed=3, fold=None) == plain
+
+
+def test_a_fold_out_of_range_or_too_few_patients_is_refused():
+    from hipseg_lib import SettingsError
+    from hipseg_lib.config import make_config
+
+    with pytest.raises(SettingsError, match="fold must be 0 to folds - 1 and folds >= 2, got fold 5 of 5"):
+        make_config("cpu", fold=5)
+    with pytest.raises(SettingsError, match="got fold 0 of 1"):
+        split_by_case(_fake_pairs(10), fold=0, folds=1)
+    with pytest.raises(HipsegError, match="too few patients for 5 folds: 3 outside the test set"):
+        split_by_case(_fake_pairs(4), fold=0, folds=5)
+
+
+def test_training_loads_the_folds_validation_patients(tiny_synth, tmp_path):
+    from hipseg_lib.config import make_config
+    from hipseg_lib.data import load_split_volumes, split_folder
+
+    cfg = make_config("smoke", fold=1, folds=2)
+    vols = load_split_volumes(tiny_synth, cfg, tmp_path / "cache")
+    want = split_folder(tiny_synth, cfg.split_seed, fold=1, folds=2)
+    assert [v.id for v in vols["val"]] == [p.id for p in want["val"]]
+    assert [v.id for v in vols["val"]] != [p.id for p in split_folder(tiny_synth, cfg.split_seed)["val"]]
