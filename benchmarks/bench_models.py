@@ -31,7 +31,7 @@ from hipseg_lib import CLASS_NAMES, NUM_CLASSES
 from hipseg_lib.config import make_config
 from hipseg_lib.locations import default_cache_dir, ensure_default_dataset
 from hipseg_lib.model import ResUNet3D, count_parameters
-from hipseg_lib.runtime import precision_name, resolve_device, resolve_precision
+from hipseg_lib.runtime import PRECISIONS, precision_name, resolve_device, resolve_precision
 from hipseg_lib.train import best_record, fit, prepare_data
 
 MODELS = ("hipseg-ResUNet3D", "monai-UNet", "monai-BasicUNet")
@@ -101,7 +101,7 @@ def main() -> int:
     p.add_argument("--data", default=None, help="default: $HIPSEG_DATA or the synthetic set")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-every", type=int, default=None, help="default: the preset's")

@@ -18,6 +18,9 @@ BACKGROUND, BODY, BONES, BLADDER, RECTUM, PROSTATE = range(NUM_CLASSES)
 BEST_NAME = "new_model.pth"
 LAST_NAME = "last.pth"
 LOG_NAME = "train_log.jsonl"
+# The one precision vocabulary, for training and prediction alike (runtime.py
+# resolves it; the command line offers it).
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 class HipsegError(Exception):
@@ -55,4 +58,4 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
 
 __all__ = ["__version__", "CLASS_NAMES", "NUM_CLASSES", "HipsegError", "SettingsError", "OutputExists", "first_line",
            "BACKGROUND", "BODY", "BONES", "BLADDER", "RECTUM", "PROSTATE",
-           "BEST_NAME", "LAST_NAME", "LOG_NAME"]
+           "BEST_NAME", "LAST_NAME", "LOG_NAME", "PRECISIONS"]

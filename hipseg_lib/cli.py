@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import BEST_NAME, HipsegError, OutputExists, __version__
+from . import BEST_NAME, PRECISIONS, HipsegError, OutputExists, __version__
 
 __all__ = ["main", "build_parser"]
 
@@ -267,7 +267,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, metavar=name.upper())
     run = parser.add_argument_group("where and how it runs (not stored as settings of the experiment)")
     run.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu, cuda, cuda:1, ...")
-    run.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+    run.add_argument("--precision", default="auto", choices=PRECISIONS,
                      help="auto: bf16 where the device computes it natively, fp16 on an older GPU, else fp32")
     run.add_argument("--compile", action="store_true", help="torch.compile the network (eager if it fails)")
     run.add_argument("--max-minutes", type=float, default=0.0,
@@ -355,7 +355,7 @@ def _add_book(sub) -> None:
     b.add_argument("--data", default=None, help="real data folder (default: $HIPSEG_DATA or the synthetic set)")
     b.add_argument("--chapter", action="append", help="execute only this chapter (file stem; repeatable)")
     b.add_argument("--no-build", action="store_true", help="execute only, do not build HTML")
-    b.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default=None,
+    b.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="the chapters' precision (default: auto); fp32 runs the book as a CPU without "
                         "native bf16 does")
     b.add_argument("--repository", default=None, metavar="URL",

@@ -10,14 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import HipsegError, SettingsError
+from . import PRECISIONS, HipsegError, SettingsError
 
 __all__ = ["resolve_device", "seed_everything", "cpu_has_bf16",
            "cuda_has_bf16", "PRECISIONS", "resolve_precision", "autocast",
            "precision_name", "memory_layout"]
 
-# The one precision vocabulary, for training and prediction alike.
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
