@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -27,7 +28,7 @@ from provenance import cpu_model, markdown_line, provenance  # noqa: E402
 from hipseg_lib.cli import shape_type  # noqa: E402
 
 # name: (Predictor settings, whether to predict in windows of half the grid)
-OPTIONS = {"plain": (dict(mirror_axes=(), postprocess=False), False),
+OPTIONS: dict[str, tuple[dict[str, Any], bool]] = {"plain": (dict(mirror_axes=(), postprocess=False), False),
            "TTA": (dict(mirror_axes=(0,), postprocess=False), False),
            "TTA + post-processing": (dict(mirror_axes=(0,), postprocess=True), False),
            "TTA, windows": (dict(mirror_axes=(0,), postprocess=False), True),
@@ -36,7 +37,7 @@ OPTIONS = {"plain": (dict(mirror_axes=(), postprocess=False), False),
 
 
 def one_onnx(model_path: str, option: str, shape: tuple[int, int, int]) -> dict:
-    sys.modules["torch"] = None  # as on a PC without PyTorch: importing it fails
+    sys.modules["torch"] = None  # type: ignore[assignment]  # as on a PC without PyTorch: importing it fails
     import numpy as np
 
     from hipseg_lib.predict import onnx_predictor
@@ -44,7 +45,6 @@ def one_onnx(model_path: str, option: str, shape: tuple[int, int, int]) -> dict:
 
     options, _ = OPTIONS[option]
     predictor = onnx_predictor(model_path, **options)
-    model = predictor.backend
     spec = SynthSpec(shape=shape, spacing=(1.4, 1.4, 2.5))
     rng = np.random.default_rng(0)
     image, _ = render_volume(make_case_anatomy(rng), spec, rng)
@@ -54,7 +54,7 @@ def one_onnx(model_path: str, option: str, shape: tuple[int, int, int]) -> dict:
         seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     assert label.shape == shape and "torch" not in {m for m in sys.modules if sys.modules[m]}
-    return {"grid": list(model.preprocessing.target_shape), "option": option, "seconds": round(seconds, 2),
+    return {"grid": list(predictor.preprocessing.target_shape), "option": option, "seconds": round(seconds, 2),
             "peak_rss_gb": round(peak, 2)}
 
 

@@ -53,6 +53,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -285,7 +286,8 @@ def stage_data(ctx: Context, out: dict) -> None:
 def _shape(path: Path) -> tuple[int, ...]:
     import nibabel as nib
 
-    return tuple(int(s) for s in nib.load(str(path)).shape[:3])
+    shape = nib.load(str(path)).header.get_data_shape()  # type: ignore[attr-defined]
+    return tuple(int(s) for s in shape[:3])
 
 
 def _need_data(ctx: Context) -> Path:
@@ -502,7 +504,8 @@ class Results:
     """The results file, rewritten (atomically) after every stage: what ended is never lost."""
 
     def __init__(self, path: Path, header: dict):
-        self.path, self.header, self.stages = path, header, []
+        self.path, self.header = path, header
+        self.stages: list[dict] = []
 
     def add(self, record: dict) -> None:
         self.stages.append(record)
@@ -549,7 +552,7 @@ def run_stages(ctx: Context, wanted: list[str], results: Results, minutes: float
             continue
         if name == kill_at:  # as when the command is stopped at its limit (tests)
             os._exit(3)
-        record = {"name": name, "budget_s": budget * budget_scale, "figures": {}, "seconds": 0.0}
+        record: dict[str, Any] = {"name": name, "budget_s": budget * budget_scale, "figures": {}, "seconds": 0.0}
         spent = time.perf_counter() - start
         if spent > 60 * minutes:
             record.update(status="not run", line=f"not run: the check's {minutes:g} minutes were spent")

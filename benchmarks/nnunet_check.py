@@ -53,8 +53,7 @@ def main() -> int:
     p.add_argument("--out", default=None, help="also write the outcome here (Markdown)")
     a = p.parse_args()
     from hipseg_lib.convert import to_nnunet
-    from hipseg_lib.data import default_cache_dir
-    from hipseg_lib.locations import ensure_default_dataset
+    from hipseg_lib.locations import default_cache_dir, ensure_default_dataset
 
     data = ensure_default_dataset(a.data)
     raw = Path(tempfile.mkdtemp(prefix="nnunet-raw-"))

@@ -1,6 +1,7 @@
 """The linter and the type checker, as part of the test suite: ruff on the library, the tests, the
 benchmarks, the tools and the chapters' code cells (the rules pyproject.toml selects and defends;
-80 characters in the chapters), mypy on hipseg_lib with check_untyped_defs (pyproject.toml holds
+80 characters in the chapters), mypy on hipseg_lib and the benchmarks with
+check_untyped_defs (pyproject.toml holds
 both settings)."""
 from __future__ import annotations
 
@@ -38,6 +39,6 @@ def test_ruff_reads_the_chapters_at_their_column_width():
     assert fits.returncode == 0, fits.stdout + fits.stderr
 
 
-def test_mypy_finds_nothing_in_the_library():
+def test_mypy_finds_nothing_in_the_library_or_the_benchmarks():
     r = _run("mypy")
     assert r.returncode == 0 and "Success" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
