@@ -1,8 +1,7 @@
 """The linter and the type checker, as part of the test suite: ruff on the library, the tests, the
 benchmarks, the tools and the chapters' code cells (the rules pyproject.toml selects and defends;
-80 characters in the chapters), mypy on hipseg_lib and the benchmarks with
-check_untyped_defs (pyproject.toml holds
-both settings)."""
+80 characters in the chapters), mypy on hipseg_lib and the benchmarks with check_untyped_defs
+(pyproject.toml holds both settings)."""
 from __future__ import annotations
 
 import subprocess
