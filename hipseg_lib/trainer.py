@@ -256,10 +256,11 @@ class Trainer:
             record["wall_seconds"] = time.perf_counter() - t
             state.history.append(record)
             limit = self._replan(epoch)  # the time limit
-            if limit and not validated:  # a shortened run's last epoch
+            signalled = self._agreed_signal()
+            if (limit or signalled) and not validated:  # a run's last epoch
                 stop = self._validate(record) or stop
                 validated = True
-            stop = stop or limit or self.stop_signal
+            stop = stop or limit or signalled
             record["planned_epochs"] = state.planned
             self._check_weights(epoch)
             write_last = validated or bool(stop) or \
@@ -275,6 +276,15 @@ class Trainer:
         warn = "WARNING: " if state.planned < cfg.epochs else ""
         self.say(f"{warn}stopped: {stop}")
         return stop
+
+    def _agreed_signal(self) -> str:
+        """Why to stop for a signal, the same on every process: a signal that reached any one of
+        them stops them all after this epoch (else the one that stopped would wait in a collective
+        for the others, and they for it)."""
+        mine = self.stop_signal  # read once: a signal arriving now counts at the next epoch
+        if self.dist.min_int(0 if mine else 1):
+            return ""
+        return mine or "a signal to another process: stopped after this epoch to resume later"
 
     def _bar(self, total: int):
         """A progress bar for the whole run (rank 0, when asked for)."""

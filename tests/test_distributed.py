@@ -108,3 +108,38 @@ def test_an_error_only_rank_0_sees_ends_every_rank(tiny_synth, tmp_path):
     r = _torchrun_train(tmp_path, "--data", str(tiny_synth), "--out", str(out))
     _ranks_fail_with_one_line(r, "holds checkpoints of an earlier run")
     assert (out / "last.pth").read_bytes() == b"an earlier run"
+
+
+# ``hipseg`` whose rank 0 alone gets SIGUSR1 at the end of its first epoch's steps (a batch system
+# may signal one process, or one before the others).
+SIGNAL_RANK_0 = """
+import os, signal, sys
+from hipseg_lib import cli, trainer
+if os.environ["RANK"] == "0":
+    plain = trainer.train_epoch
+    def signalled(*args):
+        losses = plain(*args)
+        if args[2] == 0:  # the epoch
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return losses
+    trainer.train_epoch = signalled
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_to_one_process_stops_every_process_after_the_epoch(tiny_synth, tmp_path):
+    """The processes agree on a stop: without it, rank 0 would save while rank 1 trained on, each
+    waiting for the other in a different collective, until the job's time ran out."""
+    script = tmp_path / "signal_rank_0.py"
+    script.write_text(SIGNAL_RANK_0)
+    out = tmp_path / "m"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), "train", "--preset", "smoke", "--device", "cpu", "--quiet", "--data", str(tiny_synth),
+           "--out", str(out), "--epochs", "4", "--set", "val_every=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [rec["epoch"] for rec in log] == [1], "stopped after the signalled epoch"
+    assert (out / "last.pth").exists() and (out / "new_model.pth").exists()
+    assert "stopped: signal SIGUSR1: stopped after this epoch to resume later" in r.stdout + r.stderr
