@@ -125,6 +125,14 @@ class PolySchedule:
         self.warmup = min(self.warmup, self.steps)
         self.remaining = max(1, remaining_steps)
 
+    def rebase(self, total_steps: int) -> None:
+        """From the step reached, follow the plan of ``total_steps`` (a run
+        resumed with another number of epochs), even after a finished one."""
+        decay = max(1, total_steps - self.warmup)
+        self.progress = min(1.0, max(0, self.steps - self.warmup) / decay)
+        self.remaining = max(1, total_steps - max(self.steps, self.warmup))
+        self._apply()
+
     def _apply(self) -> None:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * self.factor()

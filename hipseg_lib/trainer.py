@@ -199,7 +199,7 @@ class Trainer:
                      f"{self.dist.world}: dropout will not repeat the interrupted run")
         start = self.state.start_epoch
         if int(ck.get("planned_epochs", cfg.epochs)) != cfg.epochs and start < cfg.epochs:
-            self.schedule.replan((cfg.epochs - start) * self.data.batches.steps_per_epoch)
+            self.schedule.rebase(cfg.epochs * self.data.batches.steps_per_epoch)
         self.say(f"resumed from {path} at epoch {start + 1}")
 
     def say(self, message: str) -> None:

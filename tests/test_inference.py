@@ -376,3 +376,28 @@ def test_uncertainty_panel_draws_three_views():
     assert len(fig.axes) == 4  # three panels and the entropy colour bar
     assert [a.get_title() for a in fig.axes[:2]] == ["prediction", "errors (cyan)"]
     plt.close(fig)
+
+
+def test_outside_the_body_crop_is_background_and_inside_is_the_networks():
+    """A network that says "body" everywhere: the scan's voxels inside the crop get body, every voxel
+    outside it background, whatever the network would have said there."""
+    from hipseg_lib.preprocess import preprocess_image
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(5, 1, (40, 36, 20)).astype(np.float32)  # air, with noise
+    image[8:30, 6:28, 4:16] += 200  # the body
+    prep = Preprocessing(target_shape=(16, 16, 8))
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS: no turn
+    _, box = preprocess_image(image, prep)
+    inside = tuple(slice(a, b) for a, b in box)
+
+    def body_everywhere(x):
+        out = _scores(x)
+        out[:, BODY] = 10.0
+        return out
+
+    labels = Predictor(Stub(body_everywhere), prep, InferenceSettings()).labels(image, affine)
+    outside = np.ones(image.shape, bool)
+    outside[inside] = False
+    assert outside.any() and (labels[inside] == BODY).all()
+    assert (labels[outside] == 0).all()

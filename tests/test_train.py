@@ -188,3 +188,23 @@ def test_the_best_record_skips_epochs_without_validation():
     assert best_record(history)["epoch"] == 4, "mean foreground 0.7 (NaN aside), the first of two"
     with pytest.raises(ValueError, match="no epoch of this history was validated"):
         best_record(history[:1])
+
+
+@pytest.mark.parametrize("taken", [2, 6, 10])  # in the warm-up, in the decay, at the end
+def test_rebase_follows_the_new_plan_from_the_step_reached(taken):
+    def lrs(schedule, n):
+        out = []
+        for _ in range(n):
+            out.append(schedule.optimizer.param_groups[0]["lr"])
+            schedule.step()
+        return out
+
+    def schedule(total):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return PolySchedule(opt, total, warmup=4)
+
+    short, planned = schedule(10), schedule(20)
+    lrs(short, taken)
+    lrs(planned, taken)
+    short.rebase(20)
+    assert lrs(short, 20 - taken) == pytest.approx(lrs(planned, 20 - taken))

@@ -96,6 +96,17 @@ def test_a_signal_ends_the_run_after_its_epoch_with_last_pth(tiny_synth, tmp_pat
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL, "the handler is put back"
 
 
+
+def test_resuming_with_more_epochs_spreads_the_decay_over_them(tiny_synth, tmp_path):
+    """A finished run resumed with a larger `epochs` trains on at a rate that decays anew to zero
+    at the new end (else the schedule, already at zero, would train the added epochs at lr 0)."""
+    out = tmp_path / "more"
+    first = run(smoke(epochs=2), tiny_synth, out)
+    assert first.history[-1]["lr"] == 0.0
+    more = run(smoke(epochs=4), tiny_synth, out, resume=True)
+    assert [h["epoch"] for h in more.history] == [1, 2, 3, 4]
+    assert more.history[2]["lr"] > 0.0 and more.history[-1]["lr"] == 0.0
+
 def test_time_limited_epochs():
     assert time_limited_epochs([60, 60], math.inf, 2, 12) == 12
     assert time_limited_epochs([60, 60], 3600, 2, 12) == 12, "fits"
