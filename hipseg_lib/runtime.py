@@ -3,6 +3,7 @@ the same for training and prediction."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 from pathlib import Path
@@ -15,7 +16,6 @@ from . import PRECISIONS, HipsegError, SettingsError
 __all__ = ["resolve_device", "seed_everything", "cpu_has_bf16",
            "cuda_has_bf16", "PRECISIONS", "resolve_precision", "autocast",
            "precision_name", "memory_layout"]
-
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -58,16 +58,17 @@ _BF16_ISAS = ("ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16",
 _BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
 
 
-def _cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=1)  # read once: a CPU's flags do not change
+def _cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as Linux lists them (none known elsewhere)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     for line in text.splitlines():
         if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 def _onednn_runs_bf16() -> bool:
