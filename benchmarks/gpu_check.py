@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import json
 import math
 import os
@@ -143,6 +144,9 @@ def _kill_group(proc: subprocess.Popen) -> None:
 def stage_versions(ctx: Context, out: dict) -> None:
     out["torch"] = torch.__version__
     out["python"] = sys.version.split()[0]
+    # what the chapters import beside torch: a missing wheel is named here, not mid-chapter
+    for name in ("nibabel", "papermill", "ipykernel", "IPython", "monai", "skimage"):
+        out[name] = importlib.import_module(name).__version__
     if ctx.device.type == "cuda":
         props = torch.cuda.get_device_properties(ctx.device)
         out["card"] = props.name

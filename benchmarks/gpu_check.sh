@@ -15,7 +15,7 @@ if [ -z "$PY" ]; then
     if [ -x "$cand" ] || command -v "$cand" >/dev/null 2>&1; then PY=$cand; break; fi
   done
 fi
-if ! "$PY" -c "import papermill, nibabel, ipykernel, monai" >/dev/null 2>&1 && ls .gpu-wheels/*.whl >/dev/null 2>&1; then
+if ! "$PY" -c "import papermill, nibabel, ipykernel, monai, skimage" >/dev/null 2>&1 && ls .gpu-wheels/*.whl >/dev/null 2>&1; then
   SITE=${GPU_SITE:-${TMPDIR:-/tmp}/hipseg-gpu-site}
   "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --target "$SITE" .gpu-wheels/*.whl
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"

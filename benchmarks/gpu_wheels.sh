@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 DEST=${1:-.gpu-wheels}
 PY=${GPU_PYTHON_VERSION:-3.12}
 mkdir -p "$DEST"
-# papermill, ipykernel, nibabel and MONAI with everything they import that the machine lacks
+# papermill, ipykernel, nibabel, MONAI and scikit-image (chapter 5's surfaces) with everything they
+# import that the machine lacks (networkx and pillow come with torch and matplotlib)
 # (IPython 9.18 needs no decorator: its metadata lists none; pygments comes with pytest)
 # (versions as in requirements.txt / .venv; aiohttp is papermill's dependency on Python >= 3.12).
 PKGS=(
@@ -22,7 +23,7 @@ PKGS=(
   attrs==26.1.0 click==8.5.1 pyyaml==6.0.4 requests==2.34.2 urllib3==2.8.0 idna==3.20
   charset-normalizer==3.5.3 certifi==2026.10.19.post1 entrypoints==0.4.2 tenacity==9.2.1
   aiohttp aiohappyeyeballs aiosignal frozenlist multidict propcache yarl
-  monai==1.6.1
+  monai==1.6.1 scikit-image==0.26.0 imageio==2.38.2 tifffile==2026.3.3 lazy-loader==0.6
 )
 python3 -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
   --python-version "$PY" --implementation cp --platform manylinux2014_x86_64 \

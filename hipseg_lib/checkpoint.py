@@ -11,18 +11,18 @@ import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
 from . import CLASS_NAMES, HipsegError, SettingsError, __version__, first_line
 from ._atomic import atomic_path
 from .model import ModelConfig, ResUNet3D
-from .predictor import InferenceSettings, Predictor
+from .predictor import ArrayOps, InferenceSettings, Predictor
 from .preprocess import Preprocessing
 from .runtime import autocast, cuda_has_bf16, resolve_device, resolve_precision
 
 __all__ = ["FORMAT", "save_checkpoint", "read_checkpoint", "load_model",
-           "LoadedModel", "TorchBackend", "load_predictor", "store_inference",
+           "LoadedModel", "TORCH_OPS", "TorchBackend", "load_predictor",
+           "store_inference",
            "trained_mirror_axes"]
 
 FORMAT = "hipseg-checkpoint-v4"
@@ -105,12 +105,22 @@ def load_model(path, device="cpu") -> LoadedModel:
     return LoadedModel(network.to(device).eval(), prep, inference, ckpt)
 
 
+TORCH_OPS = ArrayOps(
+    zeros=lambda shape, like: torch.zeros(shape, device=like.device),
+    put=lambda a, like: torch.from_numpy(a).to(like.device),
+    contiguous=lambda a: a.contiguous(), flip=torch.flip,
+    logaddexp=torch.logaddexp, log_softmax=torch.log_softmax)
+
+
 class TorchBackend:
     """A PyTorch network as a :class:`~hipseg_lib.predictor.Predictor`'s
-    backend: numpy in, numpy out, computed on ``device`` without gradients,
-    in ``precision``: bf16 or fp32 (``"auto"``: bf16 on a GPU that computes
-    it natively, else fp32, so that every CPU predicts the same labels).
-    Prediction never runs in fp16: asked for, it is refused."""
+    backend: numpy in, numpy out, or a tensor in, a tensor out on the same
+    device (``TORCH_OPS`` its functions), computed on ``device`` without
+    gradients, in ``precision``: bf16 or fp32 (``"auto"``: bf16 on a GPU that
+    computes it natively, else fp32, so that every CPU predicts the same
+    labels). Prediction never runs in fp16: asked for, it is refused."""
+
+    ops = TORCH_OPS
 
     def __init__(self, network: torch.nn.Module, device="cpu",
                  precision: str = "auto"):
@@ -122,15 +132,16 @@ class TorchBackend:
             raise SettingsError("prediction runs in bf16 or fp32, not fp16")
         self.dtype = resolve_precision(self.device, precision)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x):
         was_training = self.network.training
         self.network.eval()
+        x_ = torch.as_tensor(x)
         try:
             with torch.no_grad(), autocast(self.device, self.dtype):
-                y = self.network(torch.from_numpy(x).to(self.device))
+                y = self.network(x_.to(self.device)).float()
         finally:
             self.network.train(was_training)
-        return y.float().cpu().numpy()
+        return y.to(x_.device) if torch.is_tensor(x) else y.cpu().numpy()
 
 
 def trained_mirror_axes(checkpoint: dict) -> tuple[int, ...]:

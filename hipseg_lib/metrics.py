@@ -16,7 +16,8 @@ from scipy import ndimage
 
 from . import CLASS_NAMES, NUM_CLASSES
 
-__all__ = ["dice_per_class", "iou_per_class", "surface_distances", "hd95",
+__all__ = ["confusion_matrix", "dice_from_confusion", "dice_per_class",
+           "iou_per_class", "surface_distances", "hd95",
            "average_surface_distance", "normalised_surface_distance",
            "evaluate_case", "METRICS", "NSD_TOLERANCE_MM", "patient_table",
            "bootstrap_interval", "per_patient_summary"]
@@ -26,39 +27,50 @@ FOREGROUND_CLASSES = tuple(range(1, NUM_CLASSES))  # the classes tables report
 NSD_TOLERANCE_MM = 2.0  # the normalised surface distance's tolerance
 
 
-def _counts(pred: np.ndarray, truth: np.ndarray, num_classes: int):
-    """True positives, false positives and false negatives of each class,
-    from the confusion matrix ``cm[t, p]``: voxels of class t predicted p."""
+def confusion_matrix(pred: np.ndarray, truth: np.ndarray,
+                     num_classes: int) -> np.ndarray:
+    """The confusion matrix ``cm[t, p]``: how many voxels of class t were
+    predicted p."""
     pred, truth = np.asarray(pred), np.asarray(truth)
     if pred.shape != truth.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from "
                          f"truth shape {truth.shape}")
     k = num_classes
     idx = truth.astype(np.int64).ravel() * k + pred.astype(np.int64).ravel()
-    cm = np.bincount(idx, minlength=k * k).reshape(k, k)
+    return np.bincount(idx, minlength=k * k).reshape(k, k)
+
+
+def _counts(cm: np.ndarray):
+    """True positives, false positives and false negatives of each class,
+    from a confusion matrix ``cm[t, p]``."""
     tp = np.diag(cm).astype(np.float64)
     return tp, cm.sum(0) - tp, cm.sum(1) - tp
 
 
-def dice_per_class(pred: np.ndarray, truth: np.ndarray,
-                   num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """Dice ``2 TP / (2 TP + FP + FN)`` per class; NaN where a class is in
-    neither prediction nor truth.
-
-    Example:
-        >>> dice_per_class(np.array([0, 1, 1]), np.array([0, 1, 0]), 3)
-        array([0.66666667, 0.66666667,        nan])
-    """
-    tp, fp, fn = _counts(pred, truth, num_classes)
+def dice_from_confusion(cm: np.ndarray) -> np.ndarray:
+    """Dice ``2 TP / (2 TP + FP + FN)`` per class of a confusion matrix;
+    NaN where a class is in neither prediction nor truth."""
+    tp, fp, fn = _counts(cm)
     denom = 2 * tp + fp + fn
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, 2 * tp / denom, np.nan)
 
 
+def dice_per_class(pred: np.ndarray, truth: np.ndarray,
+                   num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Dice per class of a label map against the truth.
+
+    Example:
+        >>> dice_per_class(np.array([0, 1, 1]), np.array([0, 1, 0]), 3)
+        array([0.66666667, 0.66666667,        nan])
+    """
+    return dice_from_confusion(confusion_matrix(pred, truth, num_classes))
+
+
 def iou_per_class(pred: np.ndarray, truth: np.ndarray,
                   num_classes: int = NUM_CLASSES) -> np.ndarray:
     """Intersection over union ``TP / (TP + FP + FN)`` per class."""
-    tp, fp, fn = _counts(pred, truth, num_classes)
+    tp, fp, fn = _counts(confusion_matrix(pred, truth, num_classes))
     denom = tp + fp + fn
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, tp / denom, np.nan)

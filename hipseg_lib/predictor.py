@@ -6,16 +6,19 @@ mirrored copies too (test-time augmentation), back to the scan's own voxels,
 and to labels (optionally only the largest piece of each single organ). One
 step depends on how the network runs: a *backend* turns images into class
 scores (:class:`~hipseg_lib.checkpoint.TorchBackend` for a checkpoint, ONNX
-Runtime for ``hipseg export``'s files). This module never imports torch.
+Runtime for ``hipseg export``'s files). The network's grid is computed on
+numpy arrays, or on a backend's own arrays (torch tensors, which stay on
+their device: a GPU validates without copying scores back). This module never
+imports torch.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from scipy import ndimage
@@ -23,7 +26,8 @@ from scipy import ndimage
 from . import BLADDER, BODY, PROSTATE, RECTUM, SettingsError
 from .preprocess import Preprocessing, preprocess_image, reorient, resize_image
 
-__all__ = ["InferenceSettings", "Backend", "Predictor", "window_starts",
+__all__ = ["InferenceSettings", "Backend", "ArrayOps", "NUMPY_OPS", "Predictor",
+           "window_starts",
            "plan_windows", "gaussian_weight", "log_softmax",
            "keep_largest_component", "labels_from_probabilities", "entropy",
            "SINGLE_ORGANS"]
@@ -78,9 +82,24 @@ class InferenceSettings:
 
 class Backend(Protocol):
     """What runs the network: images ``(N, 1, X, Y, Z)`` in, class scores
-    ``(N, C, X, Y, Z)`` out, both float32 numpy arrays."""
+    ``(N, C, X, Y, Z)`` out, both float32 numpy arrays (or, for a backend
+    whose ``ops`` are its own arrays' functions, arrays of that kind)."""
 
-    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+    def __call__(self, x: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ArrayOps:
+    """The few array functions a :class:`Predictor` needs that numpy and
+    torch name differently: :data:`NUMPY_OPS`, or a backend's ``ops`` for
+    its own arrays (``checkpoint.TORCH_OPS`` for tensors)."""
+
+    zeros: Callable       # zeros(shape, like): float32, beside ``like``
+    put: Callable         # put(numpy_array, like): it, beside ``like``
+    contiguous: Callable  # the array laid out in order (a copy if needed)
+    flip: Callable        # flip(a, dims): a mirrored copy
+    logaddexp: Callable   # log(exp(a) + exp(b)), elementwise
+    log_softmax: Callable  # log_softmax(z, axis)
 
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -133,6 +152,13 @@ def log_softmax(z: np.ndarray, axis: int = 1) -> np.ndarray:
     off first, so that no exponential overflows)."""
     z = z - z.max(axis=axis, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+
+
+NUMPY_OPS = ArrayOps(zeros=lambda shape, like: np.zeros(shape, np.float32),
+                     put=lambda a, like: a,
+                     contiguous=np.ascontiguousarray,
+                     flip=lambda a, dims: np.flip(a, dims).copy(),
+                     logaddexp=np.logaddexp, log_softmax=log_softmax)
 
 
 def keep_largest_component(label: np.ndarray, classes=SINGLE_ORGANS,
@@ -202,39 +228,51 @@ class Predictor:
         settings = dataclasses.replace(self.settings, **changes)
         return Predictor(self.backend, self.preprocessing, settings)
 
-    def grid_scores(self, x: np.ndarray) -> np.ndarray:
+    def ops(self, x) -> ArrayOps:
+        """The array functions for ``x``: numpy's for a numpy array, else
+        the backend's, which computes on arrays of that kind."""
+        if isinstance(x, np.ndarray):
+            return NUMPY_OPS
+        ops = getattr(self.backend, "ops", None)
+        if ops is None:
+            raise TypeError(f"this backend computes on numpy arrays, not "
+                            f"{type(x).__name__}")
+        return ops
+
+    def grid_scores(self, x):
         """Class scores ``(N, C, X, Y, Z)`` of images ``(N, 1, X, Y, Z)``: at
         once, or in overlapping windows blended with Gaussian weights."""
         if self.settings.window is None:
             return self.backend(x)
+        xp = self.ops(x)
         windows = plan_windows(x.shape[2:], self.settings.window,
                                self.settings.overlap)
-        weight = gaussian_weight([s.stop - s.start for s in windows[0]])
-        total = np.zeros(x.shape[2:], np.float32)  # the weights per voxel
-        out = np.zeros(0, np.float32)
+        weight = xp.put(gaussian_weight([s.stop - s.start
+                                         for s in windows[0]]), x)
+        total = xp.zeros(x.shape[2:], x)  # the weights per voxel
+        out = None
         for w in windows:
-            scores = self.backend(np.ascontiguousarray(x[:, :, w[0], w[1],
-                                                         w[2]]))
-            if out.size == 0:  # the first window tells how many classes
-                out = np.zeros((*scores.shape[:2], *x.shape[2:]), np.float32)
+            scores = self.backend(xp.contiguous(x[:, :, w[0], w[1], w[2]]))
+            if out is None:  # the first window tells how many classes
+                out = xp.zeros((*scores.shape[:2], *x.shape[2:]), x)
             out[:, :, w[0], w[1], w[2]] += scores * weight
             total[w] += weight
         return out / total
 
-    def grid_log_probabilities(self, x: np.ndarray) -> np.ndarray:
+    def grid_log_probabilities(self, x):
         """Log class probabilities ``(N, C, X, Y, Z)``, averaged (as
         probabilities) over the input and its mirrored copies: every subset
         of ``mirror_axes``, each mirrored back first."""
-        axes = self.settings.mirror_axes
+        xp, axes = self.ops(x), self.settings.mirror_axes
         flips = [c for n in range(1, len(axes) + 1)
                  for c in itertools.combinations(axes, n)]
-        total = log_softmax(self.grid_scores(x))  # the input as it is
+        total = xp.log_softmax(self.grid_scores(x), 1)  # the input as it is
         for flip in flips:
             dims = tuple(2 + a for a in flip)
-            logp = log_softmax(self.grid_scores(np.flip(x, dims).copy()))
-            logp = np.flip(logp, dims)  # back to the input's orientation
-            total = np.logaddexp(total, logp)  # a sum of probabilities
-        return (total - math.log(1 + len(flips))).astype(np.float32)
+            logp = xp.log_softmax(self.grid_scores(xp.flip(x, dims)), 1)
+            logp = xp.flip(logp, dims)  # back to the input's orientation
+            total = xp.logaddexp(total, logp)  # a sum of probabilities
+        return total - math.log(1 + len(flips))
 
     def probabilities(self, image: np.ndarray,
                       affine: np.ndarray) -> np.ndarray:

@@ -13,7 +13,8 @@ import torch
 
 from . import PRECISIONS, HipsegError, SettingsError
 
-__all__ = ["resolve_device", "seed_everything", "cpu_has_bf16",
+__all__ = ["resolve_device", "cuda_unusable_reason", "seed_everything",
+           "cpu_has_bf16",
            "cuda_has_bf16", "PRECISIONS", "resolve_precision", "autocast",
            "precision_name", "memory_layout"]
 
@@ -31,10 +32,20 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HipsegError(f"device {device!r} asked for, but CUDA cannot be "
-                          "used here (no GPU, or a driver this torch build "
-                          "does not support)")
+        raise HipsegError(f"device {device!r} asked for, but "
+                          f"{cuda_unusable_reason()}")
     return dev
+
+
+def cuda_unusable_reason() -> str:
+    """Why ``torch.cuda.is_available()`` is False, in a few words."""
+    if torch.version.cuda is None:
+        return "this torch build has no CUDA (a CPU-only build)"
+    if torch.cuda.device_count() == 0:
+        return ("no CUDA GPU is visible (none, no driver, or "
+                "CUDA_VISIBLE_DEVICES hides them)")
+    return ("CUDA cannot be started here (a driver older than this torch "
+            f"build's CUDA {torch.version.cuda}?)")
 
 
 def seed_everything(seed: int) -> None:

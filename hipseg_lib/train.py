@@ -20,7 +20,7 @@ from .checkpoint import TorchBackend, save_checkpoint
 from .config import TrainConfig
 from .data import TrainingBatches, TrainingSet, load_split_volumes
 from .loss import DeepSupervisionLoss, DiceCELoss
-from .metrics import dice_per_class
+from .metrics import dice_from_confusion
 from .model import ResUNet3D
 from .predictor import InferenceSettings, Predictor
 from .runtime import (
@@ -159,20 +159,33 @@ def train_epoch(step: Callable, batches: TrainingBatches, epoch: int,
     return torch.stack(losses).float()
 
 
+def confusion(pred: torch.Tensor, truth: torch.Tensor,
+              num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """The confusion matrix ``cm[t, p]`` of two label tensors, counted
+    where they are (a GPU's counts stay on it)."""
+    k = num_classes
+    idx = (truth.long() * k + pred.long()).flatten()
+    return torch.bincount(idx, minlength=k * k).reshape(k, k)
+
+
 def validate(predictor: Predictor,
              volumes: Sequence[tuple[np.ndarray, np.ndarray]],
-             loss_fn) -> tuple[np.ndarray, np.ndarray]:
+             loss_fn, device="cpu") -> tuple[np.ndarray, np.ndarray]:
     """Each validation volume's Dice per class on the network's grid
     (``(volumes, C)``; NaN for a class in neither truth nor prediction) and
-    its loss (``(volumes,)``)."""
-    dice, losses = [], []
+    its loss (``(volumes,)``), computed on ``device``: from a GPU, only a
+    confusion matrix and a loss per volume come back."""
+    counts, losses = [], []
     for image, label in volumes:
-        logp = predictor.grid_log_probabilities(image[None, None])
-        dice.append(dice_per_class(logp[0].argmax(0), label, NUM_CLASSES))
-        truth = torch.from_numpy(label[None].astype(np.int64))
+        x = torch.from_numpy(image[None, None]).to(device)
+        truth = torch.from_numpy(label[None].astype(np.int64)).to(device)
+        logp = predictor.grid_log_probabilities(x)
+        counts.append(confusion(logp[0].argmax(0), truth[0]))
         # log-probabilities are logits too: their softmax is the probabilities
-        losses.append(float(loss_fn(torch.from_numpy(logp), truth)))
-    return np.array(dice), np.array(losses)
+        losses.append(loss_fn(logp, truth))
+    matrices = torch.stack(counts).cpu().numpy()
+    dice = np.array([dice_from_confusion(cm) for cm in matrices])
+    return dice, torch.stack(losses).float().cpu().numpy()
 
 
 @dataclass
@@ -302,7 +315,7 @@ def fit(cfg: TrainConfig, data: TrainingData, out_dir, device,
         last = epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.val_every == 0 or last:
             dice, val_losses = validate(run.predictor, data.validation,
-                                        run.loss_fn)
+                                        run.loss_fn, device)
             with np.errstate(all="ignore"):  # a class no volume has: NaN
                 record["val_dice"] = np.nanmean(dice, axis=0).tolist()
             record["val_loss"] = float(val_losses.mean())

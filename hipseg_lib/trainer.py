@@ -25,7 +25,7 @@ from .checkpoint import read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import CompiledOrEager, Dist, Launch
 from .runs import check_run_folder, prepare_run_folder, write_log
-from .runtime import precision_name, resolve_device, seed_everything
+from .runtime import cuda_unusable_reason, precision_name, resolve_device, seed_everything
 from .train import (
     NonFiniteLoss,
     inference_settings,
@@ -142,6 +142,9 @@ class Trainer:
         self.out, self.options, self.progress, self.log = out, options, progress, log
         dist_ = self.dist
         self.device = resolve_device(options.device, launch.local_rank)
+        if cfg.preset == "full" and self.device.type == "cpu" and options.device == "auto":
+            raise HipsegError(f"preset 'full' is made for a CUDA GPU, and {cuda_unusable_reason()}: "
+                              "choose --preset cpu, or --device cpu to train 'full' on the CPU anyway")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
         dist_.main_first(lambda: check_run_folder(out, resume), then_others=False)
@@ -309,7 +312,7 @@ class Trainer:
     def _validate(self, record: dict) -> str:
         """Validate (each process its share of the volumes), record it; returns why to stop, or ""."""
         start = time.perf_counter()
-        dice_rows, losses = validate(self.predictor, self.data.validation, self.loss_fn)
+        dice_rows, losses = validate(self.predictor, self.data.validation, self.loss_fn, self.device)
         record["val_seconds"] = time.perf_counter() - start
         everyone = self.dist.gather((dice_rows.tolist(), losses.tolist()))
         dice = mean_over_volumes([row for rows, _ in everyone for row in rows])

@@ -309,3 +309,20 @@ def test_book_refuses_an_unknown_chapter_before_making_data(tmp_path):
     assert "unknown chapter(s): 04_trainig; choose from 01_data_exploration" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not missing.exists()
+
+
+def test_the_full_preset_without_a_usable_gpu_says_why_instead_of_training_on_the_cpu(tmp_path, tiny_synth,
+                                                                                      monkeypatch):
+    """``--preset full`` is made for a GPU: where CUDA cannot be used, the run stops before any
+    work with one line that says why and what to choose, and exit 1; the CPU is used only when
+    asked for."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    r = run_cli("train", "--preset", "full", "--data", tiny_synth, "--out", tmp_path / "m", "--quiet")
+    _one_line_error(r, "preset 'full' is made for a CUDA GPU", "no CUDA", "--device cpu")
+    assert not (tmp_path / "m").exists()
+    r = run_cli("train", "--preset", "smoke", "--device", "cuda", "--data", tiny_synth, "--out", tmp_path / "n",
+                "--quiet")
+    _one_line_error(r, "device 'cuda' asked for", "no CUDA")

@@ -182,3 +182,41 @@ def test_the_torch_backend_predicts_in_fp32_on_a_cpu_and_refuses_fp16():
     assert TorchBackend(net, "cpu", "bf16").dtype is torch.bfloat16
     with pytest.raises(SettingsError, match="bf16 or fp32, not fp16"):
         TorchBackend(net, "cpu", "fp16")
+
+
+def test_tensors_stay_tensors_through_windows_and_mirroring_and_match_numpy(tiny_model):
+    """Given a tensor, the predictor computes on tensors where they are (what lets a GPU validate
+    without copying scores back): windows blended and mirrored copies averaged as the numpy path
+    does them, to float32 rounding."""
+    predictor = load_predictor(tiny_model, "cpu").replace(window=(16, 16, 8), overlap=0.5,
+                                                          mirror_axes=(0, 2))
+    x = np.random.default_rng(0).normal(size=(1, 1, 24, 20, 12)).astype(np.float32)
+    on_numpy = predictor.grid_log_probabilities(x)
+    on_tensors = predictor.grid_log_probabilities(torch.from_numpy(x))
+    assert isinstance(on_numpy, np.ndarray) and on_numpy.dtype == np.float32
+    assert torch.is_tensor(on_tensors) and on_tensors.dtype == torch.float32
+    np.testing.assert_allclose(on_tensors.numpy(), on_numpy, atol=1e-4)
+
+
+def test_validation_runs_on_tensors_and_scores_as_dice_per_class(tiny_model, tiny_synth, tmp_path, monkeypatch):
+    """``validate`` hands the network tensors on the run's device (never numpy, which would bring
+    every score to the host), and its Dice and loss are those of the numpy path."""
+    import hipseg_lib.checkpoint as C
+    from hipseg_lib.config import make_config
+    from hipseg_lib.metrics import dice_per_class
+    from hipseg_lib.train import make_loss, prepare_data, validate
+
+    cfg = make_config("smoke", target_shape=(16, 16, 8), base_channels=4, depth=3)  # as tiny_model's
+    volumes = prepare_data(cfg, tiny_synth, tmp_path / "cache", torch.device("cpu")).validation
+    predictor = load_predictor(tiny_model, "cpu", mirror_axes=(0,))
+    loss_fn = make_loss(cfg)
+    kinds = []
+    real = C.TorchBackend.__call__
+    monkeypatch.setattr(C.TorchBackend, "__call__", lambda self, x: kinds.append(type(x)) or real(self, x))
+    dice, losses = validate(predictor, volumes, loss_fn, "cpu")
+    assert kinds and set(kinds) == {torch.Tensor}
+    for (image, label), row, loss in zip(volumes, dice, losses):
+        logp = predictor.grid_log_probabilities(image[None, None])
+        np.testing.assert_allclose(row, dice_per_class(logp[0].argmax(0), label), atol=1e-6)
+        truth = torch.from_numpy(label[None].astype(np.int64))
+        assert loss == pytest.approx(float(loss_fn(torch.from_numpy(logp), truth)), abs=1e-4)

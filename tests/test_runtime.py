@@ -1,6 +1,8 @@
 """The torch.compile guard, and the one precision vocabulary."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -72,7 +74,7 @@ def test_every_process_takes_the_same_road(monkeypatch):
 
 
 def test_one_precision_vocabulary_for_training_and_prediction():
-    from hipseg_lib import HipsegError, SettingsError
+    from hipseg_lib import SettingsError
     from hipseg_lib.runtime import cpu_has_bf16, precision_name, resolve_device, resolve_precision
 
     cpu = torch.device("cpu")
@@ -82,9 +84,23 @@ def test_one_precision_vocabulary_for_training_and_prediction():
     with pytest.raises(SettingsError, match="precision must be one of auto, bf16, fp16, fp32, got 'off'"):
         resolve_precision(cpu, "off")
     assert resolve_device("cpu").type == "cpu"
-    if not torch.cuda.is_available():
-        with pytest.raises(HipsegError, match="CUDA cannot be used here"):
-            resolve_device("cuda")
+
+
+@pytest.mark.parametrize("built_with, gpus, why", [
+    (None, 0, "this torch build has no CUDA"),
+    ("13.0", 0, "no CUDA GPU is visible"),
+    ("13.0", 1, "a driver older than this torch build's CUDA 13.0"),
+])
+def test_a_cuda_device_that_cannot_be_used_is_refused_with_the_reason(monkeypatch, built_with, gpus, why):
+    from hipseg_lib import HipsegError
+    from hipseg_lib.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", built_with)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(HipsegError, match=f"device 'cuda:1' asked for, but .*{re.escape(why)}"):
+        resolve_device("cuda:1")
+    assert resolve_device("auto").type == "cpu"
 
 
 @pytest.mark.parametrize("flags, cap, native", [

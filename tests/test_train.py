@@ -130,7 +130,7 @@ def test_fit_follows_the_seed_projects_stopping_rule(tiny_data, tmp_path, monkey
     assert len(missed) == 3, "a class below 0.7: no stop"
     real = T.validate
 
-    def every_class_at_0_8(predictor, volumes, loss_fn):
+    def every_class_at_0_8(predictor, volumes, loss_fn, device):
         dice, losses = real(predictor, volumes, loss_fn)
         return np.full_like(dice, 0.8), losses
 
