@@ -256,6 +256,7 @@ class RandomAugmentation:
 
     p_rotation: float = 0.2
     max_rotation_degrees: float = 30.0
+    max_inplane_rotation_degrees: float = 180.0  # thick slices: see below
     p_scaling: float = 0.2
     scaling: tuple[float, float] = (0.7, 1.4)
     p_noise: float = 0.1
@@ -284,11 +285,14 @@ class RandomAugmentation:
                                 f"got {self.mirror_axes}")
 
     def rotation_angles(self, rng, spacing: Sequence[float]) -> list[float]:
-        """Angles (radians) about axes 0, 1, 2: all three in the range, or,
-        for thick slices, anywhere about the thick axis only (in-plane)."""
+        """Angles (radians) about axes 0, 1, 2: all three within
+        ``max_rotation_degrees``, or, for thick slices (nnU-Net's rule), about
+        the thick axis only (in-plane), within
+        ``max_inplane_rotation_degrees``."""
         if max(spacing) / min(spacing) > ANISO_THRESHOLD:
+            r = math.radians(self.max_inplane_rotation_degrees)
             angles = [0.0, 0.0, 0.0]
-            angles[int(np.argmax(spacing))] = float(rng.uniform(-np.pi, np.pi))
+            angles[int(np.argmax(spacing))] = float(rng.uniform(-r, r))
             return angles
         r = math.radians(self.max_rotation_degrees)
         return [float(rng.uniform(-r, r)) for _ in range(3)]
@@ -337,7 +341,8 @@ AUGMENTATIONS: dict[str, RandomAugmentation] = {
     # mirroring, each in 30 % of the samples or (mirroring) half: for the
     # cpu preset's short run, where nnU-Net's set cost validation Dice
     "light": RandomAugmentation(
-        p_rotation=0.3, max_rotation_degrees=10.0, p_scaling=0.0,
+        p_rotation=0.3, max_rotation_degrees=10.0,
+        max_inplane_rotation_degrees=10.0, p_scaling=0.0,
         p_noise=0.0, p_blur=0.0, p_brightness=0.3, brightness=(0.9, 1.1),
         p_contrast=0.0, p_low_resolution=0.0, p_gamma_inverted=0.0,
         p_gamma=0.3, gamma=(0.74, 1.35)),

@@ -8,6 +8,7 @@ import torch
 
 from hipseg_lib.augment import (
     ANISO_THRESHOLD,
+    AUGMENTATIONS,
     Affine,
     Augmentation,
     Brightness,
@@ -155,6 +156,11 @@ def test_sampling_follows_nnunet_probabilities_and_thick_slices_rotate_in_plane(
     angles = [aug.rotation_angles(np.random.default_rng(s), thick) for s in range(200)]
     assert all(a[0] == 0.0 and a[1] == 0.0 for a in angles), "only about the thick axis"
     assert max(abs(a[2]) for a in angles) > math.radians(90), "in-plane rotation over the full circle"
+    narrow = RandomAugmentation(max_inplane_rotation_degrees=10.0)
+    angles = [narrow.rotation_angles(np.random.default_rng(s), thick) for s in range(200)]
+    assert max(abs(a[2]) for a in angles) <= math.radians(10) < 2 * max(abs(a[2]) for a in angles)
+    light = [AUGMENTATIONS["light"].rotation_angles(np.random.default_rng(s), thick) for s in range(200)]
+    assert max(max(abs(v) for v in a) for a in light) <= math.radians(10), "light rotates 10 degrees at most"
     iso = [aug.rotation_angles(np.random.default_rng(s), (1.8, 1.8, 2.0)) for s in range(200)]
     assert max(max(abs(v) for v in a) for a in iso) <= math.radians(30) and min(abs(a[0]) for a in iso) < 0.1
     with pytest.raises(ValueError, match="p_gamma must be in"):
