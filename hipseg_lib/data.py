@@ -192,12 +192,17 @@ def load_split_volumes(data_dir, cfg, cache_dir) -> dict[str, list]:
             for name, pairs in split.items()}
 
 
+# The training set lives on the GPU if it takes at most this share of the
+# memory free there; else in host memory, copied a batch at a time
+GPU_DATA_SHARE = 0.25
+
+
 class TrainingSet:
     """The training volumes as two tensors on the training device, images
-    ``(N, 1, X, Y, Z)`` and labels ``(N, X, Y, Z)`` (uint8), so that a step
-    takes its batch by index with no worker processes. On a GPU the images
-    are kept in bf16, in host memory if they would take more than a quarter
-    of the GPU's free memory."""
+    ``(N, 1, X, Y, Z)`` (float32) and labels ``(N, X, Y, Z)`` (uint8), so
+    that a step takes its batch by index with no worker processes. On a GPU
+    they stay on the host if they would take more than ``GPU_DATA_SHARE``
+    of its free memory."""
 
     def __init__(self, volumes: Sequence[CachedVolume], device):
         if not volumes:
@@ -206,12 +211,11 @@ class TrainingSet:
         arrays = [v.load() for v in self.volumes]
         images = torch.stack([torch.from_numpy(i)[None] for i, _ in arrays])
         labels = torch.stack([torch.from_numpy(lab) for _, lab in arrays])
-        home = self.device
-        if home.type == "cuda":
-            images = images.to(torch.bfloat16)
-            if 3 * labels.numel() > torch.cuda.mem_get_info(home)[0] // 4:
-                home = torch.device("cpu")  # copied a batch at a time
-        self.images, self.labels = images.to(home), labels.to(home)
+        self.images, self.labels = images, labels
+        if self.device.type == "cuda":
+            size = sum(t.numel() * t.element_size() for t in (images, labels))
+            if size <= GPU_DATA_SHARE * torch.cuda.mem_get_info(self.device)[0]:
+                self.images, self.labels = images.to(device), labels.to(device)
 
     def __len__(self) -> int:
         return len(self.volumes)
@@ -220,9 +224,12 @@ class TrainingSet:
         """Images (float32) and labels (int64) of ``indices``, on the
         device."""
         index = torch.tensor(list(indices), device=self.images.device)
-        images = self.images.index_select(0, index).to(self.device)
-        labels = self.labels.index_select(0, index).to(self.device)
-        return images.float(), labels.long()
+        images, labels = (t.index_select(0, index)
+                          for t in (self.images, self.labels))
+        if images.device != self.device:  # kept on the host: copy the batch
+            images, labels = (t.pin_memory().to(self.device, non_blocking=True)
+                              for t in (images, labels))
+        return images, labels.long()
 
 
 class TrainingBatches:
