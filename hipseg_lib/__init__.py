@@ -6,6 +6,8 @@ segmentation metrics, training, prediction and evaluation.
 """
 from __future__ import annotations
 
+import os
+
 __version__ = "0.1.0"
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -21,6 +23,15 @@ LOG_NAME = "train_log.jsonl"
 # The one precision vocabulary, for training and prediction alike (runtime.py
 # resolves it; the command line offers it).
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on: a batch system's share of a node
+    (Slurm's, through the affinity mask), not the node's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks (macOS)
+        return os.cpu_count() or 1
 
 
 class HipsegError(Exception):

@@ -280,6 +280,10 @@ class RandomAugmentation:
             value = getattr(self, f.name)
             if f.name.startswith("p_") and not 0.0 <= value <= 1.0:
                 raise SettingsError(f"{f.name} must be in [0, 1], got {value}")
+            if f.name != "mirror_axes" and isinstance(value, tuple) and not (
+                    len(value) == 2 and 0 <= value[0] <= value[1] < math.inf):
+                raise SettingsError(f"{f.name} must be a range (low, high) "
+                                    f"with 0 <= low <= high, got {value}")
         if any(a not in (0, 1, 2) for a in self.mirror_axes):
             raise SettingsError(f"mirror_axes must be among 0, 1, 2, "
                                 f"got {self.mirror_axes}")

@@ -88,7 +88,9 @@ def train_config_of(a: argparse.Namespace):
     overrides.update(parse_settings(a.set))
     try:
         return make_config(a.preset, **overrides)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, HipsegError):
+            raise
         raise HipsegError(f"bad training settings: {exc}") from None
 
 

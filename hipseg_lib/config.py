@@ -8,6 +8,7 @@ arguments of the training functions.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,14 +41,25 @@ def checked_setting(name: str, value, hint):
             continue  # True is an int to Python, not to a setting
         if origin in (int, str, bool, dict) and isinstance(value, origin):
             return value
-        if origin is float and isinstance(value, (int, float)):
+        if origin is float and _number(value, float):
             return float(value)
-        if origin is tuple and isinstance(value, (list, tuple)) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool)
-                for v in value):
-            return tuple(value)
-    wanted = " or ".join(getattr(k, "__name__", str(k)) for k in kinds)
+        if origin is tuple and isinstance(value, (list, tuple)):
+            args = typing.get_args(kind)  # (int, ...) or (float, float)
+            n = None if not args or args[-1] is Ellipsis else len(args)
+            if (n is None or len(value) == n) and all(
+                    _number(v, args[0] if args else float) for v in value):
+                return tuple(value)
+    wanted = " or ".join("a finite float" if k is float
+                         else str(k).replace("typing.", "") if typing.get_args(k)
+                         else getattr(k, "__name__", str(k)) for k in kinds)
     raise SettingsError(f"{name} must be {wanted}, got {value!r}")
+
+
+def _number(value, kind) -> bool:
+    """An int for an int setting; a finite int or float for a float one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) if kind is int else math.isfinite(value)
 
 
 def _hints(cls) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import HipsegError, SettingsError
+from . import HipsegError, SettingsError, available_cpus
 from ._atomic import atomic_path
 from .augment import RandomAugmentation, RandomPatch, augment_batch
 from .io import Pair, VolumeId, find_pairs, load_pair
@@ -163,7 +162,7 @@ def cache_pairs(pairs: Sequence[Pair], cfg: Preprocessing, cache_dir,
     metas = {n: json.loads(Path(f"{s}_meta.json").read_text())
              for n, s in enumerate(stems) if Path(f"{s}_meta.json").exists()}
     todo = [n for n in range(len(pairs)) if n not in metas]
-    workers = min(workers or os.cpu_count() or 1, max(1, len(todo)))
+    workers = min(workers or available_cpus(), max(1, len(todo)))
     if workers > 1:  # a forked process cannot use its parent's CUDA
         start = "spawn" if torch.cuda.is_initialized() else None
         with ProcessPoolExecutor(workers, get_context(start),

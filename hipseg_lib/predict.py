@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from . import CLASS_NAMES, NUM_CLASSES, HipsegError, OutputExists, first_line
+from . import CLASS_NAMES, NUM_CLASSES, HipsegError, OutputExists, available_cpus, first_line
 from ._atomic import save_nifti_atomic
 from .io import Volume, constant_image_problem, is_nifti, load_volume
 from .predictor import InferenceSettings, Predictor, labels_from_probabilities
@@ -162,7 +162,7 @@ class OnnxModel:
             raise HipsegError("onnxruntime is not installed: pip install onnxruntime (requirements.txt pins it)") \
                 from None
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = threads or available_cpus()
         options.log_severity_level = 3
         state = ort.capi.onnxruntime_pybind11_state  # where ONNX Runtime's own exception types live
         expected = (state.Fail, state.InvalidGraph, state.InvalidProtobuf, state.NoSuchFile, state.InvalidArgument,

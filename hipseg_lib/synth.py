@@ -39,7 +39,19 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from . import BACKGROUND, BLADDER, BODY, BONES, CLASS_NAMES, PROSTATE, RECTUM, HipsegError, OutputExists, __version__
+from . import (
+    BACKGROUND,
+    BLADDER,
+    BODY,
+    BONES,
+    CLASS_NAMES,
+    PROSTATE,
+    RECTUM,
+    HipsegError,
+    OutputExists,
+    __version__,
+    available_cpus,
+)
 
 __all__ = ["ANATOMY", "DEFAULT_SHAPE", "SynthSpec", "TISSUES", "make_case_anatomy", "render_volume",
            "make_dataset", "anatomy_of"]
@@ -705,7 +717,7 @@ def make_dataset(out: str | os.PathLike, seed: int = 0, cases: int = 30,
         jobs = _case_specs(cases, weeks, tuple(int(s) for s in shape), rng)
         for j in jobs:
             j["out"] = str(tmp)
-        workers = workers or min(os.cpu_count() or 1, len(jobs))
+        workers = workers or min(available_cpus(), len(jobs))
         if workers > 1:
             torch = sys.modules.get("torch")  # synth never imports it; its caller may have
             start = "spawn" if torch is not None and torch.cuda.is_initialized() else None

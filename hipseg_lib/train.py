@@ -175,6 +175,8 @@ def validate(predictor: Predictor,
     (``(volumes, C)``; NaN for a class in neither truth nor prediction) and
     its loss (``(volumes,)``), computed on ``device``: from a GPU, only a
     confusion matrix and a loss per volume come back."""
+    if not volumes:  # a process with no share of the validation volumes
+        return np.zeros((0, NUM_CLASSES)), np.zeros(0)
     counts, losses = [], []
     for image, label in volumes:
         x = torch.from_numpy(image[None, None]).to(device)

@@ -184,6 +184,10 @@ class Trainer:
         if diff:
             raise HipsegError(f"{path}: was trained with {diff[0]}={theirs.get(diff[0])}, not {mine[diff[0]]}; "
                               f"resume with the same settings (only {', '.join(RESUMABLE_CHANGES)} may change)")
+        if int(ck["world_size"]) != self.dist.world:  # each process takes batch_size: the steps differ
+            raise HipsegError(f"{path}: was trained by {ck['world_size']} process(es), this run has "
+                              f"{self.dist.world}; the batches and the learning-rate schedule depend on it: "
+                              "resume with as many")
         self.network.load_state_dict(ck["model_state"])
         self.optimizer.load_state_dict(ck["optimizer_state"])
         self.schedule.load_state_dict(ck["scheduler_state"])
@@ -192,14 +196,10 @@ class Trainer:
         self.state = RunState(start_epoch=int(ck["epoch"]) + 1, planned=cfg.epochs,
                               history=list(ck["history"]), best_score=float(ck["best_score"]),
                               best_dice=ck.get("best_val_dice"))
-        states = ck["rng_states"]
-        if len(states) == self.dist.world:
-            torch.set_rng_state(states[self.dist.rank]["cpu"])
-            if states[self.dist.rank].get("cuda") is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(states[self.dist.rank]["cuda"], self.device)
-        else:
-            self.say(f"WARNING: {path} holds the random states of {len(states)} process(es), this run has "
-                     f"{self.dist.world}: dropout will not repeat the interrupted run")
+        mine_rng = ck["rng_states"][self.dist.rank]
+        torch.set_rng_state(mine_rng["cpu"])
+        if mine_rng.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine_rng["cuda"], self.device)
         start = self.state.start_epoch
         if int(ck.get("planned_epochs", cfg.epochs)) != cfg.epochs and start < cfg.epochs:
             self.schedule.rebase(cfg.epochs * self.data.batches.steps_per_epoch)
@@ -366,13 +366,15 @@ class Trainer:
                      best_score=state.best_score, best_val_dice=state.best_dice,
                      optimizer_state=self.optimizer.state_dict(), scheduler_state=self.schedule.state_dict(),
                      scaler_state=self.scaler.state_dict() if self.scaler is not None else {},
-                     rng_states=rng, planned_epochs=state.planned, stopped=stopping)
+                     rng_states=rng, planned_epochs=state.planned, stopped=stopping,
+                     world_size=self.dist.world)
         keep = dict(preprocessing=cfg.preprocessing, inference=inference_settings(cfg))
         start = time.perf_counter()
-        if write_last:
-            save_checkpoint(self.out / LAST_NAME, self.network, **keep, **extra)
+        # the best first: last.pth's best_score must never name a checkpoint not yet written
         if record.get("improved"):
             save_checkpoint(self.out / BEST_NAME, self.network, **keep, **extra)
+        if write_last:
+            save_checkpoint(self.out / LAST_NAME, self.network, **keep, **extra)
         record["save_seconds"] = time.perf_counter() - start
         write_log(self.out, state.history)
         self.log(_epoch_line(record, state.planned))

@@ -119,3 +119,25 @@ def test_the_network_has_the_datas_channels_and_classes():
     for changes, got in (({"num_classes": 3}, "got 1 and 3"), ({"in_channels": 2}, "got 2 and 6")):
         with pytest.raises(SettingsError, match=f"in_channels must be 1 and num_classes 6 .*: {got}"):
             make_config("smoke", **changes)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(clip_percentiles=[1, 2, 3]), r"clip_percentiles must be tuple\[float, float\], got \[1, 2, 3\]"),
+    (dict(target_shape=[64.9, 64, 48]), r"target_shape must be tuple\[int, int, int\], got \[64.9, 64, 48\]"),
+    (dict(lr=float("nan")), "lr must be a finite float, got nan"),
+    (dict(grad_clip=float("inf")), "grad_clip must be a finite float, got inf"),
+    (dict(augmentation={"scaling": [1.4, 0.7]}), r"scaling must be a range \(low, high\)"),
+    (dict(augmentation={"noise_std": [-0.1, 0.1]}), r"noise_std must be a range \(low, high\)"),
+])
+def test_a_setting_out_of_shape_or_range_is_refused_by_name(change, message):
+    """Numbers that are not finite, tuples of the wrong length or kind, ranges upside down: each is
+    a SettingsError naming the setting (never a truncated value or a traceback)."""
+    with pytest.raises(SettingsError, match=message):
+        make_config("cpu", **change)
+
+
+def test_a_bad_setting_on_the_command_line_is_one_line(tmp_path):
+    from test_cli import _one_line_error, run_cli
+
+    r = run_cli("train", "--preset", "smoke", "--set", "clip_percentiles=[1,2,3]", "--out", tmp_path / "m")
+    _one_line_error(r, "clip_percentiles must be tuple[float, float]")

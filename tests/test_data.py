@@ -240,3 +240,19 @@ def test_training_loads_the_folds_validation_patients(tiny_synth, tmp_path):
     want = split_folder(tiny_synth, cfg.split_seed, fold=1, folds=2)
     assert [v.id for v in vols["val"]] == [p.id for p in want["val"]]
     assert [v.id for v in vols["val"]] != [p.id for p in split_folder(tiny_synth, cfg.split_seed)["val"]]
+
+
+def test_workers_are_counted_from_the_processs_share_of_cpus_not_the_machines():
+    """Under Slurm a job gets some of a node's CPUs (its affinity mask); os.cpu_count() would
+    count them all and oversubscribe the node."""
+    import os
+
+    from hipseg_lib import available_cpus
+
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(mine)})
+    try:
+        assert available_cpus() == 1
+    finally:
+        os.sched_setaffinity(0, mine)
+    assert available_cpus() == len(mine)

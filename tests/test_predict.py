@@ -215,6 +215,8 @@ def test_validation_runs_on_tensors_and_scores_as_dice_per_class(tiny_model, tin
     monkeypatch.setattr(C.TorchBackend, "__call__", lambda self, x: kinds.append(type(x)) or real(self, x))
     dice, losses = validate(predictor, volumes, loss_fn, "cpu")
     assert kinds and set(kinds) == {torch.Tensor}
+    none = validate(predictor, [], loss_fn, "cpu")  # a process of several with no validation volume
+    assert none[0].shape == (0, dice.shape[1]) and none[1].shape == (0,)
     for (image, label), row, loss in zip(volumes, dice, losses):
         logp = predictor.grid_log_probabilities(image[None, None])
         np.testing.assert_allclose(row, dice_per_class(logp[0].argmax(0), label), atol=1e-6)

@@ -74,6 +74,23 @@ def test_refuses_to_overwrite_and_resume_continues_as_if_never_stopped(tiny_synt
         run(smoke(epochs=3, lr=1e-4), tiny_synth, out, resume=True)
     with pytest.raises(HipsegError, match="nothing to resume"):
         run(smoke(), tiny_synth, tmp_path / "empty", resume=True)
+    # A run of 2 processes (each its own batches: other steps per epoch) resumed by 1 is refused
+    ck = read_checkpoint(out / LAST_NAME)
+    torch.save({**ck, "world_size": 2, "rng_states": ck["rng_states"] * 2}, out / LAST_NAME)
+    with pytest.raises(HipsegError, match=r"trained by 2 process\(es\), this run has 1; .* resume with as many"):
+        run(smoke(epochs=3), tiny_synth, out, resume=True)
+
+
+def test_the_best_checkpoint_is_written_before_last_pth_that_names_its_score(tiny_synth, tmp_path, monkeypatch):
+    """A run killed between the two writes must not leave last.pth promising a best score that
+    new_model.pth does not hold (a later epoch would have to beat a score nothing was saved for)."""
+    import hipseg_lib.trainer as T
+
+    written = []
+    real = T.save_checkpoint
+    monkeypatch.setattr(T, "save_checkpoint", lambda path, *a, **kw: written.append(path.name) or real(path, *a, **kw))
+    run(smoke(epochs=1), tiny_synth, tmp_path / "run")
+    assert written == [BEST_NAME, LAST_NAME]
 
 
 def test_a_signal_ends_the_run_after_its_epoch_with_last_pth(tiny_synth, tmp_path):
