@@ -338,11 +338,12 @@ def fit(cfg: TrainConfig, data: TrainingData, out_dir, device,
 
 
 def epoch_line(record: dict, epochs: int) -> str:
-    """One line about an epoch, within 80 characters."""
+    """One line about an epoch, within 80 characters (a class no validation
+    volume holds, NaN or, in a JSON log, None, prints as nan)."""
     line = (f"epoch {record['epoch']}/{epochs} loss {record['loss']:.3f} "
             f"{record['seconds']:.0f} s")
     if "val_dice" in record:
-        dice = " ".join("nan" if math.isnan(d) else f"{d:.2f}"
+        dice = " ".join("nan" if d is None or math.isnan(d) else f"{d:.2f}"
                         for d in record["val_dice"][1:])
         line += f" | val loss {record['val_loss']:.3f} Dice {dice}"
     return line

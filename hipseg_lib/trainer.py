@@ -28,6 +28,7 @@ from .runs import check_run_folder, prepare_run_folder, write_log
 from .runtime import cuda_unusable_reason, precision_name, resolve_device, seed_everything
 from .train import (
     NonFiniteLoss,
+    epoch_line,
     inference_settings,
     prepare_data,
     reached_early_stop,
@@ -377,7 +378,7 @@ class Trainer:
             save_checkpoint(self.out / LAST_NAME, self.network, **keep, **extra)
         record["save_seconds"] = time.perf_counter() - start
         write_log(self.out, state.history)
-        self.log(_epoch_line(record, state.planned))
+        self.log(epoch_line(record, state.planned))
 
 
 @dataclass
@@ -413,9 +414,3 @@ class _SignalsStop:
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def _epoch_line(record: dict, planned: int) -> str:
-    dice = " ".join("nan" if d is None else f"{d:.2f}" for d in record.get("val_dice", [])[1:])
-    return (f"epoch {record['epoch']}/{planned} loss {record['loss']:.3f} {record['seconds']:.0f} s"
-            + (f" | val Dice {dice}" if dice else ""))
