@@ -49,10 +49,16 @@ def checked_setting(name: str, value, hint):
             if (n is None or len(value) == n) and all(
                     _number(v, args[0] if args else float) for v in value):
                 return tuple(value)
-    wanted = " or ".join("a finite float" if k is float
-                         else str(k).replace("typing.", "") if typing.get_args(k)
-                         else getattr(k, "__name__", str(k)) for k in kinds)
+    wanted = " or ".join(_kind_name(k) for k in kinds)
     raise SettingsError(f"{name} must be {wanted}, got {value!r}")
+
+
+def _kind_name(kind) -> str:
+    if kind is float:
+        return "a finite float"
+    if typing.get_args(kind):  # tuple[int, int, int]
+        return str(kind).replace("typing.", "")
+    return getattr(kind, "__name__", str(kind))
 
 
 def _number(value, kind) -> bool:

@@ -72,9 +72,11 @@ def _sidecar(loaded: LoadedModel, fmt: str, model_file: Path, checkpoint: Path, 
         "preprocessing": prep.to_dict(),
         "preprocessing_steps": [
             f"turn the voxel axes to {prep.orientation} (nibabel's io_orientation of the file's affine)",
-            "crop to the body: Gaussian-smooth (sigma 1 voxel), keep voxels above the 5th percentile "
-            "plus 0.3 of the way to the 90th, their bounding box grown by 2 voxels"
-            if prep.crop_foreground else "no crop",
+            f"crop to the body: Gaussian-smooth (sigma {prep.crop_smoothing} voxel), keep voxels above the "
+            f"{prep.crop_percentiles[0]} percentile plus {prep.crop_threshold} of the way to the "
+            f"{prep.crop_percentiles[1]} (none if fewer than {prep.crop_min_share} of all; per axis the rows "
+            f"with at least {prep.crop_row_share} of the fullest row's), their box grown by "
+            f"{prep.crop_margin} voxels" if prep.crop_foreground else "no crop",
             f"clip intensities to their {prep.clip_percentiles[0]} and {prep.clip_percentiles[1]} "
             "percentiles, then subtract the mean and divide by the standard deviation",
             f"resize trilinearly to {'x'.join(map(str, prep.target_shape))} (align_corners=False)",

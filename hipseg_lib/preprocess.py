@@ -36,7 +36,8 @@ class Preprocessing:
     Args:
         target_shape: the network's grid (x, y, z) every crop is resized to.
         clip_percentiles: intensities are clipped to these before z-scoring.
-        crop_foreground: crop to the body's box (found from the image alone).
+        crop_foreground: crop to the body's box (found from the image alone,
+            by :func:`foreground_box` with the ``crop_*`` settings).
         orientation: the axis codes every scan is turned to (HipMRI: LPS).
     """
 
@@ -44,6 +45,12 @@ class Preprocessing:
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     crop_foreground: bool = True
     orientation: str = "LPS"
+    crop_smoothing: float = 1.0  # Gaussian sigma (voxels)
+    crop_percentiles: tuple[float, float] = (5.0, 90.0)  # air, bright tissue
+    crop_threshold: float = 0.3  # how far from the one to the other
+    crop_min_share: float = 0.01  # less above it: nothing stands out
+    crop_row_share: float = 0.002  # of the fullest row: a row of the body
+    crop_margin: int = 2  # voxels added on each side
 
     def __post_init__(self) -> None:
         shape = tuple(int(s) for s in self.target_shape)
@@ -54,6 +61,14 @@ class Preprocessing:
         if not 0 <= lo < hi <= 100:
             raise SettingsError(f"clip_percentiles must be 0 <= low < high "
                                 f"<= 100, got {self.clip_percentiles}")
+        lo, hi = self.crop_percentiles
+        shares = (self.crop_threshold, self.crop_min_share,
+                  self.crop_row_share)
+        if not (0 <= lo < hi <= 100 and all(0 <= s < 1 for s in shares)
+                and self.crop_smoothing >= 0 and self.crop_margin >= 0):
+            raise SettingsError("crop_percentiles must be 0 <= low < high <= "
+                                "100, crop_threshold and the crop shares in "
+                                "[0, 1), crop_smoothing and crop_margin >= 0")
         try:  # three codes, one for each direction (L or R, P or A, S or I)
             axcodes2ornt(tuple(self.orientation))
             valid = len(self.orientation) == 3
@@ -64,11 +79,14 @@ class Preprocessing:
                                 f"as 'LPS', got {self.orientation!r}")
         object.__setattr__(self, "target_shape", shape)
         object.__setattr__(self, "clip_percentiles", (lo, hi))
+        object.__setattr__(self, "crop_percentiles",
+                           tuple(float(p) for p in self.crop_percentiles))
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["target_shape"] = list(self.target_shape)
         d["clip_percentiles"] = list(self.clip_percentiles)
+        d["crop_percentiles"] = list(self.crop_percentiles)
         return d
 
     @classmethod
@@ -128,26 +146,31 @@ def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
     return float(x), float(y), float(z)
 
 
-def foreground_box(image: np.ndarray, margin: int = 2) -> Box:
+def foreground_box(image: np.ndarray,
+                   cfg: Preprocessing | None = None) -> Box:
     """The body's bounding box ``((x0, x1), (y0, y1), (z0, z1))``, from the
     image alone, so that prediction crops a new scan the same way.
 
-    The image is smoothed and thresholded 30 % of the way from the background
-    (5th percentile) to bright tissue (90th); each axis keeps the rows where
-    more than a sliver is above it, plus ``margin`` voxels. A volume where
-    nothing stands out keeps its whole extent.
+    With ``cfg``'s ``crop_*`` settings (by default: the image smoothed with
+    sigma 1 voxel, thresholded 30 % of the way from the background, the 5th
+    percentile, to bright tissue, the 90th), each axis keeps the rows where
+    more than a sliver is above the threshold, plus a margin of voxels. A
+    volume where nothing stands out keeps its whole extent.
     """
-    smooth = ndimage.gaussian_filter(np.asarray(image, np.float32), 1.0)
-    lo, hi = np.percentile(smooth, [5, 90])
-    mask = smooth > lo + 0.3 * (hi - lo)
-    if hi <= lo or mask.sum() < 0.01 * mask.size:
+    cfg = cfg or Preprocessing()
+    smooth = ndimage.gaussian_filter(np.asarray(image, np.float32),
+                                     cfg.crop_smoothing)
+    lo, hi = np.percentile(smooth, cfg.crop_percentiles)
+    mask = smooth > lo + cfg.crop_threshold * (hi - lo)
+    if hi <= lo or mask.sum() < cfg.crop_min_share * mask.size:
         return whole_box(image.shape)
-    box = []
+    box, m = [], cfg.crop_margin
     for axis in range(3):
         others = tuple(a for a in range(3) if a != axis)
         profile = mask.sum(axis=others)  # body voxels in each row
-        rows = np.flatnonzero(profile >= max(1, 0.002 * profile.max()))
-        a, b = int(rows[0]) - margin, int(rows[-1]) + 1 + margin
+        rows = np.flatnonzero(
+            profile >= max(1, cfg.crop_row_share * profile.max()))
+        a, b = int(rows[0]) - m, int(rows[-1]) + 1 + m
         box.append((max(a, 0), min(b, image.shape[axis])))
     return box[0], box[1], box[2]
 
@@ -228,7 +251,7 @@ def preprocess_image(image: np.ndarray, cfg: Preprocessing,
                      name: str = "image") -> tuple[np.ndarray, Box]:
     """Crop an (oriented) image to the body, normalise it and resize the crop
     to ``cfg.target_shape``; returns the grid and the crop's box."""
-    box = foreground_box(image) if cfg.crop_foreground \
+    box = foreground_box(image, cfg) if cfg.crop_foreground \
         else whole_box(image.shape)
     norm = normalise_intensity(crop(image, box), cfg.clip_percentiles, name)
     return resize_image(norm, cfg.target_shape), box

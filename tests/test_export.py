@@ -58,7 +58,11 @@ def test_onnx_and_torchscript_give_pytorchs_logits_and_labels(tmp_path, preset):
     for name, out in got.items():
         assert out.shape == ref.shape, name
         assert float(np.abs(out - ref).max()) <= 1e-4, name
-        np.testing.assert_array_equal(out.argmax(1), ref.argmax(1), err_msg=name)
+        # the same labels, but where PyTorch's top two logits are within that tolerance (a tie)
+        top_two = np.sort(ref, axis=1)[:, -2:]
+        tied = top_two[:, 1] - top_two[:, 0] <= 2e-4
+        differ = out.argmax(1) != ref.argmax(1)
+        assert not (differ & ~tied).any() and differ.sum() <= 3, (name, int(differ.sum()))
     meta = json.loads(onnx_json.read_text())
     assert meta["model_file"] == onnx_file.name and meta["opset"] == 17
     assert meta["class_names"] == list(CLASS_NAMES) and meta["class_indices"]["prostate"] == 5

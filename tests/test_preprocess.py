@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hipseg_lib import HipsegError
+from hipseg_lib import HipsegError, SettingsError
 from hipseg_lib.preprocess import (
     Preprocessing,
     crop,
@@ -83,7 +83,7 @@ def test_foreground_box_finds_the_body_and_keeps_labels():
     label = np.zeros(img.shape, np.uint8)
     label[10:30, 14:26, :] = 1
     label[18:21, 18:21, 4:7] = 5
-    box = foreground_box(img, margin=2)
+    box = foreground_box(img)
     # body [10, 30) x [14, 26) plus the 2-voxel margin (and at most 1 voxel of smoothing blur)
     assert 7 <= box[0][0] <= 8 and 32 <= box[0][1] <= 33
     assert 11 <= box[1][0] <= 12 and 28 <= box[1][1] <= 29 and box[2] == (0, 12)
@@ -93,6 +93,12 @@ def test_foreground_box_finds_the_body_and_keeps_labels():
     assert b == box and x.shape == y.shape == (16, 8, 8) and (y == 5).any()
     whole = preprocess_pair(img, label, Preprocessing(target_shape=(16, 8, 8), crop_foreground=False))[2]
     assert whole == ((0, 40), (0, 40), (0, 12))
+    # the crop's rule is part of the stored settings, and the pipeline follows it
+    wider = Preprocessing(target_shape=(16, 8, 8), crop_margin=5)
+    assert preprocess_pair(img, label, wider)[2][0] == (box[0][0] - 3, box[0][1] + 3)
+    assert Preprocessing.from_dict(wider.to_dict()) == wider
+    with pytest.raises(SettingsError, match="crop_percentiles must be 0 <= low < high"):
+        Preprocessing(crop_percentiles=(90.0, 5.0))
 
 
 def test_the_numpy_resize_is_torchs_trilinear_and_nearest_exact():
