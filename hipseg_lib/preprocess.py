@@ -61,10 +61,10 @@ class Preprocessing:
         if not 0 <= lo < hi <= 100:
             raise SettingsError(f"clip_percentiles must be 0 <= low < high "
                                 f"<= 100, got {self.clip_percentiles}")
-        lo, hi = self.crop_percentiles
+        air, tissue = self.crop_percentiles
         shares = (self.crop_threshold, self.crop_min_share,
                   self.crop_row_share)
-        if not (0 <= lo < hi <= 100 and all(0 <= s < 1 for s in shares)
+        if not (0 <= air < tissue <= 100 and all(0 <= s < 1 for s in shares)
                 and self.crop_smoothing >= 0 and self.crop_margin >= 0):
             raise SettingsError("crop_percentiles must be 0 <= low < high <= "
                                 "100, crop_threshold and the crop shares in "

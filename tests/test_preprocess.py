@@ -97,6 +97,10 @@ def test_foreground_box_finds_the_body_and_keeps_labels():
     wider = Preprocessing(target_shape=(16, 8, 8), crop_margin=5)
     assert preprocess_pair(img, label, wider)[2][0] == (box[0][0] - 3, box[0][1] + 3)
     assert Preprocessing.from_dict(wider.to_dict()) == wider
+    # the crop's percentiles and the intensity clip's are two settings, each kept as given
+    assert Preprocessing().clip_percentiles == (0.5, 99.5) and Preprocessing().crop_percentiles == (5.0, 90.0)
+    both = Preprocessing(clip_percentiles=(1, 99), crop_percentiles=(10, 80))
+    assert (both.clip_percentiles, both.crop_percentiles) == ((1.0, 99.0), (10.0, 80.0))
     with pytest.raises(SettingsError, match="crop_percentiles must be 0 <= low < high"):
         Preprocessing(crop_percentiles=(90.0, 5.0))
 
